@@ -1,0 +1,91 @@
+"""Sub-commands that need no running node: ``aggregate``, ``fold`` and ``demo``.
+
+These are the scripted building blocks (CI, shell scripts, our own checks) and keep stable names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from chorus_p2p.errors import UsageError
+from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--weights {text!r}: give comma-separated numbers, e.g. 120,80,200")
+    if not weights:
+        raise UsageError("--weights is empty")
+    return weights
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from chorus_p2p.lora.aggregate import aggregate_adapters
+
+    weights = parse_weights(args.weights) if args.weights else None
+    report = aggregate_adapters(args.adapters, args.out, strategy=args.strategy, weights=weights,
+                                rank=args.rank, force=args.force)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        energy = report.residual_energy
+        print(f"{report.strategy}: {len(report.clients)} adapters, {len(report.modules)} modules, "
+              f"{report.seconds * 1000:.1f} ms, residual energy "
+              f"{'n/a' if report.strategy == 'fedavg' or math.isnan(energy) else f'{energy:.4f}'}"
+              f" -> {args.out}")
+    return 0
+
+
+def _cmd_fold(args: argparse.Namespace) -> int:
+    from chorus_p2p.lora.fold import fold_base
+
+    changed = fold_base(args.base, args.residual, args.out, force=args.force)
+    print(f"folded residual into {len(changed)} weights -> {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from chorus_p2p.demos.aggregation import run_aggregation_demo
+
+    return run_aggregation_demo(clients=args.clients, workdir=args.workdir, seed=args.seed)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    agg = commands.add_parser(
+        "aggregate", help="aggregate client adapters into a global adapter + residual",
+        description="Aggregate PEFT LoRA adapters (folders or .safetensors files). Writes "
+                    "OUT/adapter_config.json, OUT/adapter_model.safetensors, "
+                    "OUT/residual.safetensors (exact strategies) and OUT/aggregation.json.")
+    agg.add_argument("adapters", nargs="+", metavar="ADAPTER")
+    agg.add_argument("--out", required=True, metavar="OUT_DIR")
+    agg.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                     help=f"default {DEFAULT_STRATEGY}")
+    agg.add_argument("--weights", metavar="W1,W2,...",
+                     help="client weights, e.g. example counts (default: equal)")
+    agg.add_argument("--rank", type=int, help="output rank (fedex-svd only; default: widest client)")
+    agg.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    agg.add_argument("--json", action="store_true", help="print the aggregation report as JSON")
+    agg.set_defaults(handler=_cmd_aggregate)
+
+    fold = commands.add_parser(
+        "fold", help="fold a residual into base weights",
+        description="Write OUT: a copy of the base model folder (or single .safetensors file) "
+                    "with the residual added to each targeted weight, in float32.")
+    fold.add_argument("--base", required=True, metavar="MODEL_DIR_OR_SAFETENSORS")
+    fold.add_argument("--residual", required=True, metavar="FILE")
+    fold.add_argument("--out", required=True, metavar="OUT")
+    fold.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    fold.set_defaults(handler=_cmd_fold)
+
+    demo = commands.add_parser(
+        "demo", help="run the local demo on the built-in tiny model (offline)",
+        description="Build a tiny Llama from a config, make client adapters, aggregate them with "
+                    "every strategy and check the exactness identity through PEFT.")
+    demo.add_argument("--clients", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--workdir", help="keep the generated files here (default: a temp dir)")
+    demo.set_defaults(handler=_cmd_demo)

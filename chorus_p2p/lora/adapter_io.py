@@ -1,0 +1,196 @@
+"""Read and write PEFT LoRA adapters, one module at a time.
+
+A client adapter is opened once (header only) and its factors are pulled per module with
+``safetensors.safe_open``, so aggregating dozens of clients never holds more than one module of
+each in memory. Every problem is raised as an :class:`AdapterError` naming the file and module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from chorus_p2p.errors import AdapterError
+from chorus_p2p.lora.config import LoraSettings, module_name_from_prefix
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+_FACTOR_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One client's factors for one module: ``delta W = scale * B @ A``."""
+
+    A: torch.Tensor  # r x d_in
+    B: torch.Tensor  # d_out x r
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    d_out: int
+    d_in: int
+    rank: int
+
+
+def resolve_adapter_files(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Map what a user passed (folder or file) to (weights file, config file or None)."""
+    p = Path(path)
+    if p.is_dir():
+        weights = p / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            if (p / "adapter_model.bin").is_file():
+                raise AdapterError("holds adapter_model.bin (pickle); only safetensors adapters are "
+                                   "accepted, re-save with safe_serialization=True", source=str(p))
+            raise AdapterError(f"no {ADAPTER_WEIGHTS} in this folder", source=str(p))
+        config = p / ADAPTER_CONFIG
+        return weights, config if config.is_file() else None
+    if p.is_file():
+        sibling = p.parent / ADAPTER_CONFIG
+        return p, sibling if sibling.is_file() else None
+    raise AdapterError("no such file or folder", source=str(p))
+
+
+def _read_settings(config_path: Path | None, weights: Path, default_rank: int) -> LoraSettings:
+    if config_path is None:
+        return LoraSettings.unit_scale(default_rank)
+    try:
+        data = json.loads(config_path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("top level is not a JSON object")
+        return LoraSettings.from_json(data)
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"bad adapter config: {exc}", source=str(config_path)) from exc
+
+
+class AdapterSource:
+    """An opened adapter file whose factors are read lazily, one module at a time."""
+
+    def __init__(self, path: str | os.PathLike, label: str | None = None):
+        self.weights_path, config_path = resolve_adapter_files(path)
+        self.label = label or str(path)
+        try:
+            self._handle = safe_open(str(self.weights_path), framework="pt", device="cpu")
+            keys = list(self._handle.keys())
+        except Exception as exc:  # safetensors raises its own error types and OSError
+            raise AdapterError(f"not a valid safetensors file ({exc})", source=self.label) from exc
+        self._keys: dict[str, dict[str, str]] = {}
+        for key in keys:
+            match = _FACTOR_KEY.match(key)
+            if match is None:
+                raise AdapterError(self._explain_unsupported(key), source=self.label)
+            self._keys.setdefault(match["prefix"], {})[match["which"]] = key
+        if not self._keys:
+            raise AdapterError("contains no LoRA factors", source=self.label)
+        self.shapes: dict[str, ModuleShape] = {p: self._shape(p) for p in self._keys}
+        default_rank = max(s.rank for s in self.shapes.values())
+        self.settings = _read_settings(config_path, self.weights_path, default_rank)
+
+    @staticmethod
+    def _explain_unsupported(key: str) -> str:
+        if "lora_magnitude_vector" in key:
+            return f"key {key!r} is a DoRA magnitude; DoRA adapters are not supported"
+        if "lora_embedding" in key:
+            return f"key {key!r} is an embedding LoRA; only Linear LoRA layers are supported"
+        if key.endswith(".bias"):
+            return f"key {key!r} is a LoRA bias (lora_bias=True); not supported"
+        return f"key {key!r} is not a LoRA factor (modules_to_save and other extras are not supported)"
+
+    def _shape(self, prefix: str) -> ModuleShape:
+        pair = self._keys[prefix]
+        module = module_name_from_prefix(prefix)
+        missing = {"A", "B"} - pair.keys()
+        if missing:
+            raise AdapterError(f"lora_{missing.pop()} is missing (unpaired factors)",
+                               source=self.label, module=module)
+        shapes = {}
+        for which, key in pair.items():
+            tslice = self._handle.get_slice(key)
+            dtype = tslice.get_dtype()
+            if dtype not in _FLOAT_DTYPES:
+                raise AdapterError(f"lora_{which} has dtype {dtype}; expected a float type",
+                                   source=self.label, module=module)
+            shape = list(tslice.get_shape())
+            if len(shape) != 2 or 0 in shape:
+                raise AdapterError(f"lora_{which} has shape {shape}; expected a non-empty matrix",
+                                   source=self.label, module=module)
+            shapes[which] = shape
+        (r_a, d_in), (d_out, r_b) = shapes["A"], shapes["B"]
+        if r_a != r_b:
+            raise AdapterError(f"lora_A is {r_a}x{d_in} but lora_B is {d_out}x{r_b}: ranks differ",
+                               source=self.label, module=module)
+        return ModuleShape(d_out=d_out, d_in=d_in, rank=r_a)
+
+    @property
+    def modules(self) -> list[str]:
+        """PEFT key prefixes of every target module, in file order."""
+        return list(self._keys)
+
+    def factors(self, prefix: str, dtype: torch.dtype = torch.float32) -> LoraFactors:
+        """Load one module's factors, checking they are finite."""
+        module = module_name_from_prefix(prefix)
+        tensors = {}
+        for which in ("A", "B"):
+            try:
+                tensor = self._handle.get_tensor(self._keys[prefix][which])
+            except Exception as exc:
+                raise AdapterError(f"cannot read lora_{which} ({exc})", source=self.label,
+                                   module=module) from exc
+            tensor = tensor.to(dtype)
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"lora_{which} contains NaN or Inf", source=self.label,
+                                   module=module)
+            tensors[which] = tensor
+        shape = self.shapes[prefix]
+        scale = self.settings.scale_for(module, shape.rank)
+        if not math.isfinite(scale) or scale == 0:
+            raise AdapterError(f"scale {scale} is not usable", source=self.label, module=module)
+        return LoraFactors(A=tensors["A"], B=tensors["B"], scale=scale)
+
+    def close(self) -> None:
+        # safe_open handles are closed by dropping the reference (they mmap the file).
+        self._handle = None
+
+    def __enter__(self) -> "AdapterSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def open_adapters(paths: list[str]) -> Iterator[list[AdapterSource]]:
+    """Open several adapters and close them all, whatever happens."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(AdapterSource(p)) for p in paths]
+
+
+def factor_keys(prefix: str) -> tuple[str, str]:
+    """PEFT's saved key names for a module's A and B factors."""
+    return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+
+
+def write_adapter(out_dir: Path, config: Mapping[str, object],
+                  tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write a PEFT adapter folder that ``PeftModel.from_pretrained`` loads."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")

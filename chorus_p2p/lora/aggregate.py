@@ -1,0 +1,187 @@
+"""Aggregate client adapter files into a global adapter and a factored residual.
+
+This is the one entry point the CLI, the node and the benchmarks share. It streams module by
+module from the clients' safetensors files, validates everything before writing, and writes the
+output folder atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from chorus_p2p.atomic import atomic_output_dir
+from chorus_p2p.errors import AdapterError, UsageError
+from chorus_p2p.lora.adapter_io import (
+    AdapterSource,
+    factor_keys,
+    open_adapters,
+    write_adapter,
+)
+from chorus_p2p.lora.config import LoraSettings, lora_scale, module_name_from_prefix
+from chorus_p2p.lora.residual import RESIDUAL_FILE, FactoredResidual
+from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES, aggregate_module
+
+REPORT_FILE = "aggregation.json"
+
+
+@dataclass
+class ModuleReport:
+    module: str
+    rank: int
+    residual_rank: int
+    target_norm: float
+    residual_norm: float
+
+
+@dataclass
+class AggregationReport:
+    """What happened, for logs, the ledger and the TUI."""
+
+    strategy: str
+    clients: list[str]
+    weights: list[float]
+    seconds: float
+    modules: list[ModuleReport] = field(default_factory=list)
+
+    @property
+    def residual_energy(self) -> float:
+        """``||D|| / ||M||`` over all modules: how much of the exact mean the adapter could not hold."""
+        target = math.sqrt(sum(m.target_norm ** 2 for m in self.modules))
+        residual = math.sqrt(sum((m.residual_norm if math.isfinite(m.residual_norm) else 0.0) ** 2
+                                 for m in self.modules))
+        return residual / target if target > 0 else 0.0
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["residual_energy"] = self.residual_energy
+        return data
+
+
+def normalise_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """Turn example counts into weights summing to one; refuse anything that cannot be a count."""
+    if weights is None:
+        return [1.0 / count] * count
+    if len(weights) != count:
+        raise UsageError(f"got {len(weights)} weights for {count} adapters; give one per adapter")
+    for w in weights:
+        if not math.isfinite(w) or w <= 0:
+            raise UsageError(f"weight {w} is not a positive finite number")
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
+def _check_same_modules(sources: Sequence[AdapterSource]) -> list[str]:
+    reference = sources[0]
+    for source in sources[1:]:
+        missing = [p for p in reference.modules if p not in source.shapes]
+        extra = [p for p in source.modules if p not in reference.shapes]
+        if missing:
+            raise AdapterError(f"lacks target module present in {reference.label}",
+                               source=source.label, module=module_name_from_prefix(missing[0]))
+        if extra:
+            raise AdapterError(f"has target module absent from {reference.label}",
+                               source=source.label, module=module_name_from_prefix(extra[0]))
+        for prefix in reference.modules:
+            a, b = reference.shapes[prefix], source.shapes[prefix]
+            if (a.d_out, a.d_in) != (b.d_out, b.d_in):
+                raise AdapterError(
+                    f"is {b.d_out}x{b.d_in} but {reference.label} is {a.d_out}x{a.d_in}",
+                    source=source.label, module=module_name_from_prefix(prefix))
+    return reference.modules
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Rank and scale of each output module, and the PEFT config that encodes them."""
+
+    ranks: dict[str, int]
+    settings: LoraSettings
+    config: dict
+
+    def scale(self, prefix: str) -> float:
+        return lora_scale(self.settings.lora_alpha, self.ranks[prefix], self.settings.use_rslora)
+
+
+def plan_output(sources: Sequence[AdapterSource], modules: Sequence[str], strategy: str,
+                rank: int | None) -> OutputPlan:
+    """Pick output ranks: ``--rank`` for fedex-svd, else the largest client rank per module.
+
+    FedAvg and FedEx average the factors themselves, so they cannot change rank (lower client
+    ranks are zero-padded); only the SVD route can truncate or widen.
+    """
+    if rank is not None and rank <= 0:
+        raise UsageError(f"--rank must be positive, got {rank}")
+    ranks: dict[str, int] = {}
+    for prefix in modules:
+        widest = max(s.shapes[prefix].rank for s in sources)
+        if rank is not None and strategy != "fedex-svd" and rank != widest:
+            raise UsageError(f"--rank {rank} needs --strategy fedex-svd: {strategy} averages the "
+                             f"factors and keeps rank {widest}")
+        ranks[prefix] = rank if rank is not None else widest
+    first = sources[0].settings
+    default_rank = Counter(ranks.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(module_name_from_prefix(p)): r for p, r in ranks.items()
+                    if r != default_rank}
+    config = dict(first.raw)
+    config.update({"peft_type": "LORA", "r": default_rank, "lora_alpha": first.lora_alpha,
+                   "use_rslora": first.use_rslora, "rank_pattern": rank_pattern,
+                   "alpha_pattern": {}, "inference_mode": True})
+    config.setdefault("target_modules", sorted({module_name_from_prefix(p).rsplit(".", 1)[-1]
+                                                for p in modules}))
+    settings = LoraSettings(r=default_rank, lora_alpha=first.lora_alpha,
+                            use_rslora=first.use_rslora, rank_pattern=rank_pattern, raw=config)
+    return OutputPlan(ranks=ranks, settings=settings, config=config)
+
+
+def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
+                       strategy: str = DEFAULT_STRATEGY, weights: Sequence[float] | None = None,
+                       rank: int | None = None, force: bool = False,
+                       dtype: torch.dtype = torch.float32) -> AggregationReport:
+    """Aggregate ``paths`` (PEFT folders or bare safetensors) into ``out_dir``.
+
+    Writes ``adapter_config.json``, ``adapter_model.safetensors``, ``residual.safetensors`` (not
+    for ``fedavg``) and ``aggregation.json``. Either all of them appear or none does.
+    """
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if not paths:
+        raise UsageError("give at least one adapter")
+    norm_weights = normalise_weights(weights, len(paths))
+    started = time.perf_counter()
+    with open_adapters(list(paths)) as sources:
+        modules = _check_same_modules(sources)
+        plan = plan_output(sources, modules, strategy, rank)
+        adapter: dict[str, torch.Tensor] = {}
+        residual = FactoredResidual()
+        reports: list[ModuleReport] = []
+        for prefix in modules:
+            clients = [s.factors(prefix, dtype) for s in sources]
+            result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],
+                                      plan.scale(prefix))
+            key_a, key_b = factor_keys(prefix)
+            adapter[key_a] = result.A.to(torch.float32)
+            adapter[key_b] = result.B.to(torch.float32)
+            if result.residual_left is not None:
+                residual.factors[prefix] = (result.residual_left, result.residual_right)
+            reports.append(ModuleReport(module_name_from_prefix(prefix), plan.ranks[prefix],
+                                        result.residual_rank, result.target_norm,
+                                        result.residual_norm))
+            del clients, result
+    report = AggregationReport(strategy=strategy, clients=[str(p) for p in paths],
+                               weights=norm_weights, seconds=time.perf_counter() - started,
+                               modules=reports)
+    with atomic_output_dir(out_dir, force=force) as scratch:
+        write_adapter(scratch, plan.config, adapter)
+        if strategy != "fedavg":
+            residual.save(scratch / RESIDUAL_FILE, {"strategy": strategy})
+        (scratch / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return report
