@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny Llama on disk and PEFT client adapters for it, built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from chorus_p2p.tiny import make_client_adapter, quiet_transformers, save_tiny_model  # noqa: E402
+
+quiet_transformers()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def client_adapters(tiny_base, tmp_path_factory) -> list[Path]:
+    """Three clients with different ranks, alphas and one with rsLoRA: the heterogeneous case."""
+    root = tmp_path_factory.mktemp("clients")
+    specs = [dict(rank=4, alpha=8.0), dict(rank=8, alpha=16.0, use_rslora=True),
+             dict(rank=2, alpha=32.0, rank_pattern={"v_proj": 6})]
+    return [make_client_adapter(tiny_base, root / f"client{i}", seed=10 + i, **spec)
+            for i, spec in enumerate(specs)]
