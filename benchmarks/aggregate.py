@@ -20,9 +20,12 @@ float32, ``lora_alpha`` 32 (scale ``alpha / r`` = 2). Client factors are random
    error is printed beside it for reference.
 3. **Memory and wall time of the real entry point.** The clients are written to disk as PEFT
    adapter folders and :func:`chorus_p2p.lora.aggregate.aggregate_adapters` aggregates all
-   layers in a separate child process, so its peak resident set (``ru_maxrss`` from ``wait4``,
-   i.e. the child's own ``RUSAGE_CHILDREN`` figure) is not polluted by this process's dense
-   matrices. The child also reports its RSS right after importing torch (the floor).
+   layers in a separate worker process, whose peak resident set is read with
+   ``getrusage(RUSAGE_CHILDREN).ru_maxrss``. The worker is started through a stdlib-only
+   launcher: Linux carries a process's peak RSS across fork + exec, so a worker forked straight
+   from this process would report this process's peak (dense matrices included) as its own.
+   The worker also reports its own ``VmHWM`` (a cross-check) and its RSS right after importing
+   torch (the floor every Python + torch process pays).
 4. **Residual size.** Bytes of ``residual.safetensors`` (all ``residual_left`` and
    ``residual_right`` tensors) against the dense alternative (``d_out * d_in`` float32 per
    module), in total and per module type: a rank-k residual costs ``k (d_out + d_in)`` floats
@@ -52,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -285,8 +288,34 @@ def child_main(spec_json: str) -> None:
                                 weights=spec["weights"], rank=spec["rank"])
     wall = time.perf_counter() - start
     print(json.dumps({"wall_seconds": wall, "report_seconds": report.seconds,
-                      "floor_maxrss_kb": floor_kb, "modules": len(report.modules),
-                      "residual_energy": report.residual_energy}))
+                      "floor_maxrss_kb": floor_kb, "hwm_kb": _vm_hwm_kb(),
+                      "modules": len(report.modules)}))
+
+
+def _vm_hwm_kb() -> int | None:
+    """This process's own peak RSS since its ``exec`` (Linux ``VmHWM``), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# A stdlib-only launcher between this process and the worker. Linux keeps a process's peak RSS
+# across fork and exec (``signal->maxrss``), so a worker forked straight from this process (which
+# by now has held dense 3072 x 3072 matrices) would report *our* peak as its own. The launcher
+# imports nothing heavy, so the worker's ``ru_maxrss``, read here through RUSAGE_CHILDREN, is the
+# worker's true peak (plus at most the launcher's ~15 MB floor).
+_LAUNCHER = """
+import json, resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, text=True)
+sys.stdout.write(done.stdout)
+print(json.dumps({"returncode": done.returncode,
+                  "children_maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
 
 
 @dataclass(frozen=True)
@@ -294,30 +323,30 @@ class FileRunReport:
     wall_seconds: float  # aggregate_adapters call, read + compute + write
     report_seconds: float  # what aggregate_adapters reports (read + compute, no write)
     process_seconds: float  # whole child, interpreter start and imports included
-    peak_rss_bytes: int
-    floor_rss_bytes: int
+    peak_rss_bytes: int  # RUSAGE_CHILDREN ru_maxrss of the worker
+    hwm_rss_bytes: int | None  # the worker's own VmHWM, a cross-check
+    floor_rss_bytes: int  # the worker's peak RSS after imports, before aggregating
     modules: int
 
 
 def run_file_aggregation(paths: Sequence[Path], out_dir: Path, cfg: Config) -> FileRunReport:
     spec = {"paths": [str(p) for p in paths], "out_dir": str(out_dir),
             "weights": example_counts(cfg.clients), "rank": cfg.rank}
+    worker = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)]
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    proc.stdout.close()
-    # wait4 gives this child's own rusage (ru_maxrss in KiB on Linux), unaffected by any other
-    # child this process may have had.
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, *worker], stdout=subprocess.PIPE,
+                          text=True, check=True)
     elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"aggregation child failed with exit code {proc.returncode}")
-    data = json.loads(out.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    launcher = json.loads(lines[-1])
+    if launcher["returncode"] != 0:
+        raise RuntimeError(f"aggregation worker failed with exit code {launcher['returncode']}")
+    data = json.loads(lines[-2])
+    hwm = data["hwm_kb"]
     return FileRunReport(wall_seconds=data["wall_seconds"], report_seconds=data["report_seconds"],
-                         process_seconds=elapsed, peak_rss_bytes=usage.ru_maxrss * 1024,
+                         process_seconds=elapsed,
+                         peak_rss_bytes=launcher["children_maxrss_kb"] * 1024,
+                         hwm_rss_bytes=None if hwm is None else hwm * 1024,
                          floor_rss_bytes=data["floor_maxrss_kb"] * 1024, modules=data["modules"])
 
 
@@ -328,7 +357,7 @@ def run_file_aggregation(paths: Sequence[Path], out_dir: Path, cfg: Config) -> F
 class ResidualBytes:
     factored: int = 0
     dense: int = 0
-    ranks: set[int] | None = None
+    ranks: set[int] = field(default_factory=set)
 
     @property
     def ratio(self) -> float:
@@ -337,7 +366,7 @@ class ResidualBytes:
 
 def residual_bytes(path: Path, layers: int) -> dict[str, ResidualBytes]:
     """Factored bytes per module group read from the file header, against dense float32."""
-    groups = {name: ResidualBytes(ranks=set()) for name in MODULE_GROUPS}
+    groups = {name: ResidualBytes() for name in MODULE_GROUPS}
     module_group = {m: g for g, mods in MODULE_GROUPS.items() for m in mods}
     for name, members in MODULE_GROUPS.items():
         groups[name].dense = layers * sum(MODULE_SHAPES[m][0] * MODULE_SHAPES[m][1] * 4 for m in members)
@@ -346,11 +375,11 @@ def residual_bytes(path: Path, layers: int) -> dict[str, ResidualBytes]:
             tslice = handle.get_slice(key)
             shape = tslice.get_shape()
             itemsize = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2}[tslice.get_dtype()]
-            module = key.rsplit(".", 2)[-2] if key.endswith((LEFT_SUFFIX, RIGHT_SUFFIX)) else key
+            prefix = key.removesuffix(LEFT_SUFFIX).removesuffix(RIGHT_SUFFIX)
+            module = prefix.rsplit(".", 1)[-1]
             group = groups[module_group[module]]
             group.factored += math.prod(shape) * itemsize
             if key.endswith(LEFT_SUFFIX):
-                assert group.ranks is not None
                 group.ranks.add(int(shape[1]))
     return groups
 
@@ -430,8 +459,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  {run.modules} modules; aggregate_adapters wall {run.wall_seconds:.2f} s "
               f"(read+compute {run.report_seconds:.2f} s, rest is writing); "
               f"child process {run.process_seconds:.2f} s with interpreter start")
-        print(f"  child peak RSS {run.peak_rss_bytes / MB:.1f} MB "
-              f"(after imports, before aggregating: {run.floor_rss_bytes / MB:.1f} MB)")
+        hwm = "n/a" if run.hwm_rss_bytes is None else f"{run.hwm_rss_bytes / MB:.1f} MB"
+        print(f"  child peak RSS {run.peak_rss_bytes / MB:.1f} MB (RUSAGE_CHILDREN; its own VmHWM "
+              f"{hwm}); after imports, before aggregating: {run.floor_rss_bytes / MB:.1f} MB")
         print()
 
         groups = residual_bytes(out_dir / RESIDUAL_FILE, cfg.layers)
@@ -444,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, members in MODULE_GROUPS.items():
         g = groups[name]
         d_out, d_in = MODULE_SHAPES[members[0]]
-        ranks = sorted(g.ranks or ())
+        ranks = sorted(g.ranks)
         if len(ranks) == 1:
             k = ranks[0]
             best = (d_out * d_in) / (k * (d_out + d_in))
@@ -464,8 +494,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{TARGET_PEAK_RSS_BYTES / GB:g} GB   {verdict(run.peak_rss_bytes <= TARGET_PEAK_RSS_BYTES, cfg)}")
     print(f"  residual   smaller by {total_ratio:10.2f}x   target >= {TARGET_RESIDUAL_RATIO:g}x       "
           f"{verdict(total_ratio >= TARGET_RESIDUAL_RATIO, cfg, depends_on_layers=False)}")
-    print(f"  (full 28-layer aggregation wall time: {run.wall_seconds:.2f} s"
-          f"{'' if cfg.layers == TARGET_LAYERS else f' -- this run covered {cfg.layers} layers'})")
+    print(f"  wall time  aggregate_adapters over {cfg.layers} layers: {run.wall_seconds:.2f} s"
+          f"{'' if cfg.layers == TARGET_LAYERS else f' (the target run is {TARGET_LAYERS} layers)'}")
 
 
 if __name__ == "__main__":

@@ -111,3 +111,21 @@ def test_recompress_drops_redundant_columns():
     l2, r2 = recompress(torch.cat([left, left], 1), torch.cat([right, right], 0))
     assert l2.shape[1] == 4
     assert torch.allclose(l2 @ r2, 2 * left @ right, atol=1e-4)
+
+
+def test_streaming_writer_round_trips_through_safe_open(tmp_path):
+    from safetensors import safe_open
+
+    from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
+
+    tensors = {"b.left": torch.randn(5, 3), "a.right": torch.randn(3, 7, dtype=torch.float64),
+               "c.half": torch.randn(2, 2).to(torch.bfloat16), "d.empty": torch.zeros(4, 0)}
+    writer = StreamingSafetensorsWriter(tmp_path)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.finish(tmp_path / "x.safetensors", {"format": "chorus-residual"})
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"format": "chorus-residual"}
+        assert sorted(handle.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            assert torch.equal(handle.get_tensor(name), tensor), name

@@ -68,7 +68,7 @@ def resolve_adapter_files(path: str | os.PathLike) -> tuple[Path, Path | None]:
     raise AdapterError("no such file or folder", source=str(p))
 
 
-def _read_settings(config_path: Path | None, weights: Path, default_rank: int) -> LoraSettings:
+def _read_settings(config_path: Path | None, default_rank: int) -> LoraSettings:
     if config_path is None:
         return LoraSettings.unit_scale(default_rank)
     try:
@@ -83,7 +83,10 @@ def _read_settings(config_path: Path | None, weights: Path, default_rank: int) -
 class AdapterSource:
     """An opened adapter file whose factors are read lazily, one module at a time."""
 
-    def __init__(self, path: str | os.PathLike, label: str | None = None):
+    def __init__(self, path: str | os.PathLike, label: str | None = None,
+                 settings: LoraSettings | None = None):
+        """``settings`` overrides any config file: a node knows its federation's LoRA settings and
+        stores client uploads as bare safetensors blobs."""
         self.weights_path, config_path = resolve_adapter_files(path)
         self.label = label or str(path)
         try:
@@ -101,7 +104,7 @@ class AdapterSource:
             raise AdapterError("contains no LoRA factors", source=self.label)
         self.shapes: dict[str, ModuleShape] = {p: self._shape(p) for p in self._keys}
         default_rank = max(s.rank for s in self.shapes.values())
-        self.settings = _read_settings(config_path, self.weights_path, default_rank)
+        self.settings = settings or _read_settings(config_path, default_rank)
 
     @staticmethod
     def _explain_unsupported(key: str) -> str:
@@ -176,10 +179,13 @@ class AdapterSource:
 
 
 @contextmanager
-def open_adapters(paths: list[str]) -> Iterator[list[AdapterSource]]:
+def open_adapters(paths: list[str], settings: LoraSettings | None = None,
+                  labels: list[str] | None = None) -> Iterator[list[AdapterSource]]:
     """Open several adapters and close them all, whatever happens."""
     with ExitStack() as stack:
-        yield [stack.enter_context(AdapterSource(p)) for p in paths]
+        yield [stack.enter_context(AdapterSource(p, label=labels[i] if labels else None,
+                                                 settings=settings))
+               for i, p in enumerate(paths)]
 
 
 def factor_keys(prefix: str) -> tuple[str, str]:

@@ -27,7 +27,8 @@ from chorus_p2p.lora.adapter_io import (
     write_adapter,
 )
 from chorus_p2p.lora.config import LoraSettings, lora_scale, module_name_from_prefix
-from chorus_p2p.lora.residual import RESIDUAL_FILE, FactoredResidual
+from chorus_p2p.lora.residual import LEFT_SUFFIX, RESIDUAL_FILE, RESIDUAL_METADATA, RIGHT_SUFFIX
+from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
 from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES, aggregate_module
 
 REPORT_FILE = "aggregation.json"
@@ -145,9 +146,12 @@ def plan_output(sources: Sequence[AdapterSource], modules: Sequence[str], strate
 def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                        strategy: str = DEFAULT_STRATEGY, weights: Sequence[float] | None = None,
                        rank: int | None = None, force: bool = False,
-                       dtype: torch.dtype = torch.float32) -> AggregationReport:
+                       dtype: torch.dtype = torch.float32, settings: LoraSettings | None = None,
+                       labels: Sequence[str] | None = None) -> AggregationReport:
     """Aggregate ``paths`` (PEFT folders or bare safetensors) into ``out_dir``.
 
+    ``settings`` replaces every client's own adapter config (a node's stored uploads are bare
+    safetensors trained under the federation's settings); ``labels`` names clients in errors.
     Writes ``adapter_config.json``, ``adapter_model.safetensors``, ``residual.safetensors`` (not
     for ``fedavg``) and ``aggregation.json``. Either all of them appear or none does.
     """
@@ -157,31 +161,36 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
         raise UsageError("give at least one adapter")
     norm_weights = normalise_weights(weights, len(paths))
     started = time.perf_counter()
-    with open_adapters(list(paths)) as sources:
-        modules = _check_same_modules(sources)
-        plan = plan_output(sources, modules, strategy, rank)
-        adapter: dict[str, torch.Tensor] = {}
-        residual = FactoredResidual()
-        reports: list[ModuleReport] = []
-        for prefix in modules:
-            clients = [s.factors(prefix, dtype) for s in sources]
-            result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],
-                                      plan.scale(prefix))
-            key_a, key_b = factor_keys(prefix)
-            adapter[key_a] = result.A.to(torch.float32)
-            adapter[key_b] = result.B.to(torch.float32)
-            if result.residual_left is not None:
-                residual.factors[prefix] = (result.residual_left, result.residual_right)
-            reports.append(ModuleReport(module_name_from_prefix(prefix), plan.ranks[prefix],
-                                        result.residual_rank, result.target_norm,
-                                        result.residual_norm))
-            del clients, result
-    report = AggregationReport(strategy=strategy, clients=[str(p) for p in paths],
-                               weights=norm_weights, seconds=time.perf_counter() - started,
-                               modules=reports)
-    with atomic_output_dir(out_dir, force=force) as scratch:
-        write_adapter(scratch, plan.config, adapter)
-        if strategy != "fedavg":
-            residual.save(scratch / RESIDUAL_FILE, {"strategy": strategy})
-        (scratch / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    out_parent = Path(out_dir).absolute().parent
+    residual = StreamingSafetensorsWriter(out_parent if out_parent.is_dir() else None)
+    try:
+        with open_adapters(list(paths), settings, list(labels) if labels else None) as sources:
+            modules = _check_same_modules(sources)
+            plan = plan_output(sources, modules, strategy, rank)
+            adapter: dict[str, torch.Tensor] = {}
+            reports: list[ModuleReport] = []
+            for prefix in modules:
+                clients = [s.factors(prefix, dtype) for s in sources]
+                result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],
+                                          plan.scale(prefix))
+                key_a, key_b = factor_keys(prefix)
+                adapter[key_a] = result.A.to(torch.float32)
+                adapter[key_b] = result.B.to(torch.float32)
+                if result.residual_left is not None:
+                    residual.add(prefix + LEFT_SUFFIX, result.residual_left.to(torch.float32))
+                    residual.add(prefix + RIGHT_SUFFIX, result.residual_right.to(torch.float32))
+                reports.append(ModuleReport(module_name_from_prefix(prefix), plan.ranks[prefix],
+                                            result.residual_rank, result.target_norm,
+                                            result.residual_norm))
+                del clients, result
+        report = AggregationReport(strategy=strategy, clients=list(labels or map(str, paths)),
+                                   weights=norm_weights, seconds=0.0, modules=reports)
+        with atomic_output_dir(out_dir, force=force) as scratch:
+            write_adapter(scratch, plan.config, adapter)
+            if strategy != "fedavg":
+                residual.finish(scratch / RESIDUAL_FILE, {**RESIDUAL_METADATA, "strategy": strategy})
+            report.seconds = time.perf_counter() - started
+            (scratch / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    finally:
+        residual.close()
     return report

@@ -22,7 +22,10 @@ class ThinSVD:
     Vh: torch.Tensor  # k x d_in
 
     def numerical_rank(self, reference: float = 0.0) -> int:
-        """Count of singular values above round-off (NumPy's ``matrix_rank`` tolerance).
+        """Count of singular values above round-off: ``max(S[0], reference) * k * eps``.
+
+        ``k`` is the number of stacked columns, not NumPy's ``max(d_out, d_in)``: the looser NumPy
+        cutoff would drop real (if tiny) directions of a 3072-wide layer and cost exactness.
 
         ``reference`` is the size of the quantity this matrix is a correction of: a residual that
         is zero in exact arithmetic has only noise singular values, and measuring them against

@@ -91,12 +91,13 @@ def aggregate_module(clients: Sequence[LoraFactors], weights: Sequence[float], s
 
     if strategy == "fedex-svd":
         svd = thin_svd_of_product(left, right)
-        kept = min(rank, svd.S.numel())
+        target_norm = float(torch.linalg.vector_norm(svd.S))
+        # Directions below round-off are not part of M: leave those adapter columns zero.
+        kept = min(rank, svd.numerical_rank(target_norm))
         B_top, A_top = svd.balanced_factors(0, kept, scale=scale)
         A = torch.zeros(rank, right.shape[1], dtype=right.dtype)
         B = torch.zeros(left.shape[0], rank, dtype=left.dtype)
         A[:kept], B[:, :kept] = A_top, B_top
-        target_norm = float(torch.linalg.vector_norm(svd.S))
         res_left, res_right = _residual_from_svd(svd, kept, target_norm)
         residual_norm = float(torch.linalg.vector_norm(svd.S[kept:svd.numerical_rank(target_norm)]))
         return ModuleAggregate(A, B, scale, res_left, res_right, target_norm, residual_norm)

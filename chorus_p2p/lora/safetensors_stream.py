@@ -1,0 +1,58 @@
+"""Write a safetensors file one tensor at a time.
+
+``safetensors.torch.save_file`` needs every tensor in memory at once; a residual for a large model
+is hundreds of MB to GB even factored. This writer spools each tensor's bytes to a scratch file as
+soon as it is computed and writes the header at the end, so peak memory is one module's output.
+The format (8-byte little-endian header length, JSON header, raw little-endian data) is
+safetensors' documented layout; files are read back with ``safe_open`` in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16",
+           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
+
+
+class StreamingSafetensorsWriter:
+    def __init__(self, scratch_dir: str | os.PathLike | None = None):
+        self._data = tempfile.TemporaryFile(dir=scratch_dir)
+        self._header: dict[str, dict] = {}
+        self._offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._header:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {tensor.dtype}")
+        data = tensor.detach().contiguous().cpu()
+        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        self._data.write(raw)
+        self._header[name] = {"dtype": _DTYPES[data.dtype], "shape": list(data.shape),
+                              "data_offsets": [self._offset, self._offset + len(raw)]}
+        self._offset += len(raw)
+
+    def finish(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+        header = dict(sorted(self._header.items()))
+        if metadata:
+            header = {"__metadata__": dict(metadata), **header}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data section starts 8-byte aligned
+        with open(Path(path), "wb") as out:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            self._data.seek(0)
+            shutil.copyfileobj(self._data, out, length=1 << 20)
+        self.close()
+
+    def close(self) -> None:
+        self._data.close()

@@ -1,0 +1,197 @@
+"""The round ledger: the federation's durable memory, in SQLite (WAL) through sqlite-utils.
+
+Tables: ``meta`` (schema version, federation settings), ``members``, ``terms`` and ``votes`` (for
+the election), ``rounds``, ``updates`` and ``events``. Every state change a crash could interrupt
+is one transaction, and blobs are written before the rows that name them, so after ``kill -9`` the
+ledger never points at a blob that is not on disk.
+
+Refused requests are not recorded here (they change no state); they go to the log and the live
+event stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+# Round states, in order. A round only moves forward.
+OPEN, COLLECTING, AGGREGATING, COMMITTED = "open", "collecting", "aggregating", "committed"
+ROUND_STATES = (OPEN, COLLECTING, AGGREGATING, COMMITTED)
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["members"].create({"node_id": str, "name": str, "addresses": str, "public_key": str,
+                          "admitted_at": float, "last_seen": float, "status": str},
+                         pk="node_id", if_not_exists=True)
+    db["terms"].create({"term": int, "coordinator": str, "started_at": float}, pk="term",
+                       if_not_exists=True)
+    db["votes"].create({"term": int, "voted_for": str, "voted_at": float}, pk="term",
+                       if_not_exists=True)
+    db["rounds"].create({"round": int, "term": int, "coordinator": str, "state": str,
+                         "strategy": str, "config": str, "trained_from": int, "opened_at": float,
+                         "deadline_at": float, "aggregating_at": float, "committed_at": float,
+                         "adapter_sha": str, "adapter_config_sha": str, "residual_sha": str,
+                         "cumulative_sha": str, "metrics": str}, pk="round", if_not_exists=True)
+    db["updates"].create({"round": int, "node_id": str, "blob_sha": str, "examples": int,
+                          "trained_from": int, "size": int, "norm": float, "received_at": float},
+                         pk=("round", "node_id"), if_not_exists=True)
+    db["events"].create({"id": int, "ts": float, "kind": str, "round": int, "data": str},
+                        pk="id", if_not_exists=True)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migration_1}
+
+
+class Ledger:
+    """Thin, typed access to the ledger. Used from the event-loop thread only; every call is a
+    short indexed query or a single small transaction."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.enable_wal()
+        # FULL: a committed round survives power loss, not only a process crash.
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        self.db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        version = int(self.get_meta("schema_version", "0"))
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: ledger schema {version} is newer than this "
+                               f"chorus-p2p ({SCHEMA_VERSION}); upgrade chorus-p2p")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.db.atomic():
+                MIGRATIONS[target](self.db)
+                self.set_meta("schema_version", str(target))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta -----------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        rows = list(self.db.query("select value from meta where key = ?", [key]))
+        return rows[0]["value"] if rows else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db["meta"].upsert({"key": key, "value": value}, pk="key")
+
+    # -- rounds ---------------------------------------------------------------------------
+    def round(self, number: int) -> dict[str, Any] | None:
+        rows = list(self.db.query("select * from rounds where round = ?", [number]))
+        return _decode_round(rows[0]) if rows else None
+
+    def latest_round(self) -> dict[str, Any] | None:
+        rows = list(self.db.query("select * from rounds order by round desc limit 1"))
+        return _decode_round(rows[0]) if rows else None
+
+    def latest_committed(self) -> dict[str, Any] | None:
+        rows = list(self.db.query(
+            "select * from rounds where state = ? order by round desc limit 1", [COMMITTED]))
+        return _decode_round(rows[0]) if rows else None
+
+    def list_rounds(self, limit: int = 50, before: int | None = None) -> list[dict[str, Any]]:
+        if before is None:
+            rows = self.db.query("select * from rounds order by round desc limit ?", [limit])
+        else:
+            rows = self.db.query("select * from rounds where round < ? order by round desc "
+                                 "limit ?", [before, limit])
+        return [_decode_round(r) for r in rows]
+
+    def count_rounds(self) -> int:
+        return self.db["rounds"].count
+
+    def insert_round(self, row: dict[str, Any]) -> None:
+        self.db["rounds"].insert(_encode_round(row))
+
+    def set_round_state(self, number: int, state: str, **fields: Any) -> None:
+        self.db["rounds"].update(number, _encode_round({"state": state, **fields}))
+
+    def commit_round(self, number: int, fields: dict[str, Any], next_round: dict[str, Any] | None,
+                     event: tuple[str, dict[str, Any]]) -> int:
+        """Mark a round committed, open the next and log it: one transaction, all or nothing."""
+        with self.db.atomic():
+            self.db["rounds"].update(number, _encode_round({"state": COMMITTED, **fields}))
+            if next_round is not None:
+                self.db["rounds"].insert(_encode_round(next_round))
+            return self._insert_event(event[0], number, event[1])
+
+    # -- updates --------------------------------------------------------------------------
+    def update(self, number: int, node_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("select * from updates where round = ? and node_id = ?",
+                                  [number, node_id]))
+        return rows[0] if rows else None
+
+    def updates(self, number: int) -> list[dict[str, Any]]:
+        return list(self.db.query("select * from updates where round = ? order by node_id",
+                                  [number]))
+
+    def count_updates(self, number: int | None = None) -> int:
+        if number is None:
+            return self.db["updates"].count
+        return list(self.db.query("select count(*) as n from updates where round = ?",
+                                  [number]))[0]["n"]
+
+    def add_update(self, row: dict[str, Any], event: dict[str, Any]) -> int:
+        with self.db.atomic():
+            self.db["updates"].insert(row)
+            return self._insert_event("update_accepted", row["round"], event)
+
+    # -- members --------------------------------------------------------------------------
+    def members(self) -> list[dict[str, Any]]:
+        return [{**m, "addresses": json.loads(m["addresses"] or "[]")}
+                for m in self.db.query("select * from members order by node_id")]
+
+    def upsert_member(self, row: dict[str, Any]) -> None:
+        row = dict(row)
+        if "addresses" in row and not isinstance(row["addresses"], str):
+            row["addresses"] = json.dumps(row["addresses"])
+        self.db["members"].upsert(row, pk="node_id")
+
+    # -- events ---------------------------------------------------------------------------
+    def _insert_event(self, kind: str, number: int | None, data: dict[str, Any]) -> int:
+        table = self.db["events"]
+        table.insert({"ts": time.time(), "kind": kind, "round": number,
+                      "data": json.dumps(data, sort_keys=True)})
+        return int(table.last_pk)
+
+    def add_event(self, kind: str, number: int | None, data: dict[str, Any]) -> int:
+        with self.db.atomic():
+            return self._insert_event(kind, number, data)
+
+    def events_since(self, since: int, limit: int = 1000) -> Iterator[dict[str, Any]]:
+        for row in self.db.query("select * from events where id > ? order by id limit ?",
+                                 [since, limit]):
+            yield {**row, "data": json.loads(row["data"])}
+
+    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
+        """Every state table's rows, for tests that assert a refused request changed nothing."""
+        return {t: list(self.db.query(f"select * from [{t}] order by rowid"))
+                for t in ("members", "terms", "votes", "rounds", "updates", "events")}
+
+
+def _encode_round(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    for key in ("config", "metrics"):
+        if key in out and out[key] is not None and not isinstance(out[key], str):
+            out[key] = json.dumps(out[key], sort_keys=True)
+    return out
+
+
+def _decode_round(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    for key in ("config", "metrics"):
+        if out.get(key):
+            out[key] = json.loads(out[key])
+    return out
