@@ -1,0 +1,236 @@
+"""Sub-commands that create, run or talk to a node: ``init``, ``up``, ``status``, ``rounds``,
+``members``, ``submit``, ``pull``, ``close-round``, ``pause``, ``resume``.
+
+Client commands find the node at ``--node URL`` (or ``CHORUS_NODE``, default
+``http://127.0.0.1:8470``) and authenticate with the credentials in ``--data-dir`` (the local
+node's), or with ``--join TOKEN`` (``CHORUS_JOIN_TOKEN``) from another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+from typing import Any
+
+from chorus_p2p.lora.strategies import STRATEGIES
+from chorus_p2p.node.settings import DEFAULT_DATA_DIR
+
+
+def _client(args: argparse.Namespace):
+    from chorus_p2p.client import DEFAULT_URL, NodeClient
+
+    url = args.node or os.environ.get("CHORUS_NODE") or DEFAULT_URL
+    token = args.join or os.environ.get("CHORUS_JOIN_TOKEN")
+    kwargs = {"client_id": args.client_id} if args.client_id else {}
+    if token:
+        return NodeClient.from_join_token(url, token, **kwargs)
+    return NodeClient.from_data_dir(_data_dir(args), url, **kwargs)
+
+
+def _data_dir(args: argparse.Namespace) -> str:
+    return args.data_dir or os.environ.get("CHORUS_DATA_DIR") or DEFAULT_DATA_DIR
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- init / up ------------------------------------------------------------------------------------
+def _cmd_init(args: argparse.Namespace) -> int:
+    from chorus_p2p.node.identity import init_data_dir
+
+    identity = init_data_dir(_data_dir(args), args.federation, join_token=args.join,
+                             force=args.force)
+    if args.json:
+        _print_json({"node_id": identity.node_id, "federation": identity.federation,
+                     "data_dir": str(identity.data_dir), "join_token": identity.join_token()})
+        return 0
+    print(f"node {identity.node_id} of federation {identity.federation!r} in {identity.data_dir}")
+    print("join token (give it to the other machines; it is a secret):")
+    print(f"  {identity.join_token()}")
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from chorus_p2p.node.service import configure_logging, run_node
+    from chorus_p2p.node.settings import resolve_settings
+
+    flags = {k: getattr(args, k) for k in ("model", "data_dir", "host", "port", "strategy",
+                                           "rank", "alpha", "target_modules", "min_updates",
+                                           "round_deadline", "headless")}
+    settings = resolve_settings(flags)
+    configure_logging(settings.headless, args.verbose)
+    return asyncio.run(run_node(settings))
+
+
+# -- client commands ------------------------------------------------------------------------------
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as node:
+        status = node.status()
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"node        {status['node_id']}  ({status['role']}, term {status['term']}, "
+          f"{'quorum' if status['quorum'] else 'NO QUORUM'})")
+    print(f"federation  {status['federation']}  ({status['counts']['members']} members, "
+          f"{status['counts']['rounds']} rounds, {status['counts']['updates']} updates)")
+    current = status["current_round"]
+    if current:
+        print(f"round       {current['round']} {current['state']}: {current['updates']}/"
+              f"{current['expected']} updates (min {current['min_updates']}), deadline "
+              f"{_when(current['deadline_at'])}")
+    else:
+        print(f"round       none collecting{' (paused)' if status['paused'] else ''}")
+    latest = status["latest_committed"]
+    if latest:
+        print(f"committed   round {latest['round']} at {_when(latest['committed_at'])}, "
+              f"adapter {latest['adapter_sha'][:12]}")
+    return 0
+
+
+def _cmd_rounds(args: argparse.Namespace) -> int:
+    with _client(args) as node:
+        rounds = node.all_rounds() if args.all else node.rounds(limit=args.limit)["rounds"]
+    if args.json:
+        _print_json(rounds)
+        return 0
+    print(f"{'round':>5}  {'state':<11} {'strategy':<9} {'updates':>7} {'agg ms':>8} "
+          f"{'energy':>7}  {'adapter':<12}  committed")
+    for r in rounds:
+        m = r.get("metrics") or {}
+        energy = m.get("residual_energy")
+        print(f"{r['round']:>5}  {r['state']:<11} {r['strategy'] or '-':<9} "
+              f"{m.get('updates', '-')!s:>7} {m.get('aggregation_ms', '-')!s:>8} "
+              f"{'-' if energy is None else f'{energy:.4f}':>7}  {(r['adapter_sha'] or '-')[:12]:<12}"
+              f"  {_when(r['committed_at'])}")
+    return 0
+
+
+def _cmd_members(args: argparse.Namespace) -> int:
+    with _client(args) as node:
+        members = node.members()
+    if args.json:
+        _print_json(members)
+        return 0
+    print(f"{'node id':<16}  {'name':<20} {'status':<8} {'addresses':<24} last seen")
+    for m in members:
+        print(f"{m['node_id'][:16]:<16}  {(m['name'] or '-')[:20]:<20} {m['status'] or '-':<8} "
+              f"{','.join(m['addresses'])[:24]:<24} {_when(m['last_seen'])}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    with _client(args) as node:
+        result = node.submit(args.adapter, round=args.round, examples=args.examples,
+                             trained_from=args.trained_from)
+    if args.json:
+        _print_json(result)
+    else:
+        note = " (already received; nothing changed)" if result["duplicate"] else ""
+        print(f"round {result['round']}: update {result['sha256'][:12]} accepted{note}")
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    with _client(args) as node:
+        out = node.pull(args.out, round=args.round, force=args.force)
+        if args.residual:
+            node.download("residual", args.round or "latest", out / "residual.safetensors")
+        if args.cumulative:
+            node.download("cumulative", args.round or "latest", out / "cumulative.safetensors")
+    print(f"adapter of round {args.round or 'latest'} -> {out}")
+    return 0
+
+
+def _admin(action: str):
+    def run(args: argparse.Namespace) -> int:
+        with _client(args) as node:
+            result = getattr(node, action)()
+        _print_json(result) if args.json else print(
+            " ".join(f"{k}={v}" for k, v in result.items()))
+        return 0
+    return run
+
+
+def _client_options(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    parser.add_argument("--node", metavar="URL", help="node URL (default $CHORUS_NODE or "
+                        "http://127.0.0.1:8470)")
+    parser.add_argument("--data-dir", help=f"local node's data dir for credentials (default "
+                        f"$CHORUS_DATA_DIR or {DEFAULT_DATA_DIR})")
+    parser.add_argument("--join", metavar="TOKEN", help="authenticate with a join token instead "
+                        "(default $CHORUS_JOIN_TOKEN)")
+    parser.add_argument("--client-id", help="name this caller (default: the local node id)")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    init = commands.add_parser("init", help="create a node identity and federation credentials")
+    init.add_argument("--federation", metavar="NAME", help="name of a new federation")
+    init.add_argument("--join", metavar="TOKEN", help="join an existing federation instead")
+    init.add_argument("--data-dir", help=f"default {DEFAULT_DATA_DIR}")
+    init.add_argument("--force", action="store_true", help="replace an existing identity")
+    init.add_argument("--json", action="store_true")
+    init.set_defaults(handler=_cmd_init)
+
+    up = commands.add_parser("up", help="run the node",
+                             description="Run a node. Settings: flags, then CHORUS_* environment "
+                                         "variables, then DATA_DIR/config.toml.")
+    up.add_argument("--model", metavar="ID_OR_PATH", help="base model (HF id or local folder)")
+    up.add_argument("--data-dir")
+    up.add_argument("--host", help="listen address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="listen port (default 8470; 0 picks a free one)")
+    up.add_argument("--strategy", choices=STRATEGIES)
+    up.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    up.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
+    up.add_argument("--target-modules", help="comma-separated (default q_proj,v_proj)")
+    up.add_argument("--min-updates", type=int, help="updates needed to aggregate (default 2)")
+    up.add_argument("--round-deadline", type=float, help="seconds to wait for stragglers "
+                    "(default 600)")
+    up.add_argument("--headless", action="store_true", default=None,
+                    help="one JSON object per log line on stdout")
+    up.set_defaults(handler=_cmd_up)
+
+    for name, handler, text in (("status", _cmd_status, "node and federation status"),
+                                ("members", _cmd_members, "federation members")):
+        sub = commands.add_parser(name, help=text)
+        _client_options(sub)
+        sub.set_defaults(handler=handler)
+
+    rounds = commands.add_parser("rounds", help="round history, newest first")
+    _client_options(rounds)
+    rounds.add_argument("--limit", type=int, default=20)
+    rounds.add_argument("--all", action="store_true", help="every round (follows pages)")
+    rounds.set_defaults(handler=_cmd_rounds)
+
+    submit = commands.add_parser("submit", help="submit an adapter to a round")
+    _client_options(submit)
+    submit.add_argument("adapter", metavar="ADAPTER", help="PEFT folder or .safetensors")
+    submit.add_argument("--examples", type=int, help="example count (the update's weight)")
+    submit.add_argument("--round", type=int, help="default: the current round")
+    submit.add_argument("--trained-from", type=int, help="round the training started from")
+    submit.set_defaults(handler=_cmd_submit)
+
+    pull = commands.add_parser("pull", help="download a round's global adapter as a PEFT folder")
+    _client_options(pull, json_flag=False)
+    pull.add_argument("--out", required=True, metavar="OUT_DIR")
+    pull.add_argument("--round", help="round number (default: latest committed)")
+    pull.add_argument("--residual", action="store_true", help="also fetch that round's residual")
+    pull.add_argument("--cumulative", action="store_true", help="also fetch R after that round")
+    pull.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    pull.set_defaults(handler=_cmd_pull)
+
+    for name, action, text in (("close-round", "close_round", "aggregate the current round now"),
+                               ("pause", "pause", "open no new rounds"),
+                               ("resume", "resume", "open rounds again")):
+        sub = commands.add_parser(name, help=f"(admin) {text}")
+        _client_options(sub)
+        sub.set_defaults(handler=_admin(action))

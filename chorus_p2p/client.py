@@ -1,0 +1,379 @@
+"""Python SDK for a chorus-p2p node: :class:`AsyncNodeClient` and its blocking twin :class:`NodeClient`.
+
+    from chorus_p2p.client import NodeClient
+    with NodeClient.from_join_token("http://10.0.0.5:8470", token, client_id="alice") as node:
+        print(node.status()["current_round"])
+        node.submit("my-adapter/", examples=1200)
+        node.pull("global/")               # a PEFT adapter folder
+
+Every request is signed with the federation secret (see README, "Authentication"). A refusal
+raises a subclass of :class:`NodeError` carrying the server's ``code``; a node that cannot be
+reached raises :class:`NodeUnreachable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import socket
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+
+from chorus_p2p.atomic import atomic_output_dir, atomic_output_file
+from chorus_p2p.errors import ChorusError
+from chorus_p2p.lora.adapter_io import resolve_adapter_files
+from chorus_p2p.node.auth import EMPTY_SHA256, H_ADMIN, request_key, sign_headers
+
+DEFAULT_URL = "http://127.0.0.1:8470"
+T = TypeVar("T")
+
+
+class NodeError(ChorusError):
+    """The node refused the request. ``code`` is the API's error code (e.g. ``stale_base``)."""
+
+    exit_code = 3
+
+    def __init__(self, code: str, message: str, status: int):
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class AuthenticationError(NodeError):
+    """401/403: wrong secret, replay, clock skew, or a missing admin token."""
+
+
+class NotFoundError(NodeError):
+    """404: unknown round, blob or endpoint."""
+
+
+class ConflictError(NodeError):
+    """409: the round is closed, the update conflicts, or it was trained from a stale round."""
+
+
+class RejectedError(NodeError):
+    """400/413/415/422: the request or the adapter itself is unacceptable."""
+
+
+class ServerError(NodeError):
+    """5xx: the node failed (disk full, a bug); nothing was recorded."""
+
+
+class NodeUnreachable(ChorusError):
+    exit_code = 4
+
+
+def _error_for(status: int, code: str, message: str) -> NodeError:
+    if status in (401, 403):
+        cls: type[NodeError] = AuthenticationError
+    elif status == 404:
+        cls = NotFoundError
+    elif status == 409:
+        cls = ConflictError
+    elif status >= 500:
+        cls = ServerError
+    else:
+        cls = RejectedError
+    return cls(code, message, status)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _safe_extract(data: bytes, out_dir: Path) -> None:
+    """Extract only plain files at the top level: a hostile archive cannot write elsewhere."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar.getmembers():
+            name = member.name
+            if not member.isfile() or "/" in name or name.startswith(".") or "\\" in name:
+                raise NodeError("bad_archive", f"unexpected entry {name!r} in adapter archive", 0)
+            source = tar.extractfile(member)
+            assert source is not None
+            (out_dir / name).write_bytes(source.read())
+
+
+class AsyncNodeClient:
+    def __init__(self, url: str = DEFAULT_URL, *, secret: bytes, client_id: str | None = None,
+                 admin_token: str | None = None, timeout: float = 120.0):
+        self.url = url.rstrip("/")
+        self._key = request_key(secret)
+        self.client_id = client_id or socket.gethostname()
+        self.admin_token = admin_token
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_data_dir(cls, data_dir: str | os.PathLike, url: str | None = None,
+                      **kwargs: Any) -> "AsyncNodeClient":
+        """Talk to the node that owns ``data_dir`` with its own credentials (admin included)."""
+        from chorus_p2p.node.identity import load_identity
+
+        identity = load_identity(data_dir)
+        kwargs.setdefault("client_id", identity.node_id)
+        return cls(url or DEFAULT_URL, secret=identity.secret, admin_token=identity.admin_token,
+                   **kwargs)
+
+    @classmethod
+    def from_join_token(cls, url: str, token: str, **kwargs: Any) -> "AsyncNodeClient":
+        from chorus_p2p.node.identity import decode_join_token
+
+        _, secret = decode_join_token(token)
+        return cls(url, secret=secret, **kwargs)
+
+    async def __aenter__(self) -> "AsyncNodeClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        return self._session
+
+    def _headers(self, method: str, path_qs: str, body_sha: str, admin: bool) -> dict[str, str]:
+        headers = sign_headers(self._key, method, path_qs, self.client_id, body_sha)
+        if admin:
+            if not self.admin_token:
+                raise ChorusError("this action needs the node's admin token (run on the node's "
+                                  "machine, or pass admin_token=)")
+            headers[H_ADMIN] = self.admin_token
+        return headers
+
+    async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                       json_body: Any = None, file_body: Path | None = None, admin: bool = False,
+                       raw: bool = False) -> Any:
+        path_qs = path + ("?" + urlencode(params) if params else "")
+        data: Any = None
+        headers: dict[str, str]
+        if file_body is not None:
+            body_sha = await asyncio.to_thread(_sha256_file, file_body)
+            headers = self._headers(method, path_qs, body_sha, admin)
+            headers["Content-Type"] = "application/octet-stream"
+            data = open(file_body, "rb")  # streamed by aiohttp, closed below
+        elif json_body is not None:
+            data = json.dumps(json_body).encode()
+            headers = self._headers(method, path_qs, hashlib.sha256(data).hexdigest(), admin)
+            headers["Content-Type"] = "application/json"
+        else:
+            headers = self._headers(method, path_qs, EMPTY_SHA256, admin)
+        try:
+            async with self._http().request(method, self.url + path_qs, data=data,
+                                            headers=headers) as response:
+                if response.status >= 400:
+                    await self._raise(response)
+                if raw:
+                    return await response.read(), dict(response.headers)
+                return await response.json()
+        except aiohttp.ClientConnectionError as exc:
+            raise NodeUnreachable(f"cannot reach the node at {self.url} ({exc})") from exc
+        except asyncio.TimeoutError as exc:
+            raise NodeUnreachable(f"the node at {self.url} did not answer in time") from exc
+        finally:
+            if file_body is not None and data is not None:
+                data.close()
+
+    @staticmethod
+    async def _raise(response: aiohttp.ClientResponse) -> None:
+        try:
+            payload = await response.json(content_type=None)
+            code, message = payload["error"], payload.get("message", "")
+        except (ValueError, KeyError, TypeError, aiohttp.ContentTypeError):
+            code, message = "http_error", f"HTTP {response.status} {response.reason}"
+        raise _error_for(response.status, code, message)
+
+    # -- reads ----------------------------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        return await self._request("GET", "/v1/health")
+
+    async def status(self) -> dict[str, Any]:
+        return await self._request("GET", "/v1/status")
+
+    async def federation(self) -> dict[str, Any]:
+        return await self._request("GET", "/v1/federation")
+
+    async def members(self) -> list[dict[str, Any]]:
+        return (await self._request("GET", "/v1/members"))["members"]
+
+    async def rounds(self, limit: int = 20, before: int | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if before is not None:
+            params["before"] = before
+        return await self._request("GET", "/v1/rounds", params=params)
+
+    async def all_rounds(self) -> list[dict[str, Any]]:
+        """Every round, newest first, following the pages."""
+        out: list[dict[str, Any]] = []
+        before = None
+        while True:
+            page = await self.rounds(limit=200, before=before)
+            out += page["rounds"]
+            before = page["next_before"]
+            if before is None:
+                return out
+
+    async def round(self, number: int | str) -> dict[str, Any]:
+        return await self._request("GET", f"/v1/rounds/{number}")
+
+    # -- writes ---------------------------------------------------------------------------
+    async def submit(self, adapter_path: str | os.PathLike, round: int | None = None,
+                     examples: int | None = None, trained_from: int | None = None
+                     ) -> dict[str, Any]:
+        """Upload an adapter (PEFT folder or ``.safetensors``) to a round (default: current).
+
+        ``examples`` weights the update (default 1); ``trained_from`` is the round whose adapter
+        training started from (default: the one the target round builds on).
+        """
+        weights_file, _ = resolve_adapter_files(adapter_path)
+        if round is None or trained_from is None:
+            current = (await self.status())["current_round"]
+            if current is None:
+                raise ConflictError("round_closed", "no round is collecting updates now "
+                                    "(paused, or aggregating: retry shortly)", 409)
+            round = current["round"] if round is None else round
+            if trained_from is None:
+                trained_from = current["trained_from"] if current["round"] == round else round - 1
+        params = {"examples": int(examples or 1), "trained_from": int(trained_from)}
+        return await self._request("POST", f"/v1/rounds/{round}/updates", params=params,
+                                   file_body=Path(weights_file))
+
+    async def pull(self, out_dir: str | os.PathLike, round: int | str | None = None,
+                   *, force: bool = False) -> Path:
+        """Download a round's global adapter (default: latest) as a PEFT folder."""
+        data, headers = await self._request("GET", f"/v1/rounds/{round or 'latest'}/adapter",
+                                            raw=True)
+        with atomic_output_dir(out_dir, force=force) as scratch:
+            _safe_extract(data, scratch)
+            actual = _sha256_file(scratch / "adapter_model.safetensors")
+            if actual != headers.get("X-Chorus-Adapter-SHA256"):
+                raise NodeError("hash_mismatch", "downloaded adapter does not match its hash", 0)
+        return Path(out_dir)
+
+    async def download(self, what: str, round: int | str, out_file: str | os.PathLike,
+                       *, force: bool = False) -> Path:
+        """``what`` is ``residual`` (that round's D) or ``cumulative`` (R after that round)."""
+        data, headers = await self._request("GET", f"/v1/rounds/{round}/{what}", raw=True)
+        if hashlib.sha256(data).hexdigest() != headers.get("X-Chorus-SHA256"):
+            raise NodeError("hash_mismatch", f"downloaded {what} does not match its hash", 0)
+        with atomic_output_file(out_file, force=force) as scratch:
+            scratch.write_bytes(data)
+        return Path(out_file)
+
+    async def blob(self, sha: str) -> bytes:
+        data, _ = await self._request("GET", f"/v1/blobs/{sha}", raw=True)
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise NodeError("hash_mismatch", f"blob {sha[:12]}... does not match its hash", 0)
+        return data
+
+    async def close_round(self) -> dict[str, Any]:
+        return await self._request("POST", "/v1/admin/rounds/close", json_body={}, admin=True)
+
+    async def pause(self) -> dict[str, Any]:
+        return await self._request("POST", "/v1/admin/pause", json_body={}, admin=True)
+
+    async def resume(self) -> dict[str, Any]:
+        return await self._request("POST", "/v1/admin/resume", json_body={}, admin=True)
+
+    async def events(self, since: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Live events (and, with ``since``, the recorded ones after that id first)."""
+        path_qs = "/v1/events" + (f"?since={since}" if since is not None else "")
+        headers = self._headers("GET", path_qs, EMPTY_SHA256, False)
+        try:
+            ws = await self._http().ws_connect(self.url + path_qs, headers=headers, heartbeat=20)
+        except aiohttp.WSServerHandshakeError as exc:
+            raise _error_for(exc.status, "unauthenticated" if exc.status == 401 else "http_error",
+                             exc.message) from exc
+        except aiohttp.ClientConnectionError as exc:
+            raise NodeUnreachable(f"cannot reach the node at {self.url} ({exc})") from exc
+        async with ws:
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    yield json.loads(message.data)
+                elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+
+
+class NodeClient:
+    """Blocking client: the async client driven by a private event loop on a helper thread."""
+
+    def __init__(self, url: str = DEFAULT_URL, **kwargs: Any):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="chorus-client")
+        self._thread.start()
+        self._async = self._call(self._make(url, kwargs))
+
+    async def _make(self, url: str, kwargs: dict[str, Any]) -> AsyncNodeClient:
+        return AsyncNodeClient(url, **kwargs)
+
+    @classmethod
+    def from_data_dir(cls, data_dir: str | os.PathLike, url: str | None = None,
+                      **kwargs: Any) -> "NodeClient":
+        from chorus_p2p.node.identity import load_identity
+
+        identity = load_identity(data_dir)
+        kwargs.setdefault("client_id", identity.node_id)
+        return cls(url or DEFAULT_URL, secret=identity.secret, admin_token=identity.admin_token,
+                   **kwargs)
+
+    @classmethod
+    def from_join_token(cls, url: str, token: str, **kwargs: Any) -> "NodeClient":
+        from chorus_p2p.node.identity import decode_join_token
+
+        _, secret = decode_join_token(token)
+        return cls(url, secret=secret, **kwargs)
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+
+    def __enter__(self) -> "NodeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self._async.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+
+    def __getattr__(self, name: str) -> Any:
+        """Blocking versions of every ``AsyncNodeClient`` coroutine method."""
+        attr = getattr(self._async, name)
+        if name == "events":
+            return self._events
+        if asyncio.iscoroutinefunction(attr):
+            return lambda *a, **k: self._call(attr(*a, **k))
+        return attr
+
+    def _events(self, since: int | None = None) -> Iterator[dict[str, Any]]:
+        agen = self._async.events(since)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(agen.aclose())

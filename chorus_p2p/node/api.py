@@ -1,0 +1,402 @@
+"""The node's HTTP API under ``/v1/`` (aiohttp), and its WebSocket event stream.
+
+Every route except ``GET /v1/health`` is authenticated (see :mod:`chorus_p2p.node.auth`) before
+its handler runs; admin routes also need the local admin token. Errors are always JSON
+``{"error": code, "message": text}`` with a matching status, and every refusal is logged and sent
+to the event stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import WSMsgType, web
+
+from chorus_p2p import __version__
+from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers
+from chorus_p2p.node.blobs import BlobError, is_sha256
+from chorus_p2p.node.spec import UpdateRejected
+
+if TYPE_CHECKING:
+    from chorus_p2p.node.service import Node
+
+log = logging.getLogger("chorus_p2p.api")
+
+API_VERSION = "1"
+JSON_BODY_LIMIT = 64 * 1024
+UPLOAD_CHUNK = 1 << 16
+
+STATUS_FOR_CODE = {
+    "unauthenticated": 401, "bad_signature": 401, "stale_request": 401, "replayed": 401,
+    "forbidden": 403, "not_found": 404, "unknown_round": 404, "no_residual": 404,
+    "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
+    "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
+    "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
+    "internal": 500,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def error_response(code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message},
+                             status=STATUS_FOR_CODE.get(code, 400))
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+NODE_KEY = web.AppKey("node", object)
+
+
+def _node(request: web.Request) -> "Node":
+    return request.app[NODE_KEY]  # type: ignore[return-value]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except (ApiError, UpdateRejected, AuthFailure) as exc:
+        kind = "update_rejected" if request.path.endswith("/updates") else "request_refused"
+        _node(request).bus.publish(kind, None, {
+            "method": request.method, "path": request.path, "error": exc.code,
+            "message": exc.message, "peer": request.remote,
+            "node": request.get("caller")}, level="warning")
+        return error_response(exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return error_response("not_found", f"no such endpoint: {request.method} {request.path}")
+        if exc.status == 405:
+            return web.json_response({"error": "method_not_allowed", "message":
+                                      f"{request.method} is not allowed on {request.path}"},
+                                     status=405)
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            log.error("disk full while handling %s %s", request.method, request.path)
+            return error_response("insufficient_storage", "the node's disk is full; nothing was "
+                                  "recorded, retry after space is freed")
+        log.exception("I/O error handling %s %s", request.method, request.path)
+        return error_response("internal", f"I/O error: {exc.strerror or exc}")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a bug: say so in JSON, keep the details in the log
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response("internal", f"internal error ({exc.__class__.__name__}); see the "
+                              "node's log")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == "/v1/health" or not request.path.startswith("/v1/"):
+        return await handler(request)
+    node = _node(request)
+    verified = verify_headers(node.request_key, request.method, request.path_qs, request.headers,
+                              node.nonces)
+    request["caller"] = verified.node
+    request["body_sha"] = verified.body_sha
+    if request.path.startswith("/v1/admin/") and not check_admin(node.identity.admin_token,
+                                                                   request.headers):
+        raise ApiError("forbidden", "this action needs the node's admin token "
+                       "(DATA_DIR/admin.token)")
+    return await handler(request)
+
+
+async def read_json_body(request: web.Request) -> Any:
+    """Read a small JSON body, checking it against the signed hash."""
+    if request.content_length and request.content_length > JSON_BODY_LIMIT:
+        raise ApiError("too_large", f"JSON bodies are limited to {JSON_BODY_LIMIT} bytes")
+    body = await request.content.read(JSON_BODY_LIMIT + 1)
+    if len(body) > JSON_BODY_LIMIT:
+        raise ApiError("too_large", f"JSON bodies are limited to {JSON_BODY_LIMIT} bytes")
+    if hashlib.sha256(body).hexdigest() != request["body_sha"]:
+        raise ApiError("body_mismatch", "body does not match its signed sha256")
+    if not body:
+        return {}
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ApiError("bad_request", f"malformed JSON: {exc}") from exc
+
+
+def _int_param(request: web.Request, name: str, *, default: int | None = None,
+               minimum: int = 0) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise ApiError("bad_request", f"query parameter {name!r} is required")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError("bad_request", f"query parameter {name}={raw!r} is not an integer")
+    if value < minimum:
+        raise ApiError("bad_request", f"query parameter {name}={value} must be >= {minimum}")
+    return value
+
+
+def _round_number(request: web.Request) -> int:
+    raw = request.match_info["round"]
+    node = _node(request)
+    if raw == "latest":
+        latest = node.ledger.latest_committed()
+        return latest["round"] if latest else 0
+    try:
+        number = int(raw)
+    except ValueError:
+        raise ApiError("bad_request", f"round {raw!r} is not a number or 'latest'")
+    if number < 0 or node.ledger.round(number) is None:
+        raise ApiError("unknown_round", f"round {raw} does not exist")
+    return number
+
+
+def public_round(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in (
+        "round", "term", "coordinator", "state", "strategy", "trained_from", "opened_at",
+        "deadline_at", "aggregating_at", "committed_at", "adapter_sha", "adapter_config_sha",
+        "residual_sha", "cumulative_sha", "metrics", "config")}
+
+
+# -- handlers ---------------------------------------------------------------------------------
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "version": __version__, "api": API_VERSION})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(_node(request).status())
+
+
+async def federation(request: web.Request) -> web.Response:
+    node = _node(request)
+    return web.json_response({"federation": node.identity.federation,
+                              "spec": node.spec.to_json(), "fingerprint": node.spec.fingerprint(),
+                              "policy": node.policy_json(),
+                              "adapter_config": node.spec.adapter_config(),
+                              "max_update_bytes": node.spec.max_update_bytes()})
+
+
+async def members(request: web.Request) -> web.Response:
+    return web.json_response({"members": _node(request).ledger.members()})
+
+
+async def rounds_list(request: web.Request) -> web.Response:
+    node = _node(request)
+    limit = min(_int_param(request, "limit", default=20, minimum=1), 500)
+    before = request.query.get("before")
+    before_n = _int_param(request, "before") if before is not None else None
+    rows = node.ledger.list_rounds(limit=limit, before=before_n)
+    next_before = rows[-1]["round"] if len(rows) == limit and rows[-1]["round"] > 0 else None
+    return web.json_response({"rounds": [public_round(r) for r in rows],
+                              "next_before": next_before, "total": node.ledger.count_rounds()})
+
+
+async def round_detail(request: web.Request) -> web.Response:
+    node = _node(request)
+    number = _round_number(request)
+    row = public_round(node.ledger.round(number))
+    row["updates"] = [{k: u[k] for k in ("node_id", "blob_sha", "examples", "trained_from",
+                                         "size", "norm", "received_at")}
+                      for u in node.ledger.updates(number)]
+    return web.json_response(row)
+
+
+async def submit_update(request: web.Request) -> web.Response:
+    node = _node(request)
+    number = _round_number(request) if request.match_info["round"] != "current" else \
+        node.ledger.latest_round()["round"]
+    examples = _int_param(request, "examples", minimum=1)
+    trained_from = _int_param(request, "trained_from")
+    caller = request["caller"]
+    ctype = request.headers.get("Content-Type", "application/octet-stream")
+    if ctype.split(";")[0].strip() not in ("application/octet-stream",
+                                            "application/x-safetensors"):
+        raise ApiError("unsupported_media_type", f"send the adapter as application/octet-stream "
+                       f"(safetensors bytes), not {ctype}")
+    node.rounds.check_open(number, trained_from)
+    limit = node.spec.max_update_bytes()
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError("too_large", f"update is {request.content_length} bytes; this federation's "
+                       f"adapters are at most {limit} bytes")
+    fh, temp = node.blobs.new_temp(".upload")
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with fh:
+            async for chunk in request.content.iter_chunked(UPLOAD_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError("too_large", f"update exceeds this federation's limit of "
+                                   f"{limit} bytes")
+                digest.update(chunk)
+                await asyncio.to_thread(fh.write, chunk)
+        if size == 0:
+            raise ApiError("bad_adapter", "empty body: send the adapter_model.safetensors bytes")
+        if digest.hexdigest() != request["body_sha"]:
+            raise ApiError("body_mismatch", "body does not match its signed sha256 (truncated or "
+                           "altered in transit)")
+        norm = await asyncio.to_thread(node.spec.validate_update, temp)
+        accepted = await node.rounds.accept(number, caller, temp, digest.hexdigest(), size,
+                                            examples, trained_from, norm)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    body = {"round": accepted.round, "node_id": accepted.node_id, "sha256": accepted.blob_sha,
+            "duplicate": accepted.duplicate}
+    return web.json_response(body, status=200 if accepted.duplicate else 201)
+
+
+def _committed_round(request: web.Request) -> dict[str, Any]:
+    node = _node(request)
+    row = node.ledger.round(_round_number(request))
+    if row["state"] != "committed":
+        raise ApiError("round_closed" if row["state"] == "aggregating" else "unknown_round",
+                       f"round {row['round']} is {row['state']}; it has no result yet")
+    return row
+
+
+async def adapter_archive(request: web.Request) -> web.Response:
+    """The round's global adapter as a tar of a PEFT folder (safetensors barely compress)."""
+    node = _node(request)
+    row = _committed_round(request)
+
+    def build() -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, sha in (("adapter_config.json", row["adapter_config_sha"]),
+                              ("adapter_model.safetensors", row["adapter_sha"])):
+                path = node.blobs.verified_path(sha)
+                info = tar.gettarinfo(str(path), arcname=name)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                with open(path, "rb") as fh:
+                    tar.addfile(info, fh)
+        return buffer.getvalue()
+
+    try:
+        data = await asyncio.to_thread(build)
+    except BlobError as exc:
+        raise ApiError("internal", str(exc))
+    return web.Response(body=data, content_type="application/x-tar", headers={
+        "X-Chorus-Round": str(row["round"]), "X-Chorus-Adapter-SHA256": row["adapter_sha"],
+        "Content-Disposition": f'attachment; filename="round-{row["round"]}-adapter.tar"'})
+
+
+async def _blob_response(request: web.Request, sha: str | None, missing: str,
+                         what: str) -> web.StreamResponse:
+    node = _node(request)
+    if not sha:
+        raise ApiError(missing, what)
+    try:
+        path = await asyncio.to_thread(node.blobs.verified_path, sha)
+    except BlobError as exc:
+        raise ApiError("not_found" if "not in this store" in str(exc) else "internal", str(exc))
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
+                                           "X-Chorus-SHA256": sha})
+
+
+async def residual_blob(request: web.Request) -> web.StreamResponse:
+    row = _committed_round(request)
+    return await _blob_response(request, row["residual_sha"], "no_residual",
+                                f"round {row['round']} has no residual "
+                                f"({row['strategy']} is exact without one or not exact at all)")
+
+
+async def cumulative_blob(request: web.Request) -> web.StreamResponse:
+    row = _committed_round(request)
+    return await _blob_response(request, row["cumulative_sha"], "no_residual",
+                                f"R is still zero after round {row['round']}")
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    sha = request.match_info["sha"].lower()
+    if not is_sha256(sha):
+        raise ApiError("bad_request", f"{sha!r} is not a sha256 hex digest")
+    return await _blob_response(request, sha, "not_found", "")
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    node = _node(request)
+    since = _int_param(request, "since", default=-1, minimum=-1)
+    ws = web.WebSocketResponse(heartbeat=20)
+    await ws.prepare(request)
+    queue = node.bus.subscribe()
+    try:
+        if since >= 0:
+            for event in node.ledger.events_since(since):
+                await ws.send_json({**event, "level": "info", "replayed": True})
+        await ws.send_json({"id": None, "ts": time.time(), "kind": "hello", "round": None,
+                            "level": "info", "data": node.status()})
+        reader = asyncio.ensure_future(ws.receive())
+        while not ws.closed:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                getter.cancel()
+                message = reader.result()
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
+                                    WSMsgType.ERROR):
+                    break
+                reader = asyncio.ensure_future(ws.receive())
+                continue
+            await ws.send_json(getter.result())
+            if not node.bus.is_subscribed(queue):
+                await ws.close(message=b"event queue overflowed; reconnect with ?since=")
+                break
+        reader.cancel()
+    finally:
+        node.bus.unsubscribe(queue)
+    return ws
+
+
+async def admin_close_round(request: web.Request) -> web.Response:
+    await read_json_body(request)
+    number = await _node(request).rounds.close_now()
+    return web.json_response({"round": number, "state": "aggregating"}, status=202)
+
+
+async def admin_pause(request: web.Request) -> web.Response:
+    await read_json_body(request)
+    _node(request).rounds.set_paused(True)
+    return web.json_response({"paused": True})
+
+
+async def admin_resume(request: web.Request) -> web.Response:
+    await read_json_body(request)
+    _node(request).rounds.set_paused(False)
+    return web.json_response({"paused": False})
+
+
+def build_app(node: "Node") -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+                          client_max_size=JSON_BODY_LIMIT)
+    app[NODE_KEY] = node
+    app.add_routes([
+        web.get("/v1/health", health),
+        web.get("/v1/status", status),
+        web.get("/v1/federation", federation),
+        web.get("/v1/members", members),
+        web.get("/v1/rounds", rounds_list),
+        web.get("/v1/rounds/{round}", round_detail),
+        web.post("/v1/rounds/{round}/updates", submit_update),
+        web.get("/v1/rounds/{round}/adapter", adapter_archive),
+        web.get("/v1/rounds/{round}/residual", residual_blob),
+        web.get("/v1/rounds/{round}/cumulative", cumulative_blob),
+        web.get("/v1/blobs/{sha}", blob),
+        web.get("/v1/events", events),
+        web.post("/v1/admin/rounds/close", admin_close_round),
+        web.post("/v1/admin/pause", admin_pause),
+        web.post("/v1/admin/resume", admin_resume),
+    ])
+    return app

@@ -1,0 +1,218 @@
+"""A running node: wires identity, ledger, blob store, rounds and the HTTP API together.
+
+``chorus-node up`` calls :func:`run_node`; tests start a :class:`Node` in-process on loopback the
+same way. SIGINT/SIGTERM stop accepting connections, let in-flight requests and an aggregation in
+progress finish, then close the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from chorus_p2p import __version__
+from chorus_p2p.errors import UsageError
+from chorus_p2p.node.api import build_app
+from chorus_p2p.node.auth import NonceCache, request_key
+from chorus_p2p.node.blobs import BlobStore
+from chorus_p2p.node.events import EventBus
+from chorus_p2p.node.identity import load_identity
+from chorus_p2p.node.ledger import Ledger
+from chorus_p2p.node.rounds import RoundManager, RoundPolicy
+from chorus_p2p.node.settings import NodeSettings
+from chorus_p2p.node.spec import FederationSpec
+
+log = logging.getLogger("chorus_p2p.node")
+
+LEDGER_FILE = "ledger.sqlite"
+BLOB_DIR = "blobs"
+SPEC_KEYS = ("model", "rank", "alpha", "target_modules")
+
+
+def load_or_create_spec(ledger: Ledger, settings: NodeSettings) -> FederationSpec:
+    """The federation's spec is fixed at the first ``up``; later flags must agree with it."""
+    stored = ledger.get_meta("spec")
+    if stored is None:
+        if not settings.model:
+            raise UsageError("the first `chorus-node up` needs --model ID_OR_PATH")
+        spec = FederationSpec.build(settings.model, settings.rank, settings.alpha,
+                                    settings.target_modules)
+        ledger.set_meta("spec", json.dumps(spec.to_json(), sort_keys=True))
+        return spec
+    spec = FederationSpec.from_json(json.loads(stored))
+    wanted = {"model": settings.model, "rank": settings.rank, "alpha": settings.alpha,
+              "target_modules": tuple(settings.target_modules)}
+    for key in SPEC_KEYS:
+        if key in settings.sources and wanted[key] != getattr(spec, key):
+            raise UsageError(f"this data dir's federation trains {key}={getattr(spec, key)!r}, "
+                             f"not {wanted[key]!r}; use a new --data-dir for a different setup")
+    return spec
+
+
+class Node:
+    def __init__(self, settings: NodeSettings):
+        self.settings = settings
+        self.data_dir = Path(settings.data_dir)
+        self.identity = load_identity(self.data_dir)
+        self.ledger = Ledger(self.data_dir / LEDGER_FILE)
+        try:
+            self.spec = load_or_create_spec(self.ledger, settings)
+        except BaseException:
+            self.ledger.close()
+            raise
+        self.blobs = BlobStore(self.data_dir / BLOB_DIR)
+        self.request_key = request_key(self.identity.secret)
+        self.nonces = NonceCache()
+        self.bus = EventBus()
+        self.policy = RoundPolicy(settings.strategy, settings.min_updates, settings.round_deadline)
+        self.rounds = RoundManager(self.ledger, self.blobs, self.spec, self.identity.federation,
+                                   self.identity.node_id, self.policy, self.bus)
+        self.started_at = time.time()
+        self._runner: web.AppRunner | None = None
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def url(self) -> str:
+        assert self.address is not None
+        host, port = self.address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def policy_json(self) -> dict[str, Any]:
+        return {"strategy": self.policy.strategy, "min_updates": self.policy.min_updates,
+                "round_deadline": self.policy.deadline_s}
+
+    def status(self) -> dict[str, Any]:
+        current = self.ledger.latest_round()
+        committed = self.ledger.latest_committed()
+        current_json = None
+        if current is not None and current["state"] != "committed":
+            current_json = {"round": current["round"], "state": current["state"],
+                            "trained_from": current["trained_from"],
+                            "updates": self.ledger.count_updates(current["round"]),
+                            "min_updates": self.policy.min_updates,
+                            "expected": self.rounds.expected_participants(current["round"]),
+                            "opened_at": current["opened_at"],
+                            "deadline_at": current["deadline_at"]}
+        return {
+            "node_id": self.node_id, "federation": self.identity.federation,
+            "version": __version__, "term": 0, "role": "coordinator", "quorum": True,
+            "coordinator": self.node_id, "paused": self.rounds.paused,
+            "current_round": current_json,
+            "latest_committed": None if committed is None else {
+                "round": committed["round"], "adapter_sha": committed["adapter_sha"],
+                "cumulative_sha": committed["cumulative_sha"],
+                "committed_at": committed["committed_at"]},
+            "counts": {"rounds": self.ledger.count_rounds(), "updates": self.ledger.count_updates(),
+                       "members": len(self.ledger.members())},
+            "policy": self.policy_json(), "spec_fingerprint": self.spec.fingerprint(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }
+
+    async def start(self) -> tuple[str, int]:
+        now = time.time()
+        self.ledger.upsert_member({
+            "node_id": self.node_id, "name": socket.gethostname(),
+            "addresses": [], "public_key": self.identity.public_key_bytes.hex(),
+            "admitted_at": now, "last_seen": now, "status": "live"})
+        await self.rounds.start()
+        self._runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        host, port = sockets[0].getsockname()[:2]
+        self.address = (host, port)
+        self.ledger.upsert_member({"node_id": self.node_id, "addresses": [f"{host}:{port}"]})
+        self.bus.publish("listening", None, {"url": self.url, "node_id": self.node_id,
+                                             "federation": self.identity.federation})
+        return self.address
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.shutdown()  # stop accepting; let in-flight requests finish
+        await self.rounds.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.bus.publish("stopped", None, {"node_id": self.node_id})
+        self.ledger.close()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name}
+        event = getattr(record, "event", None)
+        if event is not None:
+            out.update({"event": event["kind"], "round": event["round"], "data": event["data"]})
+            if event.get("id") is not None:
+                out["event_id"] = event["id"]
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class _HumanFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        event = getattr(record, "event", None)
+        if event is not None:
+            where = f"round {event['round']} " if event["round"] is not None else ""
+            detail = " ".join(f"{k}={v}" for k, v in event["data"].items() if k != "nodes")
+            kind = event["kind"].replace("_", " ")
+            if where and kind.startswith("round "):
+                kind = kind[len("round "):]
+            text = f"{where}{kind}  {detail}".rstrip()
+        else:
+            text = record.getMessage()
+        line = f"{stamp} {record.levelname.lower():<7} {text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(headless: bool, verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stdout if headless else sys.stderr)
+    handler.setFormatter(_JsonFormatter() if headless else _HumanFormatter())
+    root = logging.getLogger("chorus_p2p")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+async def run_node(settings: NodeSettings, ready: asyncio.Event | None = None) -> int:
+    node = Node(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (embedded use)
+            pass
+    try:
+        await node.start()
+    except OSError as exc:
+        node.ledger.close()
+        raise UsageError(f"cannot listen on {settings.host}:{settings.port}: "
+                         f"{exc.strerror or exc}") from exc
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down: finishing in-flight work")
+    await node.stop()
+    return 0

@@ -1,0 +1,103 @@
+"""Node settings: command-line flags, then ``CHORUS_*`` environment variables, then
+``DATA_DIR/config.toml``, then defaults. The first one that sets a value wins.
+
+``config.toml`` uses the flag names with underscores (``min_updates = 3``); the environment uses
+them upper-cased with a ``CHORUS_`` prefix (``CHORUS_MIN_UPDATES=3``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from chorus_p2p.errors import UsageError
+from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_FILE = "config.toml"
+DEFAULT_DATA_DIR = "./chorus_data"
+
+
+@dataclass
+class NodeSettings:
+    model: str | None = None
+    data_dir: str = DEFAULT_DATA_DIR
+    host: str = "127.0.0.1"
+    port: int = 8470
+    strategy: str = DEFAULT_STRATEGY
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    min_updates: int = 2
+    round_deadline: float = 600.0
+    headless: bool = False
+    sources: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
+
+
+def _convert(name: str, value: Any, kind: type) -> Any:
+    try:
+        if name == "target_modules":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            modules = tuple(m.strip() for m in items if str(m).strip())
+            if not modules:
+                raise ValueError("empty")
+            return modules
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            return str(value).strip().lower() in ("1", "true", "yes", "on")
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"setting {name}={value!r} is not a valid {kind.__name__}")
+
+
+_KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": str, "rank": int,
+          "alpha": float, "target_modules": tuple, "min_updates": int, "round_deadline": float,
+          "headless": bool}
+
+
+def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None
+                     ) -> NodeSettings:
+    env = os.environ if env is None else env
+    data_dir = flags.get("data_dir") or env.get("CHORUS_DATA_DIR") or DEFAULT_DATA_DIR
+    file_values: dict[str, Any] = {}
+    config_path = Path(data_dir) / CONFIG_FILE
+    if config_path.is_file():
+        try:
+            file_values = tomllib.loads(config_path.read_text())
+        except (tomllib.TOMLDecodeError, OSError) as exc:
+            raise UsageError(f"{config_path}: {exc}") from exc
+        unknown = set(file_values) - set(_KINDS)
+        if unknown:
+            raise UsageError(f"{config_path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    settings = NodeSettings(data_dir=data_dir)
+    for f in fields(NodeSettings):
+        if f.name in ("sources", "data_dir"):
+            continue
+        env_name = "CHORUS_" + f.name.upper()
+        if flags.get(f.name) is not None and flags.get(f.name) is not False:
+            value, source = flags[f.name], "flag"
+        elif env.get(env_name):
+            value, source = env[env_name], env_name
+        elif f.name in file_values:
+            value, source = file_values[f.name], str(config_path)
+        else:
+            continue
+        setattr(settings, f.name, _convert(f.name, value, _KINDS[f.name]))
+        settings.sources[f.name] = source
+    if settings.strategy not in STRATEGIES:
+        raise UsageError(f"strategy {settings.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if settings.min_updates < 1:
+        raise UsageError("min_updates must be at least 1")
+    if settings.round_deadline <= 0:
+        raise UsageError("round_deadline must be positive (seconds)")
+    if not 0 <= settings.port <= 65535:
+        raise UsageError(f"port {settings.port} is out of range")
+    return settings
