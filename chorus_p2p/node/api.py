@@ -59,6 +59,10 @@ def error_response(code: str, message: str) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 NODE_KEY = web.AppKey("node", object)
+# Typed request-storage keys where this aiohttp has them (3.12+), plain strings before.
+_RequestKey = getattr(web, "RequestKey", None)
+CALLER = _RequestKey("caller", str) if _RequestKey else "caller"
+BODY_SHA = _RequestKey("body_sha", str) if _RequestKey else "body_sha"
 
 
 def _node(request: web.Request) -> "Node":
@@ -74,7 +78,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         _node(request).bus.publish(kind, None, {
             "method": request.method, "path": request.path, "error": exc.code,
             "message": exc.message, "peer": request.remote,
-            "node": request.get("caller")}, level="warning")
+            "node": request.get(CALLER)}, level="warning")
         return error_response(exc.code, exc.message)
     except web.HTTPException as exc:
         if exc.status == 404:
@@ -106,8 +110,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     node = _node(request)
     verified = verify_headers(node.request_key, request.method, request.path_qs, request.headers,
                               node.nonces)
-    request["caller"] = verified.node
-    request["body_sha"] = verified.body_sha
+    request[CALLER] = verified.node
+    request[BODY_SHA] = verified.body_sha
     if request.path.startswith("/v1/admin/") and not check_admin(node.identity.admin_token,
                                                                    request.headers):
         raise ApiError("forbidden", "this action needs the node's admin token "
@@ -122,7 +126,7 @@ async def read_json_body(request: web.Request) -> Any:
     body = await request.content.read(JSON_BODY_LIMIT + 1)
     if len(body) > JSON_BODY_LIMIT:
         raise ApiError("too_large", f"JSON bodies are limited to {JSON_BODY_LIMIT} bytes")
-    if hashlib.sha256(body).hexdigest() != request["body_sha"]:
+    if hashlib.sha256(body).hexdigest() != request[BODY_SHA]:
         raise ApiError("body_mismatch", "body does not match its signed sha256")
     if not body:
         return {}
@@ -219,7 +223,7 @@ async def submit_update(request: web.Request) -> web.Response:
         node.ledger.latest_round()["round"]
     examples = _int_param(request, "examples", minimum=1)
     trained_from = _int_param(request, "trained_from")
-    caller = request["caller"]
+    caller = request[CALLER]
     ctype = request.headers.get("Content-Type", "application/octet-stream")
     if ctype.split(";")[0].strip() not in ("application/octet-stream",
                                             "application/x-safetensors"):
@@ -244,7 +248,7 @@ async def submit_update(request: web.Request) -> web.Response:
                 await asyncio.to_thread(fh.write, chunk)
         if size == 0:
             raise ApiError("bad_adapter", "empty body: send the adapter_model.safetensors bytes")
-        if digest.hexdigest() != request["body_sha"]:
+        if digest.hexdigest() != request[BODY_SHA]:
             raise ApiError("body_mismatch", "body does not match its signed sha256 (truncated or "
                            "altered in transit)")
         norm = await asyncio.to_thread(node.spec.validate_update, temp)

@@ -1,0 +1,334 @@
+"""A real node on loopback: round trip, exactness through PEFT, bad inputs, concurrency, events."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import aiohttp
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from chorus_p2p.client import (AsyncNodeClient, AuthenticationError, ConflictError, NodeClient,
+                               NotFoundError, RejectedError)
+from chorus_p2p.exactness import merged_state, weighted_mean_state
+from chorus_p2p.lora.fold import fold_base
+from chorus_p2p.node.auth import EMPTY_SHA256, H_ADMIN, request_key, sign_headers
+from chorus_p2p.tiny import make_client_adapter
+
+from nodeutil import ALPHA, RANK, TARGETS, blob_files, start_node, wait_for, write_update
+
+
+@pytest.fixture
+async def node(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "node", tiny_base)
+    yield node
+    await node.stop()
+
+
+def client_for(node, client_id="alice", **kwargs) -> AsyncNodeClient:
+    return AsyncNodeClient(node.url, secret=node.identity.secret, client_id=client_id,
+                           admin_token=node.identity.admin_token, **kwargs)
+
+
+async def committed(node, number: int):
+    return await wait_for(lambda: (node.ledger.round(number) or {}).get("state") == "committed")
+
+
+async def test_full_round_trip_is_exact_through_peft(node, tiny_base, tmp_path):
+    clients = [make_client_adapter(tiny_base, tmp_path / f"c{i}", seed=40 + i, rank=RANK,
+                                   alpha=ALPHA, target_modules=TARGETS) for i in range(2)]
+    examples = [300, 100]
+    for i, (adapter, n) in enumerate(zip(clients, examples)):
+        async with client_for(node, f"client{i}") as c:
+            result = await c.submit(adapter, examples=n)
+            assert result["round"] == 1 and result["duplicate"] is False
+    await committed(node, 1)
+    async with client_for(node) as c:
+        out = await c.pull(tmp_path / "global")
+        await c.download("cumulative", 1, tmp_path / "R.safetensors")
+        detail = await c.round(1)
+        status = await c.status()
+    assert detail["metrics"]["updates"] == 2 and len(detail["updates"]) == 2
+    assert status["current_round"]["round"] == 2 and status["current_round"]["trained_from"] == 1
+    fold_base(tiny_base, tmp_path / "R.safetensors", tmp_path / "base+R")
+    result = merged_state(tmp_path / "base+R", out)
+    mean = weighted_mean_state([merged_state(tiny_base, c) for c in clients], examples)
+    for key in mean:
+        if any(t in key for t in TARGETS):
+            err = float((result[key].double() - mean[key]).norm() / mean[key].norm())
+            assert err <= 1e-5, key
+
+
+async def _send(node, method, path, *, body=b"", headers=None, secret=None, sign=True,
+                body_sha=None, admin=False, content_type="application/octet-stream"):
+    key = request_key(secret or node.identity.secret)
+    hdrs = {}
+    if sign:
+        hdrs.update(sign_headers(key, method, path, "mallory",
+                                 body_sha or hashlib.sha256(body).hexdigest()))
+    if admin:
+        hdrs[H_ADMIN] = node.identity.admin_token
+    hdrs["Content-Type"] = content_type
+    hdrs.update(headers or {})
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, node.url + path, data=body, headers=hdrs) as resp:
+            return resp.status, await resp.json(), hdrs
+
+
+def _good_update(node, tmp_path, seed=1) -> bytes:
+    return write_update(tmp_path / f"u{seed}.safetensors", node.spec, seed).read_bytes()
+
+
+def _with_tensor(node, tmp_path, edit) -> bytes:
+    path = write_update(tmp_path / "edit.safetensors", node.spec, 5)
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    return path.read_bytes()
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _nan(t):
+    t[Q0 + ".lora_A.weight"][0, 0] = float("nan")
+
+
+def _wrong_rank(t):
+    t[Q0 + ".lora_A.weight"] = torch.randn(8, 64)
+    t[Q0 + ".lora_B.weight"] = torch.randn(64, 8)
+
+
+def _extra_module(t):
+    t["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.randn(4, 64)
+    t["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"] = torch.randn(128, 4)
+
+
+BAD_UPLOADS = {
+    "corrupt": (lambda n, p: b"\x20\x00\x00\x00\x00\x00\x00\x00{{{{ not a header", 422, "bad_adapter"),
+    "truncated": (lambda n, p: _good_update(n, p)[:-64], 422, "bad_adapter"),
+    "nan": (lambda n, p: _with_tensor(n, p, _nan), 422, "non_finite"),
+    "wrong_rank": (lambda n, p: _with_tensor(n, p, _wrong_rank), 422, "wrong_shape"),
+    "extra_module": (lambda n, p: _with_tensor(n, p, _extra_module), 422, "wrong_shape"),
+    "empty": (lambda n, p: b"", 422, "bad_adapter"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
+async def test_bad_update_is_refused_and_changes_nothing(node, tmp_path, case):
+    make, status, code = BAD_UPLOADS[case]
+    body = make(node, tmp_path)
+    before, blobs = node.ledger.snapshot(), blob_files(node.data_dir)
+    got, payload, _ = await _send(node, "POST", "/v1/rounds/1/updates?examples=5&trained_from=0",
+                                  body=body)
+    assert (got, payload["error"]) == (status, code), payload
+    assert payload["message"]
+    assert node.ledger.snapshot() == before
+    assert blob_files(node.data_dir) == blobs
+    assert list((node.data_dir / "blobs" / "tmp").iterdir()) == []
+
+
+async def test_request_level_refusals_change_nothing(node, tmp_path):
+    good = _good_update(node, tmp_path)
+    path = "/v1/rounds/1/updates?examples=5&trained_from=0"
+    before, blobs = node.ledger.snapshot(), blob_files(node.data_dir)
+    cases = [
+        # (description, kwargs for _send, expected status, expected code)
+        ("no auth", dict(method="POST", path=path, body=good, sign=False), 401, "unauthenticated"),
+        ("wrong secret", dict(method="POST", path=path, body=good, secret=b"x" * 32), 401,
+         "bad_signature"),
+        ("unknown round", dict(method="POST", path=path.replace("/1/", "/7/"), body=good), 404,
+         "unknown_round"),
+        ("closed round", dict(method="POST", path=path.replace("/1/", "/0/"), body=good), 409,
+         "round_closed"),
+        ("stale base", dict(method="POST", path=path.replace("trained_from=0", "trained_from=3"),
+                            body=good), 409, "stale_base"),
+        ("no example count", dict(method="POST", path="/v1/rounds/1/updates?trained_from=0",
+                                  body=good), 400, "bad_request"),
+        ("zero examples", dict(method="POST", path=path.replace("examples=5", "examples=0"),
+                               body=good), 400, "bad_request"),
+        ("body altered", dict(method="POST", path=path, body=good, body_sha="0" * 64), 400,
+         "body_mismatch"),
+        ("oversize", dict(method="POST", path=path,
+                          body=b"\0" * (node.spec.max_update_bytes() + 1)), 413, "too_large"),
+        ("json content type", dict(method="POST", path=path, body=good,
+                                   content_type="application/json"), 415,
+         "unsupported_media_type"),
+        ("admin without token", dict(method="POST", path="/v1/admin/pause", body=b"{}"), 403,
+         "forbidden"),
+        ("malformed json", dict(method="POST", path="/v1/admin/pause", body=b"{nope", admin=True,
+                                content_type="application/json"), 400, "bad_request"),
+        ("unknown round detail", dict(method="GET", path="/v1/rounds/99"), 404, "unknown_round"),
+        ("bad round number", dict(method="GET", path="/v1/rounds/abc"), 400, "bad_request"),
+        ("bad blob name", dict(method="GET", path="/v1/blobs/xyz"), 400, "bad_request"),
+        ("missing blob", dict(method="GET", path="/v1/blobs/" + "a" * 64), 404, "not_found"),
+        ("no residual yet", dict(method="GET", path="/v1/rounds/0/residual"), 404, "no_residual"),
+        ("open round has no adapter", dict(method="GET", path="/v1/rounds/1/adapter"), 404,
+         "unknown_round"),
+    ]
+    for what, kwargs, status, code in cases:
+        got, payload, _ = await _send(node, **kwargs)
+        assert (got, payload.get("error")) == (status, code), (what, payload)
+        assert isinstance(payload.get("message"), str) and payload["message"], what
+    assert node.ledger.snapshot() == before
+    assert blob_files(node.data_dir) == blobs
+
+
+async def test_replayed_and_stale_requests_are_refused(node):
+    key = request_key(node.identity.secret)
+    headers = sign_headers(key, "GET", "/v1/status", "alice")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(node.url + "/v1/status", headers=headers) as first:
+            assert first.status == 200
+        async with session.get(node.url + "/v1/status", headers=headers) as again:
+            assert again.status == 401 and (await again.json())["error"] == "replayed"
+        old = sign_headers(key, "GET", "/v1/status", "alice", now=1_000_000)
+        async with session.get(node.url + "/v1/status", headers=old) as stale:
+            assert stale.status == 401 and (await stale.json())["error"] == "stale_request"
+        # A signature for one path does not open another.
+        moved = sign_headers(key, "GET", "/v1/status", "alice")
+        async with session.get(node.url + "/v1/members", headers=moved) as wrong:
+            assert wrong.status == 401 and (await wrong.json())["error"] == "bad_signature"
+        async with session.get(node.url + "/v1/health") as health:
+            assert health.status == 200 and (await health.json())["ok"] is True
+
+
+async def test_resend_is_idempotent_and_a_different_update_conflicts(node, tmp_path):
+    first = write_update(tmp_path / "a.safetensors", node.spec, 1)
+    other = write_update(tmp_path / "b.safetensors", node.spec, 2)
+    async with client_for(node, "alice") as c:
+        assert (await c.submit(first, examples=3))["duplicate"] is False
+        before = node.ledger.snapshot()
+        assert (await c.submit(first, examples=3))["duplicate"] is True
+        assert node.ledger.snapshot() == before
+        with pytest.raises(ConflictError) as exc:
+            await c.submit(other, examples=3)
+        assert exc.value.code == "update_conflict"
+    assert node.ledger.count_updates(1) == 1
+
+
+async def test_fifty_concurrent_submitters_each_accepted_exactly_once(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "node", tiny_base, min_updates=51)
+    try:
+        files = [write_update(tmp_path / f"u{i}.safetensors", node.spec, 100 + i) for i in range(50)]
+
+        async def submit(i: int, again: bool):
+            async with client_for(node, f"client-{i:02d}") as c:
+                return await c.submit(files[i], examples=i + 1)
+
+        results = await asyncio.gather(*(submit(i, again) for again in (False, True)
+                                         for i in range(50)))
+        fresh = [r for r in results if not r["duplicate"]]
+        assert len(fresh) == 50 and len({r["node_id"] for r in fresh}) == 50
+        rows = node.ledger.updates(1)
+        assert len(rows) == 50
+        assert {r["node_id"] for r in rows} == {f"client-{i:02d}" for i in range(50)}
+        accepted_events = [e for e in node.ledger.events_since(0) if e["kind"] == "update_accepted"]
+        assert len(accepted_events) == 50
+    finally:
+        await node.stop()
+
+
+async def test_event_stream_reports_the_round(node, tmp_path):
+    seen: list[dict] = []
+
+    async def listen():
+        async with client_for(node, "watcher") as c:
+            async for event in c.events():
+                seen.append(event)
+                if event["kind"] == "round_committed":
+                    return
+
+    listener = asyncio.create_task(listen())
+    await wait_for(lambda: any(e["kind"] == "hello" for e in seen))
+    for i in range(2):
+        async with client_for(node, f"c{i}") as c:
+            await c.submit(write_update(tmp_path / f"e{i}.safetensors", node.spec, i), examples=2)
+    await asyncio.wait_for(listener, 30)
+    kinds = [e["kind"] for e in seen]
+    for kind in ("update_accepted", "aggregation_started", "aggregation_finished",
+                 "round_committed"):
+        assert kind in kinds, kinds
+    finished = next(e for e in seen if e["kind"] == "aggregation_finished")
+    assert finished["data"]["aggregation_ms"] > 0 and finished["data"]["updates"] == 2
+    # Reconnecting with ?since= replays what was recorded.
+    async with client_for(node, "late") as c:
+        replayed = []
+        async for event in c.events(since=0):
+            if event["kind"] == "hello":
+                break
+            replayed.append(event["kind"])
+    assert replayed.count("update_accepted") == 2 and "round_committed" in replayed
+
+
+async def test_paging_members_federation_and_admin_actions(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "node", tiny_base, min_updates=1)
+    try:
+        async with client_for(node, "admin") as c:
+            for i in range(3):
+                await c.submit(write_update(tmp_path / f"p{i}.safetensors", node.spec, i),
+                               examples=1)
+                await committed(node, i + 1)
+            page = await c.rounds(limit=2)
+            assert [r["round"] for r in page["rounds"]] == [4, 3] and page["next_before"] == 3
+            assert [r["round"] for r in await c.all_rounds()] == [4, 3, 2, 1, 0]
+            assert (await c.members())[0]["node_id"] == node.node_id
+            fed = await c.federation()
+            assert fed["spec"]["rank"] == RANK and fed["adapter_config"]["r"] == RANK
+            await c.pause()
+            await c.submit(write_update(tmp_path / "p9.safetensors", node.spec, 9), examples=1)
+            await committed(node, 4)
+            assert (await c.status())["current_round"] is None
+            with pytest.raises(ConflictError):
+                await c.close_round()
+            await c.resume()
+            assert (await c.status())["current_round"]["round"] == 5
+        async with AsyncNodeClient(node.url, secret=node.identity.secret) as no_admin:
+            with pytest.raises(Exception, match="admin token"):
+                await no_admin.pause()
+    finally:
+        await node.stop()
+
+
+async def test_close_round_now_aggregates_what_is_there(node, tmp_path):
+    async with client_for(node, "solo") as c:
+        with pytest.raises(ConflictError) as exc:
+            await c.close_round()
+        assert exc.value.code == "no_updates"
+        await c.submit(write_update(tmp_path / "solo.safetensors", node.spec, 3), examples=4)
+        assert (await c.close_round())["round"] == 1
+    row = await committed(node, 1)
+    assert node.ledger.round(1)["metrics"]["updates"] == 1
+
+
+def test_sync_client_and_typed_errors(tmp_path, tiny_base):
+    async def boot():
+        return await start_node(tmp_path / "node", tiny_base)
+
+    loop = asyncio.new_event_loop()
+    node = loop.run_until_complete(boot())
+    import threading
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with NodeClient(node.url, secret=node.identity.secret, client_id="sync") as c:
+            assert c.status()["current_round"]["round"] == 1
+            with pytest.raises(NotFoundError) as exc:
+                c.round(42)
+            assert exc.value.code == "unknown_round" and exc.value.status == 404
+            bad = tmp_path / "bad.safetensors"
+            bad.write_bytes(b"junk")
+            with pytest.raises(RejectedError) as exc:
+                c.submit(bad, examples=1)
+            assert exc.value.code == "bad_adapter"
+        with NodeClient(node.url, secret=b"y" * 32) as wrong:
+            with pytest.raises(AuthenticationError):
+                wrong.status()
+    finally:
+        asyncio.run_coroutine_threadsafe(node.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
