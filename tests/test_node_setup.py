@@ -1,0 +1,136 @@
+"""init, identity files, join tokens, settings precedence, and the client CLI's exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from chorus_p2p.cli.main import main
+from chorus_p2p.errors import UsageError
+from chorus_p2p.node.identity import (decode_join_token, encode_join_token, init_data_dir,
+                                      load_identity)
+from chorus_p2p.node.settings import resolve_settings
+
+from nodeutil import start_node, write_update
+
+
+def test_init_creates_private_identity_and_refuses_to_overwrite(tmp_path, capsys):
+    data = tmp_path / "d"
+    assert main(["init", "--federation", "lab", "--data-dir", str(data), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    identity = load_identity(data)
+    assert out["node_id"] == identity.node_id and len(identity.node_id) == 32
+    for name in ("identity.key", "federation.json", "admin.token"):
+        assert stat.S_IMODE(os.stat(data / name).st_mode) == 0o600, name
+    assert decode_join_token(out["join_token"]) == ("lab", identity.secret)
+    assert main(["init", "--federation", "lab", "--data-dir", str(data)]) == 2
+    assert "already holds a node identity" in capsys.readouterr().err
+    assert load_identity(data).node_id == identity.node_id
+    assert main(["init", "--federation", "lab", "--data-dir", str(data), "--force"]) == 0
+    assert load_identity(data).node_id != identity.node_id
+
+
+def test_join_token_shares_the_federation(tmp_path, capsys):
+    first = init_data_dir(tmp_path / "a", "lab")
+    assert main(["init", "--join", first.join_token(), "--data-dir", str(tmp_path / "b")]) == 0
+    second = load_identity(tmp_path / "b")
+    assert second.federation == "lab" and second.secret == first.secret
+    assert second.node_id != first.node_id
+    for bad in ("nope", "chorus1.!!!", encode_join_token("lab", b"short")):
+        with pytest.raises(UsageError):
+            decode_join_token(bad)
+
+
+def test_settings_flags_then_env_then_toml(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "config.toml").write_text('min_updates = 5\nport = 9000\nrank = 8\n'
+                                      'target_modules = ["q_proj", "k_proj"]\n')
+    env = {"CHORUS_PORT": "9100", "CHORUS_STRATEGY": "fedex"}
+    s = resolve_settings({"data_dir": str(data), "port": 9200, "model": "m"}, env)
+    assert (s.port, s.sources["port"]) == (9200, "flag")
+    assert (s.strategy, s.sources["strategy"]) == ("fedex", "CHORUS_STRATEGY")
+    assert s.min_updates == 5 and s.rank == 8 and s.target_modules == ("q_proj", "k_proj")
+    s = resolve_settings({"data_dir": str(data)}, env)
+    assert s.port == 9100
+    (data / "config.toml").write_text("min_update = 3\n")
+    with pytest.raises(UsageError, match="unknown setting"):
+        resolve_settings({"data_dir": str(data)}, {})
+    with pytest.raises(UsageError, match="not one of"):
+        resolve_settings({"data_dir": str(tmp_path)}, {"CHORUS_STRATEGY": "median"})
+    with pytest.raises(UsageError, match="not a valid int"):
+        resolve_settings({"data_dir": str(tmp_path)}, {"CHORUS_MIN_UPDATES": "many"})
+
+
+def test_up_refuses_a_different_federation_spec(tmp_path, tiny_base, capsys):
+    init_data_dir(tmp_path / "d", "lab")
+
+    async def once():
+        node = await start_node(tmp_path / "d", tiny_base)
+        await node.stop()
+
+    asyncio.run(once())
+    code = main(["up", "--data-dir", str(tmp_path / "d"), "--model", str(tiny_base), "--rank", "8",
+                 "--port", "0"])
+    assert code == 2 and "trains rank=4, not 8" in capsys.readouterr().err
+    code = main(["up", "--data-dir", str(tmp_path / "fresh"), "--port", "0"])
+    assert code == 2 and "no node identity here" in capsys.readouterr().err
+
+
+@pytest.fixture
+def running_node(tmp_path, tiny_base):
+    loop = asyncio.new_event_loop()
+    node = loop.run_until_complete(start_node(tmp_path / "node", tiny_base))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield node
+    asyncio.run_coroutine_threadsafe(node.stop(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_runs_a_round_and_reports_exit_codes(running_node, tmp_path):
+    node = running_node
+    base = ["--node", node.url, "--data-dir", str(node.data_dir)]
+    token = node.identity.join_token()
+    for i in range(2):
+        update = write_update(tmp_path / f"u{i}.safetensors", node.spec, i)
+        done = cli("submit", str(update), "--examples", "10", "--client-id", f"c{i}",
+                   "--node", node.url, "--join", token)
+        assert done.returncode == 0, done.stderr
+        assert "accepted" in done.stdout
+    done = cli("rounds", "--json", *base)
+    rounds = json.loads(done.stdout)
+    assert done.returncode == 0 and rounds[1]["round"] == 1
+    done = cli("pull", "--out", str(tmp_path / "g"), "--round", "1", "--residual", *base)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in (tmp_path / "g").iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "residual.safetensors"}
+    assert json.loads(cli("status", "--json", *base).stdout)["node_id"] == node.node_id
+    assert json.loads(cli("members", "--json", *base).stdout)[0]["node_id"] == node.node_id
+    assert "committed" in cli("rounds", *base).stdout
+    # 3: refused by the server, with its message and code on one line
+    done = cli("submit", str(tmp_path / "u0.safetensors"), "--examples", "10", "--client-id",
+               "c0", "--round", "1", *base)
+    assert done.returncode == 3 and "round_closed" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    done = cli("status", "--node", node.url, "--join", "chorus1." + "e30")
+    assert done.returncode == 2
+    done = cli("status", "--node", node.url, "--join", encode_join_token("lab", b"z" * 32))
+    assert done.returncode == 3 and "bad_signature" in done.stderr
+    # 4: nobody listening
+    done = cli("status", "--node", "http://127.0.0.1:9", "--data-dir", str(node.data_dir))
+    assert done.returncode == 4 and "cannot reach the node" in done.stderr
