@@ -27,7 +27,7 @@ RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")
 def node_settings(data_dir: Path, model: Path, **overrides: Any) -> NodeSettings:
     settings = NodeSettings(model=str(model), data_dir=str(data_dir), host="127.0.0.1", port=0,
                             rank=RANK, alpha=ALPHA, target_modules=TARGETS, min_updates=2,
-                            round_deadline=600.0)
+                            round_deadline=600.0, mdns=False)
     for key, value in overrides.items():
         setattr(settings, key, value)
     return settings
@@ -86,7 +86,8 @@ class NodeProcess:
     def start(self, timeout: float = 60.0) -> str:
         cmd = [sys.executable, "-m", "chorus_p2p.cli.main", "up", "--headless", "--port", "0",
                "--data-dir", str(self.data_dir), "--model", str(self.model), "--rank", str(RANK),
-               "--alpha", str(ALPHA), "--target-modules", ",".join(TARGETS), *self.extra]
+               "--alpha", str(ALPHA), "--target-modules", ",".join(TARGETS), "--no-mdns",
+               *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=self.env)
         deadline = time.monotonic() + timeout

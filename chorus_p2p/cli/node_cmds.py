@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from chorus_p2p.lora.strategies import STRATEGIES
@@ -65,8 +66,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k) for k in ("model", "data_dir", "host", "port", "strategy",
                                            "rank", "alpha", "target_modules", "min_updates",
-                                           "round_deadline", "headless")}
+                                           "round_deadline", "headless", "mdns",
+                                           "election_timeout")}
+    flags["peers"] = args.peer
+    flags["interfaces"] = args.interface
     settings = resolve_settings(flags)
+    if args.join:
+        from chorus_p2p.node.identity import IDENTITY_FILE, init_data_dir
+
+        if not (Path(settings.data_dir) / IDENTITY_FILE).exists():
+            identity = init_data_dir(settings.data_dir, join_token=args.join)
+            print(f"joined federation {identity.federation!r} as node {identity.node_id}",
+                  file=sys.stderr)
     configure_logging(settings.headless, args.verbose)
     return asyncio.run(run_node(settings))
 
@@ -197,6 +208,17 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "(default 600)")
     up.add_argument("--headless", action="store_true", default=None,
                     help="one JSON object per log line on stdout")
+    up.add_argument("--join", metavar="TOKEN", help="create this node's identity from a join "
+                    "token first (if the data dir has none)")
+    up.add_argument("--peer", action="append", metavar="HOST:PORT",
+                    help="static peer (repeatable), for networks where multicast does not pass")
+    up.add_argument("--interface", action="append", metavar="IP",
+                    help="advertise and browse mDNS only on this address (repeatable; "
+                         "default: all interfaces)")
+    up.add_argument("--no-mdns", dest="mdns", action="store_const", const=False, default=None,
+                    help="no mDNS at all: static peers only")
+    up.add_argument("--election-timeout", type=float, metavar="SECONDS",
+                    help="base election timeout (default 1.0; heartbeats every quarter of it)")
     up.set_defaults(handler=_cmd_up)
 
     for name, handler, text in (("status", _cmd_status, "node and federation status"),

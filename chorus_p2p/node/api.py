@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 from chorus_p2p import __version__
 from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers
 from chorus_p2p.node.blobs import BlobError, is_sha256
+from chorus_p2p.node.peers import H_RESPONSE_SIG, response_signature
 from chorus_p2p.node.spec import UpdateRejected
 
 if TYPE_CHECKING:
@@ -31,13 +32,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("chorus_p2p.api")
 
 API_VERSION = "1"
-JSON_BODY_LIMIT = 64 * 1024
+JSON_BODY_LIMIT = 4 * 1024 * 1024  # heartbeats list the live round's updates
 UPLOAD_CHUNK = 1 << 16
 
 STATUS_FOR_CODE = {
     "unauthenticated": 401, "bad_signature": 401, "stale_request": 401, "replayed": 401,
     "forbidden": 403, "not_found": 404, "unknown_round": 404, "no_residual": 404,
     "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
+    "not_coordinator": 409, "spec_mismatch": 409,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
     "internal": 500,
@@ -51,8 +53,8 @@ class ApiError(Exception):
         self.message = message
 
 
-def error_response(code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message},
+def error_response(code: str, message: str, extra: dict[str, Any] | None = None) -> web.Response:
+    return web.json_response({**(extra or {}), "error": code, "message": message},
                              status=STATUS_FOR_CODE.get(code, 400))
 
 
@@ -79,7 +81,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             "method": request.method, "path": request.path, "error": exc.code,
             "message": exc.message, "peer": request.remote,
             "node": request.get(CALLER)}, level="warning")
-        return error_response(exc.code, exc.message)
+        return error_response(exc.code, exc.message, getattr(exc, "extra", None))
     except web.HTTPException as exc:
         if exc.status == 404:
             return error_response("not_found", f"no such endpoint: {request.method} {request.path}")
@@ -116,7 +118,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                                                                    request.headers):
         raise ApiError("forbidden", "this action needs the node's admin token "
                        "(DATA_DIR/admin.token)")
-    return await handler(request)
+    response = await handler(request)
+    if request.path.startswith("/v1/peer/") and isinstance(response, web.Response):
+        # Peers believe only answers signed with the federation key (see peers.py).
+        body = response.body if isinstance(response.body, bytes) else b""
+        response.headers[H_RESPONSE_SIG] = response_signature(node.request_key, verified.nonce,
+                                                              body)
+    return response
 
 
 async def read_json_body(request: web.Request) -> Any:
@@ -193,7 +201,21 @@ async def federation(request: web.Request) -> web.Response:
 
 
 async def members(request: web.Request) -> web.Response:
-    return web.json_response({"members": _node(request).ledger.members()})
+    node = _node(request)
+    live = {p.node_id: p for p in node.cluster.peers.values()}
+    rows = []
+    for member in node.ledger.members():
+        peer = live.get(member["node_id"])
+        role = ("coordinator" if member["node_id"] == node.cluster.coordinator else "follower")
+        if member["node_id"] == node.node_id:
+            role, member["status"] = node.cluster.role, "live"
+        elif peer is not None:
+            member["status"] = peer.status
+            member["last_seen_age_s"] = (round(time.monotonic() - peer.last_seen, 3)
+                                         if peer.last_seen else None)
+        rows.append({**member, "role": role if member["status"] != "left" else None})
+    return web.json_response({"members": rows, "term": node.cluster.term,
+                              "quorum": node.cluster.has_quorum()})
 
 
 async def rounds_list(request: web.Request) -> web.Response:
@@ -364,6 +386,42 @@ async def events(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+# -- peer protocol (see cluster.py) -----------------------------------------------------------------
+async def peer_hello(request: web.Request) -> web.Response:
+    body = await read_json_body(request)
+    return web.json_response(_node(request).cluster.on_hello(body))
+
+
+async def peer_vote(request: web.Request) -> web.Response:
+    body = await read_json_body(request)
+    return web.json_response(_node(request).cluster.on_vote(body))
+
+
+async def peer_append(request: web.Request) -> web.Response:
+    body = await read_json_body(request)
+    return web.json_response(_node(request).cluster.on_append(body))
+
+
+async def peer_leave(request: web.Request) -> web.Response:
+    _node(request).cluster.on_leave(await read_json_body(request))
+    return web.json_response({"ok": True})
+
+
+async def peer_timeout_now(request: web.Request) -> web.Response:
+    _node(request).cluster.on_timeout_now(await read_json_body(request))
+    return web.json_response({"ok": True})
+
+
+async def peer_history(request: web.Request) -> web.Response:
+    """Committed rounds after ``after`` with their updates, for followers and late joiners."""
+    node = _node(request)
+    after = _int_param(request, "after", default=0)
+    rows = [r for r in reversed(node.ledger.list_rounds(limit=100000))
+            if r["round"] > after and r["state"] == "committed"][:100]
+    updates = [u for r in rows for u in node.ledger.updates(r["round"])]
+    return web.json_response({"rounds": [public_round(r) for r in rows], "updates": updates})
+
+
 async def admin_close_round(request: web.Request) -> web.Response:
     await read_json_body(request)
     number = await _node(request).rounds.close_now()
@@ -399,6 +457,12 @@ def build_app(node: "Node") -> web.Application:
         web.get("/v1/rounds/{round}/cumulative", cumulative_blob),
         web.get("/v1/blobs/{sha}", blob),
         web.get("/v1/events", events),
+        web.post("/v1/peer/hello", peer_hello),
+        web.post("/v1/peer/vote", peer_vote),
+        web.post("/v1/peer/append", peer_append),
+        web.post("/v1/peer/leave", peer_leave),
+        web.post("/v1/peer/timeout-now", peer_timeout_now),
+        web.get("/v1/peer/history", peer_history),
         web.post("/v1/admin/rounds/close", admin_close_round),
         web.post("/v1/admin/pause", admin_pause),
         web.post("/v1/admin/resume", admin_resume),

@@ -23,8 +23,11 @@ import sqlite_utils
 SCHEMA_VERSION = 1
 
 # Round states, in order. A round only moves forward.
-OPEN, COLLECTING, AGGREGATING, COMMITTED = "open", "collecting", "aggregating", "committed"
-ROUND_STATES = (OPEN, COLLECTING, AGGREGATING, COMMITTED)
+OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
+PROPOSED, COMMITTED = "proposed", "committed"
+# A round is "proposed" once its result blobs exist and the coordinator is collecting
+# acknowledgements; it is "committed" when a majority of members hold the record.
+ROUND_STATES = (OPEN, COLLECTING, AGGREGATING, PROPOSED, COMMITTED)
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -126,6 +129,50 @@ class Ledger:
             if next_round is not None:
                 self.db["rounds"].insert(_encode_round(next_round))
             return self._insert_event(event[0], number, event[1])
+
+    def upsert_round(self, row: dict[str, Any]) -> None:
+        self.db["rounds"].upsert(_encode_round(row), pk="round")
+
+    def apply_history(self, rounds: list[dict[str, Any]], updates: list[dict[str, Any]],
+                      event: tuple[str, int, dict[str, Any]] | None = None) -> None:
+        """Record rounds (and their updates) fetched from a peer, all in one transaction."""
+        with self.db.atomic():
+            for row in rounds:
+                self.db["rounds"].upsert(_encode_round(row), pk="round")
+            for update in updates:
+                self.db["updates"].upsert(update, pk=("round", "node_id"))
+            if event is not None:
+                self._insert_event(event[0], event[1], event[2])
+
+    def delete_rounds_after(self, number: int) -> None:
+        """Drop uncommitted rounds past ``number`` (a new coordinator's history wins)."""
+        with self.db.atomic():
+            self.db.execute("delete from updates where round > ? and round in (select round from "
+                            "rounds where state != ?)", [number, COMMITTED])
+            self.db.execute("delete from rounds where round > ? and state != ?", [number, COMMITTED])
+
+    # -- election state ----------------------------------------------------------------------
+    def current_term(self) -> int:
+        return int(self.get_meta("current_term", "0"))
+
+    def set_term(self, term: int) -> None:
+        self.set_meta("current_term", str(term))
+
+    def vote(self, term: int) -> str | None:
+        rows = list(self.db.query("select voted_for from votes where term = ?", [term]))
+        return rows[0]["voted_for"] if rows else None
+
+    def record_vote(self, term: int, candidate: str) -> None:
+        """Persisted (FULL sync) before the vote is sent: a restart can never vote twice."""
+        with self.db.atomic():
+            self.db["votes"].insert({"term": term, "voted_for": candidate, "voted_at": time.time()},
+                                    pk="term", replace=True)
+            if term > self.current_term():
+                self.set_term(term)
+
+    def record_term(self, term: int, coordinator: str) -> None:
+        self.db["terms"].upsert({"term": term, "coordinator": coordinator,
+                                 "started_at": time.time()}, pk="term")
 
     # -- updates --------------------------------------------------------------------------
     def update(self, number: int, node_id: str) -> dict[str, Any] | None:

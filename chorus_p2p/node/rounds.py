@@ -1,13 +1,18 @@
-"""Rounds: open -> collecting -> aggregating -> committed, durable across kill -9.
+"""Rounds: open -> collecting -> aggregating -> proposed -> committed, durable across kill -9.
 
-Invariants that make crash recovery simple:
+Only the coordinator runs a round; followers mirror it (see :meth:`RoundManager.apply_from_coordinator`).
+
+Invariants that make crash recovery and failover simple:
 
 - A blob is on disk (fsynced, renamed) before any ledger row names it.
 - An update row is inserted in the same transaction as its ``update_accepted`` event, keyed by
   ``(round, node)``: a re-send of the same bytes is a no-op, different bytes are refused.
-- A round's result blobs are written before the single transaction that marks it committed and
-  opens the next round. A crash before that transaction leaves the round ``aggregating``; on start
-  it is aggregated again from its stored updates, which are never modified.
+- A round's result blobs are written before the round is marked ``proposed``; it becomes
+  ``committed`` (and the next round opens, in the same transaction) once a majority of members
+  hold the proposal. A round left ``aggregating`` by a crash is aggregated again from its stored
+  updates; a ``proposed`` one is proposed again, never recomputed.
+- Every coordinator action is fenced by its term: a result computed under a term the node no
+  longer leads is dropped.
 """
 
 from __future__ import annotations
@@ -21,20 +26,25 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
+
+import torch
 
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.residual import RESIDUAL_FILE, FactoredResidual, load_residual
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
 from chorus_p2p.node.blobs import BlobStore
 from chorus_p2p.node.events import EventBus
-from chorus_p2p.node.ledger import AGGREGATING, COLLECTING, COMMITTED, OPEN, Ledger
+from chorus_p2p.node.ledger import (AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED, Ledger)
 from chorus_p2p.node.spec import FederationSpec, UpdateRejected
 
 log = logging.getLogger("chorus_p2p.rounds")
 
 # Test-only fault injection: seconds to sleep inside aggregation, so a test can kill -9 mid-way.
 FAULT_DELAY_ENV = "CHORUS_FAULT_AGGREGATION_DELAY"
+RESULT_KEYS = ("adapter_sha", "adapter_config_sha", "residual_sha", "cumulative_sha")
+UPDATE_KEYS = ("round", "node_id", "blob_sha", "examples", "trained_from", "size", "norm",
+               "received_at")
 
 
 @dataclass
@@ -57,6 +67,9 @@ def _canonical_json(data: Any) -> bytes:
     return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode()
 
 
+BlobFetcher = Callable[[str], Awaitable[None]]
+
+
 class RoundManager:
     def __init__(self, ledger: Ledger, blobs: BlobStore, spec: FederationSpec, federation: str,
                  node_id: str, policy: RoundPolicy, bus: EventBus):
@@ -68,31 +81,24 @@ class RoundManager:
         self.policy = policy
         self.bus = bus
         self.paused = ledger.get_meta("paused", "0") == "1"
+        self.leading_term: int | None = None
+        # Set by the cluster: how many members make a majority, who to tell, where the leader is.
+        self.quorum: Callable[[], int] = lambda: 1
+        self.notify_followers: Callable[[], None] = lambda: None
+        self.coordinator_hint: Callable[[], dict[str, Any]] = lambda: {}
         self._lock = asyncio.Lock()  # serialises accept-vs-close of the current round
+        self._sync_lock = asyncio.Lock()  # one follower sync at a time
         self._tasks: set[asyncio.Task] = set()
         self._deadline_task: asyncio.Task | None = None
-        self._aggregating: int | None = None
+        self._acks: dict[int, set[str]] = {}
 
-    # -- start and recovery ----------------------------------------------------------------
+    # -- start -------------------------------------------------------------------------------
     async def start(self) -> None:
         swept = await asyncio.to_thread(self.blobs.sweep_partials)
         if swept:
             log.info("removed %d partial blob(s) left by an earlier crash", swept)
         if self.ledger.round(0) is None:
             await self._create_round_zero()
-        current = self.ledger.latest_round()
-        assert current is not None
-        if current["state"] == COMMITTED:
-            if not self.paused:
-                self._open_next(current["round"])
-        elif current["state"] == AGGREGATING:
-            log.warning("round %d was aggregating when the node stopped; aggregating it again "
-                        "from its %d stored update(s)", current["round"],
-                        self.ledger.count_updates(current["round"]))
-            self._spawn(self._aggregate(current["round"]))
-        else:
-            self._arm_deadline(current)
-            await self._maybe_close(current["round"])
 
     async def _create_round_zero(self) -> None:
         """Round 0 is the shared starting point: PEFT's init, derived identically on every node."""
@@ -104,15 +110,14 @@ class RoundManager:
             out.close()
             writer.finish(temp, {"format": "pt"})
             adapter_sha = self.blobs.put_file(temp)
-            temp.unlink()
+            temp.unlink(missing_ok=True)
             return adapter_sha, self.blobs.put_bytes(_canonical_json(self.spec.adapter_config()))
 
         adapter_sha, config_sha = await asyncio.to_thread(build)
-        now = time.time()
         self.ledger.insert_round({
-            "round": 0, "term": 0, "coordinator": self.node_id, "state": COMMITTED,
-            "strategy": "init", "config": self._round_config(), "trained_from": None,
-            "opened_at": now, "deadline_at": None, "aggregating_at": None, "committed_at": now,
+            "round": 0, "term": 0, "coordinator": None, "state": COMMITTED,
+            "strategy": "init", "config": {"spec": self.spec.fingerprint()}, "trained_from": None,
+            "opened_at": 0.0, "deadline_at": None, "aggregating_at": None, "committed_at": 0.0,
             "adapter_sha": adapter_sha, "adapter_config_sha": config_sha, "residual_sha": None,
             "cumulative_sha": None, "metrics": {"updates": 0}})
 
@@ -120,21 +125,67 @@ class RoundManager:
         return {"strategy": self.policy.strategy, "min_updates": self.policy.min_updates,
                 "deadline_s": self.policy.deadline_s, "spec": self.spec.fingerprint()}
 
+    # -- leadership --------------------------------------------------------------------------
+    @property
+    def is_coordinator(self) -> bool:
+        return self.leading_term is not None
+
+    async def lead(self, term: int) -> None:
+        """Take over as coordinator: continue whatever round the ledger says is in flight."""
+        self.leading_term = term
+        latest = self.ledger.latest_round()
+        assert latest is not None
+        state = latest["state"]
+        if state == COMMITTED:
+            if not self.paused:
+                self._open_next(latest["round"])
+        elif state == PROPOSED:
+            log.info("round %d was proposed by an earlier coordinator; proposing it again",
+                     latest["round"])
+            self._acks[latest["round"]] = {self.node_id}
+            self.notify_followers()
+            await self.on_ack(latest["round"], self.node_id, latest["adapter_sha"])
+        elif state == AGGREGATING:
+            log.warning("round %d was aggregating when its coordinator stopped; aggregating it "
+                        "again from its %d stored update(s)", latest["round"],
+                        self.ledger.count_updates(latest["round"]))
+            self._spawn(self._aggregate(latest["round"], term))
+        else:
+            deadline = time.time() + self.policy.deadline_s
+            self.ledger.set_round_state(latest["round"], state, term=term,
+                                        coordinator=self.node_id, deadline_at=deadline)
+            self.bus.publish("round_resumed", latest["round"], {
+                "term": term, "updates": self.ledger.count_updates(latest["round"])})
+            self._arm_deadline({**latest, "deadline_at": deadline})
+            await self._maybe_close(latest["round"])
+
+    def follow(self) -> None:
+        """Stop acting as coordinator (a newer term exists, or quorum was lost)."""
+        self.leading_term = None
+        if self._deadline_task is not None:
+            self._deadline_task.cancel()
+            self._deadline_task = None
+
+    # -- opening -------------------------------------------------------------------------------
     def _open_next(self, committed: int) -> dict[str, Any]:
         row = self._next_round_row(committed)
         self.ledger.insert_round(row)
         event_id = self.ledger.add_event("round_opened", row["round"], {"trained_from": committed})
-        self.bus.publish("round_opened", row["round"], {"trained_from": committed,
+        self._publish_opened(row, event_id)
+        self._arm_deadline(row)
+        self.notify_followers()
+        return row
+
+    def _publish_opened(self, row: dict[str, Any], event_id: int | None) -> None:
+        self.bus.publish("round_opened", row["round"], {"trained_from": row["trained_from"],
                                                         "deadline_at": row["deadline_at"]},
                          event_id=event_id)
-        self._arm_deadline(row)
-        return row
 
     def _next_round_row(self, committed: int) -> dict[str, Any]:
         now = time.time()
-        return {"round": committed + 1, "term": 0, "coordinator": self.node_id, "state": OPEN,
-                "strategy": self.policy.strategy, "config": self._round_config(),
-                "trained_from": committed, "opened_at": now,
+        return {"round": committed + 1, "term": self.leading_term or 0,
+                "coordinator": self.node_id, "state": OPEN, "strategy": self.policy.strategy,
+                "config": self._round_config(), "trained_from": committed, "opened_at": now,
                 "deadline_at": now + self.policy.deadline_s, "aggregating_at": None,
                 "committed_at": None, "adapter_sha": None, "adapter_config_sha": None,
                 "residual_sha": None, "cumulative_sha": None, "metrics": None}
@@ -142,6 +193,12 @@ class RoundManager:
     # -- updates ---------------------------------------------------------------------------
     def check_open(self, round_no: int, trained_from: int | None) -> dict[str, Any]:
         """Cheap checks done before an upload's body is read, and again before it is recorded."""
+        if not self.is_coordinator:
+            hint = self.coordinator_hint()
+            where = f" at {hint['coordinator_url']}" if hint.get("coordinator_url") else \
+                " (none elected right now: no quorum or an election is running)"
+            raise UpdateRejected("not_coordinator", f"this node is not the coordinator; submit "
+                                 f"to the coordinator{where}", extra=hint)
         row = self.ledger.round(round_no)
         if row is None:
             current = self.ledger.latest_round()
@@ -179,6 +236,7 @@ class RoundManager:
         self.bus.publish("update_accepted", round_no, {**details, "count": count,
                                                        "min_updates": self.policy.min_updates},
                          event_id=event_id)
+        self.notify_followers()
         await self._maybe_close(round_no)
         return Accepted(round_no, node_id, sha, False, event_id)
 
@@ -190,8 +248,9 @@ class RoundManager:
     async def _maybe_close(self, round_no: int, *, deadline_passed: bool = False,
                            force: bool = False) -> bool:
         async with self._lock:
+            term = self.leading_term
             row = self.ledger.round(round_no)
-            if row is None or row["state"] not in (OPEN, COLLECTING):
+            if term is None or row is None or row["state"] not in (OPEN, COLLECTING):
                 return False
             count = self.ledger.count_updates(round_no)
             deadline_passed = deadline_passed or time.time() >= (row["deadline_at"] or 0)
@@ -206,12 +265,15 @@ class RoundManager:
                                      level="warning")
                 return False
             self.ledger.set_round_state(round_no, AGGREGATING, aggregating_at=time.time())
-        self._spawn(self._aggregate(round_no))
+        self.notify_followers()
+        self._spawn(self._aggregate(round_no, term))
         return True
 
     async def close_now(self) -> int:
         """Admin action: aggregate the current round with whatever updates it has."""
         current = self.ledger.latest_round()
+        if not self.is_coordinator:
+            self.check_open(0, None)  # raises not_coordinator with the hint
         if current is None or current["state"] not in (OPEN, COLLECTING):
             raise UpdateRejected("round_closed", "no round is collecting updates right now")
         if not await self._maybe_close(current["round"], force=True):
@@ -224,7 +286,8 @@ class RoundManager:
         self.ledger.set_meta("paused", "1" if paused else "0")
         self.bus.publish("paused" if paused else "resumed")
         latest = self.ledger.latest_round()
-        if not paused and latest is not None and latest["state"] == COMMITTED:
+        if (not paused and self.is_coordinator and latest is not None
+                and latest["state"] == COMMITTED):
             self._open_next(latest["round"])
 
     # -- deadline --------------------------------------------------------------------------
@@ -239,9 +302,8 @@ class RoundManager:
 
         self._deadline_task = self._spawn(fire())
 
-    # -- aggregation -----------------------------------------------------------------------
-    async def _aggregate(self, round_no: int) -> None:
-        self._aggregating = round_no
+    # -- aggregation and commit ----------------------------------------------------------------
+    async def _aggregate(self, round_no: int, term: int) -> None:
         updates = self.ledger.updates(round_no)
         previous = self.ledger.latest_committed()
         assert previous is not None
@@ -252,23 +314,41 @@ class RoundManager:
         except Exception as exc:  # a bug or a disk problem: keep the round, say why
             log.exception("aggregation of round %d failed", round_no)
             self.bus.publish("aggregation_failed", round_no, {"error": str(exc)}, level="warning")
-            self._aggregating = None
             return
-        next_row = None if self.paused else self._next_round_row(round_no)
-        event_id = self.ledger.commit_round(round_no, fields, next_row,
-                                            ("round_committed", {"adapter_sha": fields["adapter_sha"]}))
-        self._aggregating = None
+        if self.leading_term != term:
+            log.warning("dropping round %d's result: term %d is over", round_no, term)
+            return
+        self.ledger.set_round_state(round_no, PROPOSED, **fields)
         self.bus.publish("aggregation_finished", round_no, fields["metrics"])
+        self._acks[round_no] = {self.node_id}
+        self.notify_followers()
+        await self.on_ack(round_no, self.node_id, fields["adapter_sha"])
+
+    async def on_ack(self, round_no: int, node_id: str, adapter_sha: str | None) -> None:
+        """A member holds our proposal for ``round_no``; commit once a majority does."""
+        row = self.ledger.round(round_no)
+        if (not self.is_coordinator or row is None or row["state"] != PROPOSED
+                or adapter_sha != row["adapter_sha"]):
+            return
+        acks = self._acks.setdefault(round_no, {self.node_id})
+        acks.add(node_id)
+        if len(acks) < self.quorum():
+            return
+        committed_at = time.time()
+        next_row = None if self.paused else self._next_round_row(round_no)
+        event_id = self.ledger.commit_round(
+            round_no, {"committed_at": committed_at}, next_row,
+            ("round_committed", {"adapter_sha": row["adapter_sha"], "acks": sorted(acks)}))
+        self._acks.pop(round_no, None)
         self.bus.publish("round_committed", round_no,
-                         {k: fields[k] for k in ("adapter_sha", "residual_sha", "cumulative_sha")},
-                         event_id=event_id)
+                         {**{k: row[k] for k in ("adapter_sha", "residual_sha", "cumulative_sha")},
+                          "acks": len(acks)}, event_id=event_id)
         if next_row is not None:
             event_id = self.ledger.add_event("round_opened", next_row["round"],
                                              {"trained_from": round_no})
-            self.bus.publish("round_opened", next_row["round"],
-                             {"trained_from": round_no, "deadline_at": next_row["deadline_at"]},
-                             event_id=event_id)
+            self._publish_opened(next_row, event_id)
             self._arm_deadline(next_row)
+        self.notify_followers()
 
     def _aggregate_blocking(self, round_no: int, updates: list[dict[str, Any]],
                             previous: dict[str, Any]) -> dict[str, Any]:
@@ -304,9 +384,129 @@ class RoundManager:
                        "nodes": [u["node_id"] for u in updates]}
             return {"adapter_sha": adapter_sha, "adapter_config_sha": config_sha,
                     "residual_sha": residual_sha, "cumulative_sha": cumulative_sha,
-                    "committed_at": time.time(), "metrics": metrics}
+                    "metrics": metrics}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    # -- replication: coordinator side ----------------------------------------------------------
+    def replication_payload(self) -> dict[str, Any]:
+        """What a heartbeat carries: the commit point, a pending proposal, the live round."""
+        committed = self.ledger.latest_committed()
+        latest = self.ledger.latest_round()
+        payload: dict[str, Any] = {"commit": committed["round"] if committed else 0,
+                                   "proposal": None, "current": None}
+        if latest is not None and latest["state"] != COMMITTED:
+            row = _wire_round(latest)
+            if latest["state"] == PROPOSED:
+                payload["proposal"] = row
+            else:
+                payload["current"] = {**row, "updates": [
+                    {k: u[k] for k in UPDATE_KEYS} for u in self.ledger.updates(latest["round"])]}
+        return payload
+
+    def ack_state(self) -> dict[str, Any] | None:
+        """A follower's acknowledgement: the newest proposed/committed round it holds."""
+        latest = self.ledger.latest_round()
+        if latest is None:
+            return None
+        if latest["state"] not in (PROPOSED, COMMITTED):
+            latest = self.ledger.latest_committed()
+        return {"round": latest["round"], "adapter_sha": latest["adapter_sha"]}
+
+    def log_position(self) -> tuple[int, int]:
+        """(term, round) of the newest result this node holds: Raft's "up to date" check."""
+        latest = self.ledger.latest_round()
+        if latest is not None and latest["state"] not in (PROPOSED, COMMITTED):
+            latest = self.ledger.latest_committed()
+        return (int(latest["term"] or 0), int(latest["round"])) if latest else (0, 0)
+
+    # -- replication: follower side --------------------------------------------------------------
+    async def apply_from_coordinator(self, payload: dict[str, Any], fetch_blob: BlobFetcher,
+                                     fetch_history: Callable[[int], Awaitable[dict[str, Any]]]
+                                     ) -> None:
+        """Mirror the coordinator: committed history first, then its proposal and live round."""
+        async with self._sync_lock:
+            if self.is_coordinator:
+                return
+            committed = self.ledger.latest_committed()
+            mine = committed["round"] if committed else 0
+            if payload["commit"] > mine:
+                history = await fetch_history(mine)
+                await self._apply_history(history, fetch_blob)
+                committed = self.ledger.latest_committed()
+                mine = committed["round"] if committed else 0
+            proposal = payload.get("proposal")
+            if proposal and proposal["round"] > mine:
+                for key in RESULT_KEYS:
+                    if proposal.get(key):
+                        await fetch_blob(proposal[key])
+                await self._check_residual_chain(committed, proposal)
+                self.ledger.delete_rounds_after(mine)
+                self.ledger.upsert_round(_local_round(proposal))
+            current = payload.get("current")
+            if current and current["round"] > mine:
+                await self._mirror_current(current, mine, fetch_blob)
+
+    async def _mirror_current(self, current: dict[str, Any], mine: int,
+                              fetch_blob: BlobFetcher) -> None:
+        updates = current.pop("updates", [])
+        for update in updates:
+            if not self.blobs.has(update["blob_sha"]):
+                await fetch_blob(update["blob_sha"])
+        known = self.ledger.round(current["round"])
+        self.ledger.delete_rounds_after(mine)
+        self.ledger.apply_history([_local_round(current)], updates)
+        if known is None:
+            self._publish_opened(current, None)
+
+    async def _apply_history(self, history: dict[str, Any], fetch_blob: BlobFetcher) -> None:
+        rounds = sorted(history["rounds"], key=lambda r: r["round"])
+        updates = history["updates"]
+        previous = self.ledger.latest_committed()
+        for row in rounds:
+            for key in RESULT_KEYS:
+                if row.get(key):
+                    await fetch_blob(row[key])
+            for update in updates:
+                if update["round"] == row["round"] and not self.blobs.has(update["blob_sha"]):
+                    await fetch_blob(update["blob_sha"])
+            await self._check_residual_chain(previous, row)
+            previous = row
+        if not rounds:
+            return
+        self.ledger.delete_rounds_after(rounds[0]["round"] - 1)
+        self.ledger.apply_history([_local_round(r) for r in rounds], updates)
+        for row in rounds:
+            self.bus.publish("round_committed", row["round"],
+                             {k: row[k] for k in ("adapter_sha", "residual_sha", "cumulative_sha")})
+
+    async def _check_residual_chain(self, previous: dict[str, Any] | None,
+                                    row: dict[str, Any]) -> None:
+        """Fold the round's D into our own R and check it is the R the coordinator published.
+
+        The coordinator's R blob is then kept as is, so every node holds byte-identical R."""
+        if not row.get("residual_sha") or previous is None:
+            return
+        prev_sha, residual_sha, new_sha = (previous.get("cumulative_sha"), row["residual_sha"],
+                                           row["cumulative_sha"])
+
+        def check() -> None:
+            mine = load_residual(self.blobs.verified_path(prev_sha)) if prev_sha else FactoredResidual()
+            mine.add(load_residual(self.blobs.verified_path(residual_sha)))
+            theirs = load_residual(self.blobs.verified_path(new_sha))
+            if set(mine.factors) != set(theirs.factors):
+                raise ValueError(f"round {row['round']}: R covers different modules")
+            probe_gen = torch.Generator().manual_seed(row["round"])
+            for prefix, (left, right) in theirs.factors.items():
+                probe = torch.randn(right.shape[1], 4, generator=probe_gen, dtype=torch.float64)
+                ours = mine.factors[prefix][0].double() @ (mine.factors[prefix][1].double() @ probe)
+                got = left.double() @ (right.double() @ probe)
+                scale = float(got.norm()) or 1.0
+                if float((ours - got).norm()) > 1e-4 * scale:
+                    raise ValueError(f"round {row['round']}: R + D does not match the published R "
+                                     f"for {prefix}")
+
+        await asyncio.to_thread(check)
 
     # -- housekeeping ----------------------------------------------------------------------
     def _spawn(self, coro) -> asyncio.Task:
@@ -324,3 +524,16 @@ class RoundManager:
             await asyncio.wait(pending, timeout=60)
         for task in list(self._tasks):
             task.cancel()
+
+
+_WIRE_ROUND_KEYS = ("round", "term", "coordinator", "state", "strategy", "config", "trained_from",
+                    "opened_at", "deadline_at", "aggregating_at", "committed_at", "adapter_sha",
+                    "adapter_config_sha", "residual_sha", "cumulative_sha", "metrics")
+
+
+def _wire_round(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in _WIRE_ROUND_KEYS}
+
+
+def _local_round(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in _WIRE_ROUND_KEYS}

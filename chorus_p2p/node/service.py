@@ -24,6 +24,8 @@ from chorus_p2p.errors import UsageError
 from chorus_p2p.node.api import build_app
 from chorus_p2p.node.auth import NonceCache, request_key
 from chorus_p2p.node.blobs import BlobStore
+from chorus_p2p.node.cluster import Cluster, ClusterTiming
+from chorus_p2p.node.discovery import Discovery
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.identity import load_identity
 from chorus_p2p.node.ledger import Ledger
@@ -76,6 +78,9 @@ class Node:
         self.policy = RoundPolicy(settings.strategy, settings.min_updates, settings.round_deadline)
         self.rounds = RoundManager(self.ledger, self.blobs, self.spec, self.identity.federation,
                                    self.identity.node_id, self.policy, self.bus)
+        self.cluster = Cluster(self, _timing(settings.election_timeout),
+                               static_peers=list(settings.peers), discovery_enabled=settings.mdns)
+        self.discovery: Discovery | None = None
         self.started_at = time.time()
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
@@ -106,10 +111,10 @@ class Node:
                             "expected": self.rounds.expected_participants(current["round"]),
                             "opened_at": current["opened_at"],
                             "deadline_at": current["deadline_at"]}
+        cluster = self.cluster.status_json()
         return {
-            "node_id": self.node_id, "federation": self.identity.federation,
-            "version": __version__, "term": 0, "role": "coordinator", "quorum": True,
-            "coordinator": self.node_id, "paused": self.rounds.paused,
+            "node_id": self.node_id, "federation": self.identity.federation, "url": self.url,
+            "version": __version__, **cluster, "paused": self.rounds.paused,
             "current_round": current_json,
             "latest_committed": None if committed is None else {
                 "round": committed["round"], "adapter_sha": committed["adapter_sha"],
@@ -135,12 +140,26 @@ class Node:
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         host, port = sockets[0].getsockname()[:2]
         self.address = (host, port)
-        self.ledger.upsert_member({"node_id": self.node_id, "addresses": [f"{host}:{port}"]})
+        advertised = self.settings.interfaces[0] if self.settings.interfaces else host
+        if advertised in ("0.0.0.0", "::"):
+            advertised = _primary_ipv4()
+        self.address = (advertised, port)
+        self.ledger.upsert_member({"node_id": self.node_id, "addresses": [f"{advertised}:{port}"]})
+        await self.cluster.start()
+        if self.settings.mdns:
+            self.discovery = Discovery(self.identity.federation, self.node_id, port,
+                                       list(self.settings.interfaces) or None,
+                                       lambda node_id, url: self.cluster.consider(url))
+            await self.discovery.start()
         self.bus.publish("listening", None, {"url": self.url, "node_id": self.node_id,
-                                             "federation": self.identity.federation})
+                                             "federation": self.identity.federation,
+                                             "role": self.cluster.role})
         return self.address
 
     async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()  # mDNS goodbye
+        await self.cluster.stop()  # hand over the coordinator role, tell peers we leave
         if self._runner is not None:
             await self._runner.shutdown()  # stop accepting; let in-flight requests finish
         await self.rounds.stop()
@@ -149,6 +168,25 @@ class Node:
             self._runner = None
         self.bus.publish("stopped", None, {"node_id": self.node_id})
         self.ledger.close()
+
+
+def _timing(election_timeout: float) -> ClusterTiming:
+    """Everything scales with the election timeout so one knob tunes a slow or fast network."""
+    return ClusterTiming(heartbeat_s=election_timeout / 4, election_min_s=election_timeout,
+                         election_max_s=2 * election_timeout, bootstrap_s=2 * election_timeout,
+                         lost_after_s=3 * election_timeout, hello_retry_s=election_timeout)
+
+
+def _primary_ipv4() -> str:
+    """The address peers should use when we listen on all interfaces (no packet is sent)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routing lookup only
+        return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        probe.close()
 
 
 class _JsonFormatter(logging.Formatter):

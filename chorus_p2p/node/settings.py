@@ -38,12 +38,18 @@ class NodeSettings:
     min_updates: int = 2
     round_deadline: float = 600.0
     headless: bool = False
+    peers: tuple[str, ...] = ()  # static peers HOST:PORT, for networks where multicast is blocked
+    interfaces: tuple[str, ...] = ()  # IPs for mDNS; empty = all interfaces
+    mdns: bool = True
+    election_timeout: float = 1.0  # seconds; randomised in [t, 2t]
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
 
 
 def _convert(name: str, value: Any, kind: type) -> Any:
     try:
-        if name == "target_modules":
+        if name in ("target_modules", "peers", "interfaces"):
+            if name != "target_modules" and not value:
+                return ()
             items = value.split(",") if isinstance(value, str) else list(value)
             modules = tuple(m.strip() for m in items if str(m).strip())
             if not modules:
@@ -60,7 +66,8 @@ def _convert(name: str, value: Any, kind: type) -> Any:
 
 _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": str, "rank": int,
           "alpha": float, "target_modules": tuple, "min_updates": int, "round_deadline": float,
-          "headless": bool}
+          "headless": bool, "peers": tuple, "interfaces": tuple, "mdns": bool,
+          "election_timeout": float}
 
 
 def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None
@@ -82,7 +89,7 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         if f.name in ("sources", "data_dir"):
             continue
         env_name = "CHORUS_" + f.name.upper()
-        if flags.get(f.name) is not None and flags.get(f.name) is not False:
+        if flags.get(f.name) is not None:
             value, source = flags[f.name], "flag"
         elif env.get(env_name):
             value, source = env[env_name], env_name
@@ -98,6 +105,8 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         raise UsageError("min_updates must be at least 1")
     if settings.round_deadline <= 0:
         raise UsageError("round_deadline must be positive (seconds)")
+    if settings.election_timeout <= 0:
+        raise UsageError("election_timeout must be positive (seconds)")
     if not 0 <= settings.port <= 65535:
         raise UsageError(f"port {settings.port} is out of range")
     return settings

@@ -45,12 +45,14 @@ def discover_modules(model: str, target_modules: tuple[str, ...]) -> dict[str, t
 
 
 class UpdateRejected(Exception):
-    """An upload that is well-formed HTTP but not an acceptable update; ``code`` goes to the API."""
+    """An upload that is well-formed HTTP but not an acceptable update; ``code`` goes to the API,
+    ``extra`` adds fields to the JSON error (e.g. where the coordinator is)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, extra: dict[str, Any] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.extra = extra or {}
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ class FederationSpec:
         return cls(model, rank, alpha, tuple(target_modules),
                    discover_modules(model, tuple(target_modules)))
 
+    def shape_json(self) -> dict[str, Any]:
+        """What must agree between nodes: shapes and LoRA settings, not the local model path."""
+        return {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules),
+                "modules": {k: list(v) for k, v in sorted(self.modules.items())}}
+
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "rank": self.rank, "alpha": self.alpha,
                 "target_modules": list(self.target_modules),
@@ -82,7 +89,7 @@ class FederationSpec:
 
     def fingerprint(self) -> str:
         """Same for every node of a federation; differing specs must not aggregate together."""
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.shape_json(), sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def settings(self) -> LoraSettings:
@@ -93,8 +100,11 @@ class FederationSpec:
         return self.alpha / self.rank
 
     def adapter_config(self) -> dict[str, Any]:
-        """A PEFT ``adapter_config.json`` that ``PeftModel.from_pretrained`` accepts."""
-        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.model,
+        """A PEFT ``adapter_config.json`` that ``PeftModel.from_pretrained`` accepts.
+
+        It names no base model path: nodes may keep the model at different paths, and the config
+        blob must hash the same on every node."""
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
                 "r": self.rank, "lora_alpha": self.alpha, "target_modules": list(self.target_modules),
                 "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
                 "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,

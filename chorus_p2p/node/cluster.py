@@ -1,0 +1,480 @@
+"""Membership, coordinator election and replication between peers (Raft-style, simplified).
+
+- **Members** are nodes that proved they hold the federation secret (a signed ``hello`` both
+  ways). The coordinator's heartbeats carry the member list, so everyone converges on it. A
+  member that leaves gracefully is marked ``left`` and stops counting; one that crashes stays a
+  member (``lost``) and keeps counting, which is what makes a minority partition unable to act.
+- **Election**: terms, randomised timeouts, one vote per term persisted before it is sent, and
+  Raft's "at least as up to date" rule on (term, round) of the newest result a node holds. A
+  coordinator needs a majority of members and keeps its role by heartbeats; it steps down when it
+  cannot reach a majority for an election timeout. Messages from older terms are refused.
+- **Replication**: heartbeats carry the commit point, a pending proposal and the live round; a
+  follower fetches what it lacks (ledger rows, then blobs, hash-verified) from the coordinator.
+  A proposal commits once a majority hold it.
+- **Bootstrap**: a node waits ``bootstrap_s`` for discovery before its first election, so
+  machines started together find each other instead of electing themselves alone. With no
+  discovery and no static peers it is a federation of one and leads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from chorus_p2p.node.peers import PeerClient, PeerError
+
+if TYPE_CHECKING:
+    from chorus_p2p.node.service import Node
+
+log = logging.getLogger("chorus_p2p.cluster")
+
+FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
+
+
+@dataclass
+class ClusterTiming:
+    heartbeat_s: float = 0.25
+    election_min_s: float = 1.0
+    election_max_s: float = 2.0
+    bootstrap_s: float = 2.0
+    lost_after_s: float = 3.0
+    hello_retry_s: float = 1.0
+
+
+@dataclass
+class Peer:
+    node_id: str
+    url: str
+    name: str = ""
+    public_key: str = ""
+    last_seen: float = 0.0
+    status: str = "live"
+    fail_count: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Cluster:
+    def __init__(self, node: "Node", timing: ClusterTiming | None = None,
+                 static_peers: list[str] | None = None, discovery_enabled: bool = False):
+        self.node = node
+        self.timing = timing or ClusterTiming()
+        self.static_peers = [p if p.startswith("http") else f"http://{p}" for p in static_peers or []]
+        self.discovery_enabled = discovery_enabled
+        self.client = PeerClient(node.request_key, node.node_id, timeout=max(
+            0.5, self.timing.election_min_s * 0.8))
+        self.role = FOLLOWER
+        self.term = node.ledger.current_term()
+        self.coordinator: str | None = None
+        self.coordinator_url: str | None = None
+        self.peers: dict[str, Peer] = {}
+        self.last_heartbeat = 0.0
+        self.last_quorum_at = time.monotonic()
+        self._election_deadline = 0.0
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._pending_urls: set[str] = set()
+        self._load_members()
+
+    # -- members -------------------------------------------------------------------------------
+    def _load_members(self) -> None:
+        for m in self.node.ledger.members():
+            if m["node_id"] == self.node.node_id or m.get("status") == "left":
+                continue
+            url = next((f"http://{a}" for a in m["addresses"]), "")
+            if url:
+                self.peers[m["node_id"]] = Peer(m["node_id"], url, m["name"] or "",
+                                                m["public_key"] or "", 0.0, "lost")
+
+    def voting_members(self) -> list[str]:
+        return [self.node.node_id] + [p.node_id for p in self.peers.values() if p.status != "left"]
+
+    def quorum(self) -> int:
+        return len(self.voting_members()) // 2 + 1
+
+    def has_quorum(self) -> bool:
+        if self.role == COORDINATOR:
+            return True
+        recent = time.monotonic() - self.last_heartbeat < self.timing.election_max_s
+        return self.coordinator is not None and recent
+
+    def member_json(self) -> list[dict[str, Any]]:
+        me = {"node_id": self.node.node_id, "url": self.node.url, "name": socket.gethostname(),
+              "public_key": self.node.identity.public_key_bytes.hex(), "status": "live"}
+        return [me] + [{"node_id": p.node_id, "url": p.url, "name": p.name,
+                        "public_key": p.public_key, "status": p.status}
+                       for p in self.peers.values()]
+
+    def _admit(self, info: dict[str, Any], url: str | None = None, direct: bool = False
+               ) -> Peer | None:
+        """Record a verified peer; persist it so a restart remembers who counts for quorum."""
+        node_id = info["node_id"]
+        if node_id == self.node.node_id:
+            return None
+        url = url or info.get("url") or ""
+        peer = self.peers.get(node_id)
+        is_new = peer is None
+        if peer is None:
+            peer = self.peers[node_id] = Peer(node_id, url)
+        if direct and peer.status == "left":
+            peer.status = "lost"  # it came back; _seen makes it live
+        elif info.get("status") == "left":
+            peer.status = "left"
+        if url:
+            peer.url = url
+        peer.name = info.get("name") or peer.name
+        peer.public_key = info.get("public_key") or peer.public_key
+        if is_new:
+            self.node.ledger.upsert_member({
+                "node_id": node_id, "name": peer.name, "addresses": [peer.url.split("//", 1)[-1]],
+                "public_key": peer.public_key, "admitted_at": time.time(), "last_seen": time.time(),
+                "status": peer.status})
+            self.node.bus.publish("member_admitted", None, {"node_id": node_id, "url": peer.url})
+        return peer
+
+    def _seen(self, peer: Peer) -> None:
+        was = peer.status
+        peer.last_seen = time.monotonic()
+        peer.fail_count = 0
+        if was != "left":
+            peer.status = "live"
+        if was == "lost":
+            self.node.bus.publish("member_seen", None, {"node_id": peer.node_id, "url": peer.url})
+            self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "live",
+                                            "last_seen": time.time()})
+
+    def _check_lost(self) -> None:
+        now = time.monotonic()
+        for peer in self.peers.values():
+            if peer.status == "live" and now - peer.last_seen > self.timing.lost_after_s:
+                peer.status = "lost"
+                self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "lost"})
+                self.node.bus.publish("member_lost", None, {"node_id": peer.node_id},
+                                      level="warning")
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        rounds = self.node.rounds
+        rounds.quorum = self.quorum
+        rounds.notify_followers = self._wake.set
+        rounds.coordinator_hint = lambda: {"coordinator": self.coordinator,
+                                           "coordinator_url": self.coordinator_url}
+        alone = not self.discovery_enabled and not self.static_peers and not self.peers
+        if alone:
+            await self._become_coordinator(self.term + 1)
+        self._bootstrap_until = time.monotonic() + (0 if alone else self.timing.bootstrap_s)
+        self._reset_election_timer()
+        for url in self.static_peers:
+            self.consider(url)
+        for peer in list(self.peers.values()):
+            self.consider(peer.url)
+        self._spawn(self._ticker())
+
+    async def stop(self) -> None:
+        """Graceful leave: hand the role to the most up-to-date peer, tell everyone we go."""
+        self._stopping = True
+        live = [p for p in self.peers.values() if p.status == "live"]
+        if self.role == COORDINATOR and live:
+            target = max(live, key=lambda p: p.extra.get("ack_round", -1))
+            try:
+                await self.client.call(target.url, "POST", "/v1/peer/timeout-now",
+                                       {"term": self.term})
+            except PeerError as exc:
+                log.info("handover to %s failed: %s", target.node_id, exc)
+        await asyncio.gather(*(self._quiet(self.client.call(
+            p.url, "POST", "/v1/peer/leave", {"node_id": self.node.node_id}, timeout=1.0))
+            for p in live))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+
+    @staticmethod
+    async def _quiet(coro) -> None:
+        try:
+            await coro
+        except PeerError:
+            pass
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- discovery hand-off ------------------------------------------------------------------------
+    def consider(self, url: str) -> None:
+        """A possible peer at ``url`` (from mDNS or --peer): verify it with a signed hello."""
+        url = url.rstrip("/")
+        if self.node.address and url == self.node.url or url in self._pending_urls:
+            return
+        self._pending_urls.add(url)
+        self._spawn(self._hello_loop(url))
+
+    async def _hello_loop(self, url: str) -> None:
+        try:
+            while not self._stopping:
+                try:
+                    info = await self.client.call(url, "POST", "/v1/peer/hello", self.hello_body())
+                except PeerError as exc:
+                    if exc.code in ("bad_peer", "bad_signature", "spec_mismatch"):
+                        self.node.bus.publish("peer_refused", None, {"url": url, "reason": str(exc)},
+                                              level="warning")
+                        await asyncio.sleep(self.timing.hello_retry_s * 5)
+                    else:
+                        await asyncio.sleep(self.timing.hello_retry_s)
+                    continue
+                self.accept_hello(info, url)
+                return
+        finally:
+            self._pending_urls.discard(url)
+
+    def hello_body(self) -> dict[str, Any]:
+        return {"node_id": self.node.node_id, "url": self.node.url,
+                "federation": self.node.identity.federation, "name": socket.gethostname(),
+                "fingerprint": self.node.spec.fingerprint(),
+                "public_key": self.node.identity.public_key_bytes.hex(), "term": self.term,
+                "role": self.role, "coordinator": self.coordinator,
+                "members": self.member_json()}
+
+    def accept_hello(self, info: dict[str, Any], url: str | None = None,
+                     direct: bool = True) -> None:
+        peer = self._admit(info, url, direct)
+        if peer is not None:
+            self._seen(peer)
+        for member in info.get("members", []):
+            if member["node_id"] not in self.peers and member["node_id"] != self.node.node_id \
+                    and member.get("url") and member.get("status") != "left":
+                self.consider(member["url"])
+        self._wake.set()
+
+    # -- the clock -----------------------------------------------------------------------------------
+    def _reset_election_timer(self) -> None:
+        self._election_deadline = time.monotonic() + random.uniform(
+            self.timing.election_min_s, self.timing.election_max_s)
+
+    async def _ticker(self) -> None:
+        next_beat = 0.0
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+            except asyncio.TimeoutError:
+                pass
+            woke = self._wake.is_set()
+            self._wake.clear()
+            now = time.monotonic()
+            self._check_lost()
+            if self.role == COORDINATOR:
+                if woke or now >= next_beat:
+                    next_beat = now + self.timing.heartbeat_s
+                    self._spawn(self._heartbeat_all(self.term))
+                if now - self.last_quorum_at > self.timing.election_max_s and self.quorum() > 1:
+                    self._step_down(self.term, "lost contact with a majority (no quorum)")
+            elif now >= self._election_deadline and now >= self._bootstrap_until:
+                self._spawn(self._run_election())
+                self._reset_election_timer()
+
+    # -- coordinator side ------------------------------------------------------------------------
+    async def _become_coordinator(self, term: int) -> None:
+        self.term = term
+        self.role = COORDINATOR
+        self.coordinator = self.node.node_id
+        self.coordinator_url = self.node.url if self.node.address else None
+        self.last_quorum_at = time.monotonic()
+        if self.node.ledger.vote(term) is None:
+            self.node.ledger.record_vote(term, self.node.node_id)
+        self.node.ledger.record_term(term, self.node.node_id)
+        self.node.bus.publish("coordinator_elected", None, {"term": term,
+                                                            "node_id": self.node.node_id})
+        await self.node.rounds.lead(term)
+        self._wake.set()
+
+    def _step_down(self, term: int, reason: str) -> None:
+        was = self.role
+        if term > self.term:
+            self.term = term
+            self.node.ledger.set_term(term)
+        self.role = FOLLOWER
+        if was == COORDINATOR:
+            self.coordinator = self.coordinator_url = None
+            self.node.rounds.follow()
+            self.node.bus.publish("coordinator_stepped_down", None, {"term": self.term,
+                                                                     "reason": reason},
+                                  level="warning")
+        self._reset_election_timer()
+
+    async def _heartbeat_all(self, term: int) -> None:
+        targets = [p for p in self.peers.values() if p.status != "left"]
+        body = {"term": term, "coordinator": self.node.node_id, "url": self.node.url,
+                "members": self.member_json(), **self.node.rounds.replication_payload()}
+        results = await asyncio.gather(*(self._heartbeat(p, body) for p in targets))
+        if self.role != COORDINATOR or self.term != term:
+            return
+        reached = 1 + sum(1 for ok in results if ok)
+        if reached >= self.quorum():
+            self.last_quorum_at = time.monotonic()
+
+    async def _heartbeat(self, peer: Peer, body: dict[str, Any]) -> bool:
+        try:
+            reply = await self.client.call(peer.url, "POST", "/v1/peer/append", body)
+        except PeerError as exc:
+            peer.fail_count += 1
+            if peer.fail_count == 3:
+                log.info("heartbeat to %s failing: %s", peer.node_id[:12], exc)
+            return False
+        self._seen(peer)
+        if reply["term"] > self.term:
+            self._step_down(reply["term"], f"{peer.node_id[:12]} is in a newer term")
+            return False
+        if not reply.get("ok"):
+            return False
+        ack = reply.get("ack")
+        if ack:
+            peer.extra["ack_round"] = ack["round"]
+            await self.node.rounds.on_ack(ack["round"], peer.node_id, ack["adapter_sha"])
+        return True
+
+    # -- election --------------------------------------------------------------------------------
+    async def _run_election(self) -> None:
+        if self.role == COORDINATOR or self._stopping:
+            return
+        term = self.term + 1
+        self.term = term
+        self.role = CANDIDATE
+        self.coordinator = self.coordinator_url = None
+        self.node.ledger.record_vote(term, self.node.node_id)  # persisted before asking anyone
+        last_term, last_round = self.node.rounds.log_position()
+        body = {"term": term, "candidate": self.node.node_id, "url": self.node.url,
+                "last_term": last_term, "last_round": last_round}
+        voters = [p for p in self.peers.values() if p.status != "left"]
+        self.node.bus.publish("election_started", None, {"term": term, "voters": len(voters) + 1})
+        votes = 1
+
+        async def ask(peer: Peer) -> bool:
+            try:
+                reply = await self.client.call(peer.url, "POST", "/v1/peer/vote", body)
+            except PeerError:
+                return False
+            self._seen(peer)
+            if reply["term"] > self.term:
+                self._step_down(reply["term"], "a newer term exists")
+                return False
+            return bool(reply.get("granted"))
+
+        pending = {asyncio.ensure_future(ask(p)) for p in voters}
+        needed = self.quorum()
+        try:
+            while votes < needed and pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                votes += sum(1 for d in done if d.result())
+        finally:
+            for task in pending:
+                task.cancel()
+        if self.role == CANDIDATE and self.term == term and votes >= needed:
+            await self._become_coordinator(term)
+        elif self.role == CANDIDATE and self.term == term:
+            self.role = FOLLOWER
+            if votes < needed:
+                self.node.bus.publish("no_quorum", None, {"term": term, "votes": votes,
+                                                          "needed": needed}, level="warning")
+
+    # -- handlers for peer requests --------------------------------------------------------------
+    def on_vote(self, body: dict[str, Any]) -> dict[str, Any]:
+        term = int(body["term"])
+        if term < self.term:
+            return {"term": self.term, "granted": False}
+        if term > self.term:
+            self._step_down(term, "a candidate started a newer term")
+        voted = self.node.ledger.vote(term)
+        mine = self.node.rounds.log_position()
+        theirs = (int(body["last_term"]), int(body["last_round"]))
+        up_to_date = theirs >= mine
+        granted = voted in (None, body["candidate"]) and up_to_date
+        if granted:
+            self.node.ledger.record_vote(term, body["candidate"])  # persisted before replying
+            self._reset_election_timer()
+        return {"term": self.term, "granted": granted}
+
+    def on_append(self, body: dict[str, Any]) -> dict[str, Any]:
+        term = int(body["term"])
+        if term < self.term:
+            return {"term": self.term, "ok": False}
+        if self.role == COORDINATOR and term == self.term and body["coordinator"] != self.node.node_id:
+            # Two coordinators in one term can only come from disjoint bootstraps: both yield.
+            self._step_down(term, "another coordinator holds this term")
+            return {"term": self.term, "ok": False}
+        if term > self.term or self.role != FOLLOWER:
+            self._step_down(term, "following a coordinator")
+        if self.coordinator != body["coordinator"]:
+            self.node.ledger.record_term(term, body["coordinator"])
+            self.node.bus.publish("coordinator_seen", None, {"term": term,
+                                                             "node_id": body["coordinator"]})
+        self.coordinator = body["coordinator"]
+        self.coordinator_url = body["url"]
+        self.last_heartbeat = time.monotonic()
+        self._reset_election_timer()
+        self.accept_hello({"node_id": body["coordinator"], "url": body["url"],
+                           "members": body.get("members", [])}, body["url"], direct=True)
+        for member in body.get("members", []):
+            if member.get("status") == "left" and member["node_id"] in self.peers:
+                self.peers[member["node_id"]].status = "left"
+        self._spawn(self._sync(body))
+        return {"term": self.term, "ok": True, "node_id": self.node.node_id,
+                "ack": self.node.rounds.ack_state()}
+
+    async def _sync(self, body: dict[str, Any]) -> None:
+        url = body["url"]
+
+        async def fetch_blob(sha: str) -> None:
+            if self.node.blobs.has(sha):
+                return
+            data = await self.client.fetch_blob(url, sha)
+            await asyncio.to_thread(self.node.blobs.put_bytes, data)
+
+        async def fetch_history(after: int) -> dict[str, Any]:
+            return await self.client.call(url, "GET", f"/v1/peer/history?after={after}",
+                                          timeout=30.0)
+
+        try:
+            await self.node.rounds.apply_from_coordinator(body, fetch_blob, fetch_history)
+        except (PeerError, ValueError) as exc:
+            log.warning("catching up from %s failed: %s", url, exc)
+
+    def on_hello(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A peer introduces itself; the signed request already proved it holds the secret."""
+        from chorus_p2p.node.spec import UpdateRejected
+
+        if body.get("federation") != self.node.identity.federation:
+            raise UpdateRejected("spec_mismatch", f"this node belongs to federation "
+                                 f"{self.node.identity.federation!r}")
+        if body.get("fingerprint") != self.node.spec.fingerprint():
+            raise UpdateRejected("spec_mismatch", "this federation trains different modules, "
+                                 "rank or alpha; check --rank/--alpha/--target-modules/--model")
+        self.accept_hello(body, body.get("url"))
+        return self.hello_body()
+
+    def on_leave(self, body: dict[str, Any]) -> None:
+        peer = self.peers.get(body["node_id"])
+        if peer is not None:
+            peer.status = "left"
+            self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "left"})
+            self.node.bus.publish("member_left", None, {"node_id": peer.node_id})
+            if body["node_id"] == self.coordinator:
+                self.coordinator = self.coordinator_url = None
+            self._wake.set()
+
+    def on_timeout_now(self, body: dict[str, Any]) -> None:
+        if int(body["term"]) >= self.term and self.role != COORDINATOR:
+            self._bootstrap_until = 0.0
+            self._election_deadline = 0.0
+            self._wake.set()
+
+    def status_json(self) -> dict[str, Any]:
+        return {"role": self.role, "term": self.term, "coordinator": self.coordinator,
+                "coordinator_url": self.coordinator_url, "quorum": self.has_quorum(),
+                "quorum_size": self.quorum(), "voting_members": len(self.voting_members())}

@@ -1,0 +1,96 @@
+"""mDNS discovery with python-zeroconf: advertise ``_chorus._tcp.local.`` and browse for peers.
+
+The TXT record carries the federation name, node id, API version and port, never a secret.
+Seeing a peer on mDNS only makes it a candidate: it becomes a member after a signed hello both
+ways (:mod:`chorus_p2p.node.cluster`). Liveness comes from heartbeats, not from mDNS TTLs; the
+goodbye packet on shutdown just makes peers notice sooner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Callable
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+log = logging.getLogger("chorus_p2p.discovery")
+
+SERVICE_TYPE = "_chorus._tcp.local."
+API_VERSION = "1"
+
+
+class Discovery:
+    def __init__(self, federation: str, node_id: str, port: int, interfaces: list[str] | None,
+                 on_peer: Callable[[str, str], None]):
+        """``interfaces``: IP addresses to bind (None: all); ``on_peer(node_id, url)``."""
+        self.federation = federation
+        self.node_id = node_id
+        self.port = port
+        self.interfaces = interfaces
+        self.on_peer = on_peer
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._info: AsyncServiceInfo | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def _addresses(self) -> list[bytes]:
+        if self.interfaces:
+            return [socket.inet_aton(ip) for ip in self.interfaces if ":" not in ip]
+        return []  # zeroconf fills in every interface's address
+
+    async def start(self) -> None:
+        self._zc = AsyncZeroconf(interfaces=self.interfaces or "all", ip_version=IPVersion.V4Only)
+        name = f"chorus-{self.node_id[:16]}.{SERVICE_TYPE}"
+        kwargs = {"addresses": self._addresses()} if self.interfaces else {
+            "parsed_addresses": _all_local_ipv4()}
+        self._info = AsyncServiceInfo(
+            SERVICE_TYPE, name, port=self.port, server=f"chorus-{self.node_id[:16]}.local.",
+            properties={"federation": self.federation, "node_id": self.node_id,
+                        "api": API_VERSION, "port": str(self.port)}, **kwargs)
+        await self._zc.async_register_service(self._info)
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE,
+                                            handlers=[self._on_change])
+        log.info("mDNS: advertising %s on %s", name, ", ".join(self.interfaces or ["all"]))
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
+                   state_change: ServiceStateChange) -> None:
+        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            task = asyncio.ensure_future(self._resolve(service_type, name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, service_type: str, name: str) -> None:
+        assert self._zc is not None
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(self._zc.zeroconf, 3000):
+            return
+        props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+        if props.get("federation") != self.federation or props.get("node_id") == self.node_id:
+            return
+        for address in info.parsed_addresses(IPVersion.V4Only):
+            self.on_peer(props.get("node_id", ""), f"http://{address}:{info.port}")
+
+    async def stop(self) -> None:
+        """Unregister (mDNS goodbye) and close the sockets."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._zc is None:
+            return
+        try:
+            if self._browser is not None:
+                await self._browser.async_cancel()
+            if self._info is not None:
+                await self._zc.async_unregister_service(self._info)
+        finally:
+            await self._zc.async_close()
+            self._zc = None
+
+
+def _all_local_ipv4() -> list[str]:
+    """Non-loopback IPv4 addresses of this host, for the advertisement on all interfaces."""
+    from zeroconf import get_all_addresses
+
+    return [a for a in get_all_addresses() if not a.startswith("127.")] or ["127.0.0.1"]

@@ -1,0 +1,96 @@
+"""Signed node-to-node calls.
+
+Requests are signed like any client's (:mod:`chorus_p2p.node.auth`); responses to peer calls are
+signed too (``X-Chorus-Response-Signature`` over the request nonce and the response body), so a
+node never believes an answer from something that does not hold the federation secret. That is
+what keeps a node with the wrong secret out even though it is visible on mDNS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import aiohttp
+
+from chorus_p2p.node.auth import EMPTY_SHA256, H_NONCE, sign_headers
+
+H_RESPONSE_SIG = "X-Chorus-Response-Signature"
+
+
+def response_signature(key: bytes, nonce: str, body: bytes) -> str:
+    message = b"response\n" + nonce.encode() + b"\n" + hashlib.sha256(body).hexdigest().encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+class PeerError(Exception):
+    def __init__(self, message: str, status: int = 0, code: str = "peer_error"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class PeerClient:
+    """One shared session; every call has a timeout so a stuck peer cannot stall us."""
+
+    def __init__(self, key: bytes, node_id: str, timeout: float = 2.0):
+        self.key = key
+        self.node_id = node_id
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 1.0))
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(self, url: str, method: str, path: str, body: Any = None,
+                   timeout: float | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else b""
+        body_sha = hashlib.sha256(data).hexdigest() if data else EMPTY_SHA256
+        headers = sign_headers(self.key, method, path, self.node_id, body_sha)
+        if data:
+            headers["Content-Type"] = "application/json"
+        kwargs: dict[str, Any] = {}
+        if timeout is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with self._http().request(method, url + path, data=data or None,
+                                            headers=headers, **kwargs) as response:
+                raw = await response.read()
+                expected = response_signature(self.key, headers[H_NONCE], raw)
+                if not hmac.compare_digest(expected, response.headers.get(H_RESPONSE_SIG, "")):
+                    raise PeerError(f"{url}: unsigned or wrongly signed answer (not a member of "
+                                    "this federation)", response.status, "bad_peer")
+                payload = json.loads(raw) if raw else None
+                if response.status >= 400:
+                    code = (payload or {}).get("error", "http_error")
+                    raise PeerError(f"{url}: {(payload or {}).get('message', response.reason)}",
+                                    response.status, code)
+                return payload
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise PeerError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
+
+    async def fetch_blob(self, url: str, sha: str, timeout: float = 60.0) -> bytes:
+        """A blob's bytes, verified against its name (a peer cannot feed us anything else)."""
+        path = f"/v1/blobs/{sha}"
+        headers = sign_headers(self.key, "GET", path, self.node_id)
+        try:
+            async with self._http().get(url + path, headers=headers,
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                if response.status != 200:
+                    raise PeerError(f"{url}: blob {sha[:12]}: HTTP {response.status}",
+                                    response.status)
+                data = await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise PeerError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise PeerError(f"{url}: blob {sha[:12]} does not match its hash", code="bad_blob")
+        return data
