@@ -1,0 +1,197 @@
+"""Several in-process nodes on loopback with static peers (no multicast): election, replication,
+failover and catch-up, fast. The same scenarios run with real mDNS in namespaces in test_p2p_netns."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from chorus_p2p.client import AsyncNodeClient
+from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.node.service import Node
+
+from nodeutil import node_settings, wait_for, write_update
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Federation:
+    def __init__(self, tmp_path, tiny_base, n: int, **overrides):
+        self.tmp_path, self.tiny_base = tmp_path, tiny_base
+        self.ports = free_ports(n)
+        first = init_data_dir(tmp_path / "n0", "looplab")
+        self.token = first.join_token()
+        for i in range(1, n):
+            init_data_dir(tmp_path / f"n{i}", join_token=self.token)
+        self.overrides = overrides
+        self.nodes: dict[int, Node] = {}
+
+    def settings(self, i: int):
+        peers = tuple(f"127.0.0.1:{p}" for j, p in enumerate(self.ports) if j != i)
+        return node_settings(self.tmp_path / f"n{i}", self.tiny_base, port=self.ports[i],
+                             peers=peers, election_timeout=0.4, **self.overrides)
+
+    async def start(self, i: int) -> Node:
+        node = Node(self.settings(i))
+        await node.start()
+        self.nodes[i] = node
+        return node
+
+    async def stop(self, i: int) -> None:
+        await self.nodes.pop(i).stop()
+
+    async def crash(self, i: int) -> None:
+        """As close to kill -9 as in-process gets: drop every task and socket, say nothing."""
+        node = self.nodes.pop(i)
+        node.cluster._stopping = True
+        for task in list(node.cluster._tasks) + list(node.rounds._tasks):
+            task.cancel()
+        await node._runner.cleanup()
+        await node.cluster.client.close()
+        node.ledger.close()
+
+    def coordinators(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.cluster.role == "coordinator"]
+
+    async def one_coordinator(self, timeout=15.0) -> Node:
+        def check():
+            leaders = self.coordinators()
+            if len(leaders) != 1:
+                return None
+            leader = leaders[0]
+            followers_agree = all(n.cluster.coordinator == leader.node_id
+                                  for n in self.nodes.values())
+            return leader if followers_agree else None
+        return await wait_for(check, timeout=timeout)
+
+    def client(self, node: Node, cid: str) -> AsyncNodeClient:
+        return AsyncNodeClient(node.url, secret=node.identity.secret, client_id=cid)
+
+    async def close(self):
+        for i in list(self.nodes):
+            await self.stop(i)
+
+
+@pytest.fixture
+async def federation(tmp_path, tiny_base):
+    feds = []
+
+    def make(n, **overrides):
+        fed = Federation(tmp_path, tiny_base, n, **overrides)
+        feds.append(fed)
+        return fed
+
+    yield make
+    for fed in feds:
+        await fed.close()
+
+
+def history(node: Node):
+    return [(r["round"], r["state"], r["adapter_sha"], r["cumulative_sha"])
+            for r in node.ledger.list_rounds(limit=1000) if r["state"] == "committed"]
+
+
+async def run_round(fed: Federation, leader: Node, number: int, clients=("a", "b")):
+    for k, cid in enumerate(clients):
+        async with fed.client(leader, cid) as c:
+            await c.submit(write_update(fed.tmp_path / f"r{number}{cid}.safetensors", leader.spec,
+                                        number * 10 + k), examples=k + 1)
+    await wait_for(lambda: all((n.ledger.round(number) or {}).get("state") == "committed"
+                               for n in fed.nodes.values()), timeout=15)
+
+
+async def test_three_nodes_elect_one_coordinator_and_replicate(federation):
+    fed = federation(3)
+    for i in range(3):
+        await fed.start(i)
+    leader = await fed.one_coordinator()
+    for number in (1, 2, 3):
+        await run_round(fed, leader, number)
+    histories = {i: history(n) for i, n in fed.nodes.items()}
+    assert len(histories[0]) == 4 and histories[0] == histories[1] == histories[2]
+    # A follower refuses uploads and says where the coordinator is.
+    follower = next(n for n in fed.nodes.values() if n is not leader)
+    async with fed.client(follower, "x") as c:
+        status = await c.status()
+        assert status["role"] == "follower" and status["coordinator"] == leader.node_id
+        assert status["quorum"] is True
+
+
+async def test_coordinator_crash_mid_round_commits_every_update_once(federation):
+    fed = federation(3)
+    for i in range(3):
+        await fed.start(i)
+    leader = await fed.one_coordinator()
+    await run_round(fed, leader, 1)
+    files = {cid: write_update(fed.tmp_path / f"f{cid}.safetensors", leader.spec, k)
+             for k, cid in enumerate(("a", "b"))}
+    async with fed.client(leader, "a") as c:
+        await c.submit(files["a"], examples=3)
+    followers = [n for n in fed.nodes.values() if n is not leader]
+    await wait_for(lambda: all(n.ledger.count_updates(2) == 1 for n in followers))
+    leader_index = next(i for i, n in fed.nodes.items() if n is leader)
+    await fed.crash(leader_index)
+    new_leader = await fed.one_coordinator()
+    assert new_leader is not leader
+    # Participants re-send what they keep: a's re-send is a no-op, b's is new.
+    for cid in ("a", "b"):
+        async with fed.client(new_leader, cid) as c:
+            await c.submit(files[cid], examples=3)
+    await wait_for(lambda: all((n.ledger.round(2) or {}).get("state") == "committed"
+                               for n in fed.nodes.values()), timeout=15)
+    for n in fed.nodes.values():
+        assert sorted(u["node_id"] for u in n.ledger.updates(2)) == ["a", "b"]
+    # The crashed node restarts and catches up to the same history.
+    await fed.start(leader_index)
+    await wait_for(lambda: history(fed.nodes[leader_index]) == history(new_leader), timeout=15)
+
+
+async def test_late_joiner_catches_up_and_graceful_leave_hands_over(federation):
+    fed = federation(3)
+    await fed.start(0)
+    await fed.start(1)
+    leader = await fed.one_coordinator()
+    for number in (1, 2, 3):
+        await run_round(fed, leader, number)
+    late = await fed.start(2)
+    await wait_for(lambda: history(late) == history(leader), timeout=15)
+    assert late.blobs.has(history(leader)[0][3])  # R after round 3 is here, same bytes
+    leader_index = next(i for i, n in fed.nodes.items() if n is leader)
+    await fed.stop(leader_index)  # SIGTERM path: hand over, leave
+    new_leader = await fed.one_coordinator(timeout=5)
+    assert new_leader is not leader
+    await run_round(fed, new_leader, 4)
+
+
+async def test_minority_runs_no_round_and_catches_up_after_healing(federation):
+    fed = federation(3)
+    for i in range(3):
+        await fed.start(i)
+    leader = await fed.one_coordinator()
+    await run_round(fed, leader, 1)
+    # Isolate one follower by crashing the other two from its point of view: stop them.
+    lone_index = next(i for i, n in fed.nodes.items() if n is not leader)
+    others = [i for i in fed.nodes if i != lone_index]
+    for i in others:
+        await fed.crash(i)
+    lone = fed.nodes[lone_index]
+    await asyncio.sleep(2.0)
+    assert lone.cluster.role != "coordinator" and lone.cluster.has_quorum() is False
+    assert lone.ledger.latest_round()["round"] == 2  # the open round it mirrored, nothing more
+    for i in others:
+        await fed.start(i)
+    leader = await fed.one_coordinator()
+    await run_round(fed, leader, 2)
+    assert history(fed.nodes[lone_index]) == history(leader)
