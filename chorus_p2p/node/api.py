@@ -241,6 +241,7 @@ async def round_detail(request: web.Request) -> web.Response:
 
 async def submit_update(request: web.Request) -> web.Response:
     node = _node(request)
+    node.rounds.require_coordinator()
     number = _round_number(request) if request.match_info["round"] != "current" else \
         node.ledger.latest_round()["round"]
     examples = _int_param(request, "examples", minimum=1)

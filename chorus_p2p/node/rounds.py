@@ -191,14 +191,18 @@ class RoundManager:
                 "residual_sha": None, "cumulative_sha": None, "metrics": None}
 
     # -- updates ---------------------------------------------------------------------------
-    def check_open(self, round_no: int, trained_from: int | None) -> dict[str, Any]:
-        """Cheap checks done before an upload's body is read, and again before it is recorded."""
+    def require_coordinator(self) -> None:
+        """Refuse a write on a follower, saying where the coordinator is (clients retry there)."""
         if not self.is_coordinator:
             hint = self.coordinator_hint()
             where = f" at {hint['coordinator_url']}" if hint.get("coordinator_url") else \
                 " (none elected right now: no quorum or an election is running)"
             raise UpdateRejected("not_coordinator", f"this node is not the coordinator; submit "
                                  f"to the coordinator{where}", extra=hint)
+
+    def check_open(self, round_no: int, trained_from: int | None) -> dict[str, Any]:
+        """Cheap checks done before an upload's body is read, and again before it is recorded."""
+        self.require_coordinator()
         row = self.ledger.round(round_no)
         if row is None:
             current = self.ledger.latest_round()
@@ -272,8 +276,7 @@ class RoundManager:
     async def close_now(self) -> int:
         """Admin action: aggregate the current round with whatever updates it has."""
         current = self.ledger.latest_round()
-        if not self.is_coordinator:
-            self.check_open(0, None)  # raises not_coordinator with the hint
+        self.require_coordinator()
         if current is None or current["state"] not in (OPEN, COLLECTING):
             raise UpdateRejected("round_closed", "no round is collecting updates right now")
         if not await self._maybe_close(current["round"], force=True):

@@ -1,0 +1,183 @@
+"""A virtual LAN for P2P tests: one network namespace per node, joined by veth pairs to a bridge
+that lives in a namespace of its own. Nothing touches the host's real interfaces:
+
+- LAN: node ``i`` has ``lan0`` = 10.X.0.(10+i)/24 on the bridge; mDNS runs only there.
+- Control: each node also has a point-to-point veth to the host namespace (10.X.(100+i).0/30),
+  created by the test, so the test process can call the node's API while its LAN link is down.
+  No multicast is ever sent on it (the node's zeroconf binds the LAN address only).
+
+Everything is torn down on exit, including when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+NODE_PORT = 8470
+
+
+def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["ip", *(["-n", netns] if netns else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=20)
+
+
+def namespaces_unavailable() -> str | None:
+    """Why this machine cannot make namespaces, or None if it can."""
+    if shutil.which("ip") is None:
+        return "iproute2 (`ip`) is not installed"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    name = f"chp{random.randrange(16**6):06x}"
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create a network namespace: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None
+
+
+class NodeProc:
+    """``chorus-node up --headless`` inside a namespace; stdout JSON lines collected in a thread."""
+
+    def __init__(self, lab: "NetLab", index: int, data_dir: Path, model: Path,
+                 extra: list[str], env: dict[str, str] | None = None):
+        self.lab, self.index, self.data_dir = lab, index, data_dir
+        self.lan_ip = lab.lan_ip(index)
+        self.url = f"http://{lab.ctl_ip(index)}:{NODE_PORT}"
+        cmd = ["ip", "netns", "exec", lab.ns(index), sys.executable, "-m", "chorus_p2p.cli.main",
+               "up", "--headless", "--host", "0.0.0.0", "--port", str(NODE_PORT),
+               "--interface", self.lan_ip, "--data-dir", str(data_dir), "--model", str(model),
+               *extra]
+        self.events: list[dict[str, Any]] = []
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                self.events.append({"raw": line.rstrip()})
+
+    def saw(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.events) if e.get("event") == event]
+
+    def kill9(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+class NetLab:
+    def __init__(self, size: int):
+        self.tag = f"{random.randrange(16**4):04x}"
+        self.net = random.randrange(100, 250)
+        self.size = size
+        self.bridge_ns = f"chb{self.tag}"
+        self.procs: list[NodeProc] = []
+        self._made: list[str] = []
+
+    def ns(self, i: int) -> str:
+        return f"chn{self.tag}{i}"
+
+    def lan_ip(self, i: int) -> str:
+        return f"10.{self.net}.0.{10 + i}"
+
+    def ctl_ip(self, i: int) -> str:
+        return f"10.{self.net}.{100 + i}.2"
+
+    def __enter__(self) -> "NetLab":
+        try:
+            _ip("netns", "add", self.bridge_ns)
+            self._made.append(self.bridge_ns)
+            _ip("link", "add", "br0", "type", "bridge", netns=self.bridge_ns)
+            _ip("link", "set", "br0", "up", netns=self.bridge_ns)
+            for i in range(self.size):
+                self.add_host(i)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def add_host(self, i: int) -> None:
+        self.size = max(self.size, i + 1)
+        ns = self.ns(i)
+        _ip("netns", "add", ns)
+        self._made.append(ns)
+        _ip("link", "set", "lo", "up", netns=ns)
+        # LAN: lan0 in the node, p<i> on the bridge.
+        _ip("link", "add", "lan0", "netns", ns, "type", "veth", "peer", "name", f"p{i}",
+            "netns", self.bridge_ns)
+        _ip("addr", "add", f"{self.lan_ip(i)}/24", "dev", "lan0", netns=ns)
+        _ip("link", "set", "lan0", "up", netns=ns)
+        _ip("link", "set", f"p{i}", "master", "br0", netns=self.bridge_ns)
+        _ip("link", "set", f"p{i}", "up", netns=self.bridge_ns)
+        # Control: ctl0 in the node, c<tag><i> in the host namespace (made by us, unicast only).
+        host_if = f"c{self.tag}{i}"
+        _ip("link", "add", "ctl0", "netns", ns, "type", "veth", "peer", "name", host_if)
+        _ip("addr", "add", f"10.{self.net}.{100 + i}.1/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("addr", "add", f"{self.ctl_ip(i)}/30", "dev", "ctl0", netns=ns)
+        _ip("link", "set", "ctl0", "up", netns=ns)
+        # Multicast leaves only through the LAN, never the control link.
+        _ip("route", "add", "224.0.0.0/4", "dev", "lan0", netns=ns)
+
+    def link(self, i: int, up: bool) -> None:
+        """Cut or restore node i's LAN link (its control link stays up)."""
+        _ip("link", "set", f"p{i}", "up" if up else "down", netns=self.bridge_ns)
+
+    def start(self, i: int, data_dir: Path, model: Path, extra: list[str] | None = None,
+              env: dict[str, str] | None = None) -> NodeProc:
+        proc = NodeProc(self, i, data_dir, model, extra or [], env)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.kill9()
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        for ns in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for i in range(self.size):  # host ends vanish with their namespace; be sure
+            subprocess.run(["ip", "link", "del", f"c{self.tag}{i}"], capture_output=True)
+        self._made.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except Exception as exc:  # a node still starting
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
