@@ -103,7 +103,7 @@ def write_update(path: Path, spec: FederationSpec, seed: int) -> Path:
 def node_settings(data_dir: Path, model: Path, clients: int) -> NodeSettings:
     return NodeSettings(model=str(model), data_dir=str(data_dir), host="127.0.0.1", port=0,
                         rank=RANK, alpha=ALPHA, target_modules=TARGETS, min_updates=clients,
-                        round_deadline=24 * 3600.0)
+                        round_deadline=24 * 3600.0, mdns=False)  # loopback only: no multicast
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -41,11 +41,13 @@ class NodeError(ChorusError):
 
     exit_code = 3
 
-    def __init__(self, code: str, message: str, status: int):
+    def __init__(self, code: str, message: str, status: int,
+                 details: dict[str, Any] | None = None):
         super().__init__(f"{message} [{code}]")
         self.code = code
         self.message = message
         self.status = status
+        self.details = details or {}
 
 
 class AuthenticationError(NodeError):
@@ -72,7 +74,8 @@ class NodeUnreachable(ChorusError):
     exit_code = 4
 
 
-def _error_for(status: int, code: str, message: str) -> NodeError:
+def _error_for(status: int, code: str, message: str,
+               details: dict[str, Any] | None = None) -> NodeError:
     if status in (401, 403):
         cls: type[NodeError] = AuthenticationError
     elif status == 404:
@@ -83,7 +86,7 @@ def _error_for(status: int, code: str, message: str) -> NodeError:
         cls = ServerError
     else:
         cls = RejectedError
-    return cls(code, message, status)
+    return cls(code, message, status, details)
 
 
 def _sha256_file(path: Path) -> str:
@@ -110,6 +113,7 @@ class AsyncNodeClient:
     def __init__(self, url: str = DEFAULT_URL, *, secret: bytes, client_id: str | None = None,
                  admin_token: str | None = None, timeout: float = 120.0):
         self.url = url.rstrip("/")
+        self._secret = secret
         self._key = request_key(secret)
         self.client_id = client_id or socket.gethostname()
         self.admin_token = admin_token
@@ -194,12 +198,13 @@ class AsyncNodeClient:
 
     @staticmethod
     async def _raise(response: aiohttp.ClientResponse) -> None:
+        payload: dict[str, Any] = {}
         try:
             payload = await response.json(content_type=None)
             code, message = payload["error"], payload.get("message", "")
         except (ValueError, KeyError, TypeError, aiohttp.ContentTypeError):
             code, message = "http_error", f"HTTP {response.status} {response.reason}"
-        raise _error_for(response.status, code, message)
+        raise _error_for(response.status, code, message, payload)
 
     # -- reads ----------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
@@ -244,6 +249,21 @@ class AsyncNodeClient:
         training started from (default: the one the target round builds on).
         """
         weights_file, _ = resolve_adapter_files(adapter_path)
+        try:
+            return await self._submit_here(Path(weights_file), round, examples, trained_from)
+        except ConflictError as exc:
+            leader = exc.details.get("coordinator_url")
+            if exc.code != "not_coordinator" or not leader or leader.rstrip("/") == self.url:
+                raise
+        # This node is a follower: send the update to the coordinator it named, once.
+        redirected = AsyncNodeClient(leader, secret=self._secret, client_id=self.client_id,
+                                     admin_token=self.admin_token,
+                                     timeout=self.timeout.total or 120.0)
+        async with redirected:
+            return await redirected._submit_here(Path(weights_file), round, examples, trained_from)
+
+    async def _submit_here(self, weights_file: Path, round: int | None, examples: int | None,
+                           trained_from: int | None) -> dict[str, Any]:
         if round is None or trained_from is None:
             current = (await self.status())["current_round"]
             if current is None:

@@ -195,3 +195,15 @@ async def test_minority_runs_no_round_and_catches_up_after_healing(federation):
     leader = await fed.one_coordinator()
     await run_round(fed, leader, 2)
     assert history(fed.nodes[lone_index]) == history(leader)
+
+
+async def test_sdk_submit_to_a_follower_goes_to_the_coordinator(federation):
+    fed = federation(3)
+    for i in range(3):
+        await fed.start(i)
+    leader = await fed.one_coordinator()
+    follower = next(n for n in fed.nodes.values() if n is not leader)
+    async with fed.client(follower, "dora") as c:
+        result = await c.submit(write_update(fed.tmp_path / "dora.safetensors", leader.spec, 3),
+                                examples=2)
+    assert result["round"] == 1 and leader.ledger.update(1, "dora") is not None

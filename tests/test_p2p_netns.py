@@ -12,7 +12,7 @@ from chorus_p2p.client import ConflictError, NodeClient
 from chorus_p2p.node.identity import init_data_dir
 from chorus_p2p.node.spec import FederationSpec
 
-from netlab import NetLab, namespaces_unavailable, wait_until
+from chorus_p2p.netlab import NetLab, namespaces_unavailable, wait_until
 from nodeutil import ALPHA, RANK, TARGETS, write_update
 
 REASON = namespaces_unavailable()

@@ -149,8 +149,12 @@ class Cluster:
                                             "last_seen": time.time()})
 
     def _check_lost(self) -> None:
+        """The coordinator judges everyone by heartbeat replies; a follower talks only to the
+        coordinator, so it judges only the coordinator and takes the rest from its heartbeats."""
         now = time.monotonic()
         for peer in self.peers.values():
+            if self.role != COORDINATOR and peer.node_id != self.coordinator:
+                continue
             if peer.status == "live" and now - peer.last_seen > self.timing.lost_after_s:
                 peer.status = "lost"
                 self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "lost"})
@@ -421,8 +425,15 @@ class Cluster:
         self.accept_hello({"node_id": body["coordinator"], "url": body["url"],
                            "members": body.get("members", [])}, body["url"], direct=True)
         for member in body.get("members", []):
-            if member.get("status") == "left" and member["node_id"] in self.peers:
-                self.peers[member["node_id"]].status = "left"
+            peer = self.peers.get(member["node_id"])
+            if peer is None or peer.node_id == body["coordinator"]:
+                continue
+            if member.get("status") == "left":
+                peer.status = "left"
+            elif member.get("status") == "live":
+                self._seen(peer)
+            elif member.get("status") == "lost" and peer.status == "live":
+                peer.status = "lost"
         self._spawn(self._sync(body))
         return {"term": self.term, "ok": True, "node_id": self.node.node_id,
                 "ack": self.node.rounds.ack_state()}

@@ -145,15 +145,14 @@ class Node:
             advertised = _primary_ipv4()
         self.address = (advertised, port)
         self.ledger.upsert_member({"node_id": self.node_id, "addresses": [f"{advertised}:{port}"]})
+        self.bus.publish("listening", None, {"url": self.url, "node_id": self.node_id,
+                                             "federation": self.identity.federation})
         await self.cluster.start()
         if self.settings.mdns:
             self.discovery = Discovery(self.identity.federation, self.node_id, port,
                                        list(self.settings.interfaces) or None,
                                        lambda node_id, url: self.cluster.consider(url))
             await self.discovery.start()
-        self.bus.publish("listening", None, {"url": self.url, "node_id": self.node_id,
-                                             "federation": self.identity.federation,
-                                             "role": self.cluster.role})
         return self.address
 
     async def stop(self) -> None:

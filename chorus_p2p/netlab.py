@@ -1,4 +1,4 @@
-"""A virtual LAN for P2P tests: one network namespace per node, joined by veth pairs to a bridge
+"""A virtual LAN on one machine (used by the P2P tests and benchmarks): one network namespace per node, joined by veth pairs to a bridge
 that lives in a namespace of its own. Nothing touches the host's real interfaces:
 
 - LAN: node ``i`` has ``lan0`` = 10.X.0.(10+i)/24 on the bridge; mDNS runs only there.
