@@ -67,7 +67,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("model", "data_dir", "host", "port", "strategy",
                                            "rank", "alpha", "target_modules", "min_updates",
                                            "round_deadline", "headless", "mdns",
-                                           "election_timeout")}
+                                           "election_timeout", "train", "dataset", "steps",
+                                           "lr", "batch_size")}
     flags["peers"] = args.peer
     flags["interfaces"] = args.interface
     settings = resolve_settings(flags)
@@ -219,6 +220,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="no mDNS at all: static peers only")
     up.add_argument("--election-timeout", type=float, metavar="SECONDS",
                     help="base election timeout (default 1.0; heartbeats every quarter of it)")
+    up.add_argument("--train", action="store_true", default=None,
+                    help="train on --dataset every round and submit the update")
+    up.add_argument("--dataset", metavar="PATH", help="JSONL (text, or instruction/input/output) "
+                    "or a folder of .txt files")
+    up.add_argument("--steps", type=int, help="optimizer steps per round (default 30)")
+    up.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
+    up.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
     up.set_defaults(handler=_cmd_up)
 
     for name, handler, text in (("status", _cmd_status, "node and federation status"),

@@ -71,6 +71,25 @@ def averaged_factors(clients: Sequence[LoraFactors], weights: Sequence[float], r
     return A, B
 
 
+def _split_like_clients(svd: ThinSVD, kept: int, scale: float, clients: Sequence[LoraFactors],
+                        weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the top-``kept`` SVD of M into ``(B', A')`` with ``s B' A'`` equal to it.
+
+    Any split is exact; this one gives ``A'`` orthogonal rows at the clients' own row scale
+    (their weighted RMS row norm) and puts the singular values in ``B'``. That is how LoRA itself
+    starts (``A`` at its init scale, ``B`` carrying the update), so the next round trains as
+    fast as the last; a balanced ``sqrt(S)`` split shrinks both factors when ``M`` is small, and
+    with them both gradients (dL/dB ~ A, dL/dA ~ B).
+    """
+    row_scale = sum(w * float(torch.linalg.vector_norm(c.A)) / c.rank ** 0.5
+                    for c, w in zip(clients, weights))
+    if not row_scale > 0:
+        return svd.balanced_factors(0, kept, scale=scale)
+    A = row_scale * svd.Vh[:kept]
+    B = svd.U[:, :kept] * (svd.S[:kept] / (scale * row_scale))
+    return B, A
+
+
 def _residual_from_svd(svd: ThinSVD, start: int, reference: float
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     stop = svd.numerical_rank(reference)
@@ -94,7 +113,7 @@ def aggregate_module(clients: Sequence[LoraFactors], weights: Sequence[float], s
         target_norm = float(torch.linalg.vector_norm(svd.S))
         # Directions below round-off are not part of M: leave those adapter columns zero.
         kept = min(rank, svd.numerical_rank(target_norm))
-        B_top, A_top = svd.balanced_factors(0, kept, scale=scale)
+        B_top, A_top = _split_like_clients(svd, kept, scale, clients, weights)
         A = torch.zeros(rank, right.shape[1], dtype=right.dtype)
         B = torch.zeros(left.shape[0], rank, dtype=left.dtype)
         A[:kept], B[:, :kept] = A_top, B_top

@@ -81,6 +81,13 @@ class Node:
         self.cluster = Cluster(self, _timing(settings.election_timeout),
                                static_peers=list(settings.peers), discovery_enabled=settings.mdns)
         self.discovery: Discovery | None = None
+        self.participant = None
+        if settings.train:
+            from chorus_p2p.train.participant import Participant
+            from chorus_p2p.train.trainer import TrainConfig
+
+            self.participant = Participant(self, settings.dataset or "", TrainConfig(
+                steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size))
         self.started_at = time.time()
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
@@ -153,9 +160,13 @@ class Node:
                                        list(self.settings.interfaces) or None,
                                        lambda node_id, url: self.cluster.consider(url))
             await self.discovery.start()
+        if self.participant is not None:
+            self.participant.start()
         return self.address
 
     async def stop(self) -> None:
+        if self.participant is not None:
+            await self.participant.stop()
         if self.discovery is not None:
             await self.discovery.stop()  # mDNS goodbye
         await self.cluster.stop()  # hand over the coordinator role, tell peers we leave

@@ -42,6 +42,11 @@ class NodeSettings:
     interfaces: tuple[str, ...] = ()  # IPs for mDNS; empty = all interfaces
     mdns: bool = True
     election_timeout: float = 1.0  # seconds; randomised in [t, 2t]
+    train: bool = False  # train on --dataset every round and submit
+    dataset: str | None = None
+    steps: int = 30
+    lr: float = 3e-3
+    batch_size: int = 8
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
 
 
@@ -67,7 +72,8 @@ def _convert(name: str, value: Any, kind: type) -> Any:
 _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": str, "rank": int,
           "alpha": float, "target_modules": tuple, "min_updates": int, "round_deadline": float,
           "headless": bool, "peers": tuple, "interfaces": tuple, "mdns": bool,
-          "election_timeout": float}
+          "election_timeout": float, "train": bool, "dataset": str, "steps": int, "lr": float,
+          "batch_size": int}
 
 
 def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None
@@ -105,6 +111,10 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         raise UsageError("min_updates must be at least 1")
     if settings.round_deadline <= 0:
         raise UsageError("round_deadline must be positive (seconds)")
+    if settings.train and not settings.dataset:
+        raise UsageError("--train needs --dataset PATH (JSONL or a folder of .txt files)")
+    if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:
+        raise UsageError("steps and batch_size must be >= 1 and lr > 0")
     if settings.election_timeout <= 0:
         raise UsageError("election_timeout must be positive (seconds)")
     if not 0 <= settings.port <= 65535:

@@ -1,0 +1,147 @@
+"""A node that trains: every round, train on local data from the global state and submit.
+
+The participant reads the global state from its own node's ledger and blob store (replication
+already put the committed adapter and ``R`` there), trains in a worker thread, and keeps each
+update in ``DATA_DIR/outbox/`` until its round commits. Whenever the live round lacks its update
+(a new coordinator took over, or the node restarted) it sends it again; re-sends are idempotent,
+so an update counts exactly once and a restarted node never trains a round twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chorus_p2p.train.data import Dataset
+from chorus_p2p.train.trainer import TrainConfig, train_round
+
+if TYPE_CHECKING:
+    from chorus_p2p.node.service import Node
+
+log = logging.getLogger("chorus_p2p.train")
+
+RESEND_EVERY_S = 1.0
+
+
+def materialize_round(node: "Node", number: int, into: Path) -> tuple[Path, Path | None]:
+    """A committed round as a PEFT folder + the R file, from this node's blobs."""
+    row = node.ledger.round(number)
+    if row is None or row["state"] != "committed":
+        raise LookupError(f"round {number} is not committed on this node")
+    folder = into / f"global-{number}"
+    if not (folder / "adapter_model.safetensors").exists():
+        tmp = into / f".global-{number}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copyfile(node.blobs.verified_path(row["adapter_sha"]), tmp / "adapter_model.safetensors")
+        shutil.copyfile(node.blobs.verified_path(row["adapter_config_sha"]), tmp / "adapter_config.json")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    residual = node.blobs.verified_path(row["cumulative_sha"]) if row["cumulative_sha"] else None
+    return folder, residual
+
+
+class Participant:
+    def __init__(self, node: "Node", dataset_path: str, config: TrainConfig):
+        self.node = node
+        self.dataset = Dataset.load(dataset_path)
+        self.config = config
+        self.outbox = node.data_dir / "outbox"
+        self.outbox.mkdir(exist_ok=True)
+        self.work = node.data_dir / "work"
+        self._task: asyncio.Task | None = None
+        self._last_send: dict[int, float] = {}
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _outbox_entry(self, number: int) -> dict[str, Any] | None:
+        meta = self.outbox / f"round-{number}.json"
+        return json.loads(meta.read_text()) if meta.exists() else None
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep the node up; say what went wrong
+                log.warning("participant: %s", exc)
+                self.node.bus.publish("training_failed", None, {"error": str(exc)},
+                                      level="warning")
+                await asyncio.sleep(2.0)
+            await asyncio.sleep(0.2)
+
+    async def _step(self) -> None:
+        latest = self.node.ledger.latest_round()
+        if latest is None or latest["state"] not in ("open", "collecting"):
+            return
+        number, base = latest["round"], latest["trained_from"]
+        base_row = self.node.ledger.round(base)
+        if base_row is None or base_row["state"] != "committed":
+            return
+        entry = self._outbox_entry(number)
+        if entry is None:
+            entry = await self._train(number, base)
+        if self.node.ledger.update(number, self.node.node_id) is not None:
+            return
+        if time.monotonic() - self._last_send.get(number, 0.0) < RESEND_EVERY_S:
+            return
+        self._last_send[number] = time.monotonic()
+        await self._submit(number, entry)
+
+    async def _train(self, number: int, base: int) -> dict[str, Any]:
+        adapter_dir, residual = await asyncio.to_thread(materialize_round, self.node, base,
+                                                        self.work)
+        self.node.bus.publish("training_started", number, {
+            "node_id": self.node.node_id, "steps": self.config.steps,
+            "examples": len(self.dataset.train)})
+        loop = asyncio.get_running_loop()
+        last_report = [0.0]
+
+        def progress(step: int, loss: float) -> None:
+            now = time.monotonic()
+            if now - last_report[0] > 0.5 or step == self.config.steps:
+                last_report[0] = now
+                loop.call_soon_threadsafe(self.node.bus.publish, "training_progress", number, {
+                    "node_id": self.node.node_id, "step": step, "steps": self.config.steps,
+                    "loss": round(loss, 4)})
+
+        out = self.work / f"client-{number}"
+        shutil.rmtree(out, ignore_errors=True)
+        config = TrainConfig(**{**asdict(self.config), "seed": self.config.seed + number})
+        result = await asyncio.to_thread(train_round, self.node.spec.model, adapter_dir, residual,
+                                         self.dataset, config, out, progress)
+        update = self.outbox / f"round-{number}.safetensors"
+        shutil.copyfile(out / "adapter_model.safetensors", update)
+        entry = {"round": number, "trained_from": base, "examples": result.examples,
+                 "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+                 "seconds": round(result.seconds, 3), "file": update.name}
+        (self.outbox / f"round-{number}.json").write_text(json.dumps(entry))
+        self.node.bus.publish("training_finished", number, {"node_id": self.node.node_id,
+                                                            **entry})
+        return entry
+
+    async def _submit(self, number: int, entry: dict[str, Any]) -> None:
+        from chorus_p2p.client import AsyncNodeClient, NodeError, NodeUnreachable
+
+        async with AsyncNodeClient(self.node.url, secret=self.node.identity.secret,
+                                   client_id=self.node.node_id, timeout=30) as client:
+            try:
+                await client.submit(self.outbox / entry["file"], round=number,
+                                    examples=entry["examples"], trained_from=entry["trained_from"])
+            except (NodeError, NodeUnreachable) as exc:
+                log.info("submit of round %d not taken yet (%s); will retry", number, exc)

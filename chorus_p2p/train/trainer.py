@@ -1,0 +1,131 @@
+"""One round of local LoRA training, from the federation's global state.
+
+The model a client trains is exactly the global model: the base weights with the cumulative
+residual ``R`` folded into the targeted weights (float32), plus the global adapter, loaded
+trainable through PEFT. That is what makes the federation's mean exact: every client starts from
+``W0 + R_t + s B_t A_t``, and the aggregate of their adapters plus the new residual reproduces
+the mean of their merged weights.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from chorus_p2p.lora.fold import fold_into_model
+from chorus_p2p.lora.residual import load_residual
+from chorus_p2p.train.data import Dataset, token_blocks
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    lr: float = 3e-3
+    batch_size: int = 8
+    seq_len: int = 64
+    seed: int = 0
+    eval_batches: int = 8
+
+
+@dataclass
+class TrainResult:
+    examples: int
+    train_loss: float
+    eval_loss: float
+    seconds: float
+    adapter_dir: Path
+
+
+def load_base(model_path: str | Path, residual_path: str | Path | None = None):
+    """Base model in float32 with ``R`` folded in; returns (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if residual_path is not None:
+        fold_into_model(model, load_residual(residual_path))
+    return model, tokenizer
+
+
+def load_global_model(model_path: str | Path, adapter_dir: str | Path,
+                      residual_path: str | Path | None = None, trainable: bool = False):
+    """``W0 + R + adapter`` as a PEFT model (trainable for a client, frozen for evaluation)."""
+    from peft import PeftModel
+
+    model, tokenizer = load_base(model_path, residual_path)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    return peft_model, tokenizer
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, batch_size: int = 8, max_batches: int = 8) -> float:
+    """Mean next-token loss over (up to ``max_batches``) held-out blocks."""
+    model.eval()
+    losses = []
+    for start in range(0, min(len(blocks), batch_size * max_batches), batch_size):
+        batch = blocks[start:start + batch_size]
+        losses.append(float(model(input_ids=batch, labels=batch).loss))
+    return sum(losses) / len(losses)
+
+
+def train_round(model_path: str | Path, adapter_dir: str | Path, residual_path: str | Path | None,
+                dataset: Dataset, config: TrainConfig, out_dir: str | Path,
+                progress: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train the global model's adapter on ``dataset`` and save the client adapter to ``out_dir``.
+
+    Runs in the caller's thread: nodes call it through ``asyncio.to_thread``.
+    """
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_global_model(model_path, adapter_dir, residual_path, trainable=True)
+    train_blocks = token_blocks(tokenizer, dataset.train, config.seq_len)
+    eval_blocks = token_blocks(tokenizer, dataset.eval, config.seq_len)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(config.seed)
+    model.train()
+    recent: list[float] = []
+    bar = _progress_bar(config.steps) if progress is None and sys.stderr.isatty() else None
+    for step in range(config.steps):
+        batch = train_blocks[torch.randint(0, len(train_blocks), (config.batch_size,),
+                                           generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, recent[-1])
+        elif bar is not None:
+            bar(step + 1, recent[-1])
+    train_loss = sum(recent[-5:]) / len(recent[-5:]) if recent else math.nan
+    eval_loss = evaluate(model, eval_blocks, config.batch_size, config.eval_batches)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return TrainResult(len(dataset.train), train_loss, eval_loss, time.perf_counter() - started,
+                       out_dir)
+
+
+def _progress_bar(total: int) -> Callable[[int, float], None]:
+    def show(step: int, loss: float) -> None:
+        filled = int(30 * step / total)
+        end = "\n" if step == total else ""
+        sys.stderr.write(f"\r  training [{'#' * filled}{'.' * (30 - filled)}] {step}/{total} "
+                         f"loss {loss:.3f}{end}")
+        sys.stderr.flush()
+    return show
+
+
+def eval_global(model_path: str | Path, adapter_dir: str | Path,
+                residual_path: str | Path | None, datasets: list[Dataset],
+                config: TrainConfig) -> dict[str, float]:
+    """Held-out loss of the global model on each dataset (the demo's per-shard figure)."""
+    model, tokenizer = load_global_model(model_path, adapter_dir, residual_path)
+    return {d.name: evaluate(model, token_blocks(tokenizer, d.eval, config.seq_len),
+                             config.batch_size, config.eval_batches) for d in datasets}
