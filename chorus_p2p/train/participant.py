@@ -31,7 +31,11 @@ RESEND_EVERY_S = 1.0
 
 def materialize_round(node: "Node", number: int, into: Path) -> tuple[Path, Path | None]:
     """A committed round as a PEFT folder + the R file, from this node's blobs."""
-    row = node.ledger.round(number)
+    return materialize_from(node.ledger, node.blobs, number, into)
+
+
+def materialize_from(ledger, blobs, number: int, into: Path) -> tuple[Path, Path | None]:
+    row = ledger.round(number)
     if row is None or row["state"] != "committed":
         raise LookupError(f"round {number} is not committed on this node")
     folder = into / f"global-{number}"
@@ -39,11 +43,11 @@ def materialize_round(node: "Node", number: int, into: Path) -> tuple[Path, Path
         tmp = into / f".global-{number}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        shutil.copyfile(node.blobs.verified_path(row["adapter_sha"]), tmp / "adapter_model.safetensors")
-        shutil.copyfile(node.blobs.verified_path(row["adapter_config_sha"]), tmp / "adapter_config.json")
+        shutil.copyfile(blobs.verified_path(row["adapter_sha"]), tmp / "adapter_model.safetensors")
+        shutil.copyfile(blobs.verified_path(row["adapter_config_sha"]), tmp / "adapter_config.json")
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
-    residual = node.blobs.verified_path(row["cumulative_sha"]) if row["cumulative_sha"] else None
+    residual = blobs.verified_path(row["cumulative_sha"]) if row["cumulative_sha"] else None
     return folder, residual
 
 

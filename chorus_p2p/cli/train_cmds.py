@@ -1,0 +1,165 @@
+"""Sub-commands for training: ``make-tiny-model``, ``train`` (SDK loop), ``simulate``, ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES
+
+
+def _train_config(args: argparse.Namespace):
+    from chorus_p2p.train.trainer import TrainConfig
+
+    return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from chorus_p2p.demos.federation import shard_paths
+    from chorus_p2p.tiny import quiet_transformers
+    from chorus_p2p.train.tiny_lm import build_tiny_lm
+
+    quiet_transformers()
+    data = args.data or [str(p) for p in shard_paths()]
+    out = build_tiny_lm(args.out, data, vocab_size=args.vocab_size, hidden=args.hidden,
+                        layers=args.layers, pretrain_steps=args.pretrain_steps)
+    print(f"tiny Llama + tokenizer -> {out}  (use it as --model {out})")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """The participant loop from outside a node: pull, train, submit, wait, repeat."""
+    from chorus_p2p.cli.node_cmds import _client
+    from chorus_p2p.client import NotFoundError
+    from chorus_p2p.tiny import quiet_transformers
+    from chorus_p2p.train.data import Dataset
+    from chorus_p2p.train.trainer import train_round
+
+    quiet_transformers()
+    dataset = Dataset.load(args.dataset)
+    config = _train_config(args)
+    with _client(args) as node, tempfile.TemporaryDirectory(prefix="chorus-train-") as tmp:
+        work = Path(tmp)
+        for done in range(args.rounds):
+            deadline = time.monotonic() + args.wait
+            while (current := node.status()["current_round"]) is None:
+                if time.monotonic() > deadline:
+                    print("no round opened in time", flush=True)
+                    return 3
+                time.sleep(1.0)
+            number, base = current["round"], current["trained_from"]
+            adapter = node.pull(work / f"global-{base}", round=base, force=True)
+            residual: Path | None = work / f"R-{base}.safetensors"
+            try:
+                node.download("cumulative", base, residual, force=True)
+            except NotFoundError:
+                residual = None
+            result = train_round(args.model, adapter, residual, dataset, config,
+                                 work / f"client-{number}")
+            node.submit(result.adapter_dir, round=number, examples=result.examples,
+                        trained_from=base)
+            print(f"round {number}: trained {config.steps} steps on {result.examples} examples, "
+                  f"train loss {result.train_loss:.3f}, eval loss {result.eval_loss:.3f}; "
+                  f"submitted", flush=True)
+            if done + 1 < args.rounds:
+                while node.round(number)["state"] != "committed":
+                    time.sleep(0.5)
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from chorus_p2p.demos.federation import SHARDS, ensure_tiny_model, shard_paths
+    from chorus_p2p.tiny import quiet_transformers
+    from chorus_p2p.train.data import Dataset
+    from chorus_p2p.train.simulate import format_round, plot_history, simulate
+
+    quiet_transformers()
+    shards = [Dataset.load(p) for p in shard_paths()]
+    clients = []
+    for i in range(args.clients):  # non-IID: each client gets a slice of one shard
+        shard = shards[i % len(shards)]
+        share = max(1, args.clients // len(shards) + (1 if i % len(shards) < args.clients % len(shards) else 0))
+        part = (i // len(shards)) % share
+        clients.append(Dataset(f"{shard.name}-{part}", shard.train[part::share], shard.eval))
+    strategies = [args.strategy, "fedavg"] if args.compare and args.strategy != "fedavg" \
+        else [args.strategy]
+    with tempfile.TemporaryDirectory(prefix="chorus-sim-") as tmp:
+        root = Path(args.workdir or tmp)
+        model = Path(args.model) if args.model else ensure_tiny_model(root)
+        histories = {}
+        for strategy in strategies:
+            print(f"simulating {args.clients} clients x {args.rounds} rounds with {strategy} "
+                  f"(shards: {', '.join(SHARDS)})")
+            histories[strategy] = simulate(model, clients, shards, args.rounds, strategy,
+                                           root / f"sim-{strategy}", config=_train_config(args),
+                                           on_round=lambda s: print(f"  {format_round(s)}"))
+        if args.compare:
+            out = args.plot or "simulate-loss.png"
+            plot_history(histories, out, f"simulate: {args.clients} clients")
+            print(f"plot: {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from chorus_p2p.cli.node_cmds import _data_dir
+    from chorus_p2p.tiny import quiet_transformers
+    from chorus_p2p.train.export import export_from_data_dir
+
+    quiet_transformers()
+    round_no = None if args.round in (None, "latest") else int(args.round)
+    out, number = export_from_data_dir(_data_dir(args), args.out, round_no=round_no,
+                                       model_path=args.model, force=args.force)
+    print(f"merged model of round {number} (base + R + adapter, float32) -> {out}")
+    return 0
+
+
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per round")
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    from chorus_p2p.cli.node_cmds import _client_options
+
+    tiny = commands.add_parser("make-tiny-model",
+                               help="build a tiny Llama + tokenizer offline (an HF folder)")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--data", action="append", help="text for the tokenizer and pretraining "
+                      "(repeatable; default examples/data/*.jsonl)")
+    tiny.add_argument("--vocab-size", type=int, default=512)
+    tiny.add_argument("--hidden", type=int, default=96)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--pretrain-steps", type=int, default=30)
+    tiny.set_defaults(handler=_cmd_make_tiny_model)
+
+    train = commands.add_parser("train", help="train against a node for N rounds (SDK loop)")
+    _client_options(train, json_flag=False)
+    train.add_argument("--model", required=True, help="base model: HF id or local folder")
+    train.add_argument("--dataset", required=True)
+    train.add_argument("--rounds", type=int, default=1)
+    train.add_argument("--wait", type=float, default=600, help="seconds to wait for a round")
+    _training_options(train)
+    train.set_defaults(handler=_cmd_train)
+
+    sim = commands.add_parser("simulate", help="in-process federated training, no sockets")
+    sim.add_argument("--clients", type=int, default=3)
+    sim.add_argument("--rounds", type=int, default=5)
+    sim.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
+    sim.add_argument("--compare", action="store_true", help="also run fedavg and plot both")
+    sim.add_argument("--plot", metavar="PNG")
+    sim.add_argument("--model", help="base model (default: build the tiny Llama)")
+    sim.add_argument("--workdir")
+    _training_options(sim)
+    sim.set_defaults(handler=_cmd_simulate)
+
+    export = commands.add_parser("export", help="write base + R + adapter as one HF model folder")
+    export.add_argument("--out", required=True)
+    export.add_argument("--round", help="committed round (default: latest)")
+    export.add_argument("--data-dir", help="the node's data dir (default $CHORUS_DATA_DIR or "
+                        "./chorus_data)")
+    export.add_argument("--model", help="base model (default: the one the federation records)")
+    export.add_argument("--force", action="store_true")
+    export.set_defaults(handler=_cmd_export)

@@ -1,0 +1,173 @@
+"""Real LoRA training: exactness through training, falling loss, datasets, export, resume, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chorus_p2p.exactness import merged_state, weighted_mean_state
+from chorus_p2p.lora.aggregate import aggregate_adapters
+from chorus_p2p.lora.fold import fold_base
+from chorus_p2p.lora.residual import RESIDUAL_FILE
+from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.train.data import Dataset, load_texts
+from chorus_p2p.train.export import export_merged
+from chorus_p2p.train.simulate import initial_state, simulate
+from chorus_p2p.train.tiny_lm import build_tiny_lm
+from chorus_p2p.train.trainer import TrainConfig, evaluate, load_global_model, train_round
+
+from nodeutil import start_node, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARDS = [ROOT / "examples" / "data" / f"{n}.jsonl" for n in ("kitchen", "weather", "workshop")]
+TARGETS = ("q_proj", "v_proj", "up_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return build_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-llama", SHARDS,
+                         pretrain_steps=30, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def shards():
+    return [Dataset.load(p) for p in SHARDS]
+
+
+@pytest.mark.parametrize("strategy", ["fedex-svd", "fedex"])
+def test_one_trained_round_is_the_exact_mean_of_the_clients(tmp_path, tiny_lm, shards, strategy):
+    spec = FederationSpec.build(str(tiny_lm), 4, 8.0, TARGETS)
+    start = initial_state(spec, "t", tmp_path / "round-0")
+    clients, examples = [], []
+    for i, data in enumerate(shards):
+        result = train_round(tiny_lm, start, None, data, TrainConfig(steps=4, seed=i),
+                             tmp_path / f"client-{i}")
+        clients.append(result.adapter_dir)
+        examples.append(result.examples)
+        assert result.examples == len(data.train) and result.train_loss > 0
+    out = tmp_path / "global"
+    aggregate_adapters([str(c) for c in clients], out, strategy=strategy, weights=examples,
+                       rank=4 if strategy == "fedex-svd" else None)
+    fold_base(tiny_lm, out / RESIDUAL_FILE, tmp_path / "base+R")
+    got = merged_state(tmp_path / "base+R", out)
+    mean = weighted_mean_state([merged_state(tiny_lm, c) for c in clients], examples)
+    worst = max(float((got[k].double() - mean[k]).norm() / mean[k].norm())
+                for k in mean if any(t in k for t in TARGETS))
+    assert worst <= 1e-5
+
+
+def test_fedavg_after_training_is_not_exact(tmp_path, tiny_lm, shards):
+    spec = FederationSpec.build(str(tiny_lm), 4, 8.0, TARGETS)
+    start = initial_state(spec, "t", tmp_path / "round-0")
+    clients = [train_round(tiny_lm, start, None, d, TrainConfig(steps=4, seed=i),
+                           tmp_path / f"c{i}").adapter_dir for i, d in enumerate(shards)]
+    aggregate_adapters([str(c) for c in clients], tmp_path / "g", strategy="fedavg")
+    got = merged_state(tiny_lm, tmp_path / "g")
+    mean = weighted_mean_state([merged_state(tiny_lm, c) for c in clients], [1, 1, 1])
+    delta = {k: mean[k] - merged_state(tiny_lm, start)[k].double() for k in mean}
+    errors = [float((got[k].double() - mean[k]).norm() / delta[k].norm())
+              for k in mean if "up_proj" in k]
+    print(f"fedavg: error relative to the mean update: {max(errors):.3f}")
+    assert max(errors) > 1e-3
+
+
+def test_multi_round_training_lowers_held_out_loss(tmp_path, tiny_lm, shards):
+    from chorus_p2p.train.simulate import DEMO_TARGETS
+
+    spec = FederationSpec.build(str(tiny_lm), 8, 16.0, DEMO_TARGETS)
+    start = initial_state(spec, "simulation", tmp_path / "r0")
+    model, tokenizer = load_global_model(tiny_lm, start)
+    from chorus_p2p.train.data import token_blocks
+
+    before = sum(evaluate(model, token_blocks(tokenizer, d.eval, 64)) for d in shards) / 3
+    history = simulate(tiny_lm, shards, shards, 3, "fedex-svd", tmp_path / "sim", rank=8,
+                       alpha=16.0, targets=DEMO_TARGETS, config=TrainConfig(steps=30, lr=5e-3))
+    losses = [h.mean_eval_loss for h in history]
+    assert losses[-1] < before - 0.02 and losses[-1] < losses[0], (before, losses)
+    assert all(h.residual_energy is not None and 0 <= h.residual_energy < 1 for h in history)
+
+
+def test_dataset_formats_and_split(tmp_path):
+    texts = load_texts(ROOT / "examples" / "data" / "instructions.jsonl")
+    assert texts[0].startswith("### Instruction:\nGive the shipping forecast")
+    assert "### Input:\n" in texts[0] and "\n\n### Response:\n" in texts[0]
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first document")
+    (folder / "b.txt").write_text("second document")
+    assert load_texts(folder) == ["first document", "second document"]
+    a, b = Dataset.load(SHARDS[0]), Dataset.load(SHARDS[0])
+    assert a.eval == b.eval and set(a.eval).isdisjoint(a.train) and len(a.eval) > 10
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    from chorus_p2p.errors import UsageError
+
+    with pytest.raises(UsageError, match="bad.jsonl:1"):
+        load_texts(bad)
+
+
+def test_export_round_trips_through_transformers(tmp_path, tiny_lm, shards):
+    from transformers import AutoModelForCausalLM
+
+    spec = FederationSpec.build(str(tiny_lm), 4, 8.0, TARGETS)
+    start = initial_state(spec, "t", tmp_path / "r0")
+    clients = [train_round(tiny_lm, start, None, d, TrainConfig(steps=3, seed=i),
+                           tmp_path / f"c{i}").adapter_dir for i, d in enumerate(shards[:2])]
+    aggregate_adapters([str(c) for c in clients], tmp_path / "g", rank=2)
+    export_merged(tiny_lm, tmp_path / "g", tmp_path / "g" / RESIDUAL_FILE, tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    unmerged, _ = load_global_model(tiny_lm, tmp_path / "g", tmp_path / "g" / RESIDUAL_FILE)
+    tokens = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = exported(tokens).logits, unmerged(tokens).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / "export" / "tokenizer.json").exists()
+
+
+async def test_training_node_resumes_from_identical_state(tmp_path, tiny_lm):
+    data = tmp_path / "node"
+    kwargs = dict(min_updates=1, train=True, dataset=str(SHARDS[1]), steps=3,
+                  target_modules=TARGETS)
+    node = await start_node(data, tiny_lm, **kwargs)
+    await wait_for(lambda: (node.ledger.round(2) or {}).get("state") == "committed", timeout=90)
+    node.rounds.set_paused(True)
+    await wait_for(lambda: node.ledger.latest_round()["state"] == "committed", timeout=60)
+    before = [(r["round"], r["adapter_sha"], r["cumulative_sha"])
+              for r in node.ledger.list_rounds(limit=100) if r["state"] == "committed"]
+    outbox = sorted(p.name for p in (data / "outbox").glob("*.json"))
+    await node.stop()
+
+    node = await start_node(data, tiny_lm, **kwargs)
+    try:
+        after = [(r["round"], r["adapter_sha"], r["cumulative_sha"])
+                 for r in node.ledger.list_rounds(limit=100) if r["state"] == "committed"]
+        assert after == before  # nothing recomputed or lost across the restart
+        assert sorted(p.name for p in (data / "outbox").glob("*.json")) == outbox
+        last = before[0][0]
+        node.rounds.set_paused(False)
+        await wait_for(lambda: (node.ledger.round(last + 1) or {}).get("state") == "committed",
+                       timeout=90)
+        row = node.ledger.round(last + 1)
+        assert row["trained_from"] == last
+        update = node.ledger.updates(last + 1)[0]
+        assert update["node_id"] == node.node_id and update["trained_from"] == last
+        meta = json.loads((data / "outbox" / f"round-{last + 1}.json").read_text())
+        assert meta["trained_from"] == last and meta["examples"] == update["examples"]
+    finally:
+        await node.stop()
+
+
+def test_demo_command_runs_a_federation_offline(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", "demo", "--rounds", "2",
+                           "--steps", "5", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "round 1  eval loss: kitchen" in done.stdout and "round 2  eval loss:" in done.stdout
+    assert "all 3 ledgers hold the same 3 committed rounds and R: yes" in done.stdout
