@@ -225,7 +225,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     up.add_argument("--dataset", metavar="PATH", help="JSONL (text, or instruction/input/output) "
                     "or a folder of .txt files")
     up.add_argument("--steps", type=int, help="optimizer steps per round (default 30)")
-    up.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
+    up.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
     up.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
     up.set_defaults(handler=_cmd_up)
 

@@ -98,7 +98,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="also run fedavg and plot eval loss per round for both (PNG)")
     demo.add_argument("--plot", metavar="PNG", help="where --compare writes its plot")
     demo.add_argument("--steps", type=int, default=30, help="training steps per node per round")
-    demo.add_argument("--lr", type=float, default=5e-3)
+    demo.add_argument("--lr", type=float, default=1e-3)
     demo.add_argument("--exactness", action="store_true",
                       help="the aggregation-exactness demo instead of the federation")
     demo.add_argument("--clients", type=int, default=4, help="(--exactness) client adapters")

@@ -115,9 +115,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_options(parser: argparse.ArgumentParser) -> None:
+def _training_options(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per round")
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
     parser.add_argument("--batch-size", type=int, default=8)
 
 
@@ -141,7 +141,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--dataset", required=True)
     train.add_argument("--rounds", type=int, default=1)
     train.add_argument("--wait", type=float, default=600, help="seconds to wait for a round")
-    _training_options(train)
+    _training_options(train, 2e-4)
     train.set_defaults(handler=_cmd_train)
 
     sim = commands.add_parser("simulate", help="in-process federated training, no sockets")
@@ -152,7 +152,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--plot", metavar="PNG")
     sim.add_argument("--model", help="base model (default: build the tiny Llama)")
     sim.add_argument("--workdir")
-    _training_options(sim)
+    _training_options(sim, 1e-3)  # the tiny default model learns at a higher rate
     sim.set_defaults(handler=_cmd_simulate)
 
     export = commands.add_parser("export", help="write base + R + adapter as one HF model folder")

@@ -88,6 +88,10 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
                                           None), 30, "a coordinator")
         print(f"  3 nodes up on 127.0.0.1:{','.join(map(str, ports))}; coordinator "
               f"{leader.node_id[:12]} (term {leader.cluster.term}), strategy {strategy}")
+        adapter_dir, residual = materialize_round(nodes[0], 0, workdir / f"eval-{strategy}")
+        start = await asyncio.to_thread(eval_global, model, adapter_dir, residual, datasets, config)
+        print(f"  round 0  eval loss: " + "  ".join(f"{k} {v:.3f}" for k, v in start.items())
+              + f"  (mean {sum(start.values()) / len(start):.3f})  the shared starting point")
         for number in range(1, rounds + 1):
             await _wait(lambda: all((n.ledger.round(number) or {}).get("state") == "committed"
                                     for n in nodes), 300, f"round {number} on every node")
@@ -126,7 +130,7 @@ async def _wait(predicate, timeout: float, what: str):
 
 
 def run_federation_demo(rounds: int = 5, compare: bool = False, workdir: str | None = None,
-                        steps: int = 30, lr: float = 5e-3, plot: str | None = None) -> int:
+                        steps: int = 30, lr: float = 1e-3, plot: str | None = None) -> int:
     import logging
 
     quiet_transformers()

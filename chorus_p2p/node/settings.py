@@ -45,7 +45,7 @@ class NodeSettings:
     train: bool = False  # train on --dataset every round and submit
     dataset: str | None = None
     steps: int = 30
-    lr: float = 3e-3
+    lr: float = 2e-4  # a usual LoRA rate for real models; the tiny demo model uses 1e-3
     batch_size: int = 8
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
 

@@ -104,6 +104,7 @@ def plot_history(histories: dict[str, list[RoundStats]], out: str | Path, title:
         for shard in history[0].eval_loss:
             ax.plot(xs, [h.eval_loss[shard] for h in history], linestyle=":", color=color,
                     alpha=0.5)
+    ax.set_xticks([h.round for h in next(iter(histories.values()))])
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss (dotted: per shard)")
     ax.set_title(title)

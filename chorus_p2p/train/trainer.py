@@ -26,7 +26,7 @@ from chorus_p2p.train.data import Dataset, token_blocks
 @dataclass
 class TrainConfig:
     steps: int = 30
-    lr: float = 3e-3
+    lr: float = 1e-3
     batch_size: int = 8
     seq_len: int = 64
     seed: int = 0
