@@ -241,16 +241,21 @@ class AsyncNodeClient:
 
     # -- writes ---------------------------------------------------------------------------
     async def submit(self, adapter_path: str | os.PathLike, round: int | None = None,
-                     examples: int | None = None, trained_from: int | None = None
+                     examples: int | None = None, trained_from: int | None = None,
+                     eval_loss: float | None = None, train_loss: float | None = None
                      ) -> dict[str, Any]:
         """Upload an adapter (PEFT folder or ``.safetensors``) to a round (default: current).
 
         ``examples`` weights the update (default 1); ``trained_from`` is the round whose adapter
-        training started from (default: the one the target round builds on).
+        training started from (default: the one the target round builds on). ``eval_loss`` and
+        ``train_loss``, if given, are recorded with the update and shown per round.
         """
+        losses = {k: float(v) for k, v in (("eval_loss", eval_loss), ("train_loss", train_loss))
+                  if v is not None}
         weights_file, _ = resolve_adapter_files(adapter_path)
         try:
-            return await self._submit_here(Path(weights_file), round, examples, trained_from)
+            return await self._submit_here(Path(weights_file), round, examples, trained_from,
+                                           losses)
         except ConflictError as exc:
             leader = exc.details.get("coordinator_url")
             if exc.code != "not_coordinator" or not leader or leader.rstrip("/") == self.url:
@@ -260,10 +265,12 @@ class AsyncNodeClient:
                                      admin_token=self.admin_token,
                                      timeout=self.timeout.total or 120.0)
         async with redirected:
-            return await redirected._submit_here(Path(weights_file), round, examples, trained_from)
+            return await redirected._submit_here(Path(weights_file), round, examples, trained_from,
+                                                 losses)
 
     async def _submit_here(self, weights_file: Path, round: int | None, examples: int | None,
-                           trained_from: int | None) -> dict[str, Any]:
+                           trained_from: int | None, losses: dict[str, float]
+                           ) -> dict[str, Any]:
         if round is None or trained_from is None:
             current = (await self.status())["current_round"]
             if current is None:
@@ -272,7 +279,8 @@ class AsyncNodeClient:
             round = current["round"] if round is None else round
             if trained_from is None:
                 trained_from = current["trained_from"] if current["round"] == round else round - 1
-        params = {"examples": int(examples or 1), "trained_from": int(trained_from)}
+        params: dict[str, Any] = {"examples": int(examples or 1),
+                                  "trained_from": int(trained_from), **losses}
         return await self._request("POST", f"/v1/rounds/{round}/updates", params=params,
                                    file_body=Path(weights_file))
 
@@ -303,6 +311,15 @@ class AsyncNodeClient:
         if hashlib.sha256(data).hexdigest() != sha:
             raise NodeError("hash_mismatch", f"blob {sha[:12]}... does not match its hash", 0)
         return data
+
+    async def decide_member(self, node_id: str, approve: bool) -> dict[str, Any]:
+        """Approve or reject a pending member (federations run with ``--approve-joins``)."""
+        action = "approve" if approve else "reject"
+        return await self._request("POST", f"/v1/admin/members/{node_id}/{action}", json_body={},
+                                   admin=True)
+
+    async def join_token(self) -> str:
+        return (await self._request("GET", "/v1/admin/join-token", admin=True))["join_token"]
 
     async def close_round(self) -> dict[str, Any]:
         return await self._request("POST", "/v1/admin/rounds/close", json_body={}, admin=True)

@@ -1,1 +1,1 @@
-"""The Textual TUI (a client of a node's public HTTP/WebSocket API). Not built yet: see issue 6."""
+"""The Textual TUI: ``chorus-node tui``. A client of a node's public HTTP/WebSocket API only."""

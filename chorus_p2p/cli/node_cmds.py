@@ -67,7 +67,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("model", "data_dir", "host", "port", "strategy",
                                            "rank", "alpha", "target_modules", "min_updates",
                                            "round_deadline", "headless", "mdns",
-                                           "election_timeout", "train", "dataset", "steps",
+                                           "election_timeout", "approve_joins", "train",
+                                           "dataset", "steps",
                                            "lr", "batch_size")}
     flags["peers"] = args.peer
     flags["interfaces"] = args.interface
@@ -172,6 +173,32 @@ def _admin(action: str):
     return run
 
 
+def _decide(approve: bool):
+    def run(args: argparse.Namespace) -> int:
+        with _client(args) as node:
+            result = node.decide_member(args.member, approve)
+        _print_json(result) if args.json else print(f"{result['node_id']}: {result['status']}")
+        return 0
+    return run
+
+
+def _cmd_tui(args: argparse.Namespace) -> int:
+    from chorus_p2p.client import DEFAULT_URL, AsyncNodeClient
+    from chorus_p2p.node.identity import load_identity
+    from tui.app import run_tui
+
+    url = args.node or os.environ.get("CHORUS_NODE") or DEFAULT_URL
+    token = args.join or os.environ.get("CHORUS_JOIN_TOKEN")
+    kwargs = {"client_id": args.client_id or "tui"}
+    if token:
+        client = AsyncNodeClient.from_join_token(url, token, **kwargs)
+    else:
+        load_identity(_data_dir(args))  # a clear error if there is no local node here
+        client = AsyncNodeClient.from_data_dir(_data_dir(args), url, **kwargs)
+    run_tui(client, url)
+    return 0
+
+
 def _client_options(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
     parser.add_argument("--node", metavar="URL", help="node URL (default $CHORUS_NODE or "
                         "http://127.0.0.1:8470)")
@@ -220,6 +247,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="no mDNS at all: static peers only")
     up.add_argument("--election-timeout", type=float, metavar="SECONDS",
                     help="base election timeout (default 1.0; heartbeats every quarter of it)")
+    up.add_argument("--approve-joins", action="store_true", default=None,
+                    help="new members wait until an admin approves them (approve/reject, TUI)")
     up.add_argument("--train", action="store_true", default=None,
                     help="train on --dataset every round and submit the update")
     up.add_argument("--dataset", metavar="PATH", help="JSONL (text, or instruction/input/output) "
@@ -257,6 +286,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     pull.add_argument("--cumulative", action="store_true", help="also fetch R after that round")
     pull.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     pull.set_defaults(handler=_cmd_pull)
+
+    for name, approve in (("approve", True), ("reject", False)):
+        sub = commands.add_parser(name, help=f"(admin) {name} a pending member")
+        _client_options(sub)
+        sub.add_argument("member", metavar="NODE_ID", help="node id (a unique prefix will do)")
+        sub.set_defaults(handler=_decide(approve))
+
+    tui = commands.add_parser("tui", help="the live federation dashboard (Textual)")
+    _client_options(tui, json_flag=False)
+    tui.set_defaults(handler=_cmd_tui)
 
     for name, action, text in (("close-round", "close_round", "aggregate the current round now"),
                                ("pause", "pause", "open no new rounds"),

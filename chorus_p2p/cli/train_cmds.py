@@ -59,7 +59,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             result = train_round(args.model, adapter, residual, dataset, config,
                                  work / f"client-{number}")
             node.submit(result.adapter_dir, round=number, examples=result.examples,
-                        trained_from=base)
+                        trained_from=base, eval_loss=result.eval_loss,
+                        train_loss=result.train_loss)
             print(f"round {number}: trained {config.steps} steps on {result.examples} examples, "
                   f"train loss {result.train_loss:.3f}, eval loss {result.eval_loss:.3f}; "
                   f"submitted", flush=True)

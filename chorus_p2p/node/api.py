@@ -39,7 +39,7 @@ STATUS_FOR_CODE = {
     "unauthenticated": 401, "bad_signature": 401, "stale_request": 401, "replayed": 401,
     "forbidden": 403, "not_found": 404, "unknown_round": 404, "no_residual": 404,
     "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
-    "not_coordinator": 409, "spec_mismatch": 409,
+    "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
     "internal": 500,
@@ -160,6 +160,17 @@ def _int_param(request: web.Request, name: str, *, default: int | None = None,
     return value
 
 
+def _float_param(request: web.Request, name: str) -> float:
+    raw = request.query[name]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError("bad_request", f"query parameter {name}={raw!r} is not a number")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ApiError("bad_request", f"query parameter {name} must be finite")
+    return value
+
+
 def _round_number(request: web.Request) -> int:
     raw = request.match_info["round"]
     node = _node(request)
@@ -233,8 +244,9 @@ async def round_detail(request: web.Request) -> web.Response:
     node = _node(request)
     number = _round_number(request)
     row = public_round(node.ledger.round(number))
-    row["updates"] = [{k: u[k] for k in ("node_id", "blob_sha", "examples", "trained_from",
-                                         "size", "norm", "received_at")}
+    row["updates"] = [{k: u.get(k) for k in ("node_id", "blob_sha", "examples", "trained_from",
+                                             "size", "norm", "received_at", "eval_loss",
+                                             "train_loss")}
                       for u in node.ledger.updates(number)]
     return web.json_response(row)
 
@@ -246,6 +258,8 @@ async def submit_update(request: web.Request) -> web.Response:
         node.ledger.latest_round()["round"]
     examples = _int_param(request, "examples", minimum=1)
     trained_from = _int_param(request, "trained_from")
+    losses = {k: _float_param(request, k) for k in ("eval_loss", "train_loss")
+              if k in request.query}
     caller = request[CALLER]
     ctype = request.headers.get("Content-Type", "application/octet-stream")
     if ctype.split(";")[0].strip() not in ("application/octet-stream",
@@ -276,7 +290,7 @@ async def submit_update(request: web.Request) -> web.Response:
                            "altered in transit)")
         norm = await asyncio.to_thread(node.spec.validate_update, temp)
         accepted = await node.rounds.accept(number, caller, temp, digest.hexdigest(), size,
-                                            examples, trained_from, norm)
+                                            examples, trained_from, norm, losses)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -429,6 +443,21 @@ async def admin_close_round(request: web.Request) -> web.Response:
     return web.json_response({"round": number, "state": "aggregating"}, status=202)
 
 
+async def admin_decide_member(request: web.Request) -> web.Response:
+    await read_json_body(request)
+    decision = request.match_info["decision"]
+    if decision not in ("approve", "reject"):
+        raise ApiError("not_found", f"no such action {decision!r}: approve or reject")
+    return web.json_response(_node(request).cluster.decide(request.match_info["node_id"],
+                                                           decision == "approve"))
+
+
+async def admin_join_token(request: web.Request) -> web.Response:
+    node = _node(request)
+    return web.json_response({"join_token": node.identity.join_token(),
+                              "federation": node.identity.federation})
+
+
 async def admin_pause(request: web.Request) -> web.Response:
     await read_json_body(request)
     _node(request).rounds.set_paused(True)
@@ -466,6 +495,8 @@ def build_app(node: "Node") -> web.Application:
         web.get("/v1/peer/history", peer_history),
         web.post("/v1/admin/rounds/close", admin_close_round),
         web.post("/v1/admin/pause", admin_pause),
+        web.get("/v1/admin/join-token", admin_join_token),
+        web.post("/v1/admin/members/{node_id}/{decision}", admin_decide_member),
         web.post("/v1/admin/resume", admin_resume),
     ])
     return app

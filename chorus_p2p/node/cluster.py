@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("chorus_p2p.cluster")
 
 FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
+# Members in these states do not vote, count toward a majority, or receive heartbeats.
+NOT_COUNTED = ("left", "pending", "rejected")
 
 
 @dataclass
@@ -60,11 +62,13 @@ class Peer:
 
 class Cluster:
     def __init__(self, node: "Node", timing: ClusterTiming | None = None,
-                 static_peers: list[str] | None = None, discovery_enabled: bool = False):
+                 static_peers: list[str] | None = None, discovery_enabled: bool = False,
+                 approve_joins: bool = False):
         self.node = node
         self.timing = timing or ClusterTiming()
         self.static_peers = [p if p.startswith("http") else f"http://{p}" for p in static_peers or []]
         self.discovery_enabled = discovery_enabled
+        self.approve_joins = approve_joins
         self.client = PeerClient(node.request_key, node.node_id, timeout=max(
             0.5, self.timing.election_min_s * 0.8))
         self.role = FOLLOWER
@@ -88,11 +92,17 @@ class Cluster:
                 continue
             url = next((f"http://{a}" for a in m["addresses"]), "")
             if url:
+                status = m["status"] if m.get("status") in ("pending", "rejected") else "lost"
                 self.peers[m["node_id"]] = Peer(m["node_id"], url, m["name"] or "",
-                                                m["public_key"] or "", 0.0, "lost")
+                                                m["public_key"] or "", 0.0, status)
 
     def voting_members(self) -> list[str]:
-        return [self.node.node_id] + [p.node_id for p in self.peers.values() if p.status != "left"]
+        return [self.node.node_id] + [p.node_id for p in self.peers.values()
+                                      if p.status not in NOT_COUNTED]
+
+    def is_member(self, node_id: str) -> bool:
+        peer = self.peers.get(node_id)
+        return peer is not None and peer.status not in NOT_COUNTED
 
     def quorum(self) -> int:
         return len(self.voting_members()) // 2 + 1
@@ -120,8 +130,14 @@ class Cluster:
         peer = self.peers.get(node_id)
         is_new = peer is None
         if peer is None:
-            peer = self.peers[node_id] = Peer(node_id, url)
-        if direct and peer.status == "left":
+            # With --approve-joins a node we hear of directly waits for an admin's approval; one
+            # the coordinator lists as a member was approved there already.
+            vouched = info.get("status") in ("live", "lost") and not direct
+            status = "pending" if self.approve_joins and not vouched else "live"
+            peer = self.peers[node_id] = Peer(node_id, url, status=status)
+        if peer.status in ("pending", "rejected"):
+            pass
+        elif direct and peer.status == "left":
             peer.status = "lost"  # it came back; _seen makes it live
         elif info.get("status") == "left":
             peer.status = "left"
@@ -134,14 +150,42 @@ class Cluster:
                 "node_id": node_id, "name": peer.name, "addresses": [peer.url.split("//", 1)[-1]],
                 "public_key": peer.public_key, "admitted_at": time.time(), "last_seen": time.time(),
                 "status": peer.status})
-            self.node.bus.publish("member_admitted", None, {"node_id": node_id, "url": peer.url})
+            kind = "member_pending" if peer.status == "pending" else "member_admitted"
+            self.node.bus.publish(kind, None, {"node_id": node_id, "url": peer.url})
         return peer
+
+    def decide(self, node_id: str, approve: bool) -> dict[str, Any]:
+        """Admin decision on a pending member (on the coordinator; followers learn it by gossip)."""
+        from chorus_p2p.node.spec import UpdateRejected
+
+        if self.node.node_id.startswith(node_id):
+            raise UpdateRejected("not_pending", "that is this node itself; only pending members "
+                                 "(nodes started with --approve-joins) can be approved or rejected")
+        peer = self.peers.get(node_id) or next(
+            (p for p in self.peers.values() if p.node_id.startswith(node_id)), None)
+        if peer is None:
+            raise UpdateRejected("not_found", f"no member {node_id}")
+        if self.role != COORDINATOR:
+            raise UpdateRejected("not_coordinator", "admission is decided on the coordinator",
+                                 extra={"coordinator_url": self.coordinator_url})
+        if peer.status != "pending":
+            raise UpdateRejected("not_pending", f"member {peer.node_id[:12]} is {peer.status}; only "
+                                 "pending members (nodes started with --approve-joins) can be "
+                                 "approved or rejected")
+        peer.status = "lost" if approve else "rejected"
+        if approve:
+            self._seen(peer)
+        self.node.ledger.upsert_member({"node_id": peer.node_id, "status": peer.status})
+        self.node.bus.publish("member_approved" if approve else "member_rejected", None,
+                              {"node_id": peer.node_id})
+        self._wake.set()
+        return {"node_id": peer.node_id, "status": peer.status}
 
     def _seen(self, peer: Peer) -> None:
         was = peer.status
         peer.last_seen = time.monotonic()
         peer.fail_count = 0
-        if was != "left":
+        if was not in NOT_COUNTED:
             peer.status = "live"
         if was == "lost":
             self.node.bus.publish("member_seen", None, {"node_id": peer.node_id, "url": peer.url})
@@ -313,7 +357,7 @@ class Cluster:
         self._reset_election_timer()
 
     async def _heartbeat_all(self, term: int) -> None:
-        targets = [p for p in self.peers.values() if p.status != "left"]
+        targets = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
         body = {"term": term, "coordinator": self.node.node_id, "url": self.node.url,
                 "members": self.member_json(), **self.node.rounds.replication_payload()}
         results = await asyncio.gather(*(self._heartbeat(p, body) for p in targets))
@@ -355,7 +399,7 @@ class Cluster:
         last_term, last_round = self.node.rounds.log_position()
         body = {"term": term, "candidate": self.node.node_id, "url": self.node.url,
                 "last_term": last_term, "last_round": last_round}
-        voters = [p for p in self.peers.values() if p.status != "left"]
+        voters = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
         self.node.bus.publish("election_started", None, {"term": term, "voters": len(voters) + 1})
         votes = 1
 
@@ -390,6 +434,11 @@ class Cluster:
     # -- handlers for peer requests --------------------------------------------------------------
     def on_vote(self, body: dict[str, Any]) -> dict[str, Any]:
         term = int(body["term"])
+        if not self.approve_joins and body.get("url"):
+            self._admit({"node_id": body["candidate"], "url": body["url"]}, body["url"], True)
+        if not self.is_member(body["candidate"]):
+            # A pending, rejected or unknown node cannot win votes or push our term up.
+            return {"term": self.term, "granted": False}
         if term < self.term:
             return {"term": self.term, "granted": False}
         if term > self.term:
@@ -406,6 +455,9 @@ class Cluster:
 
     def on_append(self, body: dict[str, Any]) -> dict[str, Any]:
         term = int(body["term"])
+        sender = self.peers.get(body["coordinator"])
+        if self.approve_joins and sender is not None and sender.status in ("pending", "rejected"):
+            return {"term": self.term, "ok": False}
         if term < self.term:
             return {"term": self.term, "ok": False}
         if self.role == COORDINATOR and term == self.term and body["coordinator"] != self.node.node_id:
@@ -422,15 +474,19 @@ class Cluster:
         self.coordinator_url = body["url"]
         self.last_heartbeat = time.monotonic()
         self._reset_election_timer()
-        self.accept_hello({"node_id": body["coordinator"], "url": body["url"],
-                           "members": body.get("members", [])}, body["url"], direct=True)
+        # The coordinator of a majority vouches for itself: admit it as a live member.
+        self.accept_hello({"node_id": body["coordinator"], "url": body["url"], "status": "live",
+                           "members": body.get("members", [])}, body["url"],
+                          direct=not self.approve_joins)
         for member in body.get("members", []):
             peer = self.peers.get(member["node_id"])
             if peer is None or peer.node_id == body["coordinator"]:
                 continue
-            if member.get("status") == "left":
-                peer.status = "left"
+            if member.get("status") in ("left", "rejected"):
+                peer.status = member["status"]
             elif member.get("status") == "live":
+                if peer.status == "pending":
+                    peer.status = "lost"  # the coordinator approved it
                 self._seen(peer)
             elif member.get("status") == "lost" and peer.status == "live":
                 peer.status = "lost"
@@ -463,6 +519,9 @@ class Cluster:
         if body.get("federation") != self.node.identity.federation:
             raise UpdateRejected("spec_mismatch", f"this node belongs to federation "
                                  f"{self.node.identity.federation!r}")
+        known = self.peers.get(body.get("node_id", ""))
+        if known is not None and known.status == "rejected":
+            raise UpdateRejected("forbidden", "an admin rejected this node's admission")
         if body.get("fingerprint") != self.node.spec.fingerprint():
             raise UpdateRejected("spec_mismatch", "this federation trains different modules, "
                                  "rank or alpha; check --rank/--alpha/--target-modules/--model")

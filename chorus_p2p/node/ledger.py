@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Round states, in order. A round only moves forward.
 OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
@@ -50,7 +50,14 @@ def _migration_1(db: sqlite_utils.Database) -> None:
                         pk="id", if_not_exists=True)
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migration_1}
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Clients may report their held-out loss with an update (shown per round in the TUI)."""
+    db["updates"].add_column("eval_loss", float)
+    db["updates"].add_column("train_loss", float)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migration_1,
+                                                                   2: _migration_2}
 
 
 class Ledger:
@@ -197,7 +204,11 @@ class Ledger:
 
     # -- members --------------------------------------------------------------------------
     def members(self) -> list[dict[str, Any]]:
-        return [{**m, "addresses": json.loads(m["addresses"] or "[]")}
+        contributed = {r["node_id"]: r["n"] for r in self.db.query(
+            "select node_id, count(*) as n from updates u join rounds r using (round) "
+            "where r.state = ? group by node_id", [COMMITTED])}
+        return [{**m, "addresses": json.loads(m["addresses"] or "[]"),
+                 "rounds_contributed": contributed.get(m["node_id"], 0)}
                 for m in self.db.query("select * from members order by node_id")]
 
     def upsert_member(self, row: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ log = logging.getLogger("chorus_p2p.rounds")
 FAULT_DELAY_ENV = "CHORUS_FAULT_AGGREGATION_DELAY"
 RESULT_KEYS = ("adapter_sha", "adapter_config_sha", "residual_sha", "cumulative_sha")
 UPDATE_KEYS = ("round", "node_id", "blob_sha", "examples", "trained_from", "size", "norm",
-               "received_at")
+               "received_at", "eval_loss", "train_loss")
 
 
 @dataclass
@@ -218,7 +218,8 @@ class RoundManager:
         return row
 
     async def accept(self, round_no: int, node_id: str, temp_path: Path, sha: str, size: int,
-                     examples: int, trained_from: int, norm: float) -> Accepted:
+                     examples: int, trained_from: int, norm: float,
+                     losses: dict[str, float] | None = None) -> Accepted:
         async with self._lock:
             existing = self.ledger.update(round_no, node_id)
             if existing is not None:
@@ -231,7 +232,9 @@ class RoundManager:
             await asyncio.to_thread(self.blobs.adopt, temp_path, sha)
             record = {"round": round_no, "node_id": node_id, "blob_sha": sha,
                       "examples": examples, "trained_from": trained_from, "size": size,
-                      "norm": norm, "received_at": time.time()}
+                      "norm": norm, "received_at": time.time(),
+                      "eval_loss": (losses or {}).get("eval_loss"),
+                      "train_loss": (losses or {}).get("train_loss")}
             details = {"node_id": node_id, "sha256": sha, "examples": examples}
             event_id = self.ledger.add_update(record, details)
             if row["state"] == OPEN:
@@ -378,7 +381,9 @@ class RoundManager:
                 cumulative.add(load_residual(residual_file))
                 cumulative.save(scratch / "cumulative.safetensors", {"round": str(round_no)})
                 cumulative_sha = self.blobs.put_file(scratch / "cumulative.safetensors")
+            reported = [u["eval_loss"] for u in updates if u.get("eval_loss") is not None]
             metrics = {"updates": len(updates), "examples": sum(u["examples"] for u in updates),
+                       "mean_eval_loss": sum(reported) / len(reported) if reported else None,
                        "strategy": self.policy.strategy,
                        "aggregation_ms": round(report.seconds * 1000, 3),
                        "total_ms": round((time.perf_counter() - started) * 1000, 3),

@@ -79,7 +79,8 @@ class Node:
         self.rounds = RoundManager(self.ledger, self.blobs, self.spec, self.identity.federation,
                                    self.identity.node_id, self.policy, self.bus)
         self.cluster = Cluster(self, _timing(settings.election_timeout),
-                               static_peers=list(settings.peers), discovery_enabled=settings.mdns)
+                               static_peers=list(settings.peers), discovery_enabled=settings.mdns,
+                               approve_joins=settings.approve_joins)
         self.discovery: Discovery | None = None
         self.participant = None
         if settings.train:

@@ -42,6 +42,7 @@ class NodeSettings:
     interfaces: tuple[str, ...] = ()  # IPs for mDNS; empty = all interfaces
     mdns: bool = True
     election_timeout: float = 1.0  # seconds; randomised in [t, 2t]
+    approve_joins: bool = False  # new members wait for an admin's approval
     train: bool = False  # train on --dataset every round and submit
     dataset: str | None = None
     steps: int = 30
@@ -72,7 +73,7 @@ def _convert(name: str, value: Any, kind: type) -> Any:
 _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": str, "rank": int,
           "alpha": float, "target_modules": tuple, "min_updates": int, "round_deadline": float,
           "headless": bool, "peers": tuple, "interfaces": tuple, "mdns": bool,
-          "election_timeout": float, "train": bool, "dataset": str, "steps": int, "lr": float,
+          "election_timeout": float, "approve_joins": bool, "train": bool, "dataset": str, "steps": int, "lr": float,
           "batch_size": int}
 
 

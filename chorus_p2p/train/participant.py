@@ -146,6 +146,7 @@ class Participant:
                                    client_id=self.node.node_id, timeout=30) as client:
             try:
                 await client.submit(self.outbox / entry["file"], round=number,
-                                    examples=entry["examples"], trained_from=entry["trained_from"])
+                                    examples=entry["examples"], trained_from=entry["trained_from"],
+                                    eval_loss=entry["eval_loss"], train_loss=entry["train_loss"])
             except (NodeError, NodeUnreachable) as exc:
                 log.info("submit of round %d not taken yet (%s); will retry", number, exc)

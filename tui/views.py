@@ -1,0 +1,181 @@
+"""The four panes: federation, round, history, events. Each renders a FederationState."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Label, ProgressBar, RichLog, Static
+from textual_plotext import PlotextPlot
+
+from tui.state import FederationState
+
+ROLE_STYLE = {"coordinator": "bold green", "follower": "cyan", "candidate": "yellow"}
+STATUS_STYLE = {"live": "green", "lost": "red", "left": "dim", "pending": "yellow"}
+LEVEL_STYLE = {"info": "", "warning": "yellow", "error": "bold red"}
+
+
+def short(node_id: str | None, width: int = 12) -> str:
+    return (node_id or "-")[:width]
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s" if seconds < 60 else f"{seconds / 60:.0f}m"
+
+
+def clock(ts: float | None) -> str:
+    return "-" if not ts else dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+class FederationView(Vertical):
+    def compose(self) -> ComposeResult:
+        yield Label("", id="federation-summary")
+        table = DataTable(id="members", cursor_type="row", zebra_stripes=True)
+        table.add_columns("name", "node id", "address", "role", "term", "heartbeat", "rounds",
+                          "status")
+        yield table
+
+    def render_state(self, state: FederationState) -> None:
+        status = state.status
+        quorum = status.get("quorum")
+        summary = Text.assemble(
+            ("federation ", "dim"), (str(status.get("federation", "-")), "bold"),
+            ("   term ", "dim"), (str(status.get("term", "-")), "bold"),
+            ("   coordinator ", "dim"), (short(status.get("coordinator")), "bold"),
+            ("   ", ""), ("quorum" if quorum else "NO QUORUM", "green" if quorum else "bold red"),
+            (f"   {status.get('voting_members', len(state.members))} voters", "dim"))
+        self.query_one("#federation-summary", Label).update(summary)
+        table = self.query_one("#members", DataTable)
+        table.clear()
+        for m in state.members:
+            role = m.get("role") or "-"
+            address = ",".join(m.get("addresses") or []) or "-"
+            table.add_row(m.get("name") or "-", short(m["node_id"]), address,
+                          Text(role, ROLE_STYLE.get(role, "")), str(status.get("term", "-")),
+                          age(m.get("last_seen_age_s")) if m["node_id"] != status.get("node_id")
+                          else "self", str(m.get("rounds_contributed", 0)),
+                          Text(m.get("status") or "-", STATUS_STYLE.get(m.get("status"), "")),
+                          key=m["node_id"])
+
+
+class RoundView(Vertical):
+    def compose(self) -> ComposeResult:
+        yield Label("", id="round-summary")
+        with Horizontal(id="round-progress-row"):
+            yield Label("updates ", id="round-progress-label")
+            yield ProgressBar(id="round-progress", show_eta=False)
+        yield Label("", id="round-deadline")
+        table = DataTable(id="participants", cursor_type="row", zebra_stripes=True)
+        table.add_columns("node", "submitted", "training", "loss")
+        yield table
+
+    def render_state(self, state: FederationState) -> None:
+        current = state.current_round
+        bar = self.query_one("#round-progress", ProgressBar)
+        if current is None:
+            paused = state.status.get("paused")
+            latest = (state.status.get("latest_committed") or {}).get("round", "-")
+            self.query_one("#round-summary", Label).update(
+                f"no round collecting{' (paused)' if paused else ''}; last committed: {latest}")
+            bar.update(total=1, progress=0)
+            self.query_one("#round-deadline", Label).update("")
+        else:
+            self.query_one("#round-summary", Label).update(Text.assemble(
+                ("round ", "dim"), (str(current["round"]), "bold"), ("  ", ""),
+                (current["state"], "bold cyan"), ("   trained from round ", "dim"),
+                (str(current["trained_from"]), ""), ("   expected ", "dim"),
+                (str(current.get("expected", "-")), "")))
+            bar.update(total=max(1, current["min_updates"]), progress=min(current["updates"],
+                                                                         current["min_updates"]))
+            left = (current.get("deadline_at") or 0) - state.clock()
+            self.query_one("#round-deadline", Label).update(
+                f"{current['updates']} / {current['min_updates']} updates needed   deadline in "
+                f"{max(0, int(left)) // 60}m{max(0, int(left)) % 60:02d}s")
+        table = self.query_one("#participants", DataTable)
+        table.clear()
+        submitted = state.submitted()
+        names = {m["node_id"]: m.get("name") or short(m["node_id"]) for m in state.members}
+        nodes = list(dict.fromkeys([*names, *submitted, *state.training]))
+        number = current["round"] if current else None
+        for node in nodes:
+            progress = state.training.get(node)
+            training = "-"
+            loss = "-"
+            if progress is not None and progress.round == number:
+                training = "done" if progress.finished else f"step {progress.step}/{progress.steps}"
+                loss = f"{progress.loss:.3f}" if progress.loss is not None else "-"
+            table.add_row(f"{short(node)} {names.get(node, '')}".strip(),
+                          Text("yes", "green") if node in submitted else Text("no", "dim"),
+                          training, loss, key=node)
+
+
+class HistoryView(Vertical):
+    def compose(self) -> ComposeResult:
+        table = DataTable(id="history", cursor_type="row", zebra_stripes=True)
+        table.add_columns("round", "strategy", "updates", "agg ms", "||D||/||M||", "eval loss",
+                          "committed")
+        yield table
+        with Horizontal(id="plots"):
+            yield PlotextPlot(id="plot-loss")
+            yield PlotextPlot(id="plot-energy")
+
+    def render_state(self, state: FederationState) -> None:
+        rows = state.committed_rounds()
+        table = self.query_one("#history", DataTable)
+        table.clear()
+        for r in reversed(rows):
+            m: dict[str, Any] = r.get("metrics") or {}
+            energy, loss = m.get("residual_energy"), m.get("mean_eval_loss")
+            table.add_row(str(r["round"]), r.get("strategy") or "-", str(m.get("updates", "-")),
+                          f"{m.get('aggregation_ms', 0):.1f}",
+                          "-" if energy is None else f"{energy:.4f}",
+                          "-" if loss is None else f"{loss:.3f}", clock(r.get("committed_at")),
+                          key=str(r["round"]))
+        self._plot("#plot-loss", "mean eval loss", [(r["round"], (r.get("metrics") or {}).get(
+            "mean_eval_loss")) for r in rows])
+        self._plot("#plot-energy", "residual energy ||D||/||M||", [(r["round"], (r.get(
+            "metrics") or {}).get("residual_energy")) for r in rows])
+
+    def _plot(self, selector: str, title: str, points: list[tuple[int, float | None]]) -> None:
+        widget = self.query_one(selector, PlotextPlot)
+        plt = widget.plt
+        plt.clear_data()
+        plt.title(title)
+        xs = [x for x, y in points if y is not None]
+        ys = [y for _, y in points if y is not None]
+        if xs:
+            plt.plot(xs, ys, marker="braille")
+            plt.xticks(xs)
+        widget.refresh()
+
+
+class EventLog(Vertical):
+    severity = "all"
+
+    def compose(self) -> ComposeResult:
+        yield Static("events: all  (f: filter by severity)", id="event-filter")
+        yield RichLog(id="event-log", wrap=False, markup=False, max_lines=500)
+
+    def render_state(self, state: FederationState, severity: str) -> None:
+        self.query_one("#event-filter", Static).update(
+            f"events: {severity}  (f: filter by severity)")
+        log = self.query_one("#event-log", RichLog)
+        log.clear()
+        for event in state.events_at(severity)[-200:]:
+            log.write(format_event(event))
+
+
+def format_event(event: dict[str, Any]) -> Text:
+    data = event.get("data") or {}
+    detail = " ".join(f"{k}={v}" for k, v in data.items()
+                      if k not in ("nodes", "members") and not isinstance(v, (dict, list)))
+    where = f"round {event['round']} " if event.get("round") is not None else ""
+    level = event.get("level", "info")
+    return Text.assemble((clock(event.get("ts")) + " ", "dim"),
+                         (f"{event.get('kind', '?'):<22}", LEVEL_STYLE.get(level, "")),
+                         (where, "bold"), (detail[:160], ""))
