@@ -207,3 +207,32 @@ async def test_sdk_submit_to_a_follower_goes_to_the_coordinator(federation):
         result = await c.submit(write_update(fed.tmp_path / "dora.safetensors", leader.spec, 3),
                                 examples=2)
     assert result["round"] == 1 and leader.ledger.update(1, "dora") is not None
+
+
+async def test_approve_joins_keeps_a_newcomer_pending_until_approved(federation):
+    fed = federation(3, approve_joins=True)
+    await fed.start(0)
+    leader = await fed.one_coordinator()
+    newcomer = await fed.start(1)
+    await wait_for(lambda: newcomer.node_id in leader.cluster.peers)
+    await asyncio.sleep(1.5)
+    assert leader.cluster.peers[newcomer.node_id].status == "pending"
+    assert leader.cluster.quorum() == 1 and leader.cluster.role == "coordinator"
+    assert newcomer.cluster.role != "coordinator" and newcomer.cluster.coordinator is None
+    async with AsyncNodeClient(leader.url, secret=leader.identity.secret, client_id="admin",
+                               admin_token=leader.identity.admin_token) as admin:
+        assert (await admin.decide_member(newcomer.node_id[:10], True))["node_id"] == \
+            newcomer.node_id
+    # Approved, it joins the majority: one coordinator both follow (either may win the term
+    # the newcomer's failed elections pushed up).
+    leader = await fed.one_coordinator(timeout=10)
+    assert leader.cluster.quorum() == 2
+    third = await fed.start(2)
+    await wait_for(lambda: third.node_id in leader.cluster.peers)
+    async with AsyncNodeClient(leader.url, secret=leader.identity.secret, client_id="admin",
+                               admin_token=leader.identity.admin_token) as admin:
+        await admin.decide_member(third.node_id, False)
+    await asyncio.sleep(1.5)
+    assert leader.cluster.peers[third.node_id].status == "rejected"
+    assert third.node_id not in leader.cluster.voting_members()
+    assert leader.cluster.role == "coordinator"  # the rejected node's elections changed nothing

@@ -134,3 +134,25 @@ def test_cli_runs_a_round_and_reports_exit_codes(running_node, tmp_path):
     # 4: nobody listening
     done = cli("status", "--node", "http://127.0.0.1:9", "--data-dir", str(node.data_dir))
     assert done.returncode == 4 and "cannot reach the node" in done.stderr
+
+
+def test_ledger_migrates_an_old_schema(tmp_path):
+    import sqlite3
+
+    import sqlite_utils
+
+    from chorus_p2p.node.ledger import MIGRATIONS, SCHEMA_VERSION, Ledger
+
+    path = tmp_path / "ledger.sqlite"
+    db = sqlite_utils.Database(sqlite3.connect(str(path), isolation_level=None))
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    MIGRATIONS[1](db)
+    db["meta"].insert({"key": "schema_version", "value": "1"})
+    db["updates"].insert({"round": 1, "node_id": "old", "blob_sha": "a" * 64, "examples": 3,
+                          "trained_from": 0, "size": 10, "norm": 1.0, "received_at": 0.0})
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION)
+    row = ledger.update(1, "old")
+    assert row["examples"] == 3 and row["eval_loss"] is None  # data kept, column added
+    ledger.close()

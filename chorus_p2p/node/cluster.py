@@ -130,10 +130,13 @@ class Cluster:
         peer = self.peers.get(node_id)
         is_new = peer is None
         if peer is None:
-            # With --approve-joins a node we hear of directly waits for an admin's approval; one
-            # the coordinator lists as a member was approved there already.
+            # With --approve-joins, an established federation (a coordinator exists) holds a
+            # node it hears of directly until an admin approves it; one the coordinator lists
+            # as a member was approved there already. A node that is itself new trusts the
+            # federation it is joining: approval is the incumbents' decision.
             vouched = info.get("status") in ("live", "lost") and not direct
-            status = "pending" if self.approve_joins and not vouched else "live"
+            established = self.role == COORDINATOR or self.coordinator is not None
+            status = "pending" if self.approve_joins and established and not vouched else "live"
             peer = self.peers[node_id] = Peer(node_id, url, status=status)
         if peer.status in ("pending", "rejected"):
             pass
