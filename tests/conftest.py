@@ -28,3 +28,14 @@ def client_adapters(tiny_base, tmp_path_factory) -> list[Path]:
              dict(rank=2, alpha=32.0, rank_pattern={"v_proj": 6})]
     return [make_client_adapter(tiny_base, root / f"client{i}", seed=10 + i, **spec)
             for i, spec in enumerate(specs)]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with its own tokenizer (what training needs), built from the shipped text."""
+    from chorus_p2p.train.tiny_lm import build_tiny_lm
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "data"
+    shards = [root / f"{n}.jsonl" for n in ("kitchen", "weather", "workshop")]
+    return build_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-llama", shards, pretrain_steps=5,
+                         log=lambda m: None)

@@ -332,3 +332,37 @@ def test_sync_client_and_typed_errors(tmp_path, tiny_base):
         asyncio.run_coroutine_threadsafe(node.stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+async def test_robust_filters_exclude_outliers_and_record_why(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "node", tiny_base, min_updates=4, outlier_mad=3.0)
+    try:
+        for i in range(4):
+            path = write_update(tmp_path / f"r{i}.safetensors", node.spec, i,
+                                scale=0.05 * (1.0 + 0.02 * i) if i < 3 else 2.0)
+            async with client_for(node, f"c{i}") as c:
+                await c.submit(path, examples=10)
+        await committed(node, 1)
+        rows = {u["node_id"]: u for u in node.ledger.updates(1)}
+        assert rows["c3"]["status"] == "excluded" and "outlier" in rows["c3"]["reason"]
+        assert all(rows[f"c{i}"]["status"] == "accepted" for i in range(3))
+        metrics = node.ledger.round(1)["metrics"]
+        assert metrics["updates"] == 3 and metrics["excluded"] == ["c3"]
+        async with client_for(node) as c:
+            detail = await c.round(1)
+        assert {u["node_id"]: u["status"] for u in detail["updates"]}["c3"] == "excluded"
+    finally:
+        await node.stop()
+
+
+async def test_norm_bound_that_excludes_everything_stalls_the_round(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "node", tiny_base, min_updates=1, max_update_norm=1e-6)
+    try:
+        async with client_for(node, "big") as c:
+            await c.submit(write_update(tmp_path / "big.safetensors", node.spec, 1), examples=1)
+        await wait_for(lambda: (node.ledger.update(1, "big") or {}).get("status") == "excluded")
+        await wait_for(lambda: node.ledger.round(1)["state"] == "collecting")
+        assert "exceeds the bound" in node.ledger.update(1, "big")["reason"]
+        assert node.ledger.round(2) is None
+    finally:
+        await node.stop()

@@ -99,6 +99,9 @@ class RoundView(Vertical):
         table = self.query_one("#participants", DataTable)
         table.clear()
         submitted = state.submitted()
+        excluded = {u["node_id"]: u.get("reason") or "excluded"
+                    for u in (state.current_detail or {}).get("updates", [])
+                    if u.get("status") == "excluded"}
         names = {m["node_id"]: m.get("name") or short(m["node_id"]) for m in state.members}
         nodes = list(dict.fromkeys([*names, *submitted, *state.training]))
         number = current["round"] if current else None
@@ -109,9 +112,12 @@ class RoundView(Vertical):
             if progress is not None and progress.round == number:
                 training = "done" if progress.finished else f"step {progress.step}/{progress.steps}"
                 loss = f"{progress.loss:.3f}" if progress.loss is not None else "-"
-            table.add_row(f"{short(node)} {names.get(node, '')}".strip(),
-                          Text("yes", "green") if node in submitted else Text("no", "dim"),
-                          training, loss, key=node)
+            if node in excluded:
+                verdict = Text(f"excluded: {excluded[node]}"[:40], "red")
+            else:
+                verdict = Text("yes", "green") if node in submitted else Text("no", "dim")
+            table.add_row(f"{short(node)} {names.get(node, '')}".strip(), verdict, training,
+                          loss, key=node)
 
 
 class HistoryView(Vertical):

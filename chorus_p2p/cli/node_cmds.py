@@ -68,6 +68,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "rank", "alpha", "target_modules", "min_updates",
                                            "round_deadline", "headless", "mdns",
                                            "election_timeout", "approve_joins", "train",
+                                           "max_update_norm", "outlier_mad", "dp_epsilon",
+                                           "dp_delta", "dp_clip", "dp_noise",
                                            "dataset", "steps",
                                            "lr", "batch_size")}
     flags["peers"] = args.peer
@@ -249,6 +251,17 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="base election timeout (default 1.0; heartbeats every quarter of it)")
     up.add_argument("--approve-joins", action="store_true", default=None,
                     help="new members wait until an admin approves them (approve/reject, TUI)")
+    up.add_argument("--max-update-norm", type=float, metavar="NORM",
+                    help="robust filter: leave out updates whose ||s B A|| exceeds NORM")
+    up.add_argument("--outlier-mad", type=float, metavar="K",
+                    help="robust filter: leave out updates more than K MADs from the median norm")
+    up.add_argument("--dp-epsilon", type=float, metavar="EPS",
+                    help="differential privacy budget for this node's updates (with --train)")
+    up.add_argument("--dp-delta", type=float, metavar="DELTA", help="DP delta (default 1e-5)")
+    up.add_argument("--dp-clip", type=float, metavar="C",
+                    help="L2 bound on each round's update (required with --dp-epsilon)")
+    up.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                    help="Gaussian noise multiplier (default 1.0): noise std = SIGMA * C")
     up.add_argument("--train", action="store_true", default=None,
                     help="train on --dataset every round and submit the update")
     up.add_argument("--dataset", metavar="PATH", help="JSONL (text, or instruction/input/output) "

@@ -246,7 +246,7 @@ async def round_detail(request: web.Request) -> web.Response:
     row = public_round(node.ledger.round(number))
     row["updates"] = [{k: u.get(k) for k in ("node_id", "blob_sha", "examples", "trained_from",
                                              "size", "norm", "received_at", "eval_loss",
-                                             "train_loss")}
+                                             "train_loss", "status", "reason")}
                       for u in node.ledger.updates(number)]
     return web.json_response(row)
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Round states, in order. A round only moves forward.
 OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
@@ -56,8 +56,16 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db["updates"].add_column("train_loss", float)
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migration_1,
-                                                                   2: _migration_2}
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Robust filters record why an update was left out; nonces survive a restart."""
+    db["updates"].add_column("status", str)
+    db["updates"].add_column("reason", str)
+    db["nonces"].create({"nonce": str, "ts": float}, pk="nonce", if_not_exists=True)
+    db["nonces"].create_index(["ts"], if_not_exists=True)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migration_1, 2: _migration_2, 3: _migration_3}
 
 
 class Ledger:
@@ -197,6 +205,10 @@ class Ledger:
         return list(self.db.query("select count(*) as n from updates where round = ?",
                                   [number]))[0]["n"]
 
+    def eligible_updates(self, number: int) -> list[dict[str, Any]]:
+        """Updates the robust filters have not excluded."""
+        return [u for u in self.updates(number) if u.get("status") != "excluded"]
+
     def add_update(self, row: dict[str, Any], event: dict[str, Any]) -> int:
         with self.db.atomic():
             self.db["updates"].insert(row)
@@ -216,6 +228,26 @@ class Ledger:
         if "addresses" in row and not isinstance(row["addresses"], str):
             row["addresses"] = json.dumps(row["addresses"])
         self.db["members"].upsert(row, pk="node_id")
+
+    def mark_excluded(self, number: int, excluded: dict[str, str]) -> None:
+        """Record the robust filters' verdicts: every other update of the round is accepted."""
+        with self.db.atomic():
+            self.db.execute("update updates set status = 'accepted', reason = null where round = ?",
+                            [number])
+            for node_id, reason in excluded.items():
+                self.db.execute("update updates set status = 'excluded', reason = ? where round = ? "
+                                "and node_id = ?", [reason, number, node_id])
+
+    # -- nonces (replay protection across restarts) ----------------------------------------
+    def recent_nonces(self, since: float) -> list[tuple[str, float]]:
+        return [(r["nonce"], r["ts"]) for r in self.db.query(
+            "select nonce, ts from nonces where ts >= ?", [since])]
+
+    def add_nonce(self, nonce: str, ts: float, prune_before: float | None = None) -> None:
+        with self.db.atomic():
+            self.db.execute("insert or ignore into nonces (nonce, ts) values (?, ?)", [nonce, ts])
+            if prune_before is not None:
+                self.db.execute("delete from nonces where ts < ?", [prune_before])
 
     # -- events ---------------------------------------------------------------------------
     def _insert_event(self, kind: str, number: int | None, data: dict[str, Any]) -> int:
@@ -237,6 +269,7 @@ class Ledger:
         """Every state table's rows, for tests that assert a refused request changed nothing."""
         return {t: list(self.db.query(f"select * from [{t}] order by rowid"))
                 for t in ("members", "terms", "votes", "rounds", "updates", "events")}
+
 
 
 def _encode_round(row: dict[str, Any]) -> dict[str, Any]:

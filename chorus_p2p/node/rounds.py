@@ -36,6 +36,7 @@ from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
 from chorus_p2p.node.blobs import BlobStore
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.ledger import (AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED, Ledger)
+from chorus_p2p.node.robust import FilterPolicy, filter_updates
 from chorus_p2p.node.spec import FederationSpec, UpdateRejected
 
 log = logging.getLogger("chorus_p2p.rounds")
@@ -44,7 +45,7 @@ log = logging.getLogger("chorus_p2p.rounds")
 FAULT_DELAY_ENV = "CHORUS_FAULT_AGGREGATION_DELAY"
 RESULT_KEYS = ("adapter_sha", "adapter_config_sha", "residual_sha", "cumulative_sha")
 UPDATE_KEYS = ("round", "node_id", "blob_sha", "examples", "trained_from", "size", "norm",
-               "received_at", "eval_loss", "train_loss")
+               "received_at", "eval_loss", "train_loss", "status", "reason")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class RoundPolicy:
     strategy: str = "fedex-svd"
     min_updates: int = 2
     deadline_s: float = 600.0
+    filters: FilterPolicy = FilterPolicy()
 
 
 @dataclass
@@ -259,7 +261,7 @@ class RoundManager:
             row = self.ledger.round(round_no)
             if term is None or row is None or row["state"] not in (OPEN, COLLECTING):
                 return False
-            count = self.ledger.count_updates(round_no)
+            count = len(self.ledger.eligible_updates(round_no))
             deadline_passed = deadline_passed or time.time() >= (row["deadline_at"] or 0)
             ready = count >= self.policy.min_updates and (
                 count >= self.expected_participants(round_no) or deadline_passed)
@@ -310,9 +312,22 @@ class RoundManager:
 
     # -- aggregation and commit ----------------------------------------------------------------
     async def _aggregate(self, round_no: int, term: int) -> None:
-        updates = self.ledger.updates(round_no)
+        updates = self.ledger.eligible_updates(round_no)
         previous = self.ledger.latest_committed()
         assert previous is not None
+        excluded = filter_updates(updates, self.policy.filters)
+        self.ledger.mark_excluded(round_no, excluded)
+        for node_id, reason in excluded.items():
+            self.bus.publish("update_excluded", round_no, {"node_id": node_id, "reason": reason},
+                             level="warning")
+        updates = [u for u in updates if u["node_id"] not in excluded]
+        if not updates:
+            # Nothing acceptable: keep collecting (excluded updates no longer count).
+            self.ledger.set_round_state(round_no, COLLECTING)
+            self.bus.publish("round_stalled", round_no, {"reason": "every update was excluded "
+                                                         "by the robust filters"}, level="warning")
+            self.notify_followers()
+            return
         self.bus.publish("aggregation_started", round_no, {"updates": len(updates),
                                                            "strategy": self.policy.strategy})
         try:
@@ -389,7 +404,9 @@ class RoundManager:
                        "total_ms": round((time.perf_counter() - started) * 1000, 3),
                        "residual_energy": (None if self.policy.strategy == "fedavg"
                                            else report.residual_energy),
-                       "nodes": [u["node_id"] for u in updates]}
+                       "nodes": [u["node_id"] for u in updates],
+                       "excluded": [u["node_id"] for u in self.ledger.updates(round_no)
+                                    if u.get("status") == "excluded"]}
             return {"adapter_sha": adapter_sha, "adapter_config_sha": config_sha,
                     "residual_sha": residual_sha, "cumulative_sha": cumulative_sha,
                     "metrics": metrics}

@@ -29,6 +29,7 @@ from chorus_p2p.node.discovery import Discovery
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.identity import load_identity
 from chorus_p2p.node.ledger import Ledger
+from chorus_p2p.node.robust import FilterPolicy
 from chorus_p2p.node.rounds import RoundManager, RoundPolicy
 from chorus_p2p.node.settings import NodeSettings
 from chorus_p2p.node.spec import FederationSpec
@@ -75,7 +76,8 @@ class Node:
         self.request_key = request_key(self.identity.secret)
         self.nonces = NonceCache()
         self.bus = EventBus()
-        self.policy = RoundPolicy(settings.strategy, settings.min_updates, settings.round_deadline)
+        self.policy = RoundPolicy(settings.strategy, settings.min_updates, settings.round_deadline,
+                                  FilterPolicy(settings.max_update_norm, settings.outlier_mad))
         self.rounds = RoundManager(self.ledger, self.blobs, self.spec, self.identity.federation,
                                    self.identity.node_id, self.policy, self.bus)
         self.cluster = Cluster(self, _timing(settings.election_timeout),
@@ -87,8 +89,12 @@ class Node:
             from chorus_p2p.train.participant import Participant
             from chorus_p2p.train.trainer import TrainConfig
 
+            from chorus_p2p.train.privacy import DPConfig
+
+            dp = None if settings.dp_epsilon is None else DPConfig(
+                settings.dp_epsilon, settings.dp_delta, settings.dp_clip or 1.0, settings.dp_noise)
             self.participant = Participant(self, settings.dataset or "", TrainConfig(
-                steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size))
+                steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size), dp)
         self.started_at = time.time()
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
@@ -105,7 +111,9 @@ class Node:
 
     def policy_json(self) -> dict[str, Any]:
         return {"strategy": self.policy.strategy, "min_updates": self.policy.min_updates,
-                "round_deadline": self.policy.deadline_s}
+                "round_deadline": self.policy.deadline_s,
+                "max_update_norm": self.policy.filters.max_norm,
+                "outlier_mad": self.policy.filters.mad_k}
 
     def status(self) -> dict[str, Any]:
         current = self.ledger.latest_round()

@@ -43,6 +43,12 @@ class NodeSettings:
     mdns: bool = True
     election_timeout: float = 1.0  # seconds; randomised in [t, 2t]
     approve_joins: bool = False  # new members wait for an admin's approval
+    max_update_norm: float | None = None  # robust filter: bound on ||s B A|| per update
+    outlier_mad: float | None = None  # robust filter: MADs from the median norm
+    dp_epsilon: float | None = None  # differential privacy budget for this node's updates
+    dp_delta: float = 1e-5
+    dp_clip: float | None = None
+    dp_noise: float = 1.0
     train: bool = False  # train on --dataset every round and submit
     dataset: str | None = None
     steps: int = 30
@@ -73,7 +79,9 @@ def _convert(name: str, value: Any, kind: type) -> Any:
 _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": str, "rank": int,
           "alpha": float, "target_modules": tuple, "min_updates": int, "round_deadline": float,
           "headless": bool, "peers": tuple, "interfaces": tuple, "mdns": bool,
-          "election_timeout": float, "approve_joins": bool, "train": bool, "dataset": str, "steps": int, "lr": float,
+          "election_timeout": float, "approve_joins": bool, "max_update_norm": float,
+          "outlier_mad": float, "dp_epsilon": float, "dp_delta": float, "dp_clip": float,
+          "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,
           "batch_size": int}
 
 
@@ -112,6 +120,19 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         raise UsageError("min_updates must be at least 1")
     if settings.round_deadline <= 0:
         raise UsageError("round_deadline must be positive (seconds)")
+    for name in ("max_update_norm", "outlier_mad"):
+        value = getattr(settings, name)
+        if value is not None and not value > 0:
+            raise UsageError(f"{name} must be positive")
+    if settings.dp_epsilon is not None:
+        if settings.dp_clip is None:
+            raise UsageError("--dp-epsilon needs --dp-clip (the L2 bound on each round's update)")
+        if not settings.train:
+            raise UsageError("--dp-epsilon applies to this node's own training: add --train")
+        if not (settings.dp_epsilon > 0 and 0 < settings.dp_delta < 1 and settings.dp_clip > 0
+                and settings.dp_noise > 0):
+            raise UsageError("DP needs --dp-epsilon > 0, 0 < --dp-delta < 1, --dp-clip > 0, "
+                             "--dp-noise > 0")
     if settings.train and not settings.dataset:
         raise UsageError("--train needs --dataset PATH (JSONL or a folder of .txt files)")
     if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:

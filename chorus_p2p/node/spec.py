@@ -19,6 +19,7 @@ import torch
 from chorus_p2p.errors import AdapterError, UsageError
 from chorus_p2p.lora.adapter_io import AdapterSource, factor_keys
 from chorus_p2p.lora.config import PEFT_PREFIX, LoraSettings, module_name_from_prefix
+from chorus_p2p.lora.lowrank import frobenius_norm_of_product
 
 HEADER_SLACK = 1 << 20  # room for the safetensors JSON header
 
@@ -129,7 +130,8 @@ class FederationSpec:
         return tensors
 
     def validate_update(self, path: Path) -> float:
-        """Check an uploaded safetensors adapter against this federation; return its norm.
+        """Check an uploaded safetensors adapter against this federation; return the norm of
+        the weight change it applies, ``sqrt(sum over modules ||s B A||_F^2)`` (never dense).
 
         Raises :class:`UpdateRejected` with ``bad_adapter`` (unreadable), ``wrong_shape`` or
         ``non_finite``.
@@ -163,7 +165,7 @@ class FederationSpec:
                 except AdapterError as exc:
                     code = "non_finite" if "NaN" in exc.detail else "bad_adapter"
                     raise UpdateRejected(code, f"module {exc.module}: {exc.detail}") from exc
-                total += float(factors.A.norm()) ** 2 + float(factors.B.norm()) ** 2
+                total += frobenius_norm_of_product(factors.B * factors.scale, factors.A) ** 2
         return math.sqrt(total)
 
 

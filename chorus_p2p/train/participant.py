@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_p2p.train.data import Dataset
+from chorus_p2p.train.privacy import BudgetExhausted, DPConfig, PrivacyBudget, privatize
 from chorus_p2p.train.trainer import TrainConfig, train_round
 
 if TYPE_CHECKING:
@@ -52,8 +53,11 @@ def materialize_from(ledger, blobs, number: int, into: Path) -> tuple[Path, Path
 
 
 class Participant:
-    def __init__(self, node: "Node", dataset_path: str, config: TrainConfig):
+    def __init__(self, node: "Node", dataset_path: str, config: TrainConfig,
+                 dp: "DPConfig | None" = None):
         self.node = node
+        self.budget = PrivacyBudget(node.ledger, dp) if dp is not None else None
+        self._budget_reported = False
         self.dataset = Dataset.load(dataset_path)
         self.config = config
         self.outbox = node.data_dir / "outbox"
@@ -99,6 +103,16 @@ class Participant:
             return
         entry = self._outbox_entry(number)
         if entry is None:
+            if self.budget is not None:
+                try:
+                    self.budget.check()
+                except BudgetExhausted as exc:
+                    if not self._budget_reported:  # say it once, loudly; then stay quiet
+                        self._budget_reported = True
+                        log.warning("%s", exc)
+                        self.node.bus.publish("dp_budget_exhausted", number, {
+                            "node_id": self.node.node_id, "message": str(exc)}, level="warning")
+                    return
             entry = await self._train(number, base)
         if self.node.ledger.update(number, self.node.node_id) is not None:
             return
@@ -130,14 +144,36 @@ class Participant:
         result = await asyncio.to_thread(train_round, self.node.spec.model, adapter_dir, residual,
                                          self.dataset, config, out, progress)
         update = self.outbox / f"round-{number}.safetensors"
-        shutil.copyfile(out / "adapter_model.safetensors", update)
         entry = {"round": number, "trained_from": base, "examples": result.examples,
                  "train_loss": result.train_loss, "eval_loss": result.eval_loss,
                  "seconds": round(result.seconds, 3), "file": update.name}
+        if self.budget is not None:
+            raw_norm = await asyncio.to_thread(self._privatize, adapter_dir, out, update)
+            entry.update({"train_loss": None, "eval_loss": None, "dp_raw_norm": raw_norm,
+                          "dp_epsilon": self.budget.record()})
+        else:
+            shutil.copyfile(out / "adapter_model.safetensors", update)
         (self.outbox / f"round-{number}.json").write_text(json.dumps(entry))
         self.node.bus.publish("training_finished", number, {"node_id": self.node.node_id,
                                                             **entry})
         return entry
+
+    def _privatize(self, start_dir: Path, trained_dir: Path, update: Path) -> float:
+        """Clip and noise this round's change before it is written where it can leave."""
+        import secrets
+
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        assert self.budget is not None
+        start = load_file(str(start_dir / "adapter_model.safetensors"))
+        trained = load_file(str(trained_dir / "adapter_model.safetensors"))
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        noisy, raw_norm = privatize(start, trained, self.budget.config, generator)
+        tmp = update.with_suffix(".partial")
+        save_file(noisy, str(tmp), metadata={"format": "pt"})
+        tmp.replace(update)
+        return raw_norm
 
     async def _submit(self, number: int, entry: dict[str, Any]) -> None:
         from chorus_p2p.client import AsyncNodeClient, NodeError, NodeUnreachable
