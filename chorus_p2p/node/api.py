@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import WSMsgType, web
 
 from chorus_p2p import __version__
-from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers
+from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers, verify_identity
 from chorus_p2p.node.blobs import BlobError, is_sha256
 from chorus_p2p.node.peers import H_RESPONSE_SIG, response_signature
+from chorus_p2p.node.ratelimit import RateLimited
 from chorus_p2p.node.spec import UpdateRejected
 
 if TYPE_CHECKING:
@@ -34,10 +35,12 @@ log = logging.getLogger("chorus_p2p.api")
 API_VERSION = "1"
 JSON_BODY_LIMIT = 4 * 1024 * 1024  # heartbeats list the live round's updates
 UPLOAD_CHUNK = 1 << 16
+UPLOAD_TIMEOUT_S = 300.0  # a stalled upload is dropped; rounds never wait for uploads anyway
 
 STATUS_FOR_CODE = {
     "unauthenticated": 401, "bad_signature": 401, "stale_request": 401, "replayed": 401,
-    "forbidden": 403, "not_found": 404, "unknown_round": 404, "no_residual": 404,
+    "forbidden": 403, "not_member": 403, "bad_identity": 401, "rate_limited": 429,
+    "upload_timeout": 408, "not_found": 404, "unknown_round": 404, "no_residual": 404,
     "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
     "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
@@ -75,7 +78,7 @@ def _node(request: web.Request) -> "Node":
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except (ApiError, UpdateRejected, AuthFailure) as exc:
+    except (ApiError, UpdateRejected, AuthFailure, RateLimited) as exc:
         kind = "update_rejected" if request.path.endswith("/updates") else "request_refused"
         _node(request).bus.publish(kind, None, {
             "method": request.method, "path": request.path, "error": exc.code,
@@ -114,6 +117,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                               node.nonces)
     request[CALLER] = verified.node
     request[BODY_SHA] = verified.body_sha
+    if request.path.startswith("/v1/peer/"):
+        verify_identity(request.headers, request.method, request.path_qs)
+        open_to_all = request.path in ("/v1/peer/hello", "/v1/peer/append", "/v1/peer/vote")
+        if not open_to_all and not node.cluster.is_known(verified.node):
+            raise ApiError("not_member", f"{verified.node[:12]} is not a member of this "
+                           "federation")
+    node.rate_limiter.check(verified.node)
     if request.path.startswith("/v1/admin/") and not check_admin(node.identity.admin_token,
                                                                    request.headers):
         raise ApiError("forbidden", "this action needs the node's admin token "
@@ -274,15 +284,23 @@ async def submit_update(request: web.Request) -> web.Response:
     fh, temp = node.blobs.new_temp(".upload")
     digest = hashlib.sha256()
     size = 0
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.content.iter_chunked(UPLOAD_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError("too_large", f"update exceeds this federation's limit of "
+                               f"{limit} bytes")
+            digest.update(chunk)
+            await asyncio.to_thread(fh.write, chunk)
+
     try:
         with fh:
-            async for chunk in request.content.iter_chunked(UPLOAD_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError("too_large", f"update exceeds this federation's limit of "
-                                   f"{limit} bytes")
-                digest.update(chunk)
-                await asyncio.to_thread(fh.write, chunk)
+            try:
+                await asyncio.wait_for(receive(), timeout=UPLOAD_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise ApiError("upload_timeout", f"the upload took longer than "
+                               f"{UPLOAD_TIMEOUT_S:.0f}s; nothing was recorded, send it again")
         if size == 0:
             raise ApiError("bad_adapter", "empty body: send the adapter_model.safetensors bytes")
         if digest.hexdigest() != request[BODY_SHA]:

@@ -29,6 +29,7 @@ MAX_SKEW = 300.0
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 H_NODE, H_TS, H_NONCE = "X-Chorus-Node", "X-Chorus-Timestamp", "X-Chorus-Nonce"
 H_BODY, H_SIG, H_ADMIN = "X-Chorus-Content-SHA256", "X-Chorus-Signature", "X-Chorus-Admin"
+H_PUBKEY, H_KEYSIG = "X-Chorus-Public-Key", "X-Chorus-Key-Signature"
 
 
 def request_key(secret: bytes) -> bytes:
@@ -49,6 +50,46 @@ def sign_headers(key: bytes, method: str, path_qs: str, node: str, body_sha: str
     return {H_NODE: node, H_TS: ts, H_NONCE: nonce, H_BODY: body_sha, H_SIG: sig.hexdigest()}
 
 
+def identity_headers(private_key, headers: dict[str, str], method: str, path_qs: str
+                     ) -> dict[str, str]:
+    """Add an Ed25519 signature by the node's identity key over the same canonical string.
+
+    The HMAC proves "a member of this federation"; this proves "this member": node ids are
+    derived from public keys, so the signature is checkable against the id alone."""
+    from cryptography.hazmat.primitives import serialization
+
+    message = canonical(method, path_qs, headers[H_BODY], headers[H_TS], headers[H_NONCE],
+                        headers[H_NODE])
+    public = private_key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                   serialization.PublicFormat.Raw)
+    return {**headers, H_PUBKEY: public.hex(), H_KEYSIG: private_key.sign(message).hex()}
+
+
+def verify_identity(headers, method: str, path_qs: str) -> str:
+    """Check a peer request's Ed25519 signature and that its key is the claimed node id."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from chorus_p2p.node.identity import node_id_for
+
+    try:
+        public = bytes.fromhex(headers.get(H_PUBKEY, ""))
+        signature = bytes.fromhex(headers.get(H_KEYSIG, ""))
+    except ValueError:
+        raise AuthFailure("bad_identity", "malformed identity key or signature")
+    if not public or not signature:
+        raise AuthFailure("bad_identity", "peer calls must be signed with the node's identity key")
+    if node_id_for(public) != headers.get(H_NODE):
+        raise AuthFailure("bad_identity", "identity key does not belong to the claimed node id")
+    message = canonical(method, path_qs, headers.get(H_BODY, ""), headers.get(H_TS, ""),
+                        headers.get(H_NONCE, ""), headers.get(H_NODE, ""))
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        raise AuthFailure("bad_identity", "identity signature does not verify")
+    return public.hex()
+
+
 class AuthFailure(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -65,12 +106,17 @@ class VerifiedRequest:
 
 
 class NonceCache:
-    """Nonces seen within the timestamp window; anything older is refused by the clock anyway."""
+    """Nonces seen within the timestamp window; anything older is refused by the clock anyway.
 
-    def __init__(self, window: float = 2 * MAX_SKEW, capacity: int = 200_000):
+    ``persist(nonce, ts, prune_before)`` (the ledger's) makes the cache survive a restart, so a
+    request captured before a restart cannot be replayed after it."""
+
+    def __init__(self, window: float = 2 * MAX_SKEW, capacity: int = 200_000, persist=None):
         self.window = window
         self.capacity = capacity
+        self.persist = persist
         self._seen: OrderedDict[str, float] = OrderedDict()
+        self._since_prune = 0
 
     def load(self, items: list[tuple[str, float]]) -> None:
         for nonce, ts in sorted(items, key=lambda x: x[1]):
@@ -83,6 +129,12 @@ class NonceCache:
         if nonce in self._seen:
             return False
         self._seen[nonce] = now
+        if self.persist is not None:
+            self._since_prune += 1
+            prune = now - self.window if self._since_prune >= 1000 else None
+            if prune is not None:
+                self._since_prune = 0
+            self.persist(nonce, now, prune)
         return True
 
 

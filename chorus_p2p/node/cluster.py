@@ -70,7 +70,7 @@ class Cluster:
         self.discovery_enabled = discovery_enabled
         self.approve_joins = approve_joins
         self.client = PeerClient(node.request_key, node.node_id, timeout=max(
-            0.5, self.timing.election_min_s * 0.8))
+            0.5, self.timing.election_min_s * 0.8), private_key=node.identity.private_key)
         self.role = FOLLOWER
         self.term = node.ledger.current_term()
         self.coordinator: str | None = None
@@ -99,6 +99,11 @@ class Cluster:
     def voting_members(self) -> list[str]:
         return [self.node.node_id] + [p.node_id for p in self.peers.values()
                                       if p.status not in NOT_COUNTED]
+
+    def is_known(self, node_id: str) -> bool:
+        """Admitted or pending, not rejected: may talk to us beyond hello/append."""
+        peer = self.peers.get(node_id)
+        return peer is not None and peer.status != "rejected"
 
     def is_member(self, node_id: str) -> bool:
         peer = self.peers.get(node_id)

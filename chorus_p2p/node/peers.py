@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from chorus_p2p.node.auth import EMPTY_SHA256, H_NONCE, sign_headers
+from chorus_p2p.node.auth import EMPTY_SHA256, H_NONCE, identity_headers, sign_headers
 
 H_RESPONSE_SIG = "X-Chorus-Response-Signature"
 
@@ -36,9 +36,12 @@ class PeerError(Exception):
 class PeerClient:
     """One shared session; every call has a timeout so a stuck peer cannot stall us."""
 
-    def __init__(self, key: bytes, node_id: str, timeout: float = 2.0):
+    def __init__(self, key: bytes, node_id: str, timeout: float = 2.0, private_key=None,
+                 ssl_context=None):
         self.key = key
         self.node_id = node_id
+        self.private_key = private_key
+        self.ssl_context = ssl_context
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 1.0))
         self._session: aiohttp.ClientSession | None = None
 
@@ -56,6 +59,8 @@ class PeerClient:
         data = json.dumps(body).encode() if body is not None else b""
         body_sha = hashlib.sha256(data).hexdigest() if data else EMPTY_SHA256
         headers = sign_headers(self.key, method, path, self.node_id, body_sha)
+        if self.private_key is not None:
+            headers = identity_headers(self.private_key, headers, method, path)
         if data:
             headers["Content-Type"] = "application/json"
         kwargs: dict[str, Any] = {}

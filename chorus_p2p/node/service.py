@@ -29,6 +29,7 @@ from chorus_p2p.node.discovery import Discovery
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.identity import load_identity
 from chorus_p2p.node.ledger import Ledger
+from chorus_p2p.node.ratelimit import RateLimiter
 from chorus_p2p.node.robust import FilterPolicy
 from chorus_p2p.node.rounds import RoundManager, RoundPolicy
 from chorus_p2p.node.settings import NodeSettings
@@ -74,7 +75,9 @@ class Node:
             raise
         self.blobs = BlobStore(self.data_dir / BLOB_DIR)
         self.request_key = request_key(self.identity.secret)
-        self.nonces = NonceCache()
+        self.nonces = NonceCache(persist=self.ledger.add_nonce)
+        self.nonces.load(self.ledger.recent_nonces(time.time() - self.nonces.window))
+        self.rate_limiter = RateLimiter(settings.rate_limit, 2 * settings.rate_limit)
         self.bus = EventBus()
         self.policy = RoundPolicy(settings.strategy, settings.min_updates, settings.round_deadline,
                                   FilterPolicy(settings.max_update_norm, settings.outlier_mad))
