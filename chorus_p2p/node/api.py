@@ -420,28 +420,68 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 # -- peer protocol (see cluster.py) -----------------------------------------------------------------
+_OPTIONAL = object()
+PEER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "hello": {"node_id": str, "url": str, "federation": str, "fingerprint": str,
+              "members": (list, _OPTIONAL), "name": (str, _OPTIONAL),
+              "public_key": (str, _OPTIONAL)},
+    "vote": {"term": int, "candidate": str, "url": str, "last_term": int, "last_round": int},
+    "append": {"term": int, "coordinator": str, "url": str, "commit": int,
+               "members": (list, _OPTIONAL), "proposal": (dict, None), "current": (dict, None)},
+    "leave": {"node_id": str},
+    "timeout-now": {"term": int},
+}
+MEMBER_SCHEMA = {"node_id": str, "url": (str, _OPTIONAL), "status": (str, _OPTIONAL),
+                 "name": (str, None, _OPTIONAL), "public_key": (str, None, _OPTIONAL)}
+
+
+def _check_fields(body: Any, schema: dict[str, Any], what: str) -> dict[str, Any]:
+    """Shape-check a peer message before any of it is believed (hostile peers send anything)."""
+    if not isinstance(body, dict):
+        raise ApiError("bad_request", f"{what}: expected a JSON object")
+    for key, spec in schema.items():
+        kinds = spec if isinstance(spec, tuple) else (spec,)
+        if key not in body:
+            if _OPTIONAL in kinds or None in kinds:
+                continue
+            raise ApiError("bad_request", f"{what}: missing field {key!r}")
+        value = body[key]
+        allowed = tuple(k for k in kinds if isinstance(k, type))
+        ok = (value is None and None in kinds) or (
+            isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed))
+        if not ok:
+            raise ApiError("bad_request", f"{what}: field {key!r} has the wrong type")
+    for member in body.get("members") or []:
+        _check_fields(member, MEMBER_SCHEMA, f"{what} member")
+    return body
+
+
+async def _peer_body(request: web.Request, kind: str) -> dict[str, Any]:
+    return _check_fields(await read_json_body(request), PEER_SCHEMAS[kind], f"peer {kind}")
+
+
 async def peer_hello(request: web.Request) -> web.Response:
-    body = await read_json_body(request)
+    body = await _peer_body(request, "hello")
     return web.json_response(_node(request).cluster.on_hello(body))
 
 
 async def peer_vote(request: web.Request) -> web.Response:
-    body = await read_json_body(request)
+    body = await _peer_body(request, "vote")
     return web.json_response(_node(request).cluster.on_vote(body))
 
 
 async def peer_append(request: web.Request) -> web.Response:
-    body = await read_json_body(request)
+    body = await _peer_body(request, "append")
     return web.json_response(_node(request).cluster.on_append(body))
 
 
 async def peer_leave(request: web.Request) -> web.Response:
-    _node(request).cluster.on_leave(await read_json_body(request))
+    _node(request).cluster.on_leave(await _peer_body(request, "leave"))
     return web.json_response({"ok": True})
 
 
 async def peer_timeout_now(request: web.Request) -> web.Response:
-    _node(request).cluster.on_timeout_now(await read_json_body(request))
+    _node(request).cluster.on_timeout_now(await _peer_body(request, "timeout-now"))
     return web.json_response({"ok": True})
 
 

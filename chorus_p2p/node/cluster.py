@@ -517,8 +517,10 @@ class Cluster:
 
         try:
             await self.node.rounds.apply_from_coordinator(body, fetch_blob, fetch_history)
-        except (PeerError, ValueError) as exc:
-            log.warning("catching up from %s failed: %s", url, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a peer's data is never trusted to be well-formed
+            log.warning("catching up from %s failed: %s: %s", url, exc.__class__.__name__, exc)
 
     def on_hello(self, body: dict[str, Any]) -> dict[str, Any]:
         """A peer introduces itself; the signed request already proved it holds the secret."""
