@@ -427,6 +427,7 @@ PEER_SCHEMAS: dict[str, dict[str, Any]] = {
               "public_key": (str, _OPTIONAL)},
     "vote": {"term": int, "candidate": str, "url": str, "last_term": int, "last_round": int},
     "append": {"term": int, "coordinator": str, "url": str, "commit": int,
+               "commit_id": (str, None, _OPTIONAL),
                "members": (list, _OPTIONAL), "proposal": (dict, None), "current": (dict, None)},
     "leave": {"node_id": str},
     "timeout-now": {"term": int},

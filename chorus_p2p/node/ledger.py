@@ -159,6 +159,20 @@ class Ledger:
             if event is not None:
                 self._insert_event(event[0], event[1], event[2])
 
+    def replace_history(self, rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> None:
+        """Make rounds 1..N exactly the given ones (a diverged node adopting the federation's)."""
+        last = max(r["round"] for r in rounds)
+        numbers = [r["round"] for r in rounds]
+        with self.db.atomic():
+            marks = ",".join("?" * len(numbers))
+            self.db.execute(f"delete from updates where round in ({marks}) or round > ?",
+                            [*numbers, last])
+            self.db.execute("delete from rounds where round > ?", [last])
+            for row in rounds:
+                self.db["rounds"].upsert(_encode_round(row), pk="round")
+            for update in updates:
+                self.db["updates"].upsert(update, pk=("round", "node_id"))
+
     def delete_rounds_after(self, number: int) -> None:
         """Drop uncommitted rounds past ``number`` (a new coordinator's history wins)."""
         with self.db.atomic():

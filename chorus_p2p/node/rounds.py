@@ -419,14 +419,14 @@ class RoundManager:
         committed = self.ledger.latest_committed()
         latest = self.ledger.latest_round()
         payload: dict[str, Any] = {"commit": committed["round"] if committed else 0,
+                                   "commit_id": _commit_id(committed),
                                    "proposal": None, "current": None}
         if latest is not None and latest["state"] != COMMITTED:
-            row = _wire_round(latest)
-            if latest["state"] == PROPOSED:
-                payload["proposal"] = row
-            else:
-                payload["current"] = {**row, "updates": [
-                    {k: u[k] for k in UPDATE_KEYS} for u in self.ledger.updates(latest["round"])]}
+            # A proposal travels with its updates: a follower that becomes coordinator before
+            # the commit must be able to re-propose it with its full record.
+            row = {**_wire_round(latest), "updates": [
+                {k: u.get(k) for k in UPDATE_KEYS} for u in self.ledger.updates(latest["round"])]}
+            payload["proposal" if latest["state"] == PROPOSED else "current"] = row
         return payload
 
     def ack_state(self) -> dict[str, Any] | None:
@@ -455,19 +455,37 @@ class RoundManager:
                 return
             committed = self.ledger.latest_committed()
             mine = committed["round"] if committed else 0
-            if payload["commit"] > mine:
-                history = await fetch_history(mine)
-                await self._apply_history(history, fetch_blob)
+            if payload["commit"] > mine or (payload["commit"] == mine
+                                            and payload.get("commit_id") != _commit_id(committed)):
+                history = await fetch_history(max(0, mine - 1))
+                ours = next((r for r in history["rounds"] if r["round"] == mine), None)
+                if mine > 0 and (ours is None or _commit_id(ours) != _commit_id(committed)):
+                    # Our committed history differs from the coordinator's. That only happens
+                    # when two groups started apart and each thought it was the federation (see
+                    # README, "Limits"); the coordinator's history is the federation's.
+                    log.warning("committed history diverges from the coordinator's at or "
+                                "before round %d; replacing ours with its history", mine)
+                    self.bus.publish("history_replaced", mine, {"from_round": mine},
+                                     level="warning")
+                    history = await self._full_history(fetch_history)
+                    await self._apply_history(history, fetch_blob, replace=True)
+                else:
+                    history["rounds"] = [r for r in history["rounds"] if r["round"] > mine]
+                    history["updates"] = [u for u in history["updates"] if u["round"] > mine]
+                    await self._apply_history(history, fetch_blob)
                 committed = self.ledger.latest_committed()
                 mine = committed["round"] if committed else 0
             proposal = payload.get("proposal")
             if proposal and proposal["round"] > mine:
+                updates = proposal.get("updates") or []
                 for key in RESULT_KEYS:
                     if proposal.get(key):
                         await fetch_blob(proposal[key])
+                for update in updates:
+                    await fetch_blob(update["blob_sha"])
                 await self._check_residual_chain(committed, proposal)
                 self.ledger.delete_rounds_after(mine)
-                self.ledger.upsert_round(_local_round(proposal))
+                self.ledger.apply_history([_local_round(proposal)], updates)
             current = payload.get("current")
             if current and current["round"] > mine:
                 await self._mirror_current(current, mine, fetch_blob)
@@ -484,10 +502,25 @@ class RoundManager:
         if known is None:
             self._publish_opened(current, None)
 
-    async def _apply_history(self, history: dict[str, Any], fetch_blob: BlobFetcher) -> None:
+    @staticmethod
+    async def _full_history(fetch_history: Callable[[int], Awaitable[dict[str, Any]]]
+                            ) -> dict[str, Any]:
+        rounds: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            page = await fetch_history(after)
+            rounds += page["rounds"]
+            updates += page["updates"]
+            if not page["rounds"]:
+                return {"rounds": rounds, "updates": updates}
+            after = max(r["round"] for r in page["rounds"])
+
+    async def _apply_history(self, history: dict[str, Any], fetch_blob: BlobFetcher,
+                             replace: bool = False) -> None:
         rounds = sorted(history["rounds"], key=lambda r: r["round"])
         updates = history["updates"]
-        previous = self.ledger.latest_committed()
+        previous = self.ledger.round(0) if replace else self.ledger.latest_committed()
         for row in rounds:
             for key in RESULT_KEYS:
                 if row.get(key):
@@ -499,8 +532,11 @@ class RoundManager:
             previous = row
         if not rounds:
             return
-        self.ledger.delete_rounds_after(rounds[0]["round"] - 1)
-        self.ledger.apply_history([_local_round(r) for r in rounds], updates)
+        if replace:
+            self.ledger.replace_history([_local_round(r) for r in rounds], updates)
+        else:
+            self.ledger.delete_rounds_after(rounds[0]["round"] - 1)
+            self.ledger.apply_history([_local_round(r) for r in rounds], updates)
         for row in rounds:
             self.bus.publish("round_committed", row["round"],
                              {k: row[k] for k in ("adapter_sha", "residual_sha", "cumulative_sha")})
@@ -554,6 +590,11 @@ class RoundManager:
 _WIRE_ROUND_KEYS = ("round", "term", "coordinator", "state", "strategy", "config", "trained_from",
                     "opened_at", "deadline_at", "aggregating_at", "committed_at", "adapter_sha",
                     "adapter_config_sha", "residual_sha", "cumulative_sha", "metrics")
+
+
+def _commit_id(row: dict[str, Any] | None) -> str | None:
+    """What identifies a committed round's result: its adapter and the R after it."""
+    return None if row is None else f"{row.get('adapter_sha')}:{row.get('cumulative_sha')}"
 
 
 def _wire_round(row: dict[str, Any]) -> dict[str, Any]:

@@ -194,8 +194,11 @@ class Node:
 
 def _timing(election_timeout: float) -> ClusterTiming:
     """Everything scales with the election timeout so one knob tunes a slow or fast network."""
+    # Bootstrap: mDNS takes ~1.3 s to introduce a node (the name probe), so machines started
+    # together wait at least 3 s to know each other before anyone may elect itself.
     return ClusterTiming(heartbeat_s=election_timeout / 4, election_min_s=election_timeout,
-                         election_max_s=2 * election_timeout, bootstrap_s=2 * election_timeout,
+                         election_max_s=2 * election_timeout,
+                         bootstrap_s=max(3.0, 3 * election_timeout),
                          lost_after_s=3 * election_timeout, hello_retry_s=election_timeout)
 
 
