@@ -111,13 +111,16 @@ def _safe_extract(data: bytes, out_dir: Path) -> None:
 
 class AsyncNodeClient:
     def __init__(self, url: str = DEFAULT_URL, *, secret: bytes, client_id: str | None = None,
-                 admin_token: str | None = None, timeout: float = 120.0):
+                 admin_token: str | None = None, timeout: float = 120.0,
+                 node_id: str | None = None):
+        """``node_id``: with an ``https://`` URL, refuse a node whose TLS key is not that id's."""
         self.url = url.rstrip("/")
         self._secret = secret
         self._key = request_key(secret)
         self.client_id = client_id or socket.gethostname()
         self.admin_token = admin_token
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
+        self.node_id = node_id
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -151,7 +154,13 @@ class AsyncNodeClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            connector = None
+            if self.url.startswith("https://"):
+                from chorus_p2p.node.tls import pinning_connector
+
+                pins = {self.url: self.node_id} if self.node_id else {}
+                connector = pinning_connector(pins)
+            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
         return self._session
 
     def _headers(self, method: str, path_qs: str, body_sha: str, admin: bool) -> dict[str, str]:
@@ -189,6 +198,8 @@ class AsyncNodeClient:
                     return await response.read(), dict(response.headers)
                 return await response.json()
         except aiohttp.ClientConnectionError as exc:
+            if "TLS key belongs to" in str(exc):
+                raise NodeError("tls_pin", str(exc), 0) from exc
             raise NodeUnreachable(f"cannot reach the node at {self.url} ({exc})") from exc
         except asyncio.TimeoutError as exc:
             raise NodeUnreachable(f"the node at {self.url} did not answer in time") from exc

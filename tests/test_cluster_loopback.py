@@ -236,3 +236,24 @@ async def test_approve_joins_keeps_a_newcomer_pending_until_approved(federation)
     assert leader.cluster.peers[third.node_id].status == "rejected"
     assert third.node_id not in leader.cluster.voting_members()
     assert leader.cluster.role == "coordinator"  # the rejected node's elections changed nothing
+
+
+async def test_tls_federation_pins_peers_by_node_id(federation):
+    from chorus_p2p.client import NodeError
+
+    fed = federation(3, tls=True)
+    for i in range(3):
+        await fed.start(i)
+    leader = await fed.one_coordinator()
+    assert leader.url.startswith("https://")
+    await run_round(fed, leader, 1)
+    follower = next(n for n in fed.nodes.values() if n is not leader)
+    assert follower.cluster.client.pins[leader.url] == leader.node_id  # proven by the handshake
+    async with AsyncNodeClient(leader.url, secret=leader.identity.secret, client_id="x",
+                               node_id=leader.node_id) as pinned:
+        assert (await pinned.status())["node_id"] == leader.node_id
+    async with AsyncNodeClient(leader.url, secret=leader.identity.secret, client_id="x",
+                               node_id=follower.node_id) as wrong:
+        with pytest.raises(NodeError) as exc:
+            await wrong.status()
+        assert exc.value.code == "tls_pin"

@@ -69,7 +69,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "round_deadline", "headless", "mdns",
                                            "election_timeout", "approve_joins", "train",
                                            "max_update_norm", "outlier_mad", "dp_epsilon",
-                                           "rate_limit",
+                                           "rate_limit", "tls",
                                            "dp_delta", "dp_clip", "dp_noise",
                                            "dataset", "steps",
                                            "lr", "batch_size")}
@@ -252,6 +252,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="base election timeout (default 1.0; heartbeats every quarter of it)")
     up.add_argument("--approve-joins", action="store_true", default=None,
                     help="new members wait until an admin approves them (approve/reject, TUI)")
+    up.add_argument("--tls", action="store_true", default=None,
+                    help="serve HTTPS; peers pin each other's certificate by node id")
     up.add_argument("--rate-limit", type=float, metavar="PER_SECOND",
                     help="requests per second per caller (default 100, bursts of twice that)")
     up.add_argument("--max-update-norm", type=float, metavar="NORM",

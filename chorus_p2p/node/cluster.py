@@ -66,11 +66,14 @@ class Cluster:
                  approve_joins: bool = False):
         self.node = node
         self.timing = timing or ClusterTiming()
-        self.static_peers = [p if p.startswith("http") else f"http://{p}" for p in static_peers or []]
+        self.scheme = "https" if node.settings.tls else "http"
+        self.static_peers = [p if p.startswith("http") else f"{self.scheme}://{p}"
+                             for p in static_peers or []]
         self.discovery_enabled = discovery_enabled
         self.approve_joins = approve_joins
         self.client = PeerClient(node.request_key, node.node_id, timeout=max(
-            0.5, self.timing.election_min_s * 0.8), private_key=node.identity.private_key)
+            0.5, self.timing.election_min_s * 0.8), private_key=node.identity.private_key,
+            ssl_context=node.client_ssl)
         self.role = FOLLOWER
         self.term = node.ledger.current_term()
         self.coordinator: str | None = None
@@ -90,7 +93,7 @@ class Cluster:
         for m in self.node.ledger.members():
             if m["node_id"] == self.node.node_id or m.get("status") == "left":
                 continue
-            url = next((f"http://{a}" for a in m["addresses"]), "")
+            url = next((f"{self.scheme}://{a}" for a in m["addresses"]), "")
             if url:
                 status = m["status"] if m.get("status") in ("pending", "rejected") else "lost"
                 self.peers[m["node_id"]] = Peer(m["node_id"], url, m["name"] or "",
@@ -285,6 +288,15 @@ class Cluster:
                     else:
                         await asyncio.sleep(self.timing.hello_retry_s)
                     continue
+                pinned = self.client.pins.get(url)
+                if pinned is not None and pinned != info.get("node_id"):
+                    # TLS proved one identity, the hello claims another: not believed.
+                    self.node.bus.publish("peer_refused", None, {
+                        "url": url, "reason": f"TLS key is {pinned[:12]}, hello claims "
+                                              f"{str(info.get('node_id'))[:12]}"},
+                        level="warning")
+                    await asyncio.sleep(self.timing.hello_retry_s * 5)
+                    continue
                 self.accept_hello(info, url)
                 return
         finally:
@@ -377,7 +389,8 @@ class Cluster:
 
     async def _heartbeat(self, peer: Peer, body: dict[str, Any]) -> bool:
         try:
-            reply = await self.client.call(peer.url, "POST", "/v1/peer/append", body)
+            reply = await self.client.call(peer.url, "POST", "/v1/peer/append", body,
+                                           expect_node=peer.node_id)
         except PeerError as exc:
             peer.fail_count += 1
             if peer.fail_count == 3:
@@ -413,7 +426,8 @@ class Cluster:
 
         async def ask(peer: Peer) -> bool:
             try:
-                reply = await self.client.call(peer.url, "POST", "/v1/peer/vote", body)
+                reply = await self.client.call(peer.url, "POST", "/v1/peer/vote", body,
+                                               expect_node=peer.node_id)
             except PeerError:
                 return False
             self._seen(peer)

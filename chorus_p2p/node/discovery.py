@@ -24,13 +24,14 @@ API_VERSION = "1"
 
 class Discovery:
     def __init__(self, federation: str, node_id: str, port: int, interfaces: list[str] | None,
-                 on_peer: Callable[[str, str], None]):
+                 on_peer: Callable[[str, str], None], tls: bool = False):
         """``interfaces``: IP addresses to bind (None: all); ``on_peer(node_id, url)``."""
         self.federation = federation
         self.node_id = node_id
         self.port = port
         self.interfaces = interfaces
         self.on_peer = on_peer
+        self.tls = tls
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
@@ -49,7 +50,8 @@ class Discovery:
         self._info = AsyncServiceInfo(
             SERVICE_TYPE, name, port=self.port, server=f"chorus-{self.node_id[:16]}.local.",
             properties={"federation": self.federation, "node_id": self.node_id,
-                        "api": API_VERSION, "port": str(self.port)}, **kwargs)
+                        "api": API_VERSION, "port": str(self.port),
+                        "tls": "1" if self.tls else "0"}, **kwargs)
         await self._zc.async_register_service(self._info)
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE,
                                             handlers=[self._on_change])
@@ -70,8 +72,9 @@ class Discovery:
         props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
         if props.get("federation") != self.federation or props.get("node_id") == self.node_id:
             return
+        scheme = "https" if props.get("tls") == "1" else "http"
         for address in info.parsed_addresses(IPVersion.V4Only):
-            self.on_peer(props.get("node_id", ""), f"http://{address}:{info.port}")
+            self.on_peer(props.get("node_id", ""), f"{scheme}://{address}:{info.port}")
 
     async def stop(self) -> None:
         """Unregister (mDNS goodbye) and close the sockets."""

@@ -42,12 +42,19 @@ class PeerClient:
         self.node_id = node_id
         self.private_key = private_key
         self.ssl_context = ssl_context
+        # origin -> node id its TLS key proved: trusted on first use, then held to it
+        self.pins: dict[str, str] = {}
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 1.0))
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            connector = None
+            if self.ssl_context is not None:
+                from chorus_p2p.node.tls import pinning_connector
+
+                connector = pinning_connector(self.pins)
+            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
         return self._session
 
     async def close(self) -> None:
@@ -55,7 +62,12 @@ class PeerClient:
             await self._session.close()
 
     async def call(self, url: str, method: str, path: str, body: Any = None,
-                   timeout: float | None = None) -> Any:
+                   timeout: float | None = None, expect_node: str | None = None) -> Any:
+        if expect_node is not None and url.startswith("https://"):
+            pinned = self.pins.setdefault(url, expect_node)
+            if pinned != expect_node:
+                raise PeerError(f"{url}: pinned to {pinned[:12]}, not {expect_node[:12]}",
+                                code="bad_peer")
         data = json.dumps(body).encode() if body is not None else b""
         body_sha = hashlib.sha256(data).hexdigest() if data else EMPTY_SHA256
         headers = sign_headers(self.key, method, path, self.node_id, body_sha)

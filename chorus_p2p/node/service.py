@@ -75,6 +75,13 @@ class Node:
             raise
         self.blobs = BlobStore(self.data_dir / BLOB_DIR)
         self.request_key = request_key(self.identity.secret)
+        self.client_ssl = None
+        self.server_ssl = None
+        if settings.tls:
+            from chorus_p2p.node.tls import client_context, server_context
+
+            self.server_ssl = server_context(self.identity)
+            self.client_ssl = client_context()
         self.nonces = NonceCache(persist=self.ledger.add_nonce)
         self.nonces.load(self.ledger.recent_nonces(time.time() - self.nonces.window))
         self.rate_limiter = RateLimiter(settings.rate_limit, 2 * settings.rate_limit)
@@ -110,7 +117,8 @@ class Node:
     def url(self) -> str:
         assert self.address is not None
         host, port = self.address
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        scheme = "https" if self.settings.tls else "http"
+        return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def policy_json(self) -> dict[str, Any]:
         return {"strategy": self.policy.strategy, "min_updates": self.policy.min_updates,
@@ -154,7 +162,8 @@ class Node:
         await self.rounds.start()
         self._runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
+                           ssl_context=self.server_ssl)
         await site.start()
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         host, port = sockets[0].getsockname()[:2]
@@ -166,11 +175,15 @@ class Node:
         self.ledger.upsert_member({"node_id": self.node_id, "addresses": [f"{advertised}:{port}"]})
         self.bus.publish("listening", None, {"url": self.url, "node_id": self.node_id,
                                              "federation": self.identity.federation})
+        if not self.settings.tls and not host.startswith("127."):
+            log.warning("serving plain HTTP on %s: requests are authenticated, but adapters and "
+                        "metadata are readable on the network; use --tls off trusted LANs", host)
         await self.cluster.start()
         if self.settings.mdns:
             self.discovery = Discovery(self.identity.federation, self.node_id, port,
                                        list(self.settings.interfaces) or None,
-                                       lambda node_id, url: self.cluster.consider(url))
+                                       lambda node_id, url: self.cluster.consider(url),
+                                       tls=self.settings.tls)
             await self.discovery.start()
         if self.participant is not None:
             self.participant.start()
