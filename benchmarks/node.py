@@ -67,15 +67,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
 
 from chorus_p2p.client import AsyncNodeClient
-from chorus_p2p.lora.adapter_io import factor_keys
 from chorus_p2p.node.identity import init_data_dir
 from chorus_p2p.node.service import Node
 from chorus_p2p.node.settings import NodeSettings
 from chorus_p2p.node.spec import FederationSpec
-from chorus_p2p.tiny import quiet_transformers, save_tiny_model
+from chorus_p2p.tiny import quiet_transformers, save_tiny_model, write_random_update
 
 RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")
 ROUND = 1                   # the round every run measures (the first after round 0)
@@ -88,16 +86,7 @@ UPDATE_SCALE = 0.05
 # --- setup helpers (standalone: nothing imported from tests/) ----------------------------------
 
 def write_update(path: Path, spec: FederationSpec, seed: int) -> Path:
-    """A bare safetensors update with the federation's exact shapes (no model load needed)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for prefix, (d_out, d_in) in spec.modules.items():
-        key_a, key_b = factor_keys(prefix)
-        tensors[key_a] = torch.randn(spec.rank, d_in, generator=gen) * UPDATE_SCALE
-        tensors[key_b] = torch.randn(d_out, spec.rank, generator=gen) * UPDATE_SCALE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-    return path
+    return write_random_update(path, spec, seed)
 
 
 def node_settings(data_dir: Path, model: Path, clients: int) -> NodeSettings:

@@ -21,14 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from chorus_p2p.client import NodeClient
-from chorus_p2p.lora.adapter_io import factor_keys
 from chorus_p2p.netlab import NetLab, NodeProc, namespaces_unavailable, wait_until
 from chorus_p2p.node.identity import init_data_dir
 from chorus_p2p.node.spec import FederationSpec
-from chorus_p2p.tiny import quiet_transformers, save_tiny_model
+from chorus_p2p.tiny import quiet_transformers, save_tiny_model, write_random_update
 
 RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")
 ARGS = ["--rank", str(RANK), "--alpha", str(ALPHA), "--target-modules", ",".join(TARGETS),
@@ -36,14 +34,7 @@ ARGS = ["--rank", str(RANK), "--alpha", str(ALPHA), "--target-modules", ",".join
 
 
 def write_update(path: Path, spec: FederationSpec, seed: int) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for prefix, (d_out, d_in) in spec.modules.items():
-        key_a, key_b = factor_keys(prefix)
-        tensors[key_a] = torch.randn(spec.rank, d_in, generator=gen) * 0.05
-        tensors[key_b] = torch.randn(d_out, spec.rank, generator=gen) * 0.05
-    save_file(tensors, str(path))
-    return path
+    return write_random_update(path, spec, seed)
 
 
 def status(proc: NodeProc, secret: bytes) -> dict:

@@ -23,7 +23,7 @@ import tarfile
 import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Iterator, TypeVar
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -109,6 +109,22 @@ def _safe_extract(data: bytes, out_dir: Path) -> None:
             (out_dir / name).write_bytes(source.read())
 
 
+def _data_dir_credentials(data_dir: str | os.PathLike, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments for talking to the node that owns ``data_dir`` as itself."""
+    from chorus_p2p.node.identity import load_identity
+
+    identity = load_identity(data_dir)
+    kwargs.setdefault("client_id", identity.node_id)
+    return {"secret": identity.secret, "admin_token": identity.admin_token, **kwargs}
+
+
+def _token_credentials(token: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    from chorus_p2p.node.identity import decode_join_token
+
+    _, secret = decode_join_token(token)
+    return {"secret": secret, **kwargs}
+
+
 class AsyncNodeClient:
     def __init__(self, url: str = DEFAULT_URL, *, secret: bytes, client_id: str | None = None,
                  admin_token: str | None = None, timeout: float = 120.0,
@@ -127,19 +143,11 @@ class AsyncNodeClient:
     def from_data_dir(cls, data_dir: str | os.PathLike, url: str | None = None,
                       **kwargs: Any) -> "AsyncNodeClient":
         """Talk to the node that owns ``data_dir`` with its own credentials (admin included)."""
-        from chorus_p2p.node.identity import load_identity
-
-        identity = load_identity(data_dir)
-        kwargs.setdefault("client_id", identity.node_id)
-        return cls(url or DEFAULT_URL, secret=identity.secret, admin_token=identity.admin_token,
-                   **kwargs)
+        return cls(url or DEFAULT_URL, **_data_dir_credentials(data_dir, kwargs))
 
     @classmethod
     def from_join_token(cls, url: str, token: str, **kwargs: Any) -> "AsyncNodeClient":
-        from chorus_p2p.node.identity import decode_join_token
-
-        _, secret = decode_join_token(token)
-        return cls(url, secret=secret, **kwargs)
+        return cls(url, **_token_credentials(token, kwargs))
 
     async def __aenter__(self) -> "AsyncNodeClient":
         return self
@@ -376,19 +384,11 @@ class NodeClient:
     @classmethod
     def from_data_dir(cls, data_dir: str | os.PathLike, url: str | None = None,
                       **kwargs: Any) -> "NodeClient":
-        from chorus_p2p.node.identity import load_identity
-
-        identity = load_identity(data_dir)
-        kwargs.setdefault("client_id", identity.node_id)
-        return cls(url or DEFAULT_URL, secret=identity.secret, admin_token=identity.admin_token,
-                   **kwargs)
+        return cls(url or DEFAULT_URL, **_data_dir_credentials(data_dir, kwargs))
 
     @classmethod
     def from_join_token(cls, url: str, token: str, **kwargs: Any) -> "NodeClient":
-        from chorus_p2p.node.identity import decode_join_token
-
-        _, secret = decode_join_token(token)
-        return cls(url, secret=secret, **kwargs)
+        return cls(url, **_token_credentials(token, kwargs))
 
     def _call(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]

@@ -26,6 +26,20 @@ from typing import Any
 NODE_PORT = 8470
 
 
+def free_loopback_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (for static-peer federations on loopback)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = ["ip", *(["-n", netns] if netns else []), *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=20)

@@ -73,3 +73,24 @@ def make_client_adapter(base_dir: str | Path, out_dir: str | Path, *, seed: int,
                 param.copy_(torch.randn(param.shape, generator=generator) * spread)
     model.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def write_random_update(path: str | Path, spec, seed: int, scale: float = 0.05) -> Path:
+    """A bare safetensors update with a federation's exact shapes (no model load: fast).
+
+    ``spec`` is a :class:`chorus_p2p.node.spec.FederationSpec`; both factors are random, as if
+    a client had trained."""
+    from safetensors.torch import save_file
+
+    from chorus_p2p.lora.adapter_io import factor_keys
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for prefix, (d_out, d_in) in spec.modules.items():
+        key_a, key_b = factor_keys(prefix)
+        tensors[key_a] = torch.randn(spec.rank, d_in, generator=gen) * scale
+        tensors[key_b] = torch.randn(d_out, spec.rank, generator=gen) * scale
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path

@@ -8,18 +8,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import torch
-from safetensors.torch import save_file
-
-from chorus_p2p.lora.adapter_io import factor_keys
 from chorus_p2p.node.identity import init_data_dir
 from chorus_p2p.node.service import Node
 from chorus_p2p.node.settings import NodeSettings
 from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.tiny import write_random_update
 
 RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")
 
@@ -41,17 +40,23 @@ async def start_node(data_dir: Path, model: Path, **overrides: Any) -> Node:
     return node
 
 
+@contextmanager
+def node_in_thread(data_dir: Path, model: Path, **overrides: Any) -> Iterator[Node]:
+    """A node on its own event loop in a thread, for synchronous tests (CLI, urllib, hypothesis)."""
+    loop = asyncio.new_event_loop()
+    node = loop.run_until_complete(start_node(data_dir, model, **overrides))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        asyncio.run_coroutine_threadsafe(node.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
 def write_update(path: Path, spec: FederationSpec, seed: int, *, scale: float = 0.05) -> Path:
-    """A bare safetensors update with the federation's exact shapes (fast: no model load)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for prefix, (d_out, d_in) in spec.modules.items():
-        key_a, key_b = factor_keys(prefix)
-        tensors[key_a] = torch.randn(spec.rank, d_in, generator=gen) * scale
-        tensors[key_b] = torch.randn(d_out, spec.rank, generator=gen) * scale
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-    return path
+    return write_random_update(path, spec, seed, scale)
 
 
 async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):

@@ -4,11 +4,11 @@ failover and catch-up, fast. The same scenarios run with real mDNS in namespaces
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
 from chorus_p2p.client import AsyncNodeClient
+from chorus_p2p.netlab import free_loopback_ports
 from chorus_p2p.node.identity import init_data_dir
 from chorus_p2p.node.service import Node
 
@@ -17,20 +17,10 @@ from nodeutil import node_settings, wait_for, write_update
 pytestmark = pytest.mark.timeout(120)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Federation:
     def __init__(self, tmp_path, tiny_base, n: int, **overrides):
         self.tmp_path, self.tiny_base = tmp_path, tiny_base
-        self.ports = free_ports(n)
+        self.ports = free_loopback_ports(n)
         first = init_data_dir(tmp_path / "n0", "looplab")
         self.token = first.join_token()
         for i in range(1, n):
@@ -153,6 +143,8 @@ async def test_coordinator_crash_mid_round_commits_every_update_once(federation)
                                for n in fed.nodes.values()), timeout=15)
     for n in fed.nodes.values():
         assert sorted(u["node_id"] for u in n.ledger.updates(2)) == ["a", "b"]
+        # the committed record carries the term of the coordinator that produced it
+        assert n.ledger.round(2)["term"] == new_leader.cluster.term
     # The crashed node restarts and catches up to the same history.
     await fed.start(leader_index)
     await wait_for(lambda: history(fed.nodes[leader_index]) == history(new_leader), timeout=15)

@@ -3,11 +3,9 @@ ledger and blob store do not change. Bounded: a fixed number of examples per pro
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import struct
-import threading
 import urllib.error
 import urllib.request
 
@@ -21,22 +19,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from chorus_p2p.node.auth import identity_headers, request_key, sign_headers
 from chorus_p2p.node.identity import node_id_for
 
-from nodeutil import blob_files, start_node
+from nodeutil import blob_files, node_in_thread
 
 EXAMPLES = 60
 
 
 @pytest.fixture(scope="module")
 def live_node(tmp_path_factory, tiny_base):
-    loop = asyncio.new_event_loop()
-    node = loop.run_until_complete(start_node(tmp_path_factory.mktemp("fuzz") / "node", tiny_base,
-                                              rate_limit=0))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield node
-    asyncio.run_coroutine_threadsafe(node.stop(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with node_in_thread(tmp_path_factory.mktemp("fuzz") / "node", tiny_base, rate_limit=0) as node:
+        yield node
 
 
 STRANGER = Ed25519PrivateKey.generate()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 
 import aiohttp
 import pytest
@@ -15,7 +14,7 @@ from chorus_p2p.client import (AsyncNodeClient, AuthenticationError, ConflictErr
                                NotFoundError, RejectedError)
 from chorus_p2p.exactness import merged_state, weighted_mean_state
 from chorus_p2p.lora.fold import fold_base
-from chorus_p2p.node.auth import EMPTY_SHA256, H_ADMIN, request_key, sign_headers
+from chorus_p2p.node.auth import H_ADMIN, request_key, sign_headers
 from chorus_p2p.tiny import make_client_adapter
 
 from nodeutil import ALPHA, RANK, TARGETS, blob_files, start_node, wait_for, write_update
@@ -300,7 +299,7 @@ async def test_close_round_now_aggregates_what_is_there(node, tmp_path):
         assert exc.value.code == "no_updates"
         await c.submit(write_update(tmp_path / "solo.safetensors", node.spec, 3), examples=4)
         assert (await c.close_round())["round"] == 1
-    row = await committed(node, 1)
+    await committed(node, 1)
     assert node.ledger.round(1)["metrics"]["updates"] == 1
 
 
@@ -364,5 +363,24 @@ async def test_norm_bound_that_excludes_everything_stalls_the_round(tmp_path, ti
         await wait_for(lambda: node.ledger.round(1)["state"] == "collecting")
         assert "exceeds the bound" in node.ledger.update(1, "big")["reason"]
         assert node.ledger.round(2) is None
+    finally:
+        await node.stop()
+
+
+async def test_an_exclusion_stays_recorded_when_the_round_aggregates_later(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "node", tiny_base, min_updates=1, max_update_norm=1.0)
+    try:
+        async with client_for(node, "huge") as c:
+            await c.submit(write_update(tmp_path / "huge.safetensors", node.spec, 1, scale=5.0),
+                           examples=1)
+        await wait_for(lambda: (node.ledger.update(1, "huge") or {}).get("status") == "excluded")
+        await wait_for(lambda: node.ledger.round(1)["state"] == "collecting")
+        async with client_for(node, "small") as c:
+            await c.submit(write_update(tmp_path / "small.safetensors", node.spec, 2,
+                                        scale=0.01), examples=1)
+        await committed(node, 1)
+        assert node.ledger.update(1, "huge")["status"] == "excluded"
+        assert node.ledger.update(1, "small")["status"] == "accepted"
+        assert node.ledger.round(1)["metrics"]["nodes"] == ["small"]
     finally:
         await node.stop()

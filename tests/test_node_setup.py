@@ -8,7 +8,6 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -18,7 +17,7 @@ from chorus_p2p.node.identity import (decode_join_token, encode_join_token, init
                                       load_identity)
 from chorus_p2p.node.settings import resolve_settings
 
-from nodeutil import start_node, write_update
+from nodeutil import node_in_thread, start_node, write_update
 
 
 def test_init_creates_private_identity_and_refuses_to_overwrite(tmp_path, capsys):
@@ -86,14 +85,8 @@ def test_up_refuses_a_different_federation_spec(tmp_path, tiny_base, capsys):
 
 @pytest.fixture
 def running_node(tmp_path, tiny_base):
-    loop = asyncio.new_event_loop()
-    node = loop.run_until_complete(start_node(tmp_path / "node", tiny_base))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield node
-    asyncio.run_coroutine_threadsafe(node.stop(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with node_in_thread(tmp_path / "node", tiny_base) as node:
+        yield node
 
 
 def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import aiohttp
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from chorus_p2p.node.auth import identity_headers, request_key, sign_headers
@@ -103,3 +102,29 @@ def test_identity_key_file_is_private(tmp_path):
     identity = init_data_dir(tmp_path / "d", "lab")
     mode = stat.S_IMODE(os.stat(tmp_path / "d" / "identity.key").st_mode)
     assert mode == 0o600 and load_identity(tmp_path / "d").node_id == identity.node_id
+
+
+async def test_a_member_cannot_speak_for_another(tmp_path, tiny_base):
+    """The sender a peer message names must be the node that signed it."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+
+    from chorus_p2p.node.identity import node_id_for
+
+    node = await start_node(tmp_path / "node", tiny_base)
+    try:
+        mallory = Ed25519PrivateKey.generate()
+        mallory_id = node_id_for(mallory.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+        before = node.ledger.snapshot()
+        forged = json.dumps({"term": 99, "coordinator": "f" * 32, "url": "http://127.0.0.1:9",
+                             "commit": 999, "members": []}).encode()
+        status, body = await _post(node.url, "/v1/peer/append",
+                                   _signed(node, "/v1/peer/append", mallory_id, forged, mallory),
+                                   forged)
+        assert (status, body["error"]) == (403, "forbidden")
+        assert node.cluster.role == "coordinator" and node.cluster.term < 99
+        assert node.ledger.snapshot() == before
+    finally:
+        await node.stop()

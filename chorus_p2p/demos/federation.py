@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
+from chorus_p2p.netlab import free_loopback_ports
 from chorus_p2p.node.identity import init_data_dir
 from chorus_p2p.node.service import Node
 from chorus_p2p.node.settings import NodeSettings
@@ -30,16 +30,6 @@ from chorus_p2p.train.trainer import TrainConfig, eval_global
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "examples" / "data"
 SHARDS = ("kitchen", "weather", "workshop")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def shard_paths(data_dir: Path = DATA_DIR) -> list[Path]:
@@ -69,7 +59,7 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
     first = init_data_dir(fed_dir / "node0", f"demo-{strategy}")
     for i in (1, 2):
         init_data_dir(fed_dir / f"node{i}", join_token=first.join_token())
-    ports = _free_ports(3)
+    ports = free_loopback_ports(3)
     nodes: list[Node] = []
     for i in range(3):
         settings = NodeSettings(
@@ -90,7 +80,7 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
               f"{leader.node_id[:12]} (term {leader.cluster.term}), strategy {strategy}")
         adapter_dir, residual = materialize_round(nodes[0], 0, workdir / f"eval-{strategy}")
         start = await asyncio.to_thread(eval_global, model, adapter_dir, residual, datasets, config)
-        print(f"  round 0  eval loss: " + "  ".join(f"{k} {v:.3f}" for k, v in start.items())
+        print("  round 0  eval loss: " + "  ".join(f"{k} {v:.3f}" for k, v in start.items())
               + f"  (mean {sum(start.values()) / len(start):.3f})  the shared starting point")
         for number in range(1, rounds + 1):
             await _wait(lambda: all((n.ledger.round(number) or {}).get("state") == "committed"

@@ -457,8 +457,18 @@ def _check_fields(body: Any, schema: dict[str, Any], what: str) -> dict[str, Any
     return body
 
 
+SENDER_FIELD = {"hello": "node_id", "vote": "candidate", "append": "coordinator",
+                "leave": "node_id"}
+
+
 async def _peer_body(request: web.Request, kind: str) -> dict[str, Any]:
-    return _check_fields(await read_json_body(request), PEER_SCHEMAS[kind], f"peer {kind}")
+    """A shape-checked peer message whose named sender is the node that signed the request:
+    one member can never speak for another (or for an id it made up)."""
+    body = _check_fields(await read_json_body(request), PEER_SCHEMAS[kind], f"peer {kind}")
+    field = SENDER_FIELD.get(kind)
+    if field is not None and body[field] != request[CALLER]:
+        raise ApiError("forbidden", f"peer {kind}: {field} must be the signing node")
+    return body
 
 
 async def peer_hello(request: web.Request) -> web.Response:
@@ -519,12 +529,14 @@ async def admin_join_token(request: web.Request) -> web.Response:
 
 async def admin_pause(request: web.Request) -> web.Response:
     await read_json_body(request)
+    _node(request).rounds.require_coordinator()
     _node(request).rounds.set_paused(True)
     return web.json_response({"paused": True})
 
 
 async def admin_resume(request: web.Request) -> web.Response:
     await read_json_body(request)
+    _node(request).rounds.require_coordinator()
     _node(request).rounds.set_paused(False)
     return web.json_response({"paused": False})
 

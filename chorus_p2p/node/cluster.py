@@ -86,6 +86,8 @@ class Cluster:
         self._stopping = False
         self._wake = asyncio.Event()
         self._pending_urls: set[str] = set()
+        self._sync_body: dict[str, Any] | None = None
+        self._sync_worker: asyncio.Task | None = None
         self._load_members()
 
     # -- members -------------------------------------------------------------------------------
@@ -102,6 +104,16 @@ class Cluster:
     def voting_members(self) -> list[str]:
         return [self.node.node_id] + [p.node_id for p in self.peers.values()
                                       if p.status not in NOT_COUNTED]
+
+    def established(self) -> bool:
+        """Part of a running federation, judged from durable state (not from whether a
+        coordinator happens to be known right now, which is false during every election)."""
+        if self.role == COORDINATOR or self.coordinator is not None:
+            return True
+        committed = self.node.ledger.latest_committed()
+        if committed is not None and committed["round"] > 0:
+            return True
+        return any(p.status in ("live", "lost") for p in self.peers.values())
 
     def is_known(self, node_id: str) -> bool:
         """Admitted or pending, not rejected: may talk to us beyond hello/append."""
@@ -143,7 +155,7 @@ class Cluster:
             # as a member was approved there already. A node that is itself new trusts the
             # federation it is joining: approval is the incumbents' decision.
             vouched = info.get("status") in ("live", "lost") and not direct
-            established = self.role == COORDINATOR or self.coordinator is not None
+            established = self.established()
             status = "pending" if self.approve_joins and established and not vouched else "live"
             peer = self.peers[node_id] = Peer(node_id, url, status=status)
         if peer.status in ("pending", "rejected"):
@@ -220,6 +232,7 @@ class Cluster:
     async def start(self) -> None:
         rounds = self.node.rounds
         rounds.quorum = self.quorum
+        rounds.voting_members = self.voting_members
         rounds.notify_followers = self._wake.set
         rounds.coordinator_hint = lambda: {"coordinator": self.coordinator,
                                            "coordinator_url": self.coordinator_url}
@@ -238,7 +251,13 @@ class Cluster:
         """Graceful leave: hand the role to the most up-to-date peer, tell everyone we go."""
         self._stopping = True
         live = [p for p in self.peers.values() if p.status == "live"]
-        if self.role == COORDINATOR and live:
+        was_coordinator = self.role == COORDINATOR
+        if was_coordinator:
+            # Stop acting as coordinator before anything else: no upload may be acknowledged
+            # that this node will no longer replicate, and no late result may be proposed.
+            self.role = FOLLOWER
+            self.node.rounds.follow()
+        if was_coordinator and live:
             target = max(live, key=lambda p: p.extra.get("ack_round", -1))
             try:
                 await self.client.call(target.url, "POST", "/v1/peer/timeout-now",
@@ -397,13 +416,15 @@ class Cluster:
                 log.info("heartbeat to %s failing: %s", peer.node_id[:12], exc)
             return False
         self._seen(peer)
+        if not isinstance(reply, dict) or not isinstance(reply.get("term"), int):
+            return False
         if reply["term"] > self.term:
             self._step_down(reply["term"], f"{peer.node_id[:12]} is in a newer term")
             return False
         if not reply.get("ok"):
             return False
         ack = reply.get("ack")
-        if ack:
+        if isinstance(ack, dict) and isinstance(ack.get("round"), int):
             peer.extra["ack_round"] = ack["round"]
             await self.node.rounds.on_ack(ack["round"], peer.node_id, ack["adapter_sha"])
         return True
@@ -431,10 +452,12 @@ class Cluster:
             except PeerError:
                 return False
             self._seen(peer)
+            if not isinstance(reply, dict) or not isinstance(reply.get("term"), int):
+                return False
             if reply["term"] > self.term:
                 self._step_down(reply["term"], "a newer term exists")
                 return False
-            return bool(reply.get("granted"))
+            return reply.get("granted") is True
 
         pending = {asyncio.ensure_future(ask(p)) for p in voters}
         needed = self.quorum()
@@ -478,7 +501,9 @@ class Cluster:
     def on_append(self, body: dict[str, Any]) -> dict[str, Any]:
         term = int(body["term"])
         sender = self.peers.get(body["coordinator"])
-        if self.approve_joins and sender is not None and sender.status in ("pending", "rejected"):
+        if self.approve_joins and (sender.status in ("pending", "rejected") if sender is not None
+                                   else self.established()):
+            # Only an admitted member may lead an established federation.
             return {"term": self.term, "ok": False}
         if term < self.term:
             return {"term": self.term, "ok": False}
@@ -512,9 +537,18 @@ class Cluster:
                 self._seen(peer)
             elif member.get("status") == "lost" and peer.status == "live":
                 peer.status = "lost"
-        self._spawn(self._sync(body))
+        self._sync_body = body  # only the newest heartbeat matters; older ones are dropped
+        if self._sync_worker is None or self._sync_worker.done():
+            self._sync_worker = self._spawn(self._sync_loop())
         return {"term": self.term, "ok": True, "node_id": self.node.node_id,
                 "ack": self.node.rounds.ack_state()}
+
+    async def _sync_loop(self) -> None:
+        while self._sync_body is not None:
+            body, self._sync_body = self._sync_body, None
+            if int(body["term"]) < self.term or self.role != FOLLOWER:
+                continue  # from a coordinator that is no longer ours
+            await self._sync(body)
 
     async def _sync(self, body: dict[str, Any]) -> None:
         url = body["url"]

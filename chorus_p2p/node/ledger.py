@@ -246,8 +246,8 @@ class Ledger:
     def mark_excluded(self, number: int, excluded: dict[str, str]) -> None:
         """Record the robust filters' verdicts: every other update of the round is accepted."""
         with self.db.atomic():
-            self.db.execute("update updates set status = 'accepted', reason = null where round = ?",
-                            [number])
+            self.db.execute("update updates set status = 'accepted', reason = null where round = ? "
+                            "and (status is null or status != 'excluded')", [number])
             for node_id, reason in excluded.items():
                 self.db.execute("update updates set status = 'excluded', reason = ? where round = ? "
                                 "and node_id = ?", [reason, number, node_id])

@@ -86,6 +86,7 @@ class RoundManager:
         self.leading_term: int | None = None
         # Set by the cluster: how many members make a majority, who to tell, where the leader is.
         self.quorum: Callable[[], int] = lambda: 1
+        self.voting_members: Callable[[], list[str]] = lambda: [node_id]
         self.notify_followers: Callable[[], None] = lambda: None
         self.coordinator_hint: Callable[[], dict[str, Any]] = lambda: {}
         self._lock = asyncio.Lock()  # serialises accept-vs-close of the current round
@@ -144,6 +145,8 @@ class RoundManager:
         elif state == PROPOSED:
             log.info("round %d was proposed by an earlier coordinator; proposing it again",
                      latest["round"])
+            self.ledger.set_round_state(latest["round"], PROPOSED, term=term,
+                                        coordinator=self.node_id)
             self._acks[latest["round"]] = {self.node_id}
             self.notify_followers()
             await self.on_ack(latest["round"], self.node_id, latest["adapter_sha"])
@@ -335,11 +338,19 @@ class RoundManager:
         except Exception as exc:  # a bug or a disk problem: keep the round, say why
             log.exception("aggregation of round %d failed", round_no)
             self.bus.publish("aggregation_failed", round_no, {"error": str(exc)}, level="warning")
+            if self.leading_term == term:  # keep the round: collect again, close again
+                self.ledger.set_round_state(round_no, COLLECTING)
+                self.notify_followers()
+                self._arm_deadline({**self.ledger.round(round_no),
+                                    "deadline_at": time.time() + min(60.0, self.policy.deadline_s)})
             return
         if self.leading_term != term:
             log.warning("dropping round %d's result: term %d is over", round_no, term)
             return
-        self.ledger.set_round_state(round_no, PROPOSED, **fields)
+        # The proposal carries the term that produced it: that is what the vote's
+        # "at least as up to date" check must compare (Raft's Figure 8).
+        self.ledger.set_round_state(round_no, PROPOSED, term=term, coordinator=self.node_id,
+                                    **fields)
         self.bus.publish("aggregation_finished", round_no, fields["metrics"])
         self._acks[round_no] = {self.node_id}
         self.notify_followers()
@@ -353,8 +364,8 @@ class RoundManager:
             return
         acks = self._acks.setdefault(round_no, {self.node_id})
         acks.add(node_id)
-        if len(acks) < self.quorum():
-            return
+        if len(acks & set(self.voting_members())) < self.quorum():
+            return  # acks from members who left since do not count
         committed_at = time.time()
         next_row = None if self.paused else self._next_round_row(round_no)
         event_id = self.ledger.commit_round(

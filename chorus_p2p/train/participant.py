@@ -134,9 +134,10 @@ class Participant:
             now = time.monotonic()
             if now - last_report[0] > 0.5 or step == self.config.steps:
                 last_report[0] = now
-                loop.call_soon_threadsafe(self.node.bus.publish, "training_progress", number, {
-                    "node_id": self.node.node_id, "step": step, "steps": self.config.steps,
-                    "loss": round(loss, 4)})
+                data = {"node_id": self.node.node_id, "step": step, "steps": self.config.steps}
+                if self.budget is None:  # with DP on, losses are private: not even to events
+                    data["loss"] = round(loss, 4)
+                loop.call_soon_threadsafe(self.node.bus.publish, "training_progress", number, data)
 
         out = self.work / f"client-{number}"
         shutil.rmtree(out, ignore_errors=True)
@@ -154,8 +155,9 @@ class Participant:
         else:
             shutil.copyfile(out / "adapter_model.safetensors", update)
         (self.outbox / f"round-{number}.json").write_text(json.dumps(entry))
+        public = {k: v for k, v in entry.items() if k != "dp_raw_norm"}  # pre-noise: private
         self.node.bus.publish("training_finished", number, {"node_id": self.node.node_id,
-                                                            **entry})
+                                                            **public})
         return entry
 
     def _privatize(self, start_dir: Path, trained_dir: Path, update: Path) -> float:

@@ -4,9 +4,12 @@ Rényi-DP accountant from Google's ``dp-accounting`` library.
 What is protected: each round, the change a node makes to the global adapter (all LoRA factors,
 flattened) is clipped to L2 norm ``clip`` and Gaussian noise of standard deviation
 ``noise_multiplier * clip`` is added to every coordinate *on the node, before the update leaves
-it*. The released update is therefore (epsilon, delta)-DP with respect to the node's whole local
-dataset (replace the dataset, the guarantee holds), and everything computed from it (the global
-adapter, R, the merged model) inherits the guarantee by post-processing. The accountant composes
+it*. The released update is (epsilon, delta)-DP under add/remove adjacency of the node's whole
+local dataset (the node trained on its data, versus contributed a zero change), the usual
+user-level framing of DP-FedAvg: the change has L2 sensitivity ``clip``. Under
+replace-the-dataset adjacency the sensitivity is ``2 * clip``; for that guarantee double
+``--dp-noise``. Everything computed from the update (the global adapter, R, the merged model)
+inherits the guarantee by post-processing. The accountant composes
 one Gaussian mechanism (sampling rate 1) per submitted round; the rounds spent and epsilon are
 persisted in the ledger, and past the budget the node refuses to submit.
 
