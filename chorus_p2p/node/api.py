@@ -128,7 +128,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                                                                    request.headers):
         raise ApiError("forbidden", "this action needs the node's admin token "
                        "(DATA_DIR/admin.token)")
-    response = await handler(request)
+    try:
+        response = await handler(request)
+    except (ApiError, UpdateRejected) as exc:
+        if not request.path.startswith("/v1/peer/"):
+            raise
+        # A peer's refusal is signed too, so the caller learns the real reason
+        # (e.g. spec_mismatch) instead of "unsigned answer".
+        response = error_response(exc.code, exc.message, getattr(exc, "extra", None))
     if request.path.startswith("/v1/peer/") and isinstance(response, web.Response):
         # Peers believe only answers signed with the federation key (see peers.py).
         body = response.body if isinstance(response.body, bytes) else b""

@@ -108,6 +108,6 @@ class PeerClient:
                 data = await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise PeerError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-        if hashlib.sha256(data).hexdigest() != sha:
+        if (await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())) != sha:
             raise PeerError(f"{url}: blob {sha[:12]} does not match its hash", code="bad_blob")
         return data

@@ -335,6 +335,7 @@ class RoundManager:
                                                            "strategy": self.policy.strategy})
         try:
             fields = await asyncio.to_thread(self._aggregate_blocking, round_no, updates, previous)
+            fields["metrics"]["excluded"] = sorted(excluded)
         except Exception as exc:  # a bug or a disk problem: keep the round, say why
             log.exception("aggregation of round %d failed", round_no)
             self.bus.publish("aggregation_failed", round_no, {"error": str(exc)}, level="warning")
@@ -384,6 +385,7 @@ class RoundManager:
 
     def _aggregate_blocking(self, round_no: int, updates: list[dict[str, Any]],
                             previous: dict[str, Any]) -> dict[str, Any]:
+        """Runs in a worker thread: touches blobs and files only, never the ledger."""
         delay = float(os.environ.get(FAULT_DELAY_ENV, "0") or 0)
         if delay:
             time.sleep(delay)
@@ -415,9 +417,7 @@ class RoundManager:
                        "total_ms": round((time.perf_counter() - started) * 1000, 3),
                        "residual_energy": (None if self.policy.strategy == "fedavg"
                                            else report.residual_energy),
-                       "nodes": [u["node_id"] for u in updates],
-                       "excluded": [u["node_id"] for u in self.ledger.updates(round_no)
-                                    if u.get("status") == "excluded"]}
+                       "nodes": [u["node_id"] for u in updates]}
             return {"adapter_sha": adapter_sha, "adapter_config_sha": config_sha,
                     "residual_sha": residual_sha, "cumulative_sha": cumulative_sha,
                     "metrics": metrics}

@@ -39,6 +39,12 @@ def materialize_from(ledger, blobs, number: int, into: Path) -> tuple[Path, Path
     row = ledger.round(number)
     if row is None or row["state"] != "committed":
         raise LookupError(f"round {number} is not committed on this node")
+    return materialize_row(row, blobs, into)
+
+
+def materialize_row(row: dict[str, Any], blobs, into: Path) -> tuple[Path, Path | None]:
+    """Copy a committed round's blobs into a PEFT folder (file work only: safe in a thread)."""
+    number = row["round"]
     folder = into / f"global-{number}"
     if not (folder / "adapter_model.safetensors").exists():
         tmp = into / f".global-{number}.partial"
@@ -122,7 +128,8 @@ class Participant:
         await self._submit(number, entry)
 
     async def _train(self, number: int, base: int) -> dict[str, Any]:
-        adapter_dir, residual = await asyncio.to_thread(materialize_round, self.node, base,
+        row = self.node.ledger.round(base)  # the ledger is read on the event loop only
+        adapter_dir, residual = await asyncio.to_thread(materialize_row, row, self.node.blobs,
                                                         self.work)
         self.node.bus.publish("training_started", number, {
             "node_id": self.node.node_id, "steps": self.config.steps,
