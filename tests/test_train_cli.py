@@ -1,0 +1,51 @@
+"""The training commands as a user runs them: train (SDK loop), export, simulate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from nodeutil import node_in_thread
+
+SHARD = Path(__file__).resolve().parents[1] / "examples" / "data" / "kitchen.jsonl"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_train_then_export_from_the_command_line(tmp_path, tiny_lm_dir):
+    with node_in_thread(tmp_path / "node", tiny_lm_dir, min_updates=1,
+                        target_modules=("q_proj", "v_proj")) as node:
+        done = cli("train", "--node", node.url, "--join", node.identity.join_token(),
+                   "--client-id", "laptop", "--model", str(tiny_lm_dir), "--dataset", str(SHARD),
+                   "--rounds", "2", "--steps", "2")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "round 1: trained 2 steps" in done.stdout and "round 2: trained" in done.stdout
+        for number in (1, 2):
+            update = node.ledger.update(number, "laptop")
+            assert update is not None and update["eval_loss"] is not None
+            assert update["trained_from"] == number - 1
+    # The node is stopped; export works from its data dir alone.
+    done = cli("export", "--data-dir", str(tmp_path / "node"), "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_simulate_command(tmp_path, tiny_lm_dir):
+    done = cli("simulate", "--clients", "4", "--rounds", "1", "--steps", "2", "--model",
+               str(tiny_lm_dir), "--compare", "--plot", str(tmp_path / "sim.png"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "simulating 4 clients x 1 rounds with fedex-svd" in done.stdout
+    assert "simulating 4 clients x 1 rounds with fedavg" in done.stdout
+    assert (tmp_path / "sim.png").stat().st_size > 1000
