@@ -56,7 +56,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from chorus_p2p.demos.federation import run_federation_demo
 
     return run_federation_demo(rounds=args.rounds, compare=args.compare, workdir=args.workdir,
-                               steps=args.steps, lr=args.lr, plot=args.plot)
+                               steps=args.steps, lr=args.lr, plot=args.plot, serve=args.serve)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -99,6 +99,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--plot", metavar="PNG", help="where --compare writes its plot")
     demo.add_argument("--steps", type=int, default=30, help="training steps per node per round")
     demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--serve", action="store_true",
+                      help="keep the federation training after the rounds, for `chorus-node tui` "
+                           "(Ctrl-C stops it)")
     demo.add_argument("--exactness", action="store_true",
                       help="the aggregation-exactness demo instead of the federation")
     demo.add_argument("--clients", type=int, default=4, help="(--exactness) client adapters")

@@ -50,7 +50,7 @@ def ensure_tiny_model(workdir: Path) -> Path:
 
 
 async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
-                         config: TrainConfig) -> list[RoundStats]:
+                         config: TrainConfig, serve: bool = False) -> list[RoundStats]:
     shards = shard_paths()
     datasets = [Dataset.load(p) for p in shards]
     fed_dir = workdir / f"federation-{strategy}"
@@ -85,7 +85,7 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
         for number in range(1, rounds + 1):
             await _wait(lambda: all((n.ledger.round(number) or {}).get("state") == "committed"
                                     for n in nodes), 300, f"round {number} on every node")
-            if number == rounds:
+            if number == rounds and not serve:
                 for n in nodes:  # no round after the last: stop training
                     if n.rounds.is_coordinator:
                         n.rounds.set_paused(True)
@@ -99,10 +99,17 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
             history.append(stats)
             print(f"  {format_round(stats)}")
         same = {json.dumps([(r["round"], r["adapter_sha"], r["cumulative_sha"])
-                            for r in n.ledger.list_rounds(limit=100) if r["state"] == "committed"])
+                            for r in n.ledger.list_rounds(limit=100)
+                            if r["state"] == "committed" and r["round"] <= rounds])
                 for n in nodes}
         print(f"  all 3 ledgers hold the same {rounds + 1} committed rounds and R: "
               f"{'yes' if len(same) == 1 else 'NO'}")
+        if serve:
+            leader = next((n for n in nodes if n.cluster.role == "coordinator"), nodes[0])
+            print("\nthe federation keeps training; watch it live from another terminal with\n"
+                  f"  chorus-node tui --node {leader.url} --data-dir {leader.data_dir}\n"
+                  "Ctrl-C stops all three nodes.", flush=True)
+            await asyncio.Event().wait()
     finally:
         for node in nodes:
             await node.stop()
@@ -120,7 +127,8 @@ async def _wait(predicate, timeout: float, what: str):
 
 
 def run_federation_demo(rounds: int = 5, compare: bool = False, workdir: str | None = None,
-                        steps: int = 30, lr: float = 1e-3, plot: str | None = None) -> int:
+                        steps: int = 30, lr: float = 1e-3, plot: str | None = None,
+                        serve: bool = False) -> int:
     import logging
 
     quiet_transformers()
@@ -137,8 +145,8 @@ def run_federation_demo(rounds: int = 5, compare: bool = False, workdir: str | N
         for strategy in (("fedex-svd", "fedavg") if compare else ("fedex-svd",)):
             print(f"\nfederation with {strategy}: 3 nodes, each training on its own shard "
                   f"({', '.join(SHARDS)}), {rounds} rounds")
-            histories[strategy] = asyncio.run(run_federation(root, model, strategy, rounds,
-                                                             config))
+            histories[strategy] = asyncio.run(run_federation(
+                root, model, strategy, rounds, config, serve=serve and not compare))
         if compare:
             print("\nmean held-out loss per round:")
             print("  round  " + "  ".join(f"{s:>10}" for s in histories))
