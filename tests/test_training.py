@@ -170,3 +170,29 @@ def test_demo_command_runs_a_federation_offline(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "round 1  eval loss: kitchen" in done.stdout and "round 2  eval loss:" in done.stdout
     assert "all 3 ledgers hold the same 3 committed rounds and R: yes" in done.stdout
+
+
+def test_demo_serve_keeps_the_federation_up_until_interrupted(tmp_path):
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "chorus_p2p.cli.main", "demo", "--rounds", "1",
+                             "--steps", "2", "--serve", "--workdir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline, lines = time.monotonic() + 240, []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "chorus-node tui --node" in line or not line:
+                break
+        assert any("chorus-node tui --node http://127.0.0.1:" in line for line in lines), lines
+        time.sleep(2.0)
+        assert proc.poll() is None  # still serving
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
