@@ -196,3 +196,31 @@ def test_demo_serve_keeps_the_federation_up_until_interrupted(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_device_choice(tmp_path, tiny_lm, shards):
+    from chorus_p2p.train.trainer import resolve_device
+
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    assert resolve_device("cpu").type == "cpu"
+    spec = FederationSpec.build(str(tiny_lm), 4, 8.0, TARGETS)
+    start = initial_state(spec, "t", tmp_path / "r0")
+    cpu = train_round(tiny_lm, start, None, shards[0], TrainConfig(steps=2, device="cpu"),
+                      tmp_path / "cpu")
+    assert (cpu.adapter_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_matches_the_exactness_identity(tmp_path, tiny_lm, shards):
+    spec = FederationSpec.build(str(tiny_lm), 4, 8.0, TARGETS)
+    start = initial_state(spec, "t", tmp_path / "r0")
+    clients = [train_round(tiny_lm, start, None, d, TrainConfig(steps=3, seed=i, device="cuda"),
+                           tmp_path / f"c{i}").adapter_dir for i, d in enumerate(shards)]
+    aggregate_adapters([str(c) for c in clients], tmp_path / "g", rank=4)
+    fold_base(tiny_lm, tmp_path / "g" / RESIDUAL_FILE, tmp_path / "base+R")
+    got = merged_state(tmp_path / "base+R", tmp_path / "g")
+    mean = weighted_mean_state([merged_state(tiny_lm, c) for c in clients], [1, 1, 1])
+    worst = max(float((got[k].double() - mean[k]).norm() / mean[k].norm())
+                for k in mean if any(t in k for t in TARGETS))
+    assert worst <= 1e-5

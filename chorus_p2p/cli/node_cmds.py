@@ -72,7 +72,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "rate_limit", "tls",
                                            "dp_delta", "dp_clip", "dp_noise",
                                            "dataset", "steps",
-                                           "lr", "batch_size")}
+                                           "lr", "batch_size", "device")}
     flags["peers"] = args.peer
     flags["interfaces"] = args.interface
     settings = resolve_settings(flags)
@@ -274,6 +274,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     up.add_argument("--steps", type=int, help="optimizer steps per round (default 30)")
     up.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
     up.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
+    up.add_argument("--device", help="training device: auto (default: CUDA, then MPS, else "
+                    "CPU), cpu, cuda, cuda:1, ...")
     up.set_defaults(handler=_cmd_up)
 
     for name, handler, text in (("status", _cmd_status, "node and federation status"),

@@ -13,7 +13,8 @@ from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES
 def _train_config(args: argparse.Namespace):
     from chorus_p2p.train.trainer import TrainConfig
 
-    return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+    return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                       device=args.device)
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -120,6 +121,8 @@ def _training_options(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per round")
     parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: CUDA, then MPS, else CPU), cpu, cuda, cuda:1, ...")
 
 
 def register(commands: argparse._SubParsersAction) -> None:

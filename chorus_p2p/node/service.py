@@ -104,7 +104,8 @@ class Node:
             dp = None if settings.dp_epsilon is None else DPConfig(
                 settings.dp_epsilon, settings.dp_delta, settings.dp_clip or 1.0, settings.dp_noise)
             self.participant = Participant(self, settings.dataset or "", TrainConfig(
-                steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size), dp)
+                steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
+                device=settings.device), dp)
         self.started_at = time.time()
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None

@@ -56,6 +56,7 @@ class NodeSettings:
     steps: int = 30
     lr: float = 2e-4  # a usual LoRA rate for real models; the tiny demo model uses 1e-3
     batch_size: int = 8
+    device: str = "auto"  # training device: auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:1
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
 
 
@@ -85,7 +86,7 @@ _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": s
           "max_update_norm": float,
           "outlier_mad": float, "dp_epsilon": float, "dp_delta": float, "dp_clip": float,
           "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,
-          "batch_size": int}
+          "batch_size": int, "device": str}
 
 
 def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None

@@ -31,6 +31,7 @@ class TrainConfig:
     seq_len: int = 64
     seed: int = 0
     eval_batches: int = 8
+    device: str = "auto"  # "auto": CUDA if available, then Apple MPS, else CPU
 
 
 @dataclass
@@ -42,23 +43,39 @@ class TrainResult:
     adapter_dir: Path
 
 
-def load_base(model_path: str | Path, residual_path: str | Path | None = None):
-    """Base model in float32 with ``R`` folded in; returns (model, tokenizer)."""
+def resolve_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_base(model_path: str | Path, residual_path: str | Path | None = None,
+              device: str = "cpu"):
+    """Base model in float32 with ``R`` folded in, then moved to ``device``.
+
+    The fold happens on the CPU in float32, before the move, so the result is the same bits on
+    every device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if residual_path is not None:
         fold_into_model(model, load_residual(residual_path))
-    return model, tokenizer
+    return model.to(resolve_device(device)), tokenizer
 
 
 def load_global_model(model_path: str | Path, adapter_dir: str | Path,
-                      residual_path: str | Path | None = None, trainable: bool = False):
+                      residual_path: str | Path | None = None, trainable: bool = False,
+                      device: str = "cpu"):
     """``W0 + R + adapter`` as a PEFT model (trainable for a client, frozen for evaluation)."""
     from peft import PeftModel
 
-    model, tokenizer = load_base(model_path, residual_path)
+    model, tokenizer = load_base(model_path, residual_path, device)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     return peft_model, tokenizer
 
@@ -67,9 +84,10 @@ def load_global_model(model_path: str | Path, adapter_dir: str | Path,
 def evaluate(model, blocks: torch.Tensor, batch_size: int = 8, max_batches: int = 8) -> float:
     """Mean next-token loss over (up to ``max_batches``) held-out blocks."""
     model.eval()
+    device = next(model.parameters()).device
     losses = []
     for start in range(0, min(len(blocks), batch_size * max_batches), batch_size):
-        batch = blocks[start:start + batch_size]
+        batch = blocks[start:start + batch_size].to(device)
         losses.append(float(model(input_ids=batch, labels=batch).loss))
     return sum(losses) / len(losses)
 
@@ -83,7 +101,9 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual_path: 
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    model, tokenizer = load_global_model(model_path, adapter_dir, residual_path, trainable=True)
+    model, tokenizer = load_global_model(model_path, adapter_dir, residual_path, trainable=True,
+                                         device=config.device)
+    device = next(model.parameters()).device
     train_blocks = token_blocks(tokenizer, dataset.train, config.seq_len)
     eval_blocks = token_blocks(tokenizer, dataset.eval, config.seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -94,7 +114,7 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual_path: 
     bar = _progress_bar(config.steps) if progress is None and sys.stderr.isatty() else None
     for step in range(config.steps):
         batch = train_blocks[torch.randint(0, len(train_blocks), (config.batch_size,),
-                                           generator=gen)]
+                                           generator=gen)].to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
@@ -126,6 +146,7 @@ def eval_global(model_path: str | Path, adapter_dir: str | Path,
                 residual_path: str | Path | None, datasets: list[Dataset],
                 config: TrainConfig) -> dict[str, float]:
     """Held-out loss of the global model on each dataset (the demo's per-shard figure)."""
-    model, tokenizer = load_global_model(model_path, adapter_dir, residual_path)
+    model, tokenizer = load_global_model(model_path, adapter_dir, residual_path,
+                                         device=config.device)
     return {d.name: evaluate(model, token_blocks(tokenizer, d.eval, config.seq_len),
                              config.batch_size, config.eval_batches) for d in datasets}
