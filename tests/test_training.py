@@ -189,10 +189,16 @@ def test_demo_serve_keeps_the_federation_up_until_interrupted(tmp_path):
             if "chorus-node tui --node" in line or not line:
                 break
         assert any("chorus-node tui --node http://127.0.0.1:" in line for line in lines), lines
+        # Keep draining its output: a child blocked on a full pipe would never exit.
+        import threading
+
+        drain = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        drain.start()
         time.sleep(2.0)
         assert proc.poll() is None  # still serving
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        proc.wait(timeout=90)
+        drain.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -109,11 +109,27 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
             print("\nthe federation keeps training; watch it live from another terminal with\n"
                   f"  chorus-node tui --node {leader.url} --data-dir {leader.data_dir}\n"
                   "Ctrl-C stops all three nodes.", flush=True)
-            await asyncio.Event().wait()
+            await _until_signalled()
     finally:
         for node in nodes:
             await node.stop()
     return history
+
+
+async def _until_signalled() -> None:
+    """Wait for Ctrl-C or SIGTERM. Handlers are installed explicitly: a process started in the
+    background by a non-interactive shell inherits SIGINT as *ignored*, and would never stop."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def _wait(predicate, timeout: float, what: str):
