@@ -39,6 +39,12 @@ class Federation:
         self.nodes[i] = node
         return node
 
+    async def start_all(self) -> Node:
+        """Start every node; return the one coordinator they all follow."""
+        for i in range(len(self.ports)):
+            await self.start(i)
+        return await self.one_coordinator()
+
     async def stop(self, i: int) -> None:
         await self.nodes.pop(i).stop()
 
@@ -104,9 +110,7 @@ async def run_round(fed: Federation, leader: Node, number: int, clients=("a", "b
 
 async def test_three_nodes_elect_one_coordinator_and_replicate(federation):
     fed = federation(3)
-    for i in range(3):
-        await fed.start(i)
-    leader = await fed.one_coordinator()
+    leader = await fed.start_all()
     for number in (1, 2, 3):
         await run_round(fed, leader, number)
     histories = {i: history(n) for i, n in fed.nodes.items()}
@@ -121,9 +125,7 @@ async def test_three_nodes_elect_one_coordinator_and_replicate(federation):
 
 async def test_coordinator_crash_mid_round_commits_every_update_once(federation):
     fed = federation(3)
-    for i in range(3):
-        await fed.start(i)
-    leader = await fed.one_coordinator()
+    leader = await fed.start_all()
     await run_round(fed, leader, 1)
     files = {cid: write_update(fed.tmp_path / f"f{cid}.safetensors", leader.spec, k)
              for k, cid in enumerate(("a", "b"))}
@@ -169,9 +171,7 @@ async def test_late_joiner_catches_up_and_graceful_leave_hands_over(federation):
 
 async def test_minority_runs_no_round_and_catches_up_after_healing(federation):
     fed = federation(3)
-    for i in range(3):
-        await fed.start(i)
-    leader = await fed.one_coordinator()
+    leader = await fed.start_all()
     await run_round(fed, leader, 1)
     # Isolate one follower by crashing the other two from its point of view: stop them.
     lone_index = next(i for i, n in fed.nodes.items() if n is not leader)
@@ -191,9 +191,7 @@ async def test_minority_runs_no_round_and_catches_up_after_healing(federation):
 
 async def test_sdk_submit_to_a_follower_goes_to_the_coordinator(federation):
     fed = federation(3)
-    for i in range(3):
-        await fed.start(i)
-    leader = await fed.one_coordinator()
+    leader = await fed.start_all()
     follower = next(n for n in fed.nodes.values() if n is not leader)
     async with fed.client(follower, "dora") as c:
         result = await c.submit(write_update(fed.tmp_path / "dora.safetensors", leader.spec, 3),
@@ -234,9 +232,7 @@ async def test_tls_federation_pins_peers_by_node_id(federation):
     from chorus_p2p.client import NodeError
 
     fed = federation(3, tls=True)
-    for i in range(3):
-        await fed.start(i)
-    leader = await fed.one_coordinator()
+    leader = await fed.start_all()
     assert leader.url.startswith("https://")
     await run_round(fed, leader, 1)
     follower = next(n for n in fed.nodes.values() if n is not leader)

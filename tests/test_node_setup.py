@@ -77,9 +77,9 @@ def test_up_refuses_a_different_federation_spec(tmp_path, tiny_base, capsys):
 
     asyncio.run(once())
     code = main(["up", "--data-dir", str(tmp_path / "d"), "--model", str(tiny_base), "--rank", "8",
-                 "--port", "0"])
+                 "--port", "0", "--no-mdns"])
     assert code == 2 and "trains rank=4, not 8" in capsys.readouterr().err
-    code = main(["up", "--data-dir", str(tmp_path / "fresh"), "--port", "0"])
+    code = main(["up", "--data-dir", str(tmp_path / "fresh"), "--port", "0", "--no-mdns"])
     assert code == 2 and "no node identity here" in capsys.readouterr().err
 
 

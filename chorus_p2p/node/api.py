@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 from chorus_p2p import __version__
 from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers, verify_identity
 from chorus_p2p.node.blobs import BlobError, is_sha256
+from chorus_p2p.node.ledger import round_record
 from chorus_p2p.node.peers import H_RESPONSE_SIG, response_signature
 from chorus_p2p.node.ratelimit import RateLimited
 from chorus_p2p.node.spec import UpdateRejected
@@ -203,13 +204,6 @@ def _round_number(request: web.Request) -> int:
     return number
 
 
-def public_round(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row.get(k) for k in (
-        "round", "term", "coordinator", "state", "strategy", "trained_from", "opened_at",
-        "deadline_at", "aggregating_at", "committed_at", "adapter_sha", "adapter_config_sha",
-        "residual_sha", "cumulative_sha", "metrics", "config")}
-
-
 # -- handlers ---------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "version": __version__, "api": API_VERSION})
@@ -253,14 +247,14 @@ async def rounds_list(request: web.Request) -> web.Response:
     before_n = _int_param(request, "before") if before is not None else None
     rows = node.ledger.list_rounds(limit=limit, before=before_n)
     next_before = rows[-1]["round"] if len(rows) == limit and rows[-1]["round"] > 0 else None
-    return web.json_response({"rounds": [public_round(r) for r in rows],
+    return web.json_response({"rounds": [round_record(r) for r in rows],
                               "next_before": next_before, "total": node.ledger.count_rounds()})
 
 
 async def round_detail(request: web.Request) -> web.Response:
     node = _node(request)
     number = _round_number(request)
-    row = public_round(node.ledger.round(number))
+    row = round_record(node.ledger.round(number))
     row["updates"] = [{k: u.get(k) for k in ("node_id", "blob_sha", "examples", "trained_from",
                                              "size", "norm", "received_at", "eval_loss",
                                              "train_loss", "status", "reason")}
@@ -507,10 +501,9 @@ async def peer_history(request: web.Request) -> web.Response:
     """Committed rounds after ``after`` with their updates, for followers and late joiners."""
     node = _node(request)
     after = _int_param(request, "after", default=0)
-    rows = [r for r in reversed(node.ledger.list_rounds(limit=100000))
-            if r["round"] > after and r["state"] == "committed"][:100]
+    rows = node.ledger.committed_after(after, limit=100)
     updates = [u for r in rows for u in node.ledger.updates(r["round"])]
-    return web.json_response({"rounds": [public_round(r) for r in rows], "updates": updates})
+    return web.json_response({"rounds": [round_record(r) for r in rows], "updates": updates})
 
 
 async def admin_close_round(request: web.Request) -> web.Response:

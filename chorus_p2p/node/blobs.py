@@ -79,8 +79,13 @@ class BlobStore:
         fsync_dir(target.parent)
         return target
 
-    def put_file(self, source: str | os.PathLike) -> str:
-        """Copy a file in; returns its sha256."""
+    def put_file(self, source: str | os.PathLike, *, move: bool = False) -> str:
+        """Copy a file in (or, with ``move``, rename a finished file on the same file system
+        into place, saving a copy); returns its sha256."""
+        if move:
+            sha = sha256_file(source)
+            self.adopt(Path(source), sha)
+            return sha
         out, temp = self.new_temp()
         digest = hashlib.sha256()
         with out, open(source, "rb") as src:

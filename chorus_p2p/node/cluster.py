@@ -158,12 +158,11 @@ class Cluster:
             established = self.established()
             status = "pending" if self.approve_joins and established and not vouched else "live"
             peer = self.peers[node_id] = Peer(node_id, url, status=status)
-        if peer.status in ("pending", "rejected"):
-            pass
-        elif direct and peer.status == "left":
-            peer.status = "lost"  # it came back; _seen makes it live
-        elif info.get("status") == "left":
-            peer.status = "left"
+        if peer.status not in ("pending", "rejected"):  # only an admin's decision moves those
+            if direct and peer.status == "left":
+                peer.status = "lost"  # it came back; _seen makes it live
+            elif info.get("status") == "left":
+                peer.status = "left"
         if url:
             peer.url = url
         peer.name = info.get("name") or peer.name

@@ -130,6 +130,15 @@ class Ledger:
     def count_rounds(self) -> int:
         return self.db["rounds"].count
 
+    def committed_after(self, after: int, limit: int = 100) -> list[dict[str, Any]]:
+        """Committed rounds past ``after``, oldest first (a page of history for catch-up)."""
+        return [_decode_round(r) for r in self.db.query(
+            "select * from rounds where round > ? and state = ? order by round limit ?",
+            [after, COMMITTED, limit])]
+
+    def count_members(self) -> int:
+        return self.db["members"].count
+
     def insert_round(self, row: dict[str, Any]) -> None:
         self.db["rounds"].insert(_encode_round(row))
 
@@ -284,6 +293,16 @@ class Ledger:
         return {t: list(self.db.query(f"select * from [{t}] order by rowid"))
                 for t in ("members", "terms", "votes", "rounds", "updates", "events")}
 
+
+
+ROUND_FIELDS = ("round", "term", "coordinator", "state", "strategy", "config", "trained_from",
+                "opened_at", "deadline_at", "aggregating_at", "committed_at", "adapter_sha",
+                "adapter_config_sha", "residual_sha", "cumulative_sha", "metrics")
+
+
+def round_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A round row as it is served and replicated: the same fields on every node."""
+    return {k: row.get(k) for k in ROUND_FIELDS}
 
 
 def _encode_round(row: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,8 @@ from chorus_p2p.lora.residual import RESIDUAL_FILE, FactoredResidual, load_resid
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
 from chorus_p2p.node.blobs import BlobStore
 from chorus_p2p.node.events import EventBus
-from chorus_p2p.node.ledger import (AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED, Ledger)
+from chorus_p2p.node.ledger import (AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED, Ledger,
+                                    round_record)
 from chorus_p2p.node.robust import FilterPolicy, filter_updates
 from chorus_p2p.node.spec import FederationSpec, UpdateRejected
 
@@ -112,8 +113,7 @@ class RoundManager:
             out, temp = self.blobs.new_temp()
             out.close()
             writer.finish(temp, {"format": "pt"})
-            adapter_sha = self.blobs.put_file(temp)
-            temp.unlink(missing_ok=True)
+            adapter_sha = self.blobs.put_file(temp, move=True)
             return adapter_sha, self.blobs.put_bytes(_canonical_json(self.spec.adapter_config()))
 
         adapter_sha, config_sha = await asyncio.to_thread(build)
@@ -254,8 +254,8 @@ class RoundManager:
 
     def expected_participants(self, round_no: int) -> int:
         """Wait for everyone who took part last round, or ``min_updates`` in the first round."""
-        previous = self.ledger.updates(round_no - 1) if round_no > 1 else []
-        return max(self.policy.min_updates, len(previous))
+        previous = self.ledger.count_updates(round_no - 1) if round_no > 1 else 0
+        return max(self.policy.min_updates, previous)
 
     async def _maybe_close(self, round_no: int, *, deadline_passed: bool = False,
                            force: bool = False) -> bool:
@@ -397,18 +397,20 @@ class RoundManager:
                 paths, scratch / "out", strategy=self.policy.strategy,
                 weights=[u["examples"] for u in updates], rank=self.spec.rank,
                 settings=self.spec.settings, labels=[u["node_id"] for u in updates])
-            adapter_sha = self.blobs.put_file(scratch / "out" / "adapter_model.safetensors")
+            # Results are moved into the blob store, not copied (scratch is on the same disk).
+            adapter_sha = self.blobs.put_file(scratch / "out" / "adapter_model.safetensors",
+                                              move=True)
             config_sha = self.blobs.put_bytes(_canonical_json(self.spec.adapter_config()))
             cumulative_sha = previous["cumulative_sha"]  # fedavg leaves R unchanged
             residual_sha = None
             residual_file = scratch / "out" / RESIDUAL_FILE
             if residual_file.exists():
-                residual_sha = self.blobs.put_file(residual_file)
                 cumulative = (load_residual(self.blobs.verified_path(previous["cumulative_sha"]))
                               if previous["cumulative_sha"] else FactoredResidual())
                 cumulative.add(load_residual(residual_file))
+                residual_sha = self.blobs.put_file(residual_file, move=True)
                 cumulative.save(scratch / "cumulative.safetensors", {"round": str(round_no)})
-                cumulative_sha = self.blobs.put_file(scratch / "cumulative.safetensors")
+                cumulative_sha = self.blobs.put_file(scratch / "cumulative.safetensors", move=True)
             reported = [u["eval_loss"] for u in updates if u.get("eval_loss") is not None]
             metrics = {"updates": len(updates), "examples": sum(u["examples"] for u in updates),
                        "mean_eval_loss": sum(reported) / len(reported) if reported else None,
@@ -435,7 +437,7 @@ class RoundManager:
         if latest is not None and latest["state"] != COMMITTED:
             # A proposal travels with its updates: a follower that becomes coordinator before
             # the commit must be able to re-propose it with its full record.
-            row = {**_wire_round(latest), "updates": [
+            row = {**round_record(latest), "updates": [
                 {k: u.get(k) for k in UPDATE_KEYS} for u in self.ledger.updates(latest["round"])]}
             payload["proposal" if latest["state"] == PROPOSED else "current"] = row
         return payload
@@ -496,7 +498,7 @@ class RoundManager:
                     await fetch_blob(update["blob_sha"])
                 await self._check_residual_chain(committed, proposal)
                 self.ledger.delete_rounds_after(mine)
-                self.ledger.apply_history([_local_round(proposal)], updates)
+                self.ledger.apply_history([round_record(proposal)], updates)
             current = payload.get("current")
             if current and current["round"] > mine:
                 await self._mirror_current(current, mine, fetch_blob)
@@ -509,7 +511,7 @@ class RoundManager:
                 await fetch_blob(update["blob_sha"])
         known = self.ledger.round(current["round"])
         self.ledger.delete_rounds_after(mine)
-        self.ledger.apply_history([_local_round(current)], updates)
+        self.ledger.apply_history([round_record(current)], updates)
         if known is None:
             self._publish_opened(current, None)
 
@@ -544,10 +546,10 @@ class RoundManager:
         if not rounds:
             return
         if replace:
-            self.ledger.replace_history([_local_round(r) for r in rounds], updates)
+            self.ledger.replace_history([round_record(r) for r in rounds], updates)
         else:
             self.ledger.delete_rounds_after(rounds[0]["round"] - 1)
-            self.ledger.apply_history([_local_round(r) for r in rounds], updates)
+            self.ledger.apply_history([round_record(r) for r in rounds], updates)
         for row in rounds:
             self.bus.publish("round_committed", row["round"],
                              {k: row[k] for k in ("adapter_sha", "residual_sha", "cumulative_sha")})
@@ -598,19 +600,7 @@ class RoundManager:
             task.cancel()
 
 
-_WIRE_ROUND_KEYS = ("round", "term", "coordinator", "state", "strategy", "config", "trained_from",
-                    "opened_at", "deadline_at", "aggregating_at", "committed_at", "adapter_sha",
-                    "adapter_config_sha", "residual_sha", "cumulative_sha", "metrics")
-
-
 def _commit_id(row: dict[str, Any] | None) -> str | None:
     """What identifies a committed round's result: its adapter and the R after it."""
     return None if row is None else f"{row.get('adapter_sha')}:{row.get('cumulative_sha')}"
 
-
-def _wire_round(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row.get(k) for k in _WIRE_ROUND_KEYS}
-
-
-def _local_round(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row.get(k) for k in _WIRE_ROUND_KEYS}

@@ -149,7 +149,7 @@ class Node:
                 "cumulative_sha": committed["cumulative_sha"],
                 "committed_at": committed["committed_at"]},
             "counts": {"rounds": self.ledger.count_rounds(), "updates": self.ledger.count_updates(),
-                       "members": len(self.ledger.members())},
+                       "members": self.ledger.count_members()},
             "policy": self.policy_json(), "spec_fingerprint": self.spec.fingerprint(),
             "uptime_s": round(time.time() - self.started_at, 3),
         }
