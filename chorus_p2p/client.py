@@ -58,6 +58,10 @@ class NotFoundError(NodeError):
     """404: unknown round, blob or endpoint."""
 
 
+class PrunedError(NotFoundError):
+    """410: the round's files are no longer kept on that node (see ``--keep-rounds``)."""
+
+
 class ConflictError(NodeError):
     """409: the round is closed, the update conflicts, or it was trained from a stale round."""
 
@@ -80,6 +84,8 @@ def _error_for(status: int, code: str, message: str,
         cls: type[NodeError] = AuthenticationError
     elif status == 404:
         cls = NotFoundError
+    elif status == 410:
+        cls = PrunedError
     elif status == 409:
         cls = ConflictError
     elif status >= 500:
@@ -182,7 +188,7 @@ class AsyncNodeClient:
 
     async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                        json_body: Any = None, file_body: Path | None = None, admin: bool = False,
-                       raw: bool = False) -> Any:
+                       raw: bool = False, stream_to: Path | None = None) -> Any:
         path_qs = path + ("?" + urlencode(params) if params else "")
         data: Any = None
         headers: dict[str, str]
@@ -202,6 +208,13 @@ class AsyncNodeClient:
                                             headers=headers) as response:
                 if response.status >= 400:
                     await self._raise(response)
+                if stream_to is not None:
+                    digest = hashlib.sha256()
+                    with open(stream_to, "wb") as out:
+                        async for chunk in response.content.iter_chunked(1 << 20):
+                            digest.update(chunk)
+                            await asyncio.to_thread(out.write, chunk)
+                    return digest.hexdigest(), dict(response.headers)
                 if raw:
                     return await response.read(), dict(response.headers)
                 return await response.json()
@@ -317,13 +330,32 @@ class AsyncNodeClient:
 
     async def download(self, what: str, round: int | str, out_file: str | os.PathLike,
                        *, force: bool = False) -> Path:
-        """``what`` is ``residual`` (that round's D) or ``cumulative`` (R after that round)."""
-        data, headers = await self._request("GET", f"/v1/rounds/{round}/{what}", raw=True)
-        if hashlib.sha256(data).hexdigest() != headers.get("X-Chorus-SHA256"):
-            raise NodeError("hash_mismatch", f"downloaded {what} does not match its hash", 0)
+        """``what`` is ``residual`` (that round's factored D) or ``cumulative`` (the dense R
+        after that round). Streamed to disk; the file appears only when complete."""
         with atomic_output_file(out_file, force=force) as scratch:
-            scratch.write_bytes(data)
+            sha, headers = await self._request("GET", f"/v1/rounds/{round}/{what}",
+                                               stream_to=scratch)
+            expected = headers.get("X-Chorus-SHA256")
+            if expected is not None and sha != expected:
+                raise NodeError("hash_mismatch", f"downloaded {what} does not match its hash", 0)
         return Path(out_file)
+
+    async def state(self) -> dict[str, Any]:
+        """The node's state: its round, checkpoint, retention (``GET /v1/state``)."""
+        return await self._request("GET", "/v1/state")
+
+    async def download_checkpoint(self, out_file: str | os.PathLike, *, force: bool = False
+                                  ) -> tuple[int, str]:
+        """The node's latest state checkpoint; returns (round, sha256)."""
+        with atomic_output_file(out_file, force=force) as scratch:
+            sha, headers = await self._request("GET", "/v1/state/checkpoint", stream_to=scratch)
+            if sha != headers.get("X-Chorus-SHA256"):
+                raise NodeError("hash_mismatch", "downloaded checkpoint does not match its hash", 0)
+        return int(headers["X-Chorus-State-Round"]), sha
+
+    async def gc(self) -> dict[str, Any]:
+        """Run the node's garbage collector now (admin)."""
+        return await self._request("POST", "/v1/admin/gc", json_body={}, admin=True)
 
     async def blob(self, sha: str) -> bytes:
         data, _ = await self._request("GET", f"/v1/blobs/{sha}", raw=True)

@@ -1,4 +1,4 @@
-"""Folding residuals into base weights: folders, single files, shards, loaded models, R += D."""
+"""Folding residuals into base weights: folders, single files, shards, loaded models, dense R."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chorus_p2p.cli.main import main
-from chorus_p2p.lora.fold import fold_base, fold_into_model
-from chorus_p2p.lora.residual import FactoredResidual, load_residual, recompress
+from chorus_p2p.lora.fold import fold_base, fold_into_model, weight_key
+from chorus_p2p.lora.residual import FactoredResidual, load_residual
 from chorus_p2p.tiny import build_tiny_model
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -87,29 +87,27 @@ def test_fold_refuses_mismatched_residual_and_writes_nothing(tmp_path, tiny_base
     assert not (tmp_path / "out").exists()
 
 
-def test_cumulative_residual_adds_exactly_and_stays_compact():
-    total = FactoredResidual()
-    dense = {Q0: torch.zeros(64, 64, dtype=torch.float64), V1: torch.zeros(32, 64, dtype=torch.float64)}
-    for seed in range(5):
+def test_fold_accepts_a_dense_state_file(tmp_path, tiny_base):
+    """A node's R (dense, ``pull --cumulative``) folds like a factored D does."""
+    from chorus_p2p.state.store import StateStore
+
+    shapes = {Q0: (64, 64), V1: (32, 64)}
+    store = StateStore(tmp_path / "state", shapes)
+    expected = {p: torch.zeros(s, dtype=torch.float64) for p, s in shapes.items()}
+    for number, seed in enumerate((3, 4), start=1):
         step = _residual(seed)
-        total.add(step)
-        for prefix in dense:
-            dense[prefix] += step.dense(prefix)
-    for prefix, expected in dense.items():
-        got = total.dense(prefix)
-        assert float((got - expected).norm() / expected.norm()) <= 1e-5
-    # 5 rounds of rank 3 on 64x64: rank 15; v_proj 5 x rank 2 = 10. Never wider than min(d).
-    assert total.factors[Q0][0].shape[1] == 15
-    assert total.factors[V1][0].shape[1] == 10
-
-
-def test_recompress_drops_redundant_columns():
-    gen = torch.Generator().manual_seed(2)
-    left = torch.randn(30, 4, generator=gen)
-    right = torch.randn(4, 20, generator=gen)
-    l2, r2 = recompress(torch.cat([left, left], 1), torch.cat([right, right], 0))
-    assert l2.shape[1] == 4
-    assert torch.allclose(l2 @ r2, 2 * left @ right, atol=1e-4)
+        step.save(tmp_path / f"d{number}.safetensors")
+        store.apply(number, tmp_path / f"d{number}.safetensors")
+        for prefix in expected:
+            expected[prefix] += step.dense(prefix)
+    store.write_copy(2, tmp_path / "R.safetensors")
+    assert main(["fold", "--base", str(tiny_base), "--residual", str(tmp_path / "R.safetensors"),
+                 "--out", str(tmp_path / "folded")]) == 0
+    base = load_file(str(tiny_base / "model.safetensors"))
+    folded = load_file(str(tmp_path / "folded" / "model.safetensors"))
+    for prefix, delta in expected.items():
+        key = weight_key(prefix)
+        assert torch.allclose(folded[key].double(), base[key].double() + delta, atol=1e-5)
 
 
 def test_streaming_writer_round_trips_through_safe_open(tmp_path):

@@ -63,7 +63,7 @@ def histories(procs, secret):
     out = {}
     for p in procs:
         with client(p, secret) as c:
-            out[p.index] = [(r["round"], r["state"], r["adapter_sha"], r["cumulative_sha"])
+            out[p.index] = [(r["round"], r["state"], r["adapter_sha"], r["log_hash"])
                             for r in c.all_rounds() if r["state"] == "committed"]
     return out
 

@@ -129,7 +129,7 @@ def test_soak_with_kills_restarts_and_link_cuts(tmp_path, tiny_base):
                 rounds = call(p, secret, "all_rounds")
                 if rounds is None:
                     return None
-                out.append(tuple((r["round"], r["adapter_sha"], r["cumulative_sha"])
+                out.append(tuple((r["round"], r["adapter_sha"], r["log_hash"])
                                  for r in rounds if r["state"] == "committed"))
             return out
 

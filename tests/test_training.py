@@ -137,14 +137,14 @@ async def test_training_node_resumes_from_identical_state(tmp_path, tiny_lm):
     await wait_for(lambda: (node.ledger.round(2) or {}).get("state") == "committed", timeout=90)
     node.rounds.set_paused(True)
     await wait_for(lambda: node.ledger.latest_round()["state"] == "committed", timeout=60)
-    before = [(r["round"], r["adapter_sha"], r["cumulative_sha"])
+    before = [(r["round"], r["adapter_sha"], r["log_hash"])
               for r in node.ledger.list_rounds(limit=100) if r["state"] == "committed"]
     outbox = sorted(p.name for p in (data / "outbox").glob("*.json"))
     await node.stop()
 
     node = await start_node(data, tiny_lm, **kwargs)
     try:
-        after = [(r["round"], r["adapter_sha"], r["cumulative_sha"])
+        after = [(r["round"], r["adapter_sha"], r["log_hash"])
                  for r in node.ledger.list_rounds(limit=100) if r["state"] == "committed"]
         assert after == before  # nothing recomputed or lost across the restart
         assert sorted(p.name for p in (data / "outbox").glob("*.json")) == outbox
@@ -169,7 +169,8 @@ def test_demo_command_runs_a_federation_offline(tmp_path):
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "round 1  eval loss: kitchen" in done.stdout and "round 2  eval loss:" in done.stdout
-    assert "all 3 ledgers hold the same 3 committed rounds and R: yes" in done.stdout
+    assert ("all 3 nodes hold the same 3 committed rounds and an R that matches their "
+            "fingerprint: yes") in done.stdout
 
 
 def test_demo_serve_keeps_the_federation_up_until_interrupted(tmp_path):

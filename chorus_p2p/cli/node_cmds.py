@@ -1,5 +1,5 @@
 """Sub-commands that create, run or talk to a node: ``init``, ``up``, ``status``, ``rounds``,
-``members``, ``submit``, ``pull``, ``close-round``, ``pause``, ``resume``.
+``members``, ``submit``, ``pull``, ``close-round``, ``pause``, ``resume``, ``gc``.
 
 Client commands find the node at ``--node URL`` (or ``CHORUS_NODE``, default
 ``http://127.0.0.1:8470``) and authenticate with the credentials in ``--data-dir`` (the local
@@ -72,7 +72,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "rate_limit", "tls",
                                            "dp_delta", "dp_clip", "dp_noise",
                                            "dataset", "steps",
-                                           "lr", "batch_size", "device")}
+                                           "lr", "batch_size", "device", "keep_rounds",
+                                           "checkpoint_every")}
     flags["peers"] = args.peer
     flags["interfaces"] = args.interface
     settings = resolve_settings(flags)
@@ -109,7 +110,73 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if latest:
         print(f"committed   round {latest['round']} at {_when(latest['committed_at'])}, "
               f"adapter {latest['adapter_sha'][:12]}")
+    state = status.get("state")
+    if state:
+        checkpoint = state["checkpoint"]
+        health = ("DIVERGED: " + state["diverged"]) if state["diverged"] else (
+            f"verified at round {state['verified_round']}" if state["verified_round"] is not None
+            else "not verified yet")
+        print(f"state       R at round {state['round']} ({health}); checkpoint "
+              f"{checkpoint['round'] if checkpoint else 'none yet'}")
     return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    """Collect through the node that holds the data dir, or directly when none runs."""
+    from chorus_p2p.node.lock import DataDirBusy, DataDirLock
+
+    if args.node or args.join or os.environ.get("CHORUS_JOIN_TOKEN"):
+        with _client(args) as node:
+            report = node.gc()
+    else:
+        data_dir = Path(_data_dir(args))
+        try:
+            with DataDirLock(data_dir):
+                report = _offline_gc(data_dir, args.keep_rounds)
+        except DataDirBusy as exc:
+            url = exc.holder.get("url")
+            if not url:
+                raise
+            args.node = url
+            with _client(args) as node:
+                report = node.gc()
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"pruned {len(report['pruned_rounds'])} round(s), deleted "
+              f"{report['deleted_blobs']} blob(s), freed {report['freed_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def _offline_gc(data_dir: Path, keep_rounds: str | None) -> dict[str, Any]:
+    import json as _json
+
+    from chorus_p2p.errors import UsageError
+    from chorus_p2p.node.blobs import BlobStore
+    from chorus_p2p.node.ledger import Ledger
+    from chorus_p2p.node.retention import Retention
+    from chorus_p2p.node.service import BLOB_DIR, LEDGER_FILE, STATE_DIR
+    from chorus_p2p.node.settings import parse_keep_rounds, resolve_settings
+    from chorus_p2p.state.store import StateStore
+
+    if not (data_dir / LEDGER_FILE).exists():
+        raise UsageError(f"{data_dir}: no ledger here (is this a node's --data-dir?)")
+    try:
+        keep = parse_keep_rounds(keep_rounds) if keep_rounds is not None else \
+            resolve_settings({"data_dir": str(data_dir)}).keep_rounds
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    ledger = Ledger(data_dir / LEDGER_FILE)
+    try:
+        modules = _json.loads(ledger.get_meta("spec") or "{}").get("modules", {})
+        store = StateStore(data_dir / STATE_DIR, {k: tuple(v) for k, v in modules.items()},
+                           read_only=True)
+        retention = Retention(ledger, BlobStore(data_dir / BLOB_DIR), keep)
+        # Nothing is in flight while no node runs: orphans need no grace period.
+        report = asyncio.run(retention.collect(store.recovery_round, grace_s=0.0))
+    finally:
+        ledger.close()
+    return report.to_json()
 
 
 def _cmd_rounds(args: argparse.Namespace) -> int:
@@ -276,7 +343,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     up.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
     up.add_argument("--device", help="training device: auto (default: CUDA, then MPS, else "
                     "CPU), cpu, cuda, cuda:1, ...")
+    up.add_argument("--keep-rounds", metavar="N|all",
+                    help="keep the blobs of the last N committed rounds (default 10; 'all' for "
+                         "audit); older rounds keep their record and hashes")
+    up.add_argument("--checkpoint-every", type=int, metavar="N",
+                    help="checkpoint the state R every N rounds (default 10)")
     up.set_defaults(handler=_cmd_up)
+
+    gc = commands.add_parser(
+        "gc", help="(admin) drop blobs outside the retention window now",
+        description="Run the garbage collector: through the running node when one holds the "
+                    "data dir, else directly on the data dir.")
+    _client_options(gc)
+    gc.add_argument("--keep-rounds", metavar="N|all",
+                    help="(node not running) override the data dir's retention setting")
+    gc.set_defaults(handler=_cmd_gc)
 
     for name, handler, text in (("status", _cmd_status, "node and federation status"),
                                 ("members", _cmd_members, "federation members")):

@@ -33,9 +33,10 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     """The participant loop from outside a node: pull, train, submit, wait, repeat."""
     from chorus_p2p.cli.node_cmds import _client
-    from chorus_p2p.client import NotFoundError
+    from chorus_p2p.state.store import StateStore
     from chorus_p2p.tiny import quiet_transformers
     from chorus_p2p.train.data import Dataset
+    from chorus_p2p.train.remote_state import sync_from_node
     from chorus_p2p.train.trainer import train_round
 
     quiet_transformers()
@@ -43,6 +44,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     with _client(args) as node, tempfile.TemporaryDirectory(prefix="chorus-train-") as tmp:
         work = Path(tmp)
+        modules = {k: tuple(v) for k, v in node.federation()["spec"]["modules"].items()}
+        state = StateStore(work / "state", modules, checkpoint_every=1 << 30)
         for done in range(args.rounds):
             deadline = time.monotonic() + args.wait
             while (current := node.status()["current_round"]) is None:
@@ -52,12 +55,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 time.sleep(1.0)
             number, base = current["round"], current["trained_from"]
             adapter = node.pull(work / f"global-{base}", round=base, force=True)
-            residual: Path | None = work / f"R-{base}.safetensors"
-            try:
-                node.download("cumulative", base, residual, force=True)
-            except NotFoundError:
-                residual = None
-            result = train_round(args.model, adapter, residual, dataset, config,
+            sync_from_node(node, state, base, work)
+            result = train_round(args.model, adapter, state.read(base), dataset, config,
                                  work / f"client-{number}")
             node.submit(result.adapter_dir, round=number, examples=result.examples,
                         trained_from=base, eval_loss=result.eval_loss,

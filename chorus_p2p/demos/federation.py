@@ -78,7 +78,7 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
                                           None), 30, "a coordinator")
         print(f"  3 nodes up on 127.0.0.1:{','.join(map(str, ports))}; coordinator "
               f"{leader.node_id[:12]} (term {leader.cluster.term}), strategy {strategy}")
-        adapter_dir, residual = materialize_round(nodes[0], 0, workdir / f"eval-{strategy}")
+        adapter_dir, residual = await materialize_round(nodes[0], 0, workdir / f"eval-{strategy}")
         start = await asyncio.to_thread(eval_global, model, adapter_dir, residual, datasets, config)
         print("  round 0  eval loss: " + "  ".join(f"{k} {v:.3f}" for k, v in start.items())
               + f"  (mean {sum(start.values()) / len(start):.3f})  the shared starting point")
@@ -90,7 +90,7 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
                     if n.rounds.is_coordinator:
                         n.rounds.set_paused(True)
             row = nodes[0].ledger.round(number)
-            adapter_dir, residual = materialize_round(nodes[0], number, workdir / f"eval-{strategy}")
+            adapter_dir, residual = await materialize_round(nodes[0], number, workdir / f"eval-{strategy}")
             losses = await asyncio.to_thread(eval_global, model, adapter_dir, residual, datasets,
                                              config)
             metrics = row["metrics"] or {}
@@ -98,12 +98,11 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
                                metrics.get("residual_energy"))
             history.append(stats)
             print(f"  {format_round(stats)}")
-        same = {json.dumps([(r["round"], r["adapter_sha"], r["cumulative_sha"])
-                            for r in n.ledger.list_rounds(limit=100)
-                            if r["state"] == "committed" and r["round"] <= rounds])
-                for n in nodes}
-        print(f"  all 3 ledgers hold the same {rounds + 1} committed rounds and R: "
-              f"{'yes' if len(same) == 1 else 'NO'}")
+        same_log = {n.ledger.round(rounds)["log_hash"] for n in nodes}
+        await asyncio.gather(*(n.state.reader(rounds) for n in nodes))  # each state caught up
+        same_state = all(n.state.verified_round == rounds for n in nodes)
+        print(f"  all 3 nodes hold the same {rounds + 1} committed rounds and an R that matches "
+              f"their fingerprint: {'yes' if len(same_log) == 1 and same_state else 'NO'}")
         if serve:
             leader = next((n for n in nodes if n.cluster.role == "coordinator"), nodes[0])
             print("\nthe federation keeps training; watch it live from another terminal with\n"

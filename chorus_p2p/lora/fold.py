@@ -1,4 +1,4 @@
-"""Fold a factored residual into base weights.
+"""Fold a residual (a round's factored ``D`` or a node's dense ``R``) into base weights.
 
 ``W0 + R`` is computed in float32 and stored in float32: a bf16 or fp16 base cannot hold a
 residual that is small next to the weight, and the exactness claim is only as good as the
@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, MutableMapping
+from typing import Iterable, Iterator, MutableMapping, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from chorus_p2p.atomic import atomic_output_dir, atomic_output_file
 from chorus_p2p.errors import AdapterError
 from chorus_p2p.lora.config import module_name_from_prefix
-from chorus_p2p.lora.residual import FactoredResidual, iter_residual_file
+from chorus_p2p.lora.residual import FactoredResidual, ResidualFile
 
 log = logging.getLogger(__name__)
 
@@ -33,57 +33,66 @@ def weight_key(prefix: str) -> str:
     return module_name_from_prefix(prefix) + ".weight"
 
 
-def _folded(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, source: str,
-            prefix: str) -> torch.Tensor:
-    if tuple(weight.shape) != (left.shape[0], right.shape[1]):
-        raise AdapterError(f"residual is {left.shape[0]}x{right.shape[1]} but the base weight is "
-                           f"{'x'.join(map(str, weight.shape))}", source=source,
+Deltas = Iterable[tuple[str, torch.Tensor]]
+ResidualInput = Union[str, os.PathLike, ResidualFile, FactoredResidual, Deltas]
+
+
+def _check_shape(shape: Sequence[int], d_out: int, d_in: int, *, source: str, prefix: str) -> None:
+    if list(shape) != [d_out, d_in]:
+        raise AdapterError(f"residual is {d_out}x{d_in} but the base weight is "
+                           f"{'x'.join(map(str, shape))}", source=source,
                            module=module_name_from_prefix(prefix))
-    return weight.to(torch.float32) + left.to(torch.float32) @ right.to(torch.float32)
 
 
-def _as_triples(residual: FactoredResidual | Iterable[tuple[str, torch.Tensor, torch.Tensor]]):
-    if isinstance(residual, FactoredResidual):
-        return [(p, left, right) for p, (left, right) in residual.factors.items()]
-    return residual
+def iter_deltas(residual: ResidualInput) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(prefix, dense float32 change)`` one module at a time, from any residual form: a file
+    (factored ``D`` or dense ``R``), a :class:`FactoredResidual`, or pairs already made (a node's
+    state reader)."""
+    if isinstance(residual, (str, os.PathLike)):
+        with ResidualFile(residual) as opened:
+            yield from opened
+    elif isinstance(residual, FactoredResidual):
+        for prefix, (left, right) in residual.factors.items():
+            yield prefix, left.to(torch.float32) @ right.to(torch.float32)
+    else:
+        yield from residual
 
 
-def fold_into_state_dict(state: MutableMapping[str, torch.Tensor],
-                         residual: FactoredResidual | Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+def fold_into_state_dict(state: MutableMapping[str, torch.Tensor], residual: ResidualInput,
                          *, source: str = "state dict") -> list[str]:
-    """Add each module's ``left @ right`` to its weight in ``state`` (now float32); return keys."""
+    """Add each module's change to its weight in ``state`` (now float32); return the keys."""
     changed = []
-    for prefix, left, right in _as_triples(residual):
+    for prefix, delta in iter_deltas(residual):
         key = weight_key(prefix)
         if key not in state:
             raise AdapterError(f"base has no weight {key!r}", source=source,
                                module=module_name_from_prefix(prefix))
-        state[key] = _folded(state[key], left, right, source=source, prefix=prefix)
+        _check_shape(state[key].shape, *delta.shape, source=source, prefix=prefix)
+        state[key] = state[key].to(torch.float32) + delta
         changed.append(key)
     return changed
 
 
 @torch.no_grad()
-def fold_into_model(model: torch.nn.Module,
-                    residual: FactoredResidual | Iterable[tuple[str, torch.Tensor, torch.Tensor]]
-                    ) -> list[str]:
-    """Fold into a loaded ``transformers`` model in place.
+def fold_into_model(model: torch.nn.Module, residual: ResidualInput) -> list[str]:
+    """Fold into a loaded ``transformers`` model in place, one module at a time.
 
     The sum is formed in float32; a model loaded in bf16/fp16 keeps its dtype and loses the
     residual's low bits, so we warn: load the base in float32 to keep the identity exact.
     """
     changed = []
-    for prefix, left, right in _as_triples(residual):
+    for prefix, delta in iter_deltas(residual):
         name = module_name_from_prefix(prefix)
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
             raise AdapterError("model has no such module", source="model", module=name) from exc
         weight = module.weight
+        _check_shape(weight.shape, *delta.shape, source="model", prefix=prefix)
         if weight.dtype != torch.float32:
             log.warning("folding into %s weight of %s loses precision; load the base in float32",
                         weight.dtype, name)
-        weight.copy_(_folded(weight.data, left, right, source="model", prefix=prefix).to(weight.dtype))
+        weight.copy_((weight.data.to(torch.float32) + delta.to(weight.device)).to(weight.dtype))
         changed.append(name)
     return changed
 
@@ -119,49 +128,47 @@ def _key_locations(files: list[Path]) -> dict[str, tuple[Path, list[int]]]:
 def fold_base(base: str | os.PathLike, residual_path: str | os.PathLike, out: str | os.PathLike,
               *, force: bool = False) -> list[str]:
     """Write ``out``: a copy of ``base`` (model folder or one safetensors file) with the residual
-    folded into the targeted weights. Validates every module before writing anything."""
+    (a round's factored ``D`` or a node's dense ``R``) folded into the targeted weights.
+    Validates every module's shape before writing anything; reads one module at a time."""
     base = Path(base)
     files = _weight_files(base)
     where = _key_locations(files)
-    residual = list(iter_residual_file(residual_path))
-    per_file: dict[Path, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
-    for prefix, left, right in residual:
-        key = weight_key(prefix)
-        if key not in where:
-            raise AdapterError(f"base has no weight {key!r}", source=str(base),
-                               module=module_name_from_prefix(prefix))
-        path, shape = where[key]
-        if shape != [left.shape[0], right.shape[1]]:
-            raise AdapterError(f"residual is {left.shape[0]}x{right.shape[1]} but the base weight "
-                               f"is {'x'.join(map(str, shape))}", source=str(residual_path),
-                               module=module_name_from_prefix(prefix))
-        per_file.setdefault(path, []).append((prefix, left, right))
+    with ResidualFile(residual_path) as residual:
+        per_file: dict[Path, list[str]] = {}
+        for prefix, (d_out, d_in) in residual.modules.items():
+            key = weight_key(prefix)
+            if key not in where:
+                raise AdapterError(f"base has no weight {key!r}", source=str(base),
+                                   module=module_name_from_prefix(prefix))
+            path, shape = where[key]
+            _check_shape(shape, d_out, d_in, source=str(residual_path), prefix=prefix)
+            per_file.setdefault(path, []).append(prefix)
 
-    changed: list[str] = []
-    if base.is_file():
-        with atomic_output_file(out, force=force) as scratch:
-            changed += _fold_file(base, scratch, per_file.get(base, []))
-        return changed
-    with atomic_output_dir(out, force=force) as scratch:
-        for item in base.iterdir():
-            if item.suffix != ".safetensors":
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, scratch / item.name)
-        for path in files:
-            changed += _fold_file(path, scratch / path.name, per_file.get(path, []))
-        _refresh_index_size(scratch)
+        changed: list[str] = []
+        if base.is_file():
+            with atomic_output_file(out, force=force) as scratch:
+                changed += _fold_file(base, scratch, residual, per_file.get(base, []))
+            return changed
+        with atomic_output_dir(out, force=force) as scratch:
+            for item in base.iterdir():
+                if item.suffix != ".safetensors":
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, scratch / item.name)
+            for path in files:
+                changed += _fold_file(path, scratch / path.name, residual, per_file.get(path, []))
+            _refresh_index_size(scratch)
     return changed
 
 
-def _fold_file(path: Path, target: Path,
-               triples: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[str]:
+def _fold_file(path: Path, target: Path, residual: ResidualFile, prefixes: list[str]) -> list[str]:
     """Fold into one weights file (one shard at a time in memory, as transformers loads them)."""
-    if not triples:
+    if not prefixes:
         shutil.copy2(path, target)
         return []
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {"format": "pt"}
     state = load_file(str(path))
-    changed = fold_into_state_dict(state, triples, source=str(path))
+    changed = fold_into_state_dict(state, ((p, residual.delta(p)) for p in prefixes),
+                                   source=str(path))
     save_file(state, str(target), metadata=metadata)
     return changed
 

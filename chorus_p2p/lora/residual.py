@@ -1,12 +1,17 @@
-"""Factored residuals: the part of the exact mean that a rank-r adapter cannot hold.
+"""Residual files: a round's factored ``D`` and a node's dense cumulative ``R``.
 
-File format (``residual.safetensors``): for each target module with PEFT key prefix ``P``, two
-float32 tensors ``P.residual_left`` (d_out x k) and ``P.residual_right`` (k x d_in), with
-``D = residual_left @ residual_right``. Metadata ``format = chorus-residual``.
+Two formats, both safetensors, told apart by their keys:
 
-The cumulative residual ``R`` that a node keeps beside its base weights uses the same format; each
-round's ``D`` is appended and the pair recompressed to its numerical rank, so ``R`` never grows
-past ``min(d_out, d_in)`` columns.
+- **factored** (``residual.safetensors``, one round's ``D``): for each module with PEFT key
+  prefix ``P``, float32 ``P.residual_left`` (d_out x k) and ``P.residual_right`` (k x d_in), with
+  ``D = residual_left @ residual_right``. Metadata ``format = chorus-residual``. This is what the
+  replicated log stores and what ``aggregate`` writes: it stays small (rank <= K - r).
+- **dense** (``format = chorus-state``, a node's ``R`` after some round): ``P.residual``, float32
+  d_out x d_in. ``R`` is the sum of every round's ``D``; its rank only grows, so it is kept dense
+  (see :mod:`chorus_p2p.state`).
+
+:class:`ResidualFile` opens either lazily and hands out one module at a time, so folding a dense
+``R`` for a large model never holds more than one module in memory.
 """
 
 from __future__ import annotations
@@ -22,17 +27,17 @@ from safetensors.torch import save_file
 
 from chorus_p2p.errors import AdapterError
 from chorus_p2p.lora.config import module_name_from_prefix
-from chorus_p2p.lora.lowrank import frobenius_norm_of_product, thin_svd_of_product
 
 LEFT_SUFFIX = ".residual_left"
 RIGHT_SUFFIX = ".residual_right"
+DENSE_SUFFIX = ".residual"
 RESIDUAL_FILE = "residual.safetensors"
 RESIDUAL_METADATA = {"format": "chorus-residual", "version": "1"}
 
 
 @dataclass
 class FactoredResidual:
-    """Per-module ``(left, right)`` pairs, keyed by PEFT prefix."""
+    """Per-module ``(left, right)`` pairs, keyed by PEFT prefix (tests and tools build these)."""
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -50,64 +55,95 @@ class FactoredResidual:
         left, right = self.factors[prefix]
         return left.double() @ right.double()
 
-    def add(self, other: "FactoredResidual") -> None:
-        """``self += other``, module by module, recompressed so the rank stays minimal."""
-        for prefix, (left, right) in other.factors.items():
-            if prefix not in self.factors:
-                self.factors[prefix] = (left.to(torch.float32), right.to(torch.float32))
-                continue
-            mine_left, mine_right = self.factors[prefix]
-            if mine_left.shape[0] != left.shape[0] or mine_right.shape[1] != right.shape[1]:
-                raise AdapterError(
-                    f"residual is {left.shape[0]}x{right.shape[1]} but R is "
-                    f"{mine_left.shape[0]}x{mine_right.shape[1]}", module=module_name_from_prefix(prefix))
-            self.factors[prefix] = recompress(torch.cat([mine_left, left.float()], dim=1),
-                                              torch.cat([mine_right, right.float()], dim=0))
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
+class ResidualFile:
+    """A factored or dense residual file, validated as each module is read."""
 
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.label = str(path)
+        if not self.path.is_file():
+            raise AdapterError("no such residual file", source=self.label)
+        try:
+            self._handle = safe_open(str(path), framework="pt", device="cpu")
+            keys = list(self._handle.keys())
+        except Exception as exc:
+            raise AdapterError(f"not a valid safetensors file ({exc})", source=self.label) from exc
+        self.dense = bool(keys) and all(k.endswith(DENSE_SUFFIX) for k in keys)
+        self.modules: dict[str, tuple[int, int]] = {}
+        if self.dense:
+            for key in keys:
+                shape = list(self._handle.get_slice(key).get_shape())
+                prefix = key[: -len(DENSE_SUFFIX)]
+                if len(shape) != 2:
+                    raise AdapterError(f"dense residual has shape {shape}", source=self.label,
+                                       module=module_name_from_prefix(prefix))
+                self.modules[prefix] = (shape[0], shape[1])
+            return
+        pairs: dict[str, dict[str, list[int]]] = {}
+        for key in keys:
+            for suffix in (LEFT_SUFFIX, RIGHT_SUFFIX):
+                if key.endswith(suffix):
+                    pairs.setdefault(key[: -len(suffix)], {})[suffix] = list(
+                        self._handle.get_slice(key).get_shape())
+                    break
+            else:
+                raise AdapterError(f"key {key!r} is not a residual factor", source=self.label)
+        for prefix, shapes in pairs.items():
+            module = module_name_from_prefix(prefix)
+            if len(shapes) != 2:
+                raise AdapterError("residual_left/residual_right are unpaired", source=self.label,
+                                   module=module)
+            left, right = shapes[LEFT_SUFFIX], shapes[RIGHT_SUFFIX]
+            if len(left) != 2 or len(right) != 2 or left[1] != right[0]:
+                raise AdapterError(f"factor shapes {left} @ {right} do not chain",
+                                   source=self.label, module=module)
+            self.modules[prefix] = (left[0], right[1])
 
-def recompress(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same product with the fewest columns (exact to round-off)."""
-    svd = thin_svd_of_product(left, right)
-    rank = svd.numerical_rank(frobenius_norm_of_product(left, right))
-    return svd.balanced_factors(0, rank)
+    def __enter__(self) -> "ResidualFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handle = None
+
+    def _tensor(self, key: str, module: str) -> torch.Tensor:
+        try:
+            tensor = self._handle.get_tensor(key).to(torch.float32)
+        except Exception as exc:
+            raise AdapterError(f"cannot read {key.rsplit('.', 1)[-1]} ({exc})", source=self.label,
+                               module=module) from exc
+        if not torch.isfinite(tensor).all():
+            raise AdapterError("residual contains NaN or Inf", source=self.label, module=module)
+        return tensor
+
+    def factors(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` of a factored file."""
+        if self.dense:
+            raise AdapterError("is a dense state file, not a factored residual", source=self.label)
+        module = module_name_from_prefix(prefix)
+        return (self._tensor(prefix + LEFT_SUFFIX, module),
+                self._tensor(prefix + RIGHT_SUFFIX, module))
+
+    def delta(self, prefix: str) -> torch.Tensor:
+        """The module's dense ``d_out x d_in`` change, float32, either format."""
+        if self.dense:
+            return self._tensor(prefix + DENSE_SUFFIX, module_name_from_prefix(prefix))
+        left, right = self.factors(prefix)
+        return left @ right
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for prefix in self.modules:
+            yield prefix, self.delta(prefix)
 
 
 def iter_residual_file(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Yield ``(prefix, left, right)`` one module at a time, validating as it goes."""
-    label = str(path)
-    if not Path(path).is_file():
-        raise AdapterError("no such residual file", source=label)
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        keys = list(handle.keys())
-    except Exception as exc:
-        raise AdapterError(f"not a valid safetensors file ({exc})", source=label) from exc
-    prefixes: dict[str, set[str]] = {}
-    for key in keys:
-        for suffix in (LEFT_SUFFIX, RIGHT_SUFFIX):
-            if key.endswith(suffix):
-                prefixes.setdefault(key[: -len(suffix)], set()).add(suffix)
-                break
-        else:
-            raise AdapterError(f"key {key!r} is not a residual factor", source=label)
-    for prefix, suffixes in prefixes.items():
-        module = module_name_from_prefix(prefix)
-        if len(suffixes) != 2:
-            raise AdapterError("residual_left/residual_right are unpaired", source=label, module=module)
-        try:
-            left = handle.get_tensor(prefix + LEFT_SUFFIX).to(torch.float32)
-            right = handle.get_tensor(prefix + RIGHT_SUFFIX).to(torch.float32)
-        except Exception as exc:
-            raise AdapterError(f"cannot read factors ({exc})", source=label, module=module) from exc
-        if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
-            raise AdapterError(f"factor shapes {list(left.shape)} @ {list(right.shape)} do not chain",
-                               source=label, module=module)
-        if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
-            raise AdapterError("residual contains NaN or Inf", source=label, module=module)
-        yield prefix, left, right
+    """Yield ``(prefix, left, right)`` of a factored file one module at a time."""
+    with ResidualFile(path) as residual:
+        for prefix in residual.modules:
+            yield (prefix, *residual.factors(prefix))
 
 
 def load_residual(path: str | os.PathLike) -> FactoredResidual:

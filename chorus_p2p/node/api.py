@@ -42,6 +42,7 @@ STATUS_FOR_CODE = {
     "unauthenticated": 401, "bad_signature": 401, "stale_request": 401, "replayed": 401,
     "forbidden": 403, "not_member": 403, "bad_identity": 401, "rate_limited": 429,
     "upload_timeout": 408, "not_found": 404, "unknown_round": 404, "no_residual": 404,
+    "no_checkpoint": 404, "pruned": 410, "state_unavailable": 503,
     "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
     "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
@@ -247,14 +248,18 @@ async def rounds_list(request: web.Request) -> web.Response:
     before_n = _int_param(request, "before") if before is not None else None
     rows = node.ledger.list_rounds(limit=limit, before=before_n)
     next_before = rows[-1]["round"] if len(rows) == limit and rows[-1]["round"] > 0 else None
-    return web.json_response({"rounds": [round_record(r) for r in rows],
-                              "next_before": next_before, "total": node.ledger.count_rounds()})
+    # The state fingerprint is for nodes (it grows with the model); GET /v1/rounds/N has it.
+    listed = [{**{k: v for k, v in round_record(r).items() if k != "state_sketch"},
+               "pruned": r.get("pruned_at") is not None} for r in rows]
+    return web.json_response({"rounds": listed, "next_before": next_before,
+                              "total": node.ledger.count_rounds()})
 
 
 async def round_detail(request: web.Request) -> web.Response:
     node = _node(request)
     number = _round_number(request)
-    row = round_record(node.ledger.round(number))
+    stored = node.ledger.round(number)
+    row = {**round_record(stored), "pruned": stored.get("pruned_at") is not None}
     row["updates"] = [{k: u.get(k) for k in ("node_id", "blob_sha", "examples", "trained_from",
                                              "size", "norm", "received_at", "eval_loss",
                                              "train_loss", "status", "reason")}
@@ -318,13 +323,22 @@ async def submit_update(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if accepted.duplicate else 201)
 
 
-def _committed_round(request: web.Request) -> dict[str, Any]:
+def _committed_round(request: web.Request, *, files: bool = True) -> dict[str, Any]:
     node = _node(request)
     row = node.ledger.round(_round_number(request))
     if row["state"] != "committed":
         raise ApiError("round_closed" if row["state"] == "aggregating" else "unknown_round",
                        f"round {row['round']} is {row['state']}; it has no result yet")
+    if files and row.get("pruned_at") is not None:
+        raise ApiError("pruned", _pruned_message(node, f"round {row['round']}'s files"))
     return row
+
+
+def _pruned_message(node: "Node", what: str) -> str:
+    keep = node.settings.keep_rounds
+    return (f"{what} are no longer kept on this node (pruned, or from before it joined; it keeps "
+            f"the last {keep} committed rounds, see --keep-rounds); the round's record and "
+            "hashes remain in GET /v1/rounds")
 
 
 async def adapter_archive(request: web.Request) -> web.Response:
@@ -361,7 +375,11 @@ async def _blob_response(request: web.Request, sha: str | None, missing: str,
     try:
         path = await asyncio.to_thread(node.blobs.verified_path, sha)
     except BlobError as exc:
-        raise ApiError("not_found" if "not in this store" in str(exc) else "internal", str(exc))
+        if "not in this store" not in str(exc):
+            raise ApiError("internal", str(exc))
+        if node.retention.is_pruned_blob(sha):
+            raise ApiError("pruned", _pruned_message(node, f"blob {sha[:12]}..."))
+        raise ApiError("not_found", str(exc))
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
                                            "X-Chorus-SHA256": sha})
 
@@ -373,10 +391,66 @@ async def residual_blob(request: web.Request) -> web.StreamResponse:
                                 f"({row['strategy']} is exact without one or not exact at all)")
 
 
-async def cumulative_blob(request: web.Request) -> web.StreamResponse:
-    row = _committed_round(request)
-    return await _blob_response(request, row["cumulative_sha"], "no_residual",
-                                f"R is still zero after round {row['round']}")
+async def cumulative_state(request: web.Request) -> web.StreamResponse:
+    """``R`` after a round, as a dense state file made for this request (the working state
+    changes in place, so it is never served directly)."""
+    from chorus_p2p.state.store import StateError
+
+    node = _node(request)
+    row = _committed_round(request, files=False)
+    try:
+        reader = await node.state.reader(row["round"], timeout=60.0)
+        out, temp = node.blobs.new_temp(".state")
+        out.close()
+        size = await asyncio.to_thread(reader.write, temp)
+    except StateError as exc:
+        code = "pruned" if "no longer" in str(exc) or "needs the residuals" in str(exc) else \
+            "state_unavailable"
+        raise ApiError(code, f"R after round {row['round']}: {exc}")
+    return await _stream_and_delete(request, temp, size, {"X-Chorus-Round": str(row["round"])})
+
+
+async def _stream_and_delete(request: web.Request, path, size: int,
+                             headers: dict[str, str]) -> web.StreamResponse:
+    handle = open(path, "rb")
+    path.unlink()  # the open handle keeps the bytes until we are done
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                           "Content-Length": str(size), **headers})
+    try:
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(handle.read, 1 << 20):
+            await response.write(chunk)
+        await response.write_eof()
+    finally:
+        handle.close()
+    return response
+
+
+async def state_info(request: web.Request) -> web.Response:
+    node = _node(request)
+    return web.json_response({**node.state.info(), "retained_from":
+                              node.ledger.first_retained_round(),
+                              "keep_rounds": node.settings.keep_rounds,
+                              "gc": node.retention.last.to_json() if node.retention.last else None})
+
+
+async def state_checkpoint(request: web.Request) -> web.StreamResponse:
+    """The latest checkpoint of ``R``: what a late joiner starts from (immutable file)."""
+    node = _node(request)
+    checkpoint = node.state_store.latest_checkpoint()
+    if checkpoint is None:
+        raise ApiError("no_checkpoint", "this node has no checkpoint yet (before the first one, "
+                       "R is replayed from round 0 with every residual, which are all kept)")
+    return web.FileResponse(checkpoint.path, headers={
+        "Content-Type": "application/octet-stream", "X-Chorus-State-Round": str(checkpoint.round),
+        "X-Chorus-SHA256": checkpoint.sha256})
+
+
+async def admin_gc(request: web.Request) -> web.Response:
+    await read_json_body(request)
+    node = _node(request)
+    report = await node.retention.collect(node.state_store.recovery_round)
+    return web.json_response(report.to_json())
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
@@ -429,7 +503,8 @@ PEER_SCHEMAS: dict[str, dict[str, Any]] = {
     "vote": {"term": int, "candidate": str, "url": str, "last_term": int, "last_round": int},
     "append": {"term": int, "coordinator": str, "url": str, "commit": int,
                "commit_id": (str, None, _OPTIONAL),
-               "members": (list, _OPTIONAL), "proposal": (dict, None), "current": (dict, None)},
+               "members": (list, _OPTIONAL), "proposal": (dict, None), "current": (dict, None),
+               "state": (dict, None, _OPTIONAL)},
     "leave": {"node_id": str},
     "timeout-now": {"term": int},
 }
@@ -555,7 +630,9 @@ def build_app(node: "Node") -> web.Application:
         web.post("/v1/rounds/{round}/updates", submit_update),
         web.get("/v1/rounds/{round}/adapter", adapter_archive),
         web.get("/v1/rounds/{round}/residual", residual_blob),
-        web.get("/v1/rounds/{round}/cumulative", cumulative_blob),
+        web.get("/v1/rounds/{round}/cumulative", cumulative_state),
+        web.get("/v1/state", state_info),
+        web.get("/v1/state/checkpoint", state_checkpoint),
         web.get("/v1/blobs/{sha}", blob),
         web.get("/v1/events", events),
         web.post("/v1/peer/hello", peer_hello),
@@ -569,5 +646,6 @@ def build_app(node: "Node") -> web.Application:
         web.get("/v1/admin/join-token", admin_join_token),
         web.post("/v1/admin/members/{node_id}/{decision}", admin_decide_member),
         web.post("/v1/admin/resume", admin_resume),
+        web.post("/v1/admin/gc", admin_gc),
     ])
     return app

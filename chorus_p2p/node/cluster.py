@@ -549,14 +549,26 @@ class Cluster:
                 continue  # from a coordinator that is no longer ours
             await self._sync(body)
 
+    async def _fetch_blob_from(self, url: str, sha: str) -> None:
+        if self.node.blobs.has(sha):
+            return
+        data = await self.client.fetch_blob(url, sha)
+        await asyncio.to_thread(self.node.blobs.put_bytes, data)
+
+    def coordinator_fetchers(self) -> tuple[Any, Any] | None:
+        """(checkpoint fetcher, blob fetcher) from the coordinator we follow, if any: what the
+        state keeper restores from when its own files do not reach."""
+        if self.role == COORDINATOR or not self.coordinator_url or not self.has_quorum():
+            return None
+        url = self.coordinator_url
+        return (lambda dest: self.client.fetch_checkpoint(url, dest),
+                lambda sha: self._fetch_blob_from(url, sha))
+
     async def _sync(self, body: dict[str, Any]) -> None:
         url = body["url"]
 
         async def fetch_blob(sha: str) -> None:
-            if self.node.blobs.has(sha):
-                return
-            data = await self.client.fetch_blob(url, sha)
-            await asyncio.to_thread(self.node.blobs.put_bytes, data)
+            await self._fetch_blob_from(url, sha)
 
         async def fetch_history(after: int) -> dict[str, Any]:
             return await self.client.call(url, "GET", f"/v1/peer/history?after={after}",

@@ -11,6 +11,7 @@ event stream.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Round states, in order. A round only moves forward.
 OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
@@ -64,8 +65,31 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db["nonces"].create_index(["ts"], if_not_exists=True)
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """The state redesign: ``R`` is no longer a blob per round but a dense checkpointed state.
+
+    Rounds gain ``state_sketch`` (the state's fingerprint after the round, see
+    :mod:`chorus_p2p.state.sketch`), ``log_hash`` (a hash chain over the committed history) and
+    ``pruned_at`` (when this node dropped the round's blobs). ``cumulative_sha`` stays only so a
+    0.1 data dir can be converted (:mod:`chorus_p2p.node.migrate`); new rounds leave it empty."""
+    db["rounds"].add_column("state_sketch", str)
+    db["rounds"].add_column("log_hash", str)
+    db["rounds"].add_column("pruned_at", float)
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migration_1, 2: _migration_2, 3: _migration_3}
+    1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4}
+LOG_GENESIS = "chorus-p2p/log/v1"
+# What a round's log hash covers: everything that determines the federation's state after it.
+CHAINED_FIELDS = ("round", "trained_from", "strategy", "adapter_sha", "adapter_config_sha",
+                  "residual_sha", "state_sketch")
+
+
+def chain_hash(previous: str | None, row: dict[str, Any]) -> str:
+    """``sha256(previous log hash || the round's result)``: one value names a whole history, so
+    two nodes agree on every committed round iff they agree on the latest one's hash."""
+    fields = json.dumps({k: row.get(k) for k in CHAINED_FIELDS}, sort_keys=True)
+    return hashlib.sha256(f"{previous or LOG_GENESIS}\n{fields}".encode()).hexdigest()
 
 
 class Ledger:
@@ -182,6 +206,49 @@ class Ledger:
             for update in updates:
                 self.db["updates"].upsert(update, pk=("round", "node_id"))
 
+    # -- retention --------------------------------------------------------------------------
+    def mark_pruned(self, upto: int) -> list[int]:
+        """Mark committed rounds ``<= upto`` as pruned (their blobs may go); returns the newly
+        marked ones. Done before any file is deleted, so a crash mid-GC only leaves files that
+        the next GC deletes."""
+        with self.db.atomic():
+            rows = [r["round"] for r in self.db.query(
+                "select round from rounds where round <= ? and state = ? and pruned_at is null",
+                [upto, COMMITTED])]
+            if rows:
+                self.db.execute("update rounds set pruned_at = ? where round <= ? and state = ? "
+                                "and pruned_at is null", [time.time(), upto, COMMITTED])
+        return rows
+
+    def set_pruned(self, numbers: list[int]) -> None:
+        """Record rounds whose blobs this node does not hold (caught up past them)."""
+        if numbers:
+            marks = ",".join("?" * len(numbers))
+            self.db.execute(f"update rounds set pruned_at = ? where round in ({marks}) "
+                            "and pruned_at is null", [time.time(), *numbers])
+
+    def first_retained_round(self) -> int:
+        """The oldest committed round whose blobs this node still holds."""
+        rows = list(self.db.query("select min(round) as n from rounds where state = ? and "
+                                  "pruned_at is null", [COMMITTED]))
+        return rows[0]["n"] if rows and rows[0]["n"] is not None else 0
+
+    def blob_references(self) -> tuple[set[str], set[str]]:
+        """(blobs named by rounds still kept or in flight, blobs named only by pruned rounds)."""
+        def shas(where: str) -> set[str]:
+            found: set[str] = set()
+            for row in self.db.query(
+                    "select adapter_sha, adapter_config_sha, residual_sha, cumulative_sha from "
+                    f"rounds where {where}"):
+                found.update(v for v in row.values() if v)
+            found.update(r["blob_sha"] for r in self.db.query(
+                f"select blob_sha from updates where round in (select round from rounds where "
+                f"{where})"))
+            return found
+
+        kept = shas("pruned_at is null")
+        return kept, shas("pruned_at is not null") - kept
+
     def delete_rounds_after(self, number: int) -> None:
         """Drop uncommitted rounds past ``number`` (a new coordinator's history wins)."""
         with self.db.atomic():
@@ -297,7 +364,7 @@ class Ledger:
 
 ROUND_FIELDS = ("round", "term", "coordinator", "state", "strategy", "config", "trained_from",
                 "opened_at", "deadline_at", "aggregating_at", "committed_at", "adapter_sha",
-                "adapter_config_sha", "residual_sha", "cumulative_sha", "metrics")
+                "adapter_config_sha", "residual_sha", "state_sketch", "log_hash", "metrics")
 
 
 def round_record(row: dict[str, Any]) -> dict[str, Any]:

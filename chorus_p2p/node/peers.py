@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -111,3 +113,30 @@ class PeerClient:
         if (await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())) != sha:
             raise PeerError(f"{url}: blob {sha[:12]} does not match its hash", code="bad_blob")
         return data
+
+    async def fetch_checkpoint(self, url: str, dest: Path) -> tuple[int, str]:
+        """Stream the peer's latest state checkpoint to ``dest``; returns (round, sha256).
+
+        The hash is checked against the one the peer announces; the caller still checks the
+        state's fingerprint against the log, which no peer can forge."""
+        path = "/v1/state/checkpoint"
+        headers = sign_headers(self.key, "GET", path, self.node_id)
+        digest = hashlib.sha256()
+        try:
+            # No total timeout (a state can be many GB); a stalled transfer still times out.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=60.0)
+            async with self._http().get(url + path, headers=headers, timeout=timeout) as response:
+                if response.status != 200:
+                    raise PeerError(f"{url}: checkpoint: HTTP {response.status}", response.status)
+                number = int(response.headers["X-Chorus-State-Round"])
+                announced = response.headers["X-Chorus-SHA256"]
+                with open(dest, "wb") as out:
+                    async for chunk in response.content.iter_chunked(1 << 20):
+                        digest.update(chunk)
+                        await asyncio.to_thread(out.write, chunk)
+                    await asyncio.to_thread(os.fsync, out.fileno())
+        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
+            raise PeerError(f"{url}: checkpoint: {exc.__class__.__name__}: {exc}") from exc
+        if digest.hexdigest() != announced:
+            raise PeerError(f"{url}: checkpoint does not match its announced hash", code="bad_blob")
+        return number, announced

@@ -28,23 +28,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-import torch
-
 from chorus_p2p.lora.aggregate import aggregate_adapters
-from chorus_p2p.lora.residual import RESIDUAL_FILE, FactoredResidual, load_residual
+from chorus_p2p.lora.residual import RESIDUAL_FILE, iter_residual_file
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
 from chorus_p2p.node.blobs import BlobStore
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.ledger import (AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED, Ledger,
-                                    round_record)
+                                    chain_hash, round_record)
 from chorus_p2p.node.robust import FilterPolicy, filter_updates
 from chorus_p2p.node.spec import FederationSpec, UpdateRejected
+from chorus_p2p.state import sketch as sketches
 
 log = logging.getLogger("chorus_p2p.rounds")
 
 # Test-only fault injection: seconds to sleep inside aggregation, so a test can kill -9 mid-way.
 FAULT_DELAY_ENV = "CHORUS_FAULT_AGGREGATION_DELAY"
-RESULT_KEYS = ("adapter_sha", "adapter_config_sha", "residual_sha", "cumulative_sha")
+RESULT_KEYS = ("adapter_sha", "adapter_config_sha", "residual_sha")
 UPDATE_KEYS = ("round", "node_id", "blob_sha", "examples", "trained_from", "size", "norm",
                "received_at", "eval_loss", "train_loss", "status", "reason")
 
@@ -90,7 +89,12 @@ class RoundManager:
         self.voting_members: Callable[[], list[str]] = lambda: [node_id]
         self.notify_followers: Callable[[], None] = lambda: None
         self.coordinator_hint: Callable[[], dict[str, Any]] = lambda: {}
-        self._lock = asyncio.Lock()  # serialises accept-vs-close of the current round
+        # Set by the node: wake the state keeper when rounds commit; what our state offers peers.
+        self.on_committed: Callable[[], None] = lambda: None
+        self.on_history_replaced: Callable[[], None] = lambda: None
+        self.state_hint: Callable[[], dict[str, Any]] = lambda: {}
+        self.probes = sketches.Probes(federation, spec.modules)
+        self.lock = asyncio.Lock()  # serialises accept-vs-close of the current round (and GC)
         self._sync_lock = asyncio.Lock()  # one follower sync at a time
         self._tasks: set[asyncio.Task] = set()
         self._deadline_task: asyncio.Task | None = None
@@ -117,12 +121,12 @@ class RoundManager:
             return adapter_sha, self.blobs.put_bytes(_canonical_json(self.spec.adapter_config()))
 
         adapter_sha, config_sha = await asyncio.to_thread(build)
-        self.ledger.insert_round({
-            "round": 0, "term": 0, "coordinator": None, "state": COMMITTED,
-            "strategy": "init", "config": {"spec": self.spec.fingerprint()}, "trained_from": None,
-            "opened_at": 0.0, "deadline_at": None, "aggregating_at": None, "committed_at": 0.0,
-            "adapter_sha": adapter_sha, "adapter_config_sha": config_sha, "residual_sha": None,
-            "cumulative_sha": None, "metrics": {"updates": 0}})
+        row = {"round": 0, "term": 0, "coordinator": None, "state": COMMITTED,
+               "strategy": "init", "config": {"spec": self.spec.fingerprint()}, "trained_from": None,
+               "opened_at": 0.0, "deadline_at": None, "aggregating_at": None, "committed_at": 0.0,
+               "adapter_sha": adapter_sha, "adapter_config_sha": config_sha, "residual_sha": None,
+               "state_sketch": sketches.encode(self.probes.zero()), "metrics": {"updates": 0}}
+        self.ledger.insert_round({**row, "log_hash": chain_hash(None, row)})
 
     def _round_config(self) -> dict[str, Any]:
         return {"strategy": self.policy.strategy, "min_updates": self.policy.min_updates,
@@ -193,7 +197,7 @@ class RoundManager:
                 "config": self._round_config(), "trained_from": committed, "opened_at": now,
                 "deadline_at": now + self.policy.deadline_s, "aggregating_at": None,
                 "committed_at": None, "adapter_sha": None, "adapter_config_sha": None,
-                "residual_sha": None, "cumulative_sha": None, "metrics": None}
+                "residual_sha": None, "state_sketch": None, "log_hash": None, "metrics": None}
 
     # -- updates ---------------------------------------------------------------------------
     def require_coordinator(self) -> None:
@@ -225,7 +229,7 @@ class RoundManager:
     async def accept(self, round_no: int, node_id: str, temp_path: Path, sha: str, size: int,
                      examples: int, trained_from: int, norm: float,
                      losses: dict[str, float] | None = None) -> Accepted:
-        async with self._lock:
+        async with self.lock:
             existing = self.ledger.update(round_no, node_id)
             if existing is not None:
                 temp_path.unlink(missing_ok=True)
@@ -259,7 +263,7 @@ class RoundManager:
 
     async def _maybe_close(self, round_no: int, *, deadline_passed: bool = False,
                            force: bool = False) -> bool:
-        async with self._lock:
+        async with self.lock:
             term = self.leading_term
             row = self.ledger.round(round_no)
             if term is None or row is None or row["state"] not in (OPEN, COLLECTING):
@@ -348,6 +352,9 @@ class RoundManager:
         if self.leading_term != term:
             log.warning("dropping round %d's result: term %d is over", round_no, term)
             return
+        # The proposal names its place in history: the hash chain over every committed round.
+        fields["log_hash"] = chain_hash(previous.get("log_hash"), {
+            **self.ledger.round(round_no), **fields})
         # The proposal carries the term that produced it: that is what the vote's
         # "at least as up to date" check must compare (Raft's Figure 8).
         self.ledger.set_round_state(round_no, PROPOSED, term=term, coordinator=self.node_id,
@@ -374,8 +381,9 @@ class RoundManager:
             ("round_committed", {"adapter_sha": row["adapter_sha"], "acks": sorted(acks)}))
         self._acks.pop(round_no, None)
         self.bus.publish("round_committed", round_no,
-                         {**{k: row[k] for k in ("adapter_sha", "residual_sha", "cumulative_sha")},
+                         {**{k: row[k] for k in ("adapter_sha", "residual_sha", "log_hash")},
                           "acks": len(acks)}, event_id=event_id)
+        self.on_committed()
         if next_row is not None:
             event_id = self.ledger.add_event("round_opened", next_row["round"],
                                              {"trained_from": round_no})
@@ -401,16 +409,18 @@ class RoundManager:
             adapter_sha = self.blobs.put_file(scratch / "out" / "adapter_model.safetensors",
                                               move=True)
             config_sha = self.blobs.put_bytes(_canonical_json(self.spec.adapter_config()))
-            cumulative_sha = previous["cumulative_sha"]  # fedavg leaves R unchanged
+            # The state's fingerprint moves by the residual's alone (it is linear in R): the
+            # coordinator never needs R itself to aggregate.
+            sketch = previous.get("state_sketch")  # fedavg leaves R unchanged
             residual_sha = None
             residual_file = scratch / "out" / RESIDUAL_FILE
             if residual_file.exists():
-                cumulative = (load_residual(self.blobs.verified_path(previous["cumulative_sha"]))
-                              if previous["cumulative_sha"] else FactoredResidual())
-                cumulative.add(load_residual(residual_file))
+                if sketch is not None:
+                    sketch = sketches.encode(sketches.add(
+                        sketches.decode(sketch, self.spec.modules),
+                        {p: self.probes.of_factors(p, left, right)
+                         for p, left, right in iter_residual_file(residual_file)}))
                 residual_sha = self.blobs.put_file(residual_file, move=True)
-                cumulative.save(scratch / "cumulative.safetensors", {"round": str(round_no)})
-                cumulative_sha = self.blobs.put_file(scratch / "cumulative.safetensors", move=True)
             reported = [u["eval_loss"] for u in updates if u.get("eval_loss") is not None]
             metrics = {"updates": len(updates), "examples": sum(u["examples"] for u in updates),
                        "mean_eval_loss": sum(reported) / len(reported) if reported else None,
@@ -421,7 +431,7 @@ class RoundManager:
                                            else report.residual_energy),
                        "nodes": [u["node_id"] for u in updates]}
             return {"adapter_sha": adapter_sha, "adapter_config_sha": config_sha,
-                    "residual_sha": residual_sha, "cumulative_sha": cumulative_sha,
+                    "residual_sha": residual_sha, "state_sketch": sketch,
                     "metrics": metrics}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -433,7 +443,7 @@ class RoundManager:
         latest = self.ledger.latest_round()
         payload: dict[str, Any] = {"commit": committed["round"] if committed else 0,
                                    "commit_id": _commit_id(committed),
-                                   "proposal": None, "current": None}
+                                   "proposal": None, "current": None, "state": self.state_hint()}
         if latest is not None and latest["state"] != COMMITTED:
             # A proposal travels with its updates: a follower that becomes coordinator before
             # the commit must be able to re-propose it with its full record.
@@ -481,11 +491,12 @@ class RoundManager:
                     self.bus.publish("history_replaced", mine, {"from_round": mine},
                                      level="warning")
                     history = await self._full_history(fetch_history)
-                    await self._apply_history(history, fetch_blob, replace=True)
+                    await self._apply_history(history, fetch_blob, payload.get("state"),
+                                              replace=True)
                 else:
                     history["rounds"] = [r for r in history["rounds"] if r["round"] > mine]
                     history["updates"] = [u for u in history["updates"] if u["round"] > mine]
-                    await self._apply_history(history, fetch_blob)
+                    await self._apply_history(history, fetch_blob, payload.get("state"))
                 committed = self.ledger.latest_committed()
                 mine = committed["round"] if committed else 0
             proposal = payload.get("proposal")
@@ -496,7 +507,7 @@ class RoundManager:
                         await fetch_blob(proposal[key])
                 for update in updates:
                     await fetch_blob(update["blob_sha"])
-                await self._check_residual_chain(committed, proposal)
+                _check_chain(committed, proposal)
                 self.ledger.delete_rounds_after(mine)
                 self.ledger.apply_history([round_record(proposal)], updates)
             current = payload.get("current")
@@ -530,57 +541,59 @@ class RoundManager:
             after = max(r["round"] for r in page["rounds"])
 
     async def _apply_history(self, history: dict[str, Any], fetch_blob: BlobFetcher,
+                             coordinator_state: dict[str, Any] | None,
                              replace: bool = False) -> None:
+        """Record committed rounds from the coordinator, fetching only the blobs this node needs:
+        those of rounds after the point its state can replay from (its own state, or the
+        coordinator's checkpoint when the residuals in between are pruned there), and always
+        the newest round's adapter. Rows before that point are recorded without their blobs."""
         rounds = sorted(history["rounds"], key=lambda r: r["round"])
+        if not rounds:
+            return
         updates = history["updates"]
         previous = self.ledger.round(0) if replace else self.ledger.latest_committed()
+        base = self._fetch_base(coordinator_state, replace)
+        without_blobs = []
         for row in rounds:
-            for key in RESULT_KEYS:
+            _check_chain(previous, row)
+            previous = row
+            if row["round"] <= base and row is not rounds[-1]:
+                without_blobs.append(row["round"])
+                continue
+            keys = RESULT_KEYS if row["round"] > base else ("adapter_sha", "adapter_config_sha")
+            for key in keys:
                 if row.get(key):
                     await fetch_blob(row[key])
             for update in updates:
-                if update["round"] == row["round"] and not self.blobs.has(update["blob_sha"]):
+                if update["round"] == row["round"] and row["round"] > base \
+                        and not self.blobs.has(update["blob_sha"]):
                     await fetch_blob(update["blob_sha"])
-            await self._check_residual_chain(previous, row)
-            previous = row
-        if not rounds:
-            return
         if replace:
             self.ledger.replace_history([round_record(r) for r in rounds], updates)
+            self.on_history_replaced()  # our state summed the other history's residuals
         else:
             self.ledger.delete_rounds_after(rounds[0]["round"] - 1)
             self.ledger.apply_history([round_record(r) for r in rounds], updates)
+        self.ledger.set_pruned([n for n in without_blobs if not self._holds_round(n)])
         for row in rounds:
             self.bus.publish("round_committed", row["round"],
-                             {k: row[k] for k in ("adapter_sha", "residual_sha", "cumulative_sha")})
+                             {k: row[k] for k in ("adapter_sha", "residual_sha", "log_hash")})
+        self.on_committed()
 
-    async def _check_residual_chain(self, previous: dict[str, Any] | None,
-                                    row: dict[str, Any]) -> None:
-        """Fold the round's D into our own R and check it is the R the coordinator published.
+    def _fetch_base(self, coordinator_state: dict[str, Any] | None, replace: bool) -> int:
+        """Rounds up to this one need no blobs here (see :meth:`_apply_history`)."""
+        mine = -1 if replace else int(self.state_hint().get("round", 0))
+        if not coordinator_state:
+            return mine
+        retained_from = int(coordinator_state.get("retained_from") or 0)
+        checkpoint = int(coordinator_state.get("checkpoint_round") or 0)
+        if retained_from <= mine + 1:
+            return mine  # our state replays from the coordinator's residuals
+        return max(mine, checkpoint)
 
-        The coordinator's R blob is then kept as is, so every node holds byte-identical R."""
-        if not row.get("residual_sha") or previous is None:
-            return
-        prev_sha, residual_sha, new_sha = (previous.get("cumulative_sha"), row["residual_sha"],
-                                           row["cumulative_sha"])
-
-        def check() -> None:
-            mine = load_residual(self.blobs.verified_path(prev_sha)) if prev_sha else FactoredResidual()
-            mine.add(load_residual(self.blobs.verified_path(residual_sha)))
-            theirs = load_residual(self.blobs.verified_path(new_sha))
-            if set(mine.factors) != set(theirs.factors):
-                raise ValueError(f"round {row['round']}: R covers different modules")
-            probe_gen = torch.Generator().manual_seed(row["round"])
-            for prefix, (left, right) in theirs.factors.items():
-                probe = torch.randn(right.shape[1], 4, generator=probe_gen, dtype=torch.float64)
-                ours = mine.factors[prefix][0].double() @ (mine.factors[prefix][1].double() @ probe)
-                got = left.double() @ (right.double() @ probe)
-                scale = float(got.norm()) or 1.0
-                if float((ours - got).norm()) > 1e-4 * scale:
-                    raise ValueError(f"round {row['round']}: R + D does not match the published R "
-                                     f"for {prefix}")
-
-        await asyncio.to_thread(check)
+    def _holds_round(self, number: int) -> bool:
+        row = self.ledger.round(number)
+        return row is not None and all(self.blobs.has(row[k]) for k in RESULT_KEYS if row.get(k))
 
     # -- housekeeping ----------------------------------------------------------------------
     def _spawn(self, coro) -> asyncio.Task:
@@ -601,6 +614,16 @@ class RoundManager:
 
 
 def _commit_id(row: dict[str, Any] | None) -> str | None:
-    """What identifies a committed round's result: its adapter and the R after it."""
-    return None if row is None else f"{row.get('adapter_sha')}:{row.get('cumulative_sha')}"
+    """What identifies a committed history: the latest round's log hash (a hash chain)."""
+    return None if row is None else row.get("log_hash")
+
+
+def _check_chain(previous: dict[str, Any] | None, row: dict[str, Any]) -> None:
+    """A round from a peer must extend the history we hold: its log hash is recomputed here."""
+    if previous is None or previous.get("log_hash") is None:
+        return  # rounds converted from 0.1 before the chain existed
+    expected = chain_hash(previous["log_hash"], row)
+    if row.get("log_hash") != expected:
+        raise ValueError(f"round {row['round']}'s log hash does not extend round "
+                         f"{previous['round']}'s: refusing it")
 

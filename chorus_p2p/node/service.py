@@ -29,16 +29,22 @@ from chorus_p2p.node.discovery import Discovery
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.identity import load_identity
 from chorus_p2p.node.ledger import Ledger
+from chorus_p2p.node.lock import DataDirBusy, DataDirLock
 from chorus_p2p.node.ratelimit import RateLimiter
 from chorus_p2p.node.robust import FilterPolicy
+from chorus_p2p.node.migrate import convert_legacy_state, needs_conversion
+from chorus_p2p.node.retention import Retention
 from chorus_p2p.node.rounds import RoundManager, RoundPolicy
 from chorus_p2p.node.settings import NodeSettings
 from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.node.state_keeper import StateKeeper
+from chorus_p2p.state.store import StateStore
 
 log = logging.getLogger("chorus_p2p.node")
 
 LEDGER_FILE = "ledger.sqlite"
 BLOB_DIR = "blobs"
+STATE_DIR = "state"
 SPEC_KEYS = ("model", "rank", "alpha", "target_modules")
 
 
@@ -67,11 +73,21 @@ class Node:
         self.settings = settings
         self.data_dir = Path(settings.data_dir)
         self.identity = load_identity(self.data_dir)
-        self.ledger = Ledger(self.data_dir / LEDGER_FILE)
+        self.lock = DataDirLock(self.data_dir)
+        try:
+            self.lock.acquire()
+        except DataDirBusy as exc:
+            raise UsageError(str(exc)) from exc
+        try:
+            self.ledger = Ledger(self.data_dir / LEDGER_FILE)
+        except BaseException:
+            self.lock.release()
+            raise
         try:
             self.spec = load_or_create_spec(self.ledger, settings)
         except BaseException:
             self.ledger.close()
+            self.lock.release()
             raise
         self.blobs = BlobStore(self.data_dir / BLOB_DIR)
         self.request_key = request_key(self.identity.secret)
@@ -90,6 +106,15 @@ class Node:
                                   FilterPolicy(settings.max_update_norm, settings.outlier_mad))
         self.rounds = RoundManager(self.ledger, self.blobs, self.spec, self.identity.federation,
                                    self.identity.node_id, self.policy, self.bus)
+        self.state_store = StateStore(self.data_dir / STATE_DIR, self.spec.modules,
+                                      self.rounds.probes,
+                                      checkpoint_every=settings.checkpoint_every)
+        self.retention = Retention(self.ledger, self.blobs, settings.keep_rounds, self.bus,
+                                   self.rounds.lock)
+        self.state = StateKeeper(self, self.state_store)
+        self.rounds.on_committed = self.state.wake
+        self.rounds.on_history_replaced = self.state.history_replaced
+        self.rounds.state_hint = self.state_hint
         self.cluster = Cluster(self, _timing(settings.election_timeout),
                                static_peers=list(settings.peers), discovery_enabled=settings.mdns,
                                approve_joins=settings.approve_joins)
@@ -127,6 +152,14 @@ class Node:
                 "max_update_norm": self.policy.filters.max_norm,
                 "outlier_mad": self.policy.filters.mad_k}
 
+    def state_hint(self) -> dict[str, Any]:
+        """What this node's state offers peers catching up (sent with heartbeats)."""
+        checkpoint = self.state_store.latest_checkpoint()
+        return {"round": self.state_store.round,
+                "checkpoint_round": checkpoint.round if checkpoint else 0,
+                "checkpoint_sha": checkpoint.sha256 if checkpoint else None,
+                "retained_from": self.ledger.first_retained_round()}
+
     def status(self) -> dict[str, Any]:
         current = self.ledger.latest_round()
         committed = self.ledger.latest_committed()
@@ -146,8 +179,8 @@ class Node:
             "current_round": current_json,
             "latest_committed": None if committed is None else {
                 "round": committed["round"], "adapter_sha": committed["adapter_sha"],
-                "cumulative_sha": committed["cumulative_sha"],
-                "committed_at": committed["committed_at"]},
+                "log_hash": committed["log_hash"], "committed_at": committed["committed_at"]},
+            "state": self.state.info(),
             "counts": {"rounds": self.ledger.count_rounds(), "updates": self.ledger.count_updates(),
                        "members": self.ledger.count_members()},
             "policy": self.policy_json(), "spec_fingerprint": self.spec.fingerprint(),
@@ -160,7 +193,10 @@ class Node:
             "node_id": self.node_id, "name": socket.gethostname(),
             "addresses": [], "public_key": self.identity.public_key_bytes.hex(),
             "admitted_at": now, "last_seen": now, "status": "live"})
+        if needs_conversion(self.ledger):
+            convert_legacy_state(self.ledger, self.blobs, self.state_store)
         await self.rounds.start()
+        self.state.start()
         self._runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
@@ -174,6 +210,7 @@ class Node:
             advertised = _primary_ipv4()
         self.address = (advertised, port)
         self.ledger.upsert_member({"node_id": self.node_id, "addresses": [f"{advertised}:{port}"]})
+        self.lock.describe(url=self.url)
         self.bus.publish("listening", None, {"url": self.url, "node_id": self.node_id,
                                              "federation": self.identity.federation})
         if not self.settings.tls and not host.startswith("127."):
@@ -199,11 +236,13 @@ class Node:
         if self._runner is not None:
             await self._runner.shutdown()  # stop accepting; let in-flight requests finish
         await self.rounds.stop()
+        await self.state.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         self.bus.publish("stopped", None, {"node_id": self.node_id})
         self.ledger.close()
+        self.lock.release()
 
 
 def _timing(election_timeout: float) -> ClusterTiming:
@@ -285,6 +324,7 @@ async def run_node(settings: NodeSettings, ready: asyncio.Event | None = None) -
         await node.start()
     except OSError as exc:
         node.ledger.close()
+        node.lock.release()
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: "
                          f"{exc.strerror or exc}") from exc
     if ready is not None:

@@ -57,10 +57,22 @@ class NodeSettings:
     lr: float = 2e-4  # a usual LoRA rate for real models; the tiny demo model uses 1e-3
     batch_size: int = 8
     device: str = "auto"  # training device: auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:1
+    keep_rounds: int | None = 10  # rounds whose blobs are kept (None: all, for audit)
+    checkpoint_every: int = 10  # rounds between checkpoints of the state R
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
 
 
-def _convert(name: str, value: Any, kind: type) -> Any:
+def parse_keep_rounds(text: str | int | None) -> int | None:
+    """``all`` (or None) keeps every round's blobs; otherwise a count of at least 1."""
+    if text is None or str(text).strip().lower() == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise ValueError("--keep-rounds must be at least 1, or 'all'")
+    return value
+
+
+def _convert(name: str, value: Any, kind: Any) -> Any:
     try:
         if name in ("target_modules", "peers", "interfaces"):
             if name != "target_modules" and not value:
@@ -70,13 +82,16 @@ def _convert(name: str, value: Any, kind: type) -> Any:
             if not modules:
                 raise ValueError("empty")
             return modules
+        if kind == "keep_rounds":
+            return parse_keep_rounds(value)
         if kind is bool:
             if isinstance(value, bool):
                 return value
             return str(value).strip().lower() in ("1", "true", "yes", "on")
         return kind(value)
     except (TypeError, ValueError):
-        raise UsageError(f"setting {name}={value!r} is not a valid {kind.__name__}")
+        what = "count of rounds (>= 1) or 'all'" if kind == "keep_rounds" else kind.__name__
+        raise UsageError(f"setting {name}={value!r} is not a valid {what}")
 
 
 _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": str, "rank": int,
@@ -86,7 +101,8 @@ _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": s
           "max_update_norm": float,
           "outlier_mad": float, "dp_epsilon": float, "dp_delta": float, "dp_clip": float,
           "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,
-          "batch_size": int, "device": str}
+          "batch_size": int, "device": str, "keep_rounds": "keep_rounds",
+          "checkpoint_every": int}
 
 
 def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None
@@ -141,6 +157,8 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         raise UsageError("--train needs --dataset PATH (JSONL or a folder of .txt files)")
     if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:
         raise UsageError("steps and batch_size must be >= 1 and lr > 0")
+    if settings.checkpoint_every < 1:
+        raise UsageError("checkpoint_every must be at least 1 (rounds)")
     if settings.election_timeout <= 0:
         raise UsageError("election_timeout must be positive (seconds)")
     if not 0 <= settings.port <= 65535:

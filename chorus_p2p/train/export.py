@@ -11,13 +11,14 @@ from pathlib import Path
 
 from chorus_p2p.atomic import atomic_output_dir
 from chorus_p2p.errors import UsageError
+from chorus_p2p.lora.fold import ResidualInput
 from chorus_p2p.train.trainer import load_global_model
 
 
 def export_merged(model_path: str | Path, adapter_dir: str | Path,
-                  residual_path: str | Path | None, out: str | Path, *, force: bool = False
+                  residual: ResidualInput | None, out: str | Path, *, force: bool = False
                   ) -> Path:
-    model, tokenizer = load_global_model(model_path, adapter_dir, residual_path)
+    model, tokenizer = load_global_model(model_path, adapter_dir, residual)
     merged = model.merge_and_unload()
     with atomic_output_dir(out, force=force) as scratch:
         merged.save_pretrained(scratch, safe_serialization=True)
@@ -27,32 +28,49 @@ def export_merged(model_path: str | Path, adapter_dir: str | Path,
 
 def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int | None = None,
                          model_path: str | None = None, force: bool = False) -> tuple[Path, int]:
-    """Export a committed round (default: the latest) from a node's data dir (node may be down)."""
+    """Export a committed round (default: the latest) from a node's data dir.
+
+    Reads only immutable files (the state's checkpoint and the residuals after it), so it is
+    safe while the node runs."""
     import json
 
     from chorus_p2p.node.blobs import BlobStore
-    from chorus_p2p.node.ledger import Ledger
-    from chorus_p2p.node.service import BLOB_DIR, LEDGER_FILE
-    from chorus_p2p.train.participant import materialize_from
+    from chorus_p2p.node.ledger import COMMITTED, Ledger
+    from chorus_p2p.node.service import BLOB_DIR, LEDGER_FILE, STATE_DIR
+    from chorus_p2p.node.spec import FederationSpec
+    from chorus_p2p.node.state_keeper import StateReader, residual_plan
+    from chorus_p2p.state.store import StateError, StateStore
+    from chorus_p2p.train.participant import materialize_adapter
 
     data_dir = Path(data_dir)
     if not (data_dir / LEDGER_FILE).exists():
         raise UsageError(f"{data_dir}: no ledger here (is this a node's --data-dir?)")
     ledger = Ledger(data_dir / LEDGER_FILE)
+    blobs = BlobStore(data_dir / BLOB_DIR)
     try:
         if round_no is None:
             round_no = ledger.latest_committed()["round"]
-        spec = json.loads(ledger.get_meta("spec") or "{}")
-        model = model_path or spec.get("model")
-        if not model:
-            raise UsageError("give --model: this data dir does not record the base model")
+        row = ledger.round(round_no)
+        if row is None or row["state"] != COMMITTED:
+            raise UsageError(f"round {round_no} is not committed in {data_dir}")
+        if row.get("pruned_at") is not None:
+            raise UsageError(f"round {round_no}'s files were pruned from {data_dir} (it keeps the "
+                             "last --keep-rounds rounds)")
+        spec = FederationSpec.from_json(json.loads(ledger.get_meta("spec") or "{}"))
+        model = model_path or spec.model
+        store = StateStore(data_dir / STATE_DIR, spec.modules, read_only=True)
+        checkpoint = store.latest_checkpoint()
+        plan = residual_plan(ledger, blobs, checkpoint.round if checkpoint else 0, round_no)
+        if plan is None:
+            raise UsageError(f"a residual between the state's checkpoint and round {round_no} is "
+                             f"missing from {data_dir}; R after that round cannot be rebuilt here")
         with tempfile.TemporaryDirectory(prefix="chorus-export-") as tmp:
+            adapter_dir = materialize_adapter(row, blobs, Path(tmp))
             try:
-                adapter_dir, residual = materialize_from(ledger, BlobStore(data_dir / BLOB_DIR),
-                                                         round_no, Path(tmp))
-            except LookupError as exc:
-                raise UsageError(str(exc)) from exc
-            export_merged(model, adapter_dir, residual, out, force=force)
+                export_merged(model, adapter_dir, StateReader(store, round_no, plan), out,
+                              force=force)
+            except StateError as exc:
+                raise UsageError(f"R after round {round_no}: {exc}") from exc
     finally:
         ledger.close()
     return Path(out), round_no

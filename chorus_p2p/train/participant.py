@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chorus_p2p.node.state_keeper import StateReader
 from chorus_p2p.train.data import Dataset
 from chorus_p2p.train.privacy import BudgetExhausted, DPConfig, PrivacyBudget, privatize
 from chorus_p2p.train.trainer import TrainConfig, train_round
@@ -30,20 +31,17 @@ log = logging.getLogger("chorus_p2p.train")
 RESEND_EVERY_S = 1.0
 
 
-def materialize_round(node: "Node", number: int, into: Path) -> tuple[Path, Path | None]:
-    """A committed round as a PEFT folder + the R file, from this node's blobs."""
-    return materialize_from(node.ledger, node.blobs, number, into)
-
-
-def materialize_from(ledger, blobs, number: int, into: Path) -> tuple[Path, Path | None]:
-    row = ledger.round(number)
+async def materialize_round(node: "Node", number: int, into: Path) -> tuple[Path, StateReader]:
+    """A committed round as a PEFT folder + a reader of ``R`` after it, from this node."""
+    row = node.ledger.round(number)
     if row is None or row["state"] != "committed":
         raise LookupError(f"round {number} is not committed on this node")
-    return materialize_row(row, blobs, into)
+    folder = await asyncio.to_thread(materialize_adapter, row, node.blobs, into)
+    return folder, await node.state.reader(number)
 
 
-def materialize_row(row: dict[str, Any], blobs, into: Path) -> tuple[Path, Path | None]:
-    """Copy a committed round's blobs into a PEFT folder (file work only: safe in a thread)."""
+def materialize_adapter(row: dict[str, Any], blobs, into: Path) -> Path:
+    """Copy a committed round's adapter blobs into a PEFT folder (file work: safe in a thread)."""
     number = row["round"]
     folder = into / f"global-{number}"
     if not (folder / "adapter_model.safetensors").exists():
@@ -54,8 +52,7 @@ def materialize_row(row: dict[str, Any], blobs, into: Path) -> tuple[Path, Path 
         shutil.copyfile(blobs.verified_path(row["adapter_config_sha"]), tmp / "adapter_config.json")
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
-    residual = blobs.verified_path(row["cumulative_sha"]) if row["cumulative_sha"] else None
-    return folder, residual
+    return folder
 
 
 class Participant:
@@ -128,9 +125,7 @@ class Participant:
         await self._submit(number, entry)
 
     async def _train(self, number: int, base: int) -> dict[str, Any]:
-        row = self.node.ledger.round(base)  # the ledger is read on the event loop only
-        adapter_dir, residual = await asyncio.to_thread(materialize_row, row, self.node.blobs,
-                                                        self.work)
+        adapter_dir, residual = await materialize_round(self.node, base, self.work)
         self.node.bus.publish("training_started", number, {
             "node_id": self.node.node_id, "steps": self.config.steps,
             "examples": len(self.dataset.train)})

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 
 from chorus_p2p.lora.adapter_io import write_adapter
 from chorus_p2p.lora.aggregate import aggregate_adapters
-from chorus_p2p.lora.residual import RESIDUAL_FILE, FactoredResidual, load_residual
+from chorus_p2p.lora.residual import RESIDUAL_FILE
+from chorus_p2p.state.store import StateStore
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.train.data import Dataset
 from chorus_p2p.train.trainer import TrainConfig, eval_global, train_round
@@ -53,14 +54,14 @@ def simulate(model_path: str | Path, client_data: Sequence[Dataset], eval_data: 
     workdir = Path(workdir)
     spec = FederationSpec.build(str(model_path), rank, alpha, tuple(targets))
     global_dir = initial_state(spec, "simulation", workdir / "round-0")
-    residual_path: Path | None = None
-    cumulative = FactoredResidual()
+    # The same state a node keeps: dense R, updated in place with each round's D.
+    state = StateStore(workdir / "state", spec.modules, checkpoint_every=rounds + 1)
     history: list[RoundStats] = []
     for number in range(1, rounds + 1):
         client_dirs, weights, losses = [], [], []
         for i, data in enumerate(client_data):
             cfg = TrainConfig(**{**asdict(config), "seed": config.seed + 1000 * number + i})
-            result = train_round(model_path, global_dir, residual_path, data, cfg,
+            result = train_round(model_path, global_dir, state.read(number - 1), data, cfg,
                                  workdir / f"round-{number}" / f"client-{i}", progress=_silent)
             client_dirs.append(str(result.adapter_dir))
             weights.append(result.examples)
@@ -68,13 +69,11 @@ def simulate(model_path: str | Path, client_data: Sequence[Dataset], eval_data: 
         out = workdir / f"round-{number}" / "global"
         report = aggregate_adapters(client_dirs, out, strategy=strategy, weights=weights,
                                     rank=rank if strategy == "fedex-svd" else None)
-        if (out / RESIDUAL_FILE).exists():
-            cumulative.add(load_residual(out / RESIDUAL_FILE))
-            residual_path = workdir / f"round-{number}" / "R.safetensors"
-            cumulative.save(residual_path)
+        residual = out / RESIDUAL_FILE
+        state.apply(number, residual if residual.exists() else None)
         global_dir = out
         stats = RoundStats(number, strategy,
-                           eval_global(model_path, global_dir, residual_path, list(eval_data),
+                           eval_global(model_path, global_dir, state.read(number), list(eval_data),
                                        config),
                            round(report.seconds * 1000, 2),
                            None if strategy == "fedavg" else report.residual_energy, losses)

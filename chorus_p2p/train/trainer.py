@@ -18,8 +18,7 @@ from typing import Callable
 
 import torch
 
-from chorus_p2p.lora.fold import fold_into_model
-from chorus_p2p.lora.residual import load_residual
+from chorus_p2p.lora.fold import ResidualInput, fold_into_model
 from chorus_p2p.train.data import Dataset, token_blocks
 
 
@@ -54,28 +53,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def load_base(model_path: str | Path, residual_path: str | Path | None = None,
+def load_base(model_path: str | Path, residual: ResidualInput | None = None,
               device: str = "cpu"):
     """Base model in float32 with ``R`` folded in, then moved to ``device``.
 
+    ``residual`` is a residual or state file, or a node's state reader (one module at a time).
     The fold happens on the CPU in float32, before the move, so the result is the same bits on
     every device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if residual_path is not None:
-        fold_into_model(model, load_residual(residual_path))
+    if residual is not None:
+        fold_into_model(model, residual)
     return model.to(resolve_device(device)), tokenizer
 
 
 def load_global_model(model_path: str | Path, adapter_dir: str | Path,
-                      residual_path: str | Path | None = None, trainable: bool = False,
+                      residual: ResidualInput | None = None, trainable: bool = False,
                       device: str = "cpu"):
     """``W0 + R + adapter`` as a PEFT model (trainable for a client, frozen for evaluation)."""
     from peft import PeftModel
 
-    model, tokenizer = load_base(model_path, residual_path, device)
+    model, tokenizer = load_base(model_path, residual, device)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     return peft_model, tokenizer
 
@@ -92,7 +92,7 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int = 8, max_batches: int 
     return sum(losses) / len(losses)
 
 
-def train_round(model_path: str | Path, adapter_dir: str | Path, residual_path: str | Path | None,
+def train_round(model_path: str | Path, adapter_dir: str | Path, residual: ResidualInput | None,
                 dataset: Dataset, config: TrainConfig, out_dir: str | Path,
                 progress: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train the global model's adapter on ``dataset`` and save the client adapter to ``out_dir``.
@@ -101,7 +101,7 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual_path: 
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    model, tokenizer = load_global_model(model_path, adapter_dir, residual_path, trainable=True,
+    model, tokenizer = load_global_model(model_path, adapter_dir, residual, trainable=True,
                                          device=config.device)
     device = next(model.parameters()).device
     train_blocks = token_blocks(tokenizer, dataset.train, config.seq_len)
@@ -143,10 +143,10 @@ def _progress_bar(total: int) -> Callable[[int, float], None]:
 
 
 def eval_global(model_path: str | Path, adapter_dir: str | Path,
-                residual_path: str | Path | None, datasets: list[Dataset],
+                residual: ResidualInput | None, datasets: list[Dataset],
                 config: TrainConfig) -> dict[str, float]:
     """Held-out loss of the global model on each dataset (the demo's per-shard figure)."""
-    model, tokenizer = load_global_model(model_path, adapter_dir, residual_path,
+    model, tokenizer = load_global_model(model_path, adapter_dir, residual,
                                          device=config.device)
     return {d.name: evaluate(model, token_blocks(tokenizer, d.eval, config.seq_len),
                              config.batch_size, config.eval_batches) for d in datasets}
