@@ -369,6 +369,15 @@ class AsyncNodeClient:
         return await self._request("POST", f"/v1/admin/members/{node_id}/{action}", json_body={},
                                    admin=True)
 
+    async def remove_member(self, node_id: str, force: bool = False) -> dict[str, Any]:
+        """Take a member out of the federation for good (admin; see ``chorus-node remove``)."""
+        return await self._request("POST", f"/v1/admin/members/{node_id}/remove",
+                                   json_body={"force": force}, admin=True)
+
+    async def resolve(self) -> dict[str, Any]:
+        """Adopt the coordinator's history after a divergence; ours is archived (admin)."""
+        return await self._request("POST", "/v1/admin/resolve", json_body={}, admin=True)
+
     async def join_token(self) -> str:
         return (await self._request("GET", "/v1/admin/join-token", admin=True))["join_token"]
 

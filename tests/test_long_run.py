@@ -18,7 +18,7 @@ from chorus_p2p.cli.main import main
 from chorus_p2p.lora.residual import ResidualFile
 from chorus_p2p.node.blobs import BlobStore
 from chorus_p2p.node.identity import init_data_dir, load_identity
-from chorus_p2p.node.ledger import Ledger
+from chorus_p2p.node.ledger import SCHEMA_VERSION, Ledger
 from chorus_p2p.node.retention import FAULT_GC_DELAY_ENV, data_dir_bytes
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.state.store import FAULT_APPLY_DELAY_ENV, FAULT_CHECKPOINT_DELAY_ENV
@@ -147,7 +147,7 @@ async def test_a_0_1_data_dir_upgrades_in_place(tmp_path, tiny_base):
     add_residual(expected, legacy_r)  # R after round 3, as 0.1 stored it (factored)
     node = await start_node(data_dir, tiny_base)
     try:
-        assert node.ledger.get_meta("schema_version") == "4"
+        assert node.ledger.get_meta("schema_version") == str(SCHEMA_VERSION)
         assert node.state_store.round == 3 and state_error(node, expected) <= 1e-6
         assert not legacy_r.exists() and all(r["cumulative_sha"] is None
                                              for r in node.ledger.list_rounds())
@@ -261,7 +261,9 @@ async def test_kill_during_a_checkpoint_leaves_a_usable_state(tmp_path, tiny_bas
     url = proc.start()
     try:
         await _wait_state(url, data_dir, 1)
-        assert not partial.exists()
+        # The cut copy is gone and the checkpoint is written again before anything else.
+        final = data_dir / "state" / "checkpoints" / "R-00000001.safetensors"
+        await wait_for(lambda: final.exists() and not partial.exists(), timeout=30)
         await _process_round(url, data_dir, tmp_path, spec, 2)
         state = await _wait_state(url, data_dir, 2)
         assert state["checkpoint"]["round"] == 2
@@ -313,3 +315,43 @@ async def test_kill_during_garbage_collection_loses_nothing_still_referenced(
         assert (pulled / "adapter_model.safetensors").exists()
     finally:
         proc.terminate()
+
+
+async def test_a_state_that_cannot_match_the_log_stops_and_is_never_read(tmp_path, tiny_base):
+    """A damaged residual on disk (same hash name, other numbers: bit rot) makes the rebuilt
+    state disagree with the log's fingerprint twice: the node reports it and refuses readers."""
+    from safetensors.torch import load_file, save_file
+
+    from chorus_p2p.state.store import StateError
+
+    node = await start_node(tmp_path / "d", tiny_base, checkpoint_every=100)
+    try:
+        for number in (1, 2, 3):
+            await submit_round(node, tmp_path, number)
+        await node.state.reader(3)
+    finally:
+        await node.stop()
+    ledger = Ledger(tmp_path / "d" / "ledger.sqlite")
+    try:
+        sha = ledger.round(2)["residual_sha"]
+    finally:
+        ledger.close()
+    damaged = BlobStore(tmp_path / "d" / "blobs").path(sha)
+    tensors = load_file(str(damaged))
+    save_file({k: v * 1.5 for k, v in tensors.items()}, str(damaged),
+              metadata={"format": "chorus-residual", "version": "1"})
+    # The working file is wiped too, so the node must rebuild from the (damaged) residuals.
+    (tmp_path / "d" / "state" / "working.json").write_text(json.dumps({"round": 3,
+                                                                       "applying": 4}))
+    node = await start_node(tmp_path / "d", tiny_base, checkpoint_every=100)
+    try:
+        await wait_for(lambda: node.state.diverged is not None, timeout=30)
+        with pytest.raises(StateError, match="disagrees with the federation's log"):
+            await node.state.reader(3, timeout=2)
+        async with AsyncNodeClient(node.url, secret=node.identity.secret, client_id="x") as c:
+            assert (await c.state())["diverged"]
+        stuck_at = node.state_store.round
+        await asyncio.sleep(1.0)
+        assert node.state_store.round == stuck_at  # it stopped: no restore loop
+    finally:
+        await node.stop()

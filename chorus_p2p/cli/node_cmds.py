@@ -67,7 +67,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("model", "data_dir", "host", "port", "strategy",
                                            "rank", "alpha", "target_modules", "min_updates",
                                            "round_deadline", "headless", "mdns",
-                                           "election_timeout", "approve_joins", "train",
+                                           "election_timeout", "approve_joins", "bootstrap",
+                                           "train",
                                            "max_update_norm", "outlier_mad", "dp_epsilon",
                                            "rate_limit", "tls",
                                            "dp_delta", "dp_clip", "dp_noise",
@@ -252,6 +253,17 @@ def _decide(approve: bool):
     return run
 
 
+def _cmd_remove(args: argparse.Namespace) -> int:
+    with _client(args) as node:
+        result = node.remove_member(args.member, force=args.force)
+    if args.json:
+        _print_json(result)
+    else:
+        note = " (forced: on this node only)" if result.get("forced") else ""
+        print(f"{result['node_id']}: removed{note}")
+    return 0
+
+
 def _cmd_tui(args: argparse.Namespace) -> int:
     from chorus_p2p.client import DEFAULT_URL, AsyncNodeClient
     from chorus_p2p.node.identity import load_identity
@@ -319,6 +331,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="base election timeout (default 1.0; heartbeats every quarter of it)")
     up.add_argument("--approve-joins", action="store_true", default=None,
                     help="new members wait until an admin approves them (approve/reject, TUI)")
+    up.add_argument("--bootstrap", action="store_true", default=None,
+                    help="this node may start the federation's history (what the node that ran "
+                         "`init --federation` does anyway); a node that joined with a token "
+                         "otherwise waits until it reaches a member")
     up.add_argument("--tls", action="store_true", default=None,
                     help="serve HTTPS; peers pin each other's certificate by node id")
     up.add_argument("--rate-limit", type=float, metavar="PER_SECOND",
@@ -397,6 +413,27 @@ def register(commands: argparse._SubParsersAction) -> None:
     tui = commands.add_parser("tui", help="the live federation dashboard (Textual)")
     _client_options(tui, json_flag=False)
     tui.set_defaults(handler=_cmd_tui)
+
+    remove = commands.add_parser(
+        "remove", help="(admin) take a member out of the federation for good",
+        description="Remove a member that is gone for good (a dead machine), so the rest keep a "
+                    "majority. Run it against the coordinator. In a federation where no "
+                    "coordinator is left (two nodes, one dead), --force removes it on this node "
+                    "alone: only do that if the other machine will never come back with its "
+                    "data dir.")
+    _client_options(remove)
+    remove.add_argument("member", metavar="NODE_ID", help="node id (a unique prefix will do)")
+    remove.add_argument("--force", action="store_true",
+                        help="no majority needed (this node only; see above)")
+    remove.set_defaults(handler=_cmd_remove)
+
+    resolve = commands.add_parser(
+        "resolve", help="(admin) adopt the coordinator's history after a divergence",
+        description="When this node's committed history differs from its coordinator's "
+                    "(history_diverged), archive this node's rounds (kept in the ledger's "
+                    "rounds_archive) and follow the coordinator's history.")
+    _client_options(resolve)
+    resolve.set_defaults(handler=_admin("resolve"))
 
     for name, action, text in (("close-round", "close_round", "aggregate the current round now"),
                                ("pause", "pause", "open no new rounds"),

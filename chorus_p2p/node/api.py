@@ -44,7 +44,9 @@ STATUS_FOR_CODE = {
     "upload_timeout": 408, "not_found": 404, "unknown_round": 404, "no_residual": 404,
     "no_checkpoint": 404, "pruned": 410, "state_unavailable": 503,
     "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
-    "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409,
+    "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409, "already_counted": 409,
+    "not_durable": 503, "no_quorum": 503, "history_diverged": 409, "not_diverged": 409,
+    "busy": 409,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
     "internal": 500,
@@ -121,7 +123,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request[BODY_SHA] = verified.body_sha
     if request.path.startswith("/v1/peer/"):
         verify_identity(request.headers, request.method, request.path_qs)
-        open_to_all = request.path in ("/v1/peer/hello", "/v1/peer/append", "/v1/peer/vote")
+        open_to_all = request.path in ("/v1/peer/hello", "/v1/peer/append", "/v1/peer/vote",
+                                       "/v1/peer/hold")
         if not open_to_all and not node.cluster.is_known(verified.node):
             raise ApiError("not_member", f"{verified.node[:12]} is not a member of this "
                            "federation")
@@ -319,7 +322,8 @@ async def submit_update(request: web.Request) -> web.Response:
         temp.unlink(missing_ok=True)
         raise
     body = {"round": accepted.round, "node_id": accepted.node_id, "sha256": accepted.blob_sha,
-            "duplicate": accepted.duplicate}
+            "duplicate": accepted.duplicate, "durable": True, "replicas": accepted.replicas,
+            "members": accepted.members}
     return web.json_response(body, status=200 if accepted.duplicate else 201)
 
 
@@ -500,7 +504,10 @@ PEER_SCHEMAS: dict[str, dict[str, Any]] = {
     "hello": {"node_id": str, "url": str, "federation": str, "fingerprint": str,
               "members": (list, _OPTIONAL), "name": (str, _OPTIONAL),
               "public_key": (str, _OPTIONAL)},
-    "vote": {"term": int, "candidate": str, "url": str, "last_term": int, "last_round": int},
+    "vote": {"term": int, "candidate": str, "url": str, "last_term": int, "last_round": int,
+             "pre": (bool, _OPTIONAL), "transfer": (bool, _OPTIONAL)},
+    "hold": {"term": int, "coordinator": str, "url": str, "current": dict},
+    "handoff": {"update": dict},
     "append": {"term": int, "coordinator": str, "url": str, "commit": int,
                "commit_id": (str, None, _OPTIONAL),
                "members": (list, _OPTIONAL), "proposal": (dict, None), "current": (dict, None),
@@ -534,7 +541,7 @@ def _check_fields(body: Any, schema: dict[str, Any], what: str) -> dict[str, Any
 
 
 SENDER_FIELD = {"hello": "node_id", "vote": "candidate", "append": "coordinator",
-                "leave": "node_id"}
+                "leave": "node_id", "hold": "coordinator"}
 
 
 async def _peer_body(request: web.Request, kind: str) -> dict[str, Any]:
@@ -572,6 +579,21 @@ async def peer_timeout_now(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def peer_hold(request: web.Request) -> web.Response:
+    body = await _peer_body(request, "hold")
+    return web.json_response(await _node(request).cluster.on_hold(body))
+
+
+async def peer_round_updates(request: web.Request) -> web.Response:
+    round_no = _int_param(request, "round")
+    return web.json_response(_node(request).cluster.on_round_updates(round_no))
+
+
+async def peer_handoff(request: web.Request) -> web.Response:
+    body = await _peer_body(request, "handoff")
+    return web.json_response(await _node(request).cluster.on_handoff(request[CALLER], body))
+
+
 async def peer_history(request: web.Request) -> web.Response:
     """Committed rounds after ``after`` with their updates, for followers and late joiners."""
     node = _node(request)
@@ -588,12 +610,22 @@ async def admin_close_round(request: web.Request) -> web.Response:
 
 
 async def admin_decide_member(request: web.Request) -> web.Response:
-    await read_json_body(request)
+    body = await read_json_body(request)
     decision = request.match_info["decision"]
+    cluster = _node(request).cluster
+    if decision == "remove":
+        force = isinstance(body, dict) and body.get("force") is True
+        return web.json_response(await cluster.remove(request.match_info["node_id"], force))
     if decision not in ("approve", "reject"):
-        raise ApiError("not_found", f"no such action {decision!r}: approve or reject")
-    return web.json_response(_node(request).cluster.decide(request.match_info["node_id"],
-                                                           decision == "approve"))
+        raise ApiError("not_found", f"no such action {decision!r}: approve, reject or remove")
+    return web.json_response(cluster.decide(request.match_info["node_id"],
+                                            decision == "approve"))
+
+
+async def admin_resolve(request: web.Request) -> web.Response:
+    """Resolve a diverged history by adopting the coordinator's (ours is archived, not lost)."""
+    await read_json_body(request)
+    return web.json_response(_node(request).rounds.resolve_divergence())
 
 
 async def admin_join_token(request: web.Request) -> web.Response:
@@ -641,11 +673,15 @@ def build_app(node: "Node") -> web.Application:
         web.post("/v1/peer/leave", peer_leave),
         web.post("/v1/peer/timeout-now", peer_timeout_now),
         web.get("/v1/peer/history", peer_history),
+        web.post("/v1/peer/hold", peer_hold),
+        web.get("/v1/peer/round-updates", peer_round_updates),
+        web.post("/v1/peer/handoff", peer_handoff),
         web.post("/v1/admin/rounds/close", admin_close_round),
         web.post("/v1/admin/pause", admin_pause),
         web.get("/v1/admin/join-token", admin_join_token),
         web.post("/v1/admin/members/{node_id}/{decision}", admin_decide_member),
         web.post("/v1/admin/resume", admin_resume),
         web.post("/v1/admin/gc", admin_gc),
+        web.post("/v1/admin/resolve", admin_resolve),
     ])
     return app

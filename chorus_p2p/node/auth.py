@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -26,6 +27,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MAX_SKEW = 300.0
+# Test-only: shift this process's clock for authentication, to test clock skew between nodes
+# that share one host clock (the Jepsen-style checker). Never set it on a real node.
+CLOCK_OFFSET_ENV = "CHORUS_CLOCK_OFFSET_S"
+_CLOCK_OFFSET = float(os.environ.get(CLOCK_OFFSET_ENV, "0") or 0)
+
+
+def clock() -> float:
+    return time.time() + _CLOCK_OFFSET
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 H_NODE, H_TS, H_NONCE = "X-Chorus-Node", "X-Chorus-Timestamp", "X-Chorus-Nonce"
 H_BODY, H_SIG, H_ADMIN = "X-Chorus-Content-SHA256", "X-Chorus-Signature", "X-Chorus-Admin"
@@ -44,7 +53,7 @@ def canonical(method: str, path_qs: str, body_sha: str, ts: str, nonce: str, nod
 
 def sign_headers(key: bytes, method: str, path_qs: str, node: str, body_sha: str = EMPTY_SHA256,
                  *, now: float | None = None) -> dict[str, str]:
-    ts = str(int(now if now is not None else time.time()))
+    ts = str(int(now if now is not None else clock()))
     nonce = secrets.token_hex(16)
     sig = hmac.new(key, canonical(method, path_qs, body_sha, ts, nonce, node), hashlib.sha256)
     return {H_NODE: node, H_TS: ts, H_NONCE: nonce, H_BODY: body_sha, H_SIG: sig.hexdigest()}
@@ -140,7 +149,7 @@ class NonceCache:
 
 def verify_headers(key: bytes, method: str, path_qs: str, headers, nonces: NonceCache,
                    *, now: float | None = None) -> VerifiedRequest:
-    now = time.time() if now is None else now
+    now = clock() if now is None else now
     values = {h: headers.get(h) for h in (H_NODE, H_TS, H_NONCE, H_BODY, H_SIG)}
     missing = [h for h, v in values.items() if not v]
     if missing:

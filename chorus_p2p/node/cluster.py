@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from chorus_p2p.node.ledger import round_record
+from chorus_p2p.node.rounds import UPDATE_KEYS
 from chorus_p2p.node.peers import PeerClient, PeerError
 
 if TYPE_CHECKING:
@@ -35,7 +37,9 @@ log = logging.getLogger("chorus_p2p.cluster")
 
 FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
 # Members in these states do not vote, count toward a majority, or receive heartbeats.
-NOT_COUNTED = ("left", "pending", "rejected")
+NOT_COUNTED = ("left", "pending", "rejected", "removed")
+# An admin's decisions: only another admin decision changes them.
+DECIDED = ("pending", "rejected", "removed")
 
 
 @dataclass
@@ -46,6 +50,8 @@ class ClusterTiming:
     bootstrap_s: float = 2.0
     lost_after_s: float = 3.0
     hello_retry_s: float = 1.0
+    replicate_timeout_s: float = 30.0  # a follower fetching an update before it may be acked
+    rediscover_max_s: float = 10.0  # mDNS re-query backoff cap while someone is missing
 
 
 @dataclass
@@ -88,6 +94,18 @@ class Cluster:
         self._pending_urls: set[str] = set()
         self._sync_body: dict[str, Any] | None = None
         self._sync_worker: asyncio.Task | None = None
+        self._transfer = False  # the next election is a handover (timeout-now): no pre-vote
+        self._handed_off: dict[tuple[int, str, str], float] = {}
+        self._rediscover_at = 0.0
+        self._rediscover_every = 2.0
+        self._waiting_logged = 0.0
+        # Only a founder (the node that ran `init --federation`, or one started with
+        # --bootstrap) may create a federation's first history; a joiner waits until it has
+        # reached a node that is part of the federation, and remembers that it has.
+        self.founder = bool(node.identity.founder or node.settings.bootstrap)
+        committed = node.ledger.latest_committed()
+        self.joined = (self.founder or node.ledger.get_meta("joined") == "1"
+                       or (committed is not None and committed["round"] > 0))
         self._load_members()
 
     # -- members -------------------------------------------------------------------------------
@@ -97,7 +115,7 @@ class Cluster:
                 continue
             url = next((f"{self.scheme}://{a}" for a in m["addresses"]), "")
             if url:
-                status = m["status"] if m.get("status") in ("pending", "rejected") else "lost"
+                status = m["status"] if m.get("status") in DECIDED else "lost"
                 self.peers[m["node_id"]] = Peer(m["node_id"], url, m["name"] or "",
                                                 m["public_key"] or "", 0.0, status)
 
@@ -116,9 +134,16 @@ class Cluster:
         return any(p.status in ("live", "lost") for p in self.peers.values())
 
     def is_known(self, node_id: str) -> bool:
-        """Admitted or pending, not rejected: may talk to us beyond hello/append."""
+        """Admitted or pending, not rejected or removed: may talk to us beyond hello/append."""
         peer = self.peers.get(node_id)
-        return peer is not None and peer.status != "rejected"
+        return peer is not None and peer.status not in ("rejected", "removed")
+
+    def mark_joined(self) -> None:
+        if not self.joined:
+            self.joined = True
+            self.node.ledger.set_meta("joined", "1")
+            self.node.bus.publish("federation_joined", None,
+                                  {"federation": self.node.identity.federation})
 
     def is_member(self, node_id: str) -> bool:
         peer = self.peers.get(node_id)
@@ -158,15 +183,20 @@ class Cluster:
             established = self.established()
             status = "pending" if self.approve_joins and established and not vouched else "live"
             peer = self.peers[node_id] = Peer(node_id, url, status=status)
-        if peer.status not in ("pending", "rejected"):  # only an admin's decision moves those
+        if peer.status not in DECIDED:  # only an admin's decision moves those
             if direct and peer.status == "left":
                 peer.status = "lost"  # it came back; _seen makes it live
             elif info.get("status") == "left":
                 peer.status = "left"
+        moved = bool(url) and url != peer.url and not is_new
         if url:
             peer.url = url
         peer.name = info.get("name") or peer.name
         peer.public_key = info.get("public_key") or peer.public_key
+        if moved:  # a member's address changed (DHCP, another interface): remember the new one
+            self.node.ledger.upsert_member({"node_id": node_id,
+                                            "addresses": [url.split("//", 1)[-1]]})
+            self.node.bus.publish("member_moved", None, {"node_id": node_id, "url": url})
         if is_new:
             self.node.ledger.upsert_member({
                 "node_id": node_id, "name": peer.name, "addresses": [peer.url.split("//", 1)[-1]],
@@ -176,6 +206,65 @@ class Cluster:
             self.node.bus.publish(kind, None, {"node_id": node_id, "url": peer.url})
         return peer
 
+    def _find(self, node_id: str) -> Peer | None:
+        return self.peers.get(node_id) or next(
+            (p for p in self.peers.values() if p.node_id.startswith(node_id)), None)
+
+    async def remove(self, node_id: str, force: bool = False) -> dict[str, Any]:
+        """Admin: take a member out of the federation for good (a machine that died).
+
+        On the coordinator the change takes effect at once and is acknowledged once a majority
+        of the *new* membership holds it (one change at a time, Raft's single-server change:
+        the removed node alone can never form a majority of the old membership). Where no
+        coordinator exists because the dead node was needed for a majority (a 2-node
+        federation), ``force`` removes it from this node only, with a warning: if that node is
+        in fact alive elsewhere, the two can diverge."""
+        from chorus_p2p.node.spec import UpdateRejected
+
+        if self.node.node_id.startswith(node_id):
+            raise UpdateRejected("bad_request", "a node cannot remove itself; stop it with "
+                                 "SIGTERM to leave, or remove it from another member")
+        peer = self._find(node_id)
+        if peer is None:
+            raise UpdateRejected("not_found", f"no member {node_id}")
+        if peer.status == "removed":
+            return {"node_id": peer.node_id, "status": "removed", "forced": False}
+        if self.role != COORDINATOR and not force:
+            raise UpdateRejected("not_coordinator", (
+                "membership changes are made on the coordinator" + (
+                    f" ({self.coordinator_url})" if self.coordinator_url else
+                    "; there is none right now (no majority). If the other members are gone for "
+                    "good, remove them with --force on this node")),
+                extra={"coordinator_url": self.coordinator_url})
+        if self.role == COORDINATOR and any(p.extra.get("removing") for p in self.peers.values()):
+            raise UpdateRejected("busy", "another membership change is still being acknowledged")
+        peer.status = "removed"
+        self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "removed"})
+        forced = self.role != COORDINATOR
+        self.node.bus.publish("member_removed", None, {"node_id": peer.node_id, "forced": forced},
+                              level="warning")
+        if forced:
+            log.warning("removed %s from this node's membership WITHOUT a majority: if it is alive "
+                        "on another network, the two sides can now diverge; never start it again "
+                        "with its data dir", peer.node_id[:12])
+            self._election_deadline = 0.0
+            self._bootstrap_until = 0.0
+            self._wake.set()
+            return {"node_id": peer.node_id, "status": "removed", "forced": True}
+        peer.extra["removing"] = True
+        try:
+            started = time.monotonic()
+            self._wake.set()
+            while self.last_quorum_at < started and self.role == COORDINATOR:
+                if time.monotonic() - started > 10 * self.timing.election_max_s:
+                    raise UpdateRejected("not_durable", "the new membership was not acknowledged "
+                                         "by a majority in time; it applies here and will "
+                                         "spread with the next heartbeats")
+                await asyncio.sleep(self.timing.heartbeat_s / 2)
+        finally:
+            peer.extra.pop("removing", None)
+        return {"node_id": peer.node_id, "status": "removed", "forced": False}
+
     def decide(self, node_id: str, approve: bool) -> dict[str, Any]:
         """Admin decision on a pending member (on the coordinator; followers learn it by gossip)."""
         from chorus_p2p.node.spec import UpdateRejected
@@ -183,8 +272,7 @@ class Cluster:
         if self.node.node_id.startswith(node_id):
             raise UpdateRejected("not_pending", "that is this node itself; only pending members "
                                  "(nodes started with --approve-joins) can be approved or rejected")
-        peer = self.peers.get(node_id) or next(
-            (p for p in self.peers.values() if p.node_id.startswith(node_id)), None)
+        peer = self._find(node_id)
         if peer is None:
             raise UpdateRejected("not_found", f"no member {node_id}")
         if self.role != COORDINATOR:
@@ -235,7 +323,16 @@ class Cluster:
         rounds.notify_followers = self._wake.set
         rounds.coordinator_hint = lambda: {"coordinator": self.coordinator,
                                            "coordinator_url": self.coordinator_url}
+        rounds.replicate = self.replicate
+        rounds.collect_updates = self.collect_updates
+        rounds.handoff = self.handoff
+        rounds.quorum_fresh = self.quorum_fresh
         alone = not self.discovery_enabled and not self.static_peers and not self.peers
+        if alone and not self.joined:
+            from chorus_p2p.errors import UsageError
+
+            raise UsageError("this node joined with a token but has no way to reach the "
+                             "federation: give --peer HOST:PORT of a member, or leave mDNS on")
         if alone:
             await self._become_coordinator(self.term + 1)
         self._bootstrap_until = time.monotonic() + (0 if alone else self.timing.bootstrap_s)
@@ -299,8 +396,15 @@ class Cluster:
                 try:
                     info = await self.client.call(url, "POST", "/v1/peer/hello", self.hello_body())
                 except PeerError as exc:
-                    if exc.code in ("bad_peer", "bad_signature", "spec_mismatch"):
-                        self.node.bus.publish("peer_refused", None, {"url": url, "reason": str(exc)},
+                    if exc.code == "spec_mismatch" and not self.joined:
+                        # A node that never took part refuses to start a federation of its own
+                        # beside the one its token names: stop, and say why.
+                        self.node.fatal(f"the federation at {url} refused this node: {exc}")
+                        return
+                    if exc.code in ("bad_peer", "bad_signature", "spec_mismatch",
+                                    "stale_request", "removed"):
+                        self.node.bus.publish("peer_refused", None, {"url": url, "reason": str(exc),
+                                                                     "code": exc.code},
                                               level="warning")
                         await asyncio.sleep(self.timing.hello_retry_s * 5)
                     else:
@@ -325,7 +429,7 @@ class Cluster:
                 "federation": self.node.identity.federation, "name": socket.gethostname(),
                 "fingerprint": self.node.spec.fingerprint(),
                 "public_key": self.node.identity.public_key_bytes.hex(), "term": self.term,
-                "role": self.role, "coordinator": self.coordinator,
+                "role": self.role, "coordinator": self.coordinator, "joined": self.joined,
                 "members": self.member_json()}
 
     def accept_hello(self, info: dict[str, Any], url: str | None = None,
@@ -333,6 +437,8 @@ class Cluster:
         peer = self._admit(info, url, direct)
         if peer is not None:
             self._seen(peer)
+            if info.get("joined"):
+                self.mark_joined()  # we reached the federation itself, not another newcomer
         for member in info.get("members", []):
             if member["node_id"] not in self.peers and member["node_id"] != self.node.node_id \
                     and member.get("url") and member.get("status") != "left":
@@ -355,15 +461,58 @@ class Cluster:
             self._wake.clear()
             now = time.monotonic()
             self._check_lost()
+            self._maybe_rediscover(now)
             if self.role == COORDINATOR:
                 if woke or now >= next_beat:
                     next_beat = now + self.timing.heartbeat_s
                     self._spawn(self._heartbeat_all(self.term))
-                if now - self.last_quorum_at > self.timing.election_max_s and self.quorum() > 1:
+                if not self.quorum_fresh():
+                    # CheckQuorum: no majority within an election timeout; writes already stop
+                    # (quorum_fresh), and the role goes so the majority side can elect.
                     self._step_down(self.term, "lost contact with a majority (no quorum)")
+                continue
+            if self.coordinator is not None and \
+                    now - self.last_heartbeat > self.timing.election_max_s:
+                # Our coordinator went quiet: stop sending writers to it.
+                self.coordinator = self.coordinator_url = None
+                self.node.bus.publish("coordinator_lost", None, {"term": self.term},
+                                      level="warning")
+            if not self.joined:
+                if now - self._waiting_logged > 10.0:
+                    self._waiting_logged = now
+                    log.warning("waiting to reach a member of federation %r (mDNS%s); this node "
+                                "joined with a token and never creates a history of its own",
+                                self.node.identity.federation,
+                                f", --peer {', '.join(self.static_peers)}" if self.static_peers
+                                else "")
             elif now >= self._election_deadline and now >= self._bootstrap_until:
                 self._spawn(self._run_election())
                 self._reset_election_timer()
+
+    def quorum_fresh(self) -> bool:
+        """A coordinator that heard from a majority within an election timeout."""
+        return self.role == COORDINATOR and (
+            self.quorum() <= 1
+            or time.monotonic() - self.last_quorum_at <= self.timing.election_min_s)
+
+    def _maybe_rediscover(self, now: float) -> None:
+        """mDNS answers a browser's first query; a node that missed it (a link that was down)
+        is found again by re-querying, with backoff, while anyone is missing."""
+        discovery = getattr(self.node, "discovery", None)
+        if discovery is None or now < self._rediscover_at:
+            return
+        missing = not self.joined or any(p.status == "lost" for p in self.peers.values()) \
+            or (self.role != COORDINATOR and self.coordinator is None)
+        if not missing:
+            self._rediscover_every = 2.0
+            self._rediscover_at = now + self._rediscover_every
+            return
+        self._rediscover_at = now + self._rediscover_every
+        self._rediscover_every = min(self._rediscover_every * 2, self.timing.rediscover_max_s)
+        self._spawn(discovery.refresh())
+        for peer in list(self.peers.values()):  # known addresses, once more
+            if peer.status == "lost":
+                self.consider(peer.url)
 
     # -- coordinator side ------------------------------------------------------------------------
     async def _become_coordinator(self, term: int) -> None:
@@ -395,15 +544,20 @@ class Cluster:
         self._reset_election_timer()
 
     async def _heartbeat_all(self, term: int) -> None:
+        """One heartbeat to every member; the moment a majority has answered, the coordinator
+        knows it still leads (a slow or dead member does not delay that)."""
+        sent = time.monotonic()
         targets = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
         body = {"term": term, "coordinator": self.node.node_id, "url": self.node.url,
                 "members": self.member_json(), **self.node.rounds.replication_payload()}
-        results = await asyncio.gather(*(self._heartbeat(p, body) for p in targets))
-        if self.role != COORDINATOR or self.term != term:
-            return
-        reached = 1 + sum(1 for ok in results if ok)
+        reached = 1
         if reached >= self.quorum():
-            self.last_quorum_at = time.monotonic()
+            self.last_quorum_at = max(self.last_quorum_at, sent)
+        for done in asyncio.as_completed([self._heartbeat(p, body) for p in targets]):
+            if await done and self.role == COORDINATOR and self.term == term:
+                reached += 1
+                if reached >= self.quorum():
+                    self.last_quorum_at = max(self.last_quorum_at, sent)
 
     async def _heartbeat(self, peer: Peer, body: dict[str, Any]) -> bool:
         try:
@@ -429,21 +583,9 @@ class Cluster:
         return True
 
     # -- election --------------------------------------------------------------------------------
-    async def _run_election(self) -> None:
-        if self.role == COORDINATOR or self._stopping:
-            return
-        term = self.term + 1
-        self.term = term
-        self.role = CANDIDATE
-        self.coordinator = self.coordinator_url = None
-        self.node.ledger.record_vote(term, self.node.node_id)  # persisted before asking anyone
-        last_term, last_round = self.node.rounds.log_position()
-        body = {"term": term, "candidate": self.node.node_id, "url": self.node.url,
-                "last_term": last_term, "last_round": last_round}
-        voters = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
-        self.node.bus.publish("election_started", None, {"term": term, "voters": len(voters) + 1})
-        votes = 1
-
+    async def _gather_votes(self, body: dict[str, Any], voters: list[Peer]) -> int:
+        """Votes for ``body`` (a pre-vote or a vote), this node's own included; stops asking
+        once a majority has granted."""
         async def ask(peer: Peer) -> bool:
             try:
                 reply = await self.client.call(peer.url, "POST", "/v1/peer/vote", body,
@@ -453,13 +595,13 @@ class Cluster:
             self._seen(peer)
             if not isinstance(reply, dict) or not isinstance(reply.get("term"), int):
                 return False
-            if reply["term"] > self.term:
+            if reply["term"] > self.term and not reply.get("granted"):
                 self._step_down(reply["term"], "a newer term exists")
                 return False
             return reply.get("granted") is True
 
+        votes, needed = 1, self.quorum()
         pending = {asyncio.ensure_future(ask(p)) for p in voters}
-        needed = self.quorum()
         try:
             while votes < needed and pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -467,15 +609,49 @@ class Cluster:
         finally:
             for task in pending:
                 task.cancel()
+        return votes
+
+    async def _run_election(self) -> None:
+        """Raft election with Pre-Vote: first ask, without changing any term, whether a
+        majority would vote for us (they would not while they hear from a live coordinator).
+        An isolated or partitioned node therefore never inflates its term, and cannot depose a
+        healthy coordinator when it comes back. A handover (timeout-now) skips the pre-vote."""
+        if self.role == COORDINATOR or self._stopping or not self.joined:
+            return
+        transfer, self._transfer = self._transfer, False
+        last_term, last_round = self.node.rounds.log_position()
+        voters = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
+        needed = self.quorum()
+        base = {"candidate": self.node.node_id, "url": self.node.url, "last_term": last_term,
+                "last_round": last_round}
+        if not transfer and needed > 1:
+            start_term = self.term
+            pre_votes = await self._gather_votes({**base, "term": start_term + 1, "pre": True},
+                                                 voters)
+            if pre_votes < needed or self.term != start_term or self.role == COORDINATOR:
+                return  # no majority would follow us now; our term stays where it is
+        term = self.term + 1
+        self.term = term
+        self.role = CANDIDATE
+        self.coordinator = self.coordinator_url = None
+        self.node.ledger.record_vote(term, self.node.node_id)  # persisted before asking anyone
+        self.node.bus.publish("election_started", None, {"term": term, "voters": len(voters) + 1})
+        votes = await self._gather_votes({**base, "term": term, "transfer": transfer}, voters)
         if self.role == CANDIDATE and self.term == term and votes >= needed:
             await self._become_coordinator(term)
         elif self.role == CANDIDATE and self.term == term:
             self.role = FOLLOWER
-            if votes < needed:
-                self.node.bus.publish("no_quorum", None, {"term": term, "votes": votes,
-                                                          "needed": needed}, level="warning")
+            self.node.bus.publish("no_quorum", None, {"term": term, "votes": votes,
+                                                      "needed": needed}, level="warning")
 
     # -- handlers for peer requests --------------------------------------------------------------
+    def _hears_coordinator(self) -> bool:
+        """We lead with a majority, or heard our coordinator within an election timeout."""
+        if self.role == COORDINATOR:
+            return self.quorum_fresh()
+        return self.coordinator is not None and \
+            time.monotonic() - self.last_heartbeat < self.timing.election_min_s
+
     def on_vote(self, body: dict[str, Any]) -> dict[str, Any]:
         term = int(body["term"])
         if not self.approve_joins and body.get("url"):
@@ -483,52 +659,77 @@ class Cluster:
         if not self.is_member(body["candidate"]):
             # A pending, rejected or unknown node cannot win votes or push our term up.
             return {"term": self.term, "granted": False}
+        mine = self.node.rounds.log_position()
+        up_to_date = (int(body["last_term"]), int(body["last_round"])) >= mine
+        if body.get("pre") is True:
+            # Pre-Vote: would we vote? Nothing is recorded and no term changes.
+            return {"term": self.term, "granted": term > self.term and up_to_date
+                    and not self._hears_coordinator()}
         if term < self.term:
+            return {"term": self.term, "granted": False}
+        if not body.get("transfer") and self._hears_coordinator():
+            # CheckQuorum's other half: while a coordinator is alive, a candidate (say, one
+            # coming back from a partition) neither gets our vote nor raises our term.
             return {"term": self.term, "granted": False}
         if term > self.term:
             self._step_down(term, "a candidate started a newer term")
         voted = self.node.ledger.vote(term)
-        mine = self.node.rounds.log_position()
-        theirs = (int(body["last_term"]), int(body["last_round"]))
-        up_to_date = theirs >= mine
         granted = voted in (None, body["candidate"]) and up_to_date
         if granted:
             self.node.ledger.record_vote(term, body["candidate"])  # persisted before replying
             self._reset_election_timer()
         return {"term": self.term, "granted": granted}
 
-    def on_append(self, body: dict[str, Any]) -> dict[str, Any]:
-        term = int(body["term"])
-        sender = self.peers.get(body["coordinator"])
-        if self.approve_joins and (sender.status in ("pending", "rejected") if sender is not None
+    def _follow_leader(self, term: int, coordinator: str, url: str) -> bool:
+        """Accept ``coordinator`` as the leader of ``term`` if Raft's rules allow it."""
+        sender = self.peers.get(coordinator)
+        if sender is not None and sender.status in ("rejected", "removed"):
+            return False
+        if self.approve_joins and (sender.status == "pending" if sender is not None
                                    else self.established()):
-            # Only an admitted member may lead an established federation.
-            return {"term": self.term, "ok": False}
-        if term < self.term:
-            return {"term": self.term, "ok": False}
-        if self.role == COORDINATOR and term == self.term and body["coordinator"] != self.node.node_id:
+            return False  # only an admitted member may lead an established federation
+        if term < self.term or self.node.rounds.diverged:
+            return False
+        if self.role == COORDINATOR and term == self.term and coordinator != self.node.node_id:
             # Two coordinators in one term can only come from disjoint bootstraps: both yield.
             self._step_down(term, "another coordinator holds this term")
-            return {"term": self.term, "ok": False}
+            return False
         if term > self.term or self.role != FOLLOWER:
             self._step_down(term, "following a coordinator")
-        if self.coordinator != body["coordinator"]:
-            self.node.ledger.record_term(term, body["coordinator"])
-            self.node.bus.publish("coordinator_seen", None, {"term": term,
-                                                             "node_id": body["coordinator"]})
-        self.coordinator = body["coordinator"]
-        self.coordinator_url = body["url"]
+        if self.coordinator != coordinator:
+            self.node.ledger.record_term(term, coordinator)
+            self.node.bus.publish("coordinator_seen", None, {"term": term, "node_id": coordinator})
+        self.coordinator = coordinator
+        self.coordinator_url = url
         self.last_heartbeat = time.monotonic()
         self._reset_election_timer()
+        self.mark_joined()  # a coordinator is the federation: we have reached it
+        return True
+
+    def on_append(self, body: dict[str, Any]) -> dict[str, Any]:
+        term = int(body["term"])
+        if not self._follow_leader(term, body["coordinator"], body["url"]):
+            return {"term": self.term, "ok": False,
+                    "diverged": self.node.rounds.diverged is not None}
         # The coordinator of a majority vouches for itself: admit it as a live member.
         self.accept_hello({"node_id": body["coordinator"], "url": body["url"], "status": "live",
                            "members": body.get("members", [])}, body["url"],
                           direct=not self.approve_joins)
         for member in body.get("members", []):
+            if member["node_id"] == self.node.node_id and member.get("status") == "removed":
+                self.node.fatal("an admin removed this node from the federation; start it again "
+                                "only with a new --data-dir and a join token")
+                return {"term": self.term, "ok": False}
             peer = self.peers.get(member["node_id"])
             if peer is None or peer.node_id == body["coordinator"]:
                 continue
-            if member.get("status") in ("left", "rejected"):
+            if member.get("url") and member["url"] != peer.url and peer.status not in DECIDED:
+                self._admit({"node_id": peer.node_id}, member["url"])  # it moved
+            if member.get("status") in ("left", "rejected", "removed"):
+                if member["status"] == "removed" and peer.status != "removed":
+                    self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "removed"})
+                    self.node.bus.publish("member_removed", None, {"node_id": peer.node_id},
+                                          level="warning")
                 peer.status = member["status"]
             elif member.get("status") == "live":
                 if peer.status == "pending":
@@ -541,6 +742,116 @@ class Cluster:
             self._sync_worker = self._spawn(self._sync_loop())
         return {"term": self.term, "ok": True, "node_id": self.node.node_id,
                 "ack": self.node.rounds.ack_state()}
+
+    async def on_hold(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The coordinator wants to acknowledge an update: store its live round's updates
+        durably now and say which we hold (see :meth:`replicate`)."""
+        term = int(body["term"])
+        if not self._follow_leader(term, body["coordinator"], body["url"]):
+            return {"term": self.term, "held": []}
+        current = body.get("current")
+        if not isinstance(current, dict):
+            return {"term": self.term, "held": []}
+        url = body["url"]
+        held = await self.node.rounds.mirror_now(current, lambda sha: self._fetch_blob_from(
+            url, sha))
+        return {"term": self.term, "held": held}
+
+    def on_round_updates(self, round_no: int) -> dict[str, Any]:
+        """A new coordinator recovering a round: the updates we hold for it (if not committed)."""
+        row = self.node.ledger.round(round_no)
+        if row is None or row["state"] == "committed":
+            return {"round": round_no, "updates": []}
+        return {"round": round_no, "trained_from": row["trained_from"],
+                "updates": [{k: u.get(k) for k in UPDATE_KEYS}
+                            for u in self.node.ledger.updates(round_no)]}
+
+    async def on_handoff(self, caller: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A member hands us an update of our live round that we lack."""
+        update = body.get("update")
+        peer = self.peers.get(caller)
+        if self.role != COORDINATOR or peer is None or not isinstance(update, dict):
+            return {"adopted": False}
+        try:
+            adopted = await self.node.rounds.adopt_update(
+                int(update["round"]), update, lambda sha: self._fetch_blob_from(peer.url, sha),
+                why=f"handed over by {caller[:12]}")
+        except (KeyError, TypeError, ValueError):
+            return {"adopted": False}
+        if adopted:
+            self._wake.set()
+        return {"adopted": adopted}
+
+    # -- replication of updates before they are acknowledged -------------------------------------
+    async def replicate(self, round_no: int, sha: str) -> int:
+        """Push the round (with its updates) to every voting member and count who holds ``sha``
+        durably; returns as soon as a majority does (or after the timeout)."""
+        needed = self.quorum()
+        voters = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
+        if needed <= 1 or self.role != COORDINATOR:
+            return 1 if self.role == COORDINATOR else 0
+        row = self.node.ledger.round(round_no)
+        if row is not None and row["state"] == "committed":
+            return len(voters) + 1  # committed by a majority, with its updates
+        record = {**round_record(row), "updates": [
+            {k: u.get(k) for k in UPDATE_KEYS} for u in self.node.ledger.updates(round_no)]}
+        body = {"term": self.term, "coordinator": self.node.node_id, "url": self.node.url,
+                "current": record}
+
+        async def hold(peer: Peer) -> bool:
+            try:
+                reply = await self.client.call(peer.url, "POST", "/v1/peer/hold", body,
+                                               timeout=self.timing.replicate_timeout_s,
+                                               expect_node=peer.node_id)
+            except PeerError:
+                return False
+            if isinstance(reply, dict) and isinstance(reply.get("term"), int) \
+                    and reply["term"] > self.term:
+                self._step_down(reply["term"], f"{peer.node_id[:12]} is in a newer term")
+                return False
+            return isinstance(reply, dict) and sha in (reply.get("held") or [])
+
+        holders = 1
+        pending = {self._spawn(hold(p)) for p in voters}
+        deadline = time.monotonic() + self.timing.replicate_timeout_s
+        while pending and holders < needed and time.monotonic() < deadline:
+            done, pending = await asyncio.wait(pending, timeout=deadline - time.monotonic(),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            holders += sum(1 for d in done if d.result())
+        return holders
+
+    async def collect_updates(self, round_no: int) -> list[tuple[str, Any, list[dict[str, Any]]]]:
+        """Every voting member's updates for ``round_no``, from those that answer."""
+        voters = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
+
+        async def ask(peer: Peer):
+            try:
+                reply = await self.client.call(peer.url, "GET",
+                                               f"/v1/peer/round-updates?round={round_no}",
+                                               expect_node=peer.node_id)
+            except PeerError:
+                return None
+            if not isinstance(reply, dict) or not isinstance(reply.get("updates"), list):
+                return None
+            rows = [u for u in reply["updates"] if isinstance(u, dict)
+                    and isinstance(u.get("blob_sha"), str) and isinstance(u.get("node_id"), str)]
+            return (peer.node_id[:12], lambda sha, url=peer.url: self._fetch_blob_from(url, sha),
+                    rows)
+
+        answers = await asyncio.gather(*(ask(p) for p in voters))
+        return [a for a in answers if a is not None]
+
+    def handoff(self, update: dict[str, Any]) -> None:
+        """Give the coordinator an update we hold and it lacks (at most every few seconds)."""
+        key = (update["round"], update["node_id"], update["blob_sha"])
+        now = time.monotonic()
+        if not self.coordinator_url or now - self._handed_off.get(key, 0.0) < 5.0:
+            return
+        self._handed_off[key] = now
+        url = self.coordinator_url
+        body = {"update": {k: update.get(k) for k in UPDATE_KEYS}}
+        self._spawn(self._quiet(self.client.call(url, "POST", "/v1/peer/handoff", body,
+                                                 timeout=self.timing.replicate_timeout_s)))
 
     async def _sync_loop(self) -> None:
         while self._sync_body is not None:
@@ -609,6 +920,7 @@ class Cluster:
 
     def on_timeout_now(self, body: dict[str, Any]) -> None:
         if int(body["term"]) >= self.term and self.role != COORDINATOR:
+            self._transfer = True  # a handover: voters know the old coordinator is going
             self._bootstrap_until = 0.0
             self._election_deadline = 0.0
             self._wake.set()

@@ -57,6 +57,16 @@ class Discovery:
                                             handlers=[self._on_change])
         log.info("mDNS: advertising %s on %s", name, ", ".join(self.interfaces or ["all"]))
 
+    async def refresh(self) -> None:
+        """Browse again from scratch: a new browser queries at once, so a peer that a down
+        link hid (its announcements and our early queries lost) is found within seconds."""
+        if self._zc is None:
+            return
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE,
+                                            handlers=[self._on_change])
+
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
                    state_change: ServiceStateChange) -> None:
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):

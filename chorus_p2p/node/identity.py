@@ -48,6 +48,7 @@ class NodeIdentity:
     secret: bytes
     admin_token: str
     private_key: Ed25519PrivateKey
+    founder: bool = False  # ran `init --federation`: may create the federation's first history
 
     @property
     def public_key_bytes(self) -> bytes:
@@ -120,7 +121,8 @@ def init_data_dir(data_dir: str | os.PathLike, federation: str | None = None, *,
     _write_private(data_dir / IDENTITY_FILE, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     _write_private(data_dir / FEDERATION_FILE, json.dumps(
-        {"federation": federation, "secret": base64.b64encode(secret).decode()}).encode())
+        {"federation": federation, "secret": base64.b64encode(secret).decode(),
+         "founder": not join_token}).encode())
     _write_private(data_dir / ADMIN_TOKEN_FILE, secrets.token_urlsafe(32).encode())
     return load_identity(data_dir)
 
@@ -139,4 +141,5 @@ def load_identity(data_dir: str | os.PathLike) -> NodeIdentity:
     if not isinstance(key, Ed25519PrivateKey):
         raise IdentityError(f"{data_dir}/{IDENTITY_FILE}: not an Ed25519 key")
     return NodeIdentity(data_dir=data_dir, federation=fed["federation"],
-                        secret=base64.b64decode(fed["secret"]), admin_token=admin, private_key=key)
+                        secret=base64.b64decode(fed["secret"]), admin_token=admin, private_key=key,
+                        founder=bool(fed.get("founder", False)))

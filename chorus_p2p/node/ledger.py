@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Round states, in order. A round only moves forward.
 OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
@@ -77,12 +77,29 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db["rounds"].add_column("pruned_at", float)
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """No acknowledged update is ever deleted silently, no committed round is ever replaced.
+
+    ``dropped_updates`` keeps (with the reason) any update row a node had to give up because the
+    committed record does not list it; ``rounds_archive`` keeps a diverged history's rounds when
+    an admin resolves the divergence. Updates are looked up by (client, content hash) so the same
+    bytes are never counted in two rounds."""
+    db["dropped_updates"].create({"round": int, "node_id": str, "blob_sha": str, "examples": int,
+                                  "trained_from": int, "dropped_at": float, "reason": str},
+                                 if_not_exists=True)
+    db["rounds_archive"].create({"archived_at": float, "round": int, "record": str},
+                                if_not_exists=True)
+    db["updates"].create_index(["node_id", "blob_sha"], if_not_exists=True)
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4}
+    1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4, 5: _migration_5}
 LOG_GENESIS = "chorus-p2p/log/v1"
-# What a round's log hash covers: everything that determines the federation's state after it.
+# What a round's log hash covers: everything that determines the federation's state after it
+# (the adapter and the residual, by hash). The state fingerprint is derived from those and is
+# not hashed: a data dir converted from 0.1 computes its first one from its own state.
 CHAINED_FIELDS = ("round", "trained_from", "strategy", "adapter_sha", "adapter_config_sha",
-                  "residual_sha", "state_sketch")
+                  "residual_sha")
 
 
 def chain_hash(previous: str | None, row: dict[str, Any]) -> str:
@@ -181,30 +198,71 @@ class Ledger:
     def upsert_round(self, row: dict[str, Any]) -> None:
         self.db["rounds"].upsert(_encode_round(row), pk="round")
 
-    def apply_history(self, rounds: list[dict[str, Any]], updates: list[dict[str, Any]],
-                      event: tuple[str, int, dict[str, Any]] | None = None) -> None:
-        """Record rounds (and their updates) fetched from a peer, all in one transaction."""
+    def settle_committed(self, rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> None:
+        """Record committed rounds from the coordinator. Their update lists are final: a row of
+        ours that a committed round does not list is moved to ``dropped_updates`` (with the
+        reason and an event), never deleted without a trace. One transaction."""
         with self.db.atomic():
             for row in rounds:
+                listed = {(u["node_id"], u["blob_sha"]) for u in updates
+                          if u["round"] == row["round"]}
+                extra = [u for u in self.updates(row["round"])
+                         if (u["node_id"], u["blob_sha"]) not in listed]
+                self._drop(extra, f"round {row['round']} committed without it")
                 self.db["rounds"].upsert(_encode_round(row), pk="round")
             for update in updates:
                 self.db["updates"].upsert(update, pk=("round", "node_id"))
-            if event is not None:
-                self._insert_event(event[0], event[1], event[2])
 
-    def replace_history(self, rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> None:
-        """Make rounds 1..N exactly the given ones (a diverged node adopting the federation's)."""
-        last = max(r["round"] for r in rounds)
-        numbers = [r["round"] for r in rounds]
+    def mirror_round(self, record: dict[str, Any], updates: list[dict[str, Any]], committed: int
+                     ) -> list[dict[str, Any]]:
+        """Mirror the coordinator's live round (or proposal) after our committed round
+        ``committed``. Our other uncommitted rounds are superseded (their updates kept in
+        ``dropped_updates``); a different update of ours for the same client is dropped the same
+        way; our updates the coordinator lacks stay, and are returned so the caller can hand them
+        to the coordinator."""
+        number = record["round"]
         with self.db.atomic():
-            marks = ",".join("?" * len(numbers))
-            self.db.execute(f"delete from updates where round in ({marks}) or round > ?",
-                            [*numbers, last])
-            self.db.execute("delete from rounds where round > ?", [last])
-            for row in rounds:
-                self.db["rounds"].upsert(_encode_round(row), pk="round")
+            for other in self.db.query("select round, trained_from from rounds where round > ? "
+                                       "and state != ?", [committed, COMMITTED]):
+                if other["round"] != number or other["trained_from"] != record["trained_from"]:
+                    self._drop(self.updates(other["round"]),
+                               f"round {other['round']} was superseded by the coordinator's")
+                    self.db.execute("delete from rounds where round = ?", [other["round"]])
+            theirs = {u["node_id"]: u["blob_sha"] for u in updates}
+            mine = self.updates(number)
+            self._drop([u for u in mine if theirs.get(u["node_id"], u["blob_sha"]) != u["blob_sha"]],
+                       "the coordinator holds a different update from this client")
+            self.db["rounds"].upsert(_encode_round(record), pk="round")
             for update in updates:
                 self.db["updates"].upsert(update, pk=("round", "node_id"))
+        return [u for u in mine if u["node_id"] not in theirs]
+
+    def archive_rounds_after(self, number: int) -> int:
+        """Move every round after ``number`` (and its updates) to ``rounds_archive``: how an admin
+        resolves a diverged history without deleting it. Returns how many rounds moved."""
+        moved = 0
+        with self.db.atomic():
+            for row in list(self.db.query("select * from rounds where round > ? order by round",
+                                          [number])):
+                record = {**_decode_round(row), "updates": self.updates(row["round"])}
+                self.db["rounds_archive"].insert({"archived_at": time.time(),
+                                                  "round": row["round"],
+                                                  "record": json.dumps(record, sort_keys=True)})
+                moved += 1
+            self.db.execute("delete from updates where round > ?", [number])
+            self.db.execute("delete from rounds where round > ?", [number])
+        return moved
+
+    def _drop(self, rows: list[dict[str, Any]], reason: str) -> None:
+        for row in rows:
+            self.db["dropped_updates"].insert({
+                "round": row["round"], "node_id": row["node_id"], "blob_sha": row["blob_sha"],
+                "examples": row.get("examples"), "trained_from": row.get("trained_from"),
+                "dropped_at": time.time(), "reason": reason})
+            self.db.execute("delete from updates where round = ? and node_id = ?",
+                            [row["round"], row["node_id"]])
+            self._insert_event("update_dropped", row["round"], {
+                "node_id": row["node_id"], "sha256": row["blob_sha"], "reason": reason})
 
     # -- retention --------------------------------------------------------------------------
     def mark_pruned(self, upto: int) -> list[int]:
@@ -250,10 +308,12 @@ class Ledger:
         return kept, shas("pruned_at is not null") - kept
 
     def delete_rounds_after(self, number: int) -> None:
-        """Drop uncommitted rounds past ``number`` (a new coordinator's history wins)."""
+        """Drop uncommitted rounds past ``number`` (a new coordinator's history wins); their
+        updates go to ``dropped_updates``."""
         with self.db.atomic():
-            self.db.execute("delete from updates where round > ? and round in (select round from "
-                            "rounds where state != ?)", [number, COMMITTED])
+            for row in list(self.db.query("select round from rounds where round > ? and "
+                                          "state != ?", [number, COMMITTED])):
+                self._drop(self.updates(row["round"]), f"round {row['round']} was superseded")
             self.db.execute("delete from rounds where round > ? and state != ?", [number, COMMITTED])
 
     # -- election state ----------------------------------------------------------------------
@@ -298,6 +358,16 @@ class Ledger:
     def eligible_updates(self, number: int) -> list[dict[str, Any]]:
         """Updates the robust filters have not excluded."""
         return [u for u in self.updates(number) if u.get("status") != "excluded"]
+
+    def counted_elsewhere(self, node_id: str, blob_sha: str, round_no: int) -> int | None:
+        """The round (other than ``round_no``) in which this client's same bytes already are."""
+        rows = list(self.db.query("select round from updates where node_id = ? and blob_sha = ? "
+                                  "and round != ? order by round limit 1",
+                                  [node_id, blob_sha, round_no]))
+        return rows[0]["round"] if rows else None
+
+    def dropped_updates(self) -> list[dict[str, Any]]:
+        return list(self.db.query("select * from dropped_updates order by dropped_at"))
 
     def add_update(self, row: dict[str, Any], event: dict[str, Any]) -> int:
         with self.db.atomic():

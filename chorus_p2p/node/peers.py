@@ -86,8 +86,7 @@ class PeerClient:
                 raw = await response.read()
                 expected = response_signature(self.key, headers[H_NONCE], raw)
                 if not hmac.compare_digest(expected, response.headers.get(H_RESPONSE_SIG, "")):
-                    raise PeerError(f"{url}: unsigned or wrongly signed answer (not a member of "
-                                    "this federation)", response.status, "bad_peer")
+                    raise _unsigned_refusal(url, response.status, raw)
                 payload = json.loads(raw) if raw else None
                 if response.status >= 400:
                     code = (payload or {}).get("error", "http_error")
@@ -140,3 +139,19 @@ class PeerClient:
         if digest.hexdigest() != announced:
             raise PeerError(f"{url}: checkpoint does not match its announced hash", code="bad_blob")
         return number, announced
+
+
+def _unsigned_refusal(url: str, status: int, raw: bytes) -> PeerError:
+    """An answer without the federation's signature. A refusal of our request as too old or too
+    new is unsigned (the peer could not check us), and worth saying plainly: it is a clock
+    problem on one side, not an intruder. Anything else unsigned is not believed."""
+    try:
+        code = json.loads(raw).get("error") if raw else None
+    except (ValueError, AttributeError):
+        code = None
+    if status == 401 and code == "stale_request":
+        return PeerError(f"{url} refused our request as stale: this machine's clock and that "
+                         "node's differ by more than 5 minutes; check NTP on both",
+                         status, "stale_request")
+    return PeerError(f"{url}: unsigned or wrongly signed answer (not a member of this "
+                     "federation)", status, "bad_peer")

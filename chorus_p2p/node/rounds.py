@@ -44,6 +44,9 @@ log = logging.getLogger("chorus_p2p.rounds")
 # Test-only fault injection: seconds to sleep inside aggregation, so a test can kill -9 mid-way.
 FAULT_DELAY_ENV = "CHORUS_FAULT_AGGREGATION_DELAY"
 RESULT_KEYS = ("adapter_sha", "adapter_config_sha", "residual_sha")
+# A follower this many rounds (or fewer) behind the coordinator's checkpoint replays residuals;
+# further behind, one checkpoint is cheaper than the residuals since (each D is up to ~1/8 of R).
+REPLAY_RATHER_THAN_FETCH = 2
 UPDATE_KEYS = ("round", "node_id", "blob_sha", "examples", "trained_from", "size", "norm",
                "received_at", "eval_loss", "train_loss", "status", "reason")
 
@@ -63,6 +66,15 @@ class Accepted:
     blob_sha: str
     duplicate: bool
     event_id: int | None
+    replicas: int = 1  # members holding it durably (ledger row + blob) when it was acknowledged
+    members: int = 1
+
+
+# (round, sha) -> how many voting members hold the update now (this node included)
+Replicator = Callable[[int, str], Awaitable[int]]
+# round -> [(peer label, blob fetcher from that peer, the peer's update rows of that round)]
+UpdateCollector = Callable[[int], Awaitable[list[tuple[str, Callable[[str], Awaitable[None]],
+                                                       list[dict[str, Any]]]]]]
 
 
 def _canonical_json(data: Any) -> bytes:
@@ -91,6 +103,15 @@ class RoundManager:
         self.coordinator_hint: Callable[[], dict[str, Any]] = lambda: {}
         # Set by the node: wake the state keeper when rounds commit; what our state offers peers.
         self.on_committed: Callable[[], None] = lambda: None
+        # Set by the cluster: push the live round to followers and count who holds an update;
+        # gather a round's updates from a majority when taking over; hand ours to the leader.
+        self.replicate: Replicator = self._replicate_alone
+        self.collect_updates: UpdateCollector = self._collect_alone
+        self.handoff: Callable[[dict[str, Any]], None] = lambda update: None
+        self.quorum_fresh: Callable[[], bool] = lambda: True
+        self.keep_rounds: int | None = None  # set by the node: its retention window
+        self._recovering: int | None = None
+        self.diverged: dict[str, Any] | None = None
         self.on_history_replaced: Callable[[], None] = lambda: None
         self.state_hint: Callable[[], dict[str, Any]] = lambda: {}
         self.probes = sketches.Probes(federation, spec.modules)
@@ -137,12 +158,28 @@ class RoundManager:
     def is_coordinator(self) -> bool:
         return self.leading_term is not None
 
+    async def _replicate_alone(self, round_no: int, sha: str) -> int:
+        return 1
+
+    async def _collect_alone(self, round_no: int):
+        return []
+
     async def lead(self, term: int) -> None:
-        """Take over as coordinator: continue whatever round the ledger says is in flight."""
+        """Take over as coordinator: continue whatever round the ledger says is in flight.
+
+        A round still collecting (or aggregating) is first *recovered*: its updates are gathered
+        from a majority of members, so every update a previous coordinator acknowledged (which
+        it did only once a majority held it) is in the round before it can close."""
         self.leading_term = term
         latest = self.ledger.latest_round()
         assert latest is not None
         state = latest["state"]
+        if state in (OPEN, COLLECTING, AGGREGATING) and self.quorum() > 1:
+            self._recovering = latest["round"]
+            self.ledger.set_round_state(latest["round"], COLLECTING if state == AGGREGATING
+                                        else state, term=term, coordinator=self.node_id)
+            self._spawn(self._recover(latest["round"], term, state))
+            return
         if state == COMMITTED:
             if not self.paused:
                 self._open_next(latest["round"])
@@ -168,9 +205,75 @@ class RoundManager:
             self._arm_deadline({**latest, "deadline_at": deadline})
             await self._maybe_close(latest["round"])
 
+    async def _recover(self, round_no: int, term: int, state: str) -> None:
+        try:
+            while self.leading_term == term:
+                try:
+                    answers = await self.collect_updates(round_no)
+                except Exception as exc:  # peers unreachable: try again while we lead
+                    log.info("recovering round %d: %s", round_no, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if 1 + len(answers) >= self.quorum():
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                return
+            recovered = 0
+            for label, fetch_blob, rows in answers:
+                for update in rows:
+                    if await self.adopt_update(round_no, update, fetch_blob, why=f"from {label}"):
+                        recovered += 1
+            if self.leading_term != term:
+                return
+            deadline = time.time() + self.policy.deadline_s
+            self.ledger.set_round_state(round_no, self.ledger.round(round_no)["state"],
+                                        deadline_at=deadline)
+            self.bus.publish("round_resumed", round_no, {
+                "term": term, "updates": self.ledger.count_updates(round_no),
+                "recovered": recovered})
+            self._recovering = None
+            self._arm_deadline({**self.ledger.round(round_no), "deadline_at": deadline})
+            self.notify_followers()
+            await self._maybe_close(round_no, force=state == AGGREGATING)
+        finally:
+            if self._recovering == round_no and self.leading_term != term:
+                self._recovering = None
+
+    async def adopt_update(self, round_no: int, update: dict[str, Any],
+                           fetch_blob: Callable[[str], Awaitable[None]], why: str) -> bool:
+        """Record an update another member holds for our live round (recovery, hand-off)."""
+        async with self.lock:
+            row = self.ledger.round(round_no)
+            if (row is None or row["state"] not in (OPEN, COLLECTING)
+                    or update.get("round") != round_no
+                    or update.get("trained_from") != row["trained_from"]):
+                return False
+            existing = self.ledger.update(round_no, update["node_id"])
+            if existing is not None:
+                return False
+        if not self.blobs.has(update["blob_sha"]):
+            await fetch_blob(update["blob_sha"])
+        async with self.lock:
+            row = self.ledger.round(round_no)
+            if (self.ledger.update(round_no, update["node_id"]) is not None
+                    or row["state"] not in (OPEN, COLLECTING)):
+                return False
+            record = {k: update.get(k) for k in UPDATE_KEYS if k not in ("status", "reason")}
+            self.ledger.add_update(record, {"node_id": update["node_id"],
+                                            "sha256": update["blob_sha"],
+                                            "examples": update["examples"], "recovered": why})
+            if row["state"] == OPEN:
+                self.ledger.set_round_state(round_no, COLLECTING)
+        log.info("round %d: took %s's update %s (%s)", round_no, update["node_id"],
+                 update["blob_sha"][:12], why)
+        self.notify_followers()
+        return True
+
     def follow(self) -> None:
         """Stop acting as coordinator (a newer term exists, or quorum was lost)."""
         self.leading_term = None
+        self._recovering = None
         if self._deadline_task is not None:
             self._deadline_task.cancel()
             self._deadline_task = None
@@ -202,6 +305,11 @@ class RoundManager:
     # -- updates ---------------------------------------------------------------------------
     def require_coordinator(self) -> None:
         """Refuse a write on a follower, saying where the coordinator is (clients retry there)."""
+        if self.is_coordinator and not self.quorum_fresh():
+            # CheckQuorum: a coordinator cut off from a majority acknowledges nothing.
+            raise UpdateRejected("no_quorum", "this coordinator has not heard from a majority of "
+                                 "members within an election timeout; it takes no writes until "
+                                 "it does (or a new coordinator is elected)")
         if not self.is_coordinator:
             hint = self.coordinator_hint()
             where = f" at {hint['coordinator_url']}" if hint.get("coordinator_url") else \
@@ -229,32 +337,62 @@ class RoundManager:
     async def accept(self, round_no: int, node_id: str, temp_path: Path, sha: str, size: int,
                      examples: int, trained_from: int, norm: float,
                      losses: dict[str, float] | None = None) -> Accepted:
+        """Record an update, then acknowledge it only once a majority of voting members hold it
+        durably (ledger row + blob): a coordinator that dies right after answering cannot take
+        an acknowledged update with it."""
         async with self.lock:
             existing = self.ledger.update(round_no, node_id)
             if existing is not None:
                 temp_path.unlink(missing_ok=True)
-                if existing["blob_sha"] == sha:
-                    return Accepted(round_no, node_id, sha, True, None)
-                raise UpdateRejected("update_conflict", f"{node_id} already submitted a different "
-                                     f"update to round {round_no}")
-            row = self.check_open(round_no, trained_from)
-            await asyncio.to_thread(self.blobs.adopt, temp_path, sha)
-            record = {"round": round_no, "node_id": node_id, "blob_sha": sha,
-                      "examples": examples, "trained_from": trained_from, "size": size,
-                      "norm": norm, "received_at": time.time(),
-                      "eval_loss": (losses or {}).get("eval_loss"),
-                      "train_loss": (losses or {}).get("train_loss")}
-            details = {"node_id": node_id, "sha256": sha, "examples": examples}
-            event_id = self.ledger.add_update(record, details)
-            if row["state"] == OPEN:
-                self.ledger.set_round_state(round_no, COLLECTING)
+                if existing["blob_sha"] != sha:
+                    raise UpdateRejected("update_conflict", f"{node_id} already submitted a "
+                                         f"different update to round {round_no}")
+                duplicate = True
+            else:
+                duplicate = False
+                earlier = self.ledger.counted_elsewhere(node_id, sha, round_no)
+                if earlier is not None:
+                    temp_path.unlink(missing_ok=True)
+                    raise UpdateRejected("already_counted", (
+                        f"{node_id} sent these exact bytes to round {earlier} already; an update "
+                        "counts once (pull the latest adapter and train again)"),
+                        extra={"round": earlier})
+                row = self.check_open(round_no, trained_from)
+                await asyncio.to_thread(self.blobs.adopt, temp_path, sha)
+                record = {"round": round_no, "node_id": node_id, "blob_sha": sha,
+                          "examples": examples, "trained_from": trained_from, "size": size,
+                          "norm": norm, "received_at": time.time(),
+                          "eval_loss": (losses or {}).get("eval_loss"),
+                          "train_loss": (losses or {}).get("train_loss")}
+                details = {"node_id": node_id, "sha256": sha, "examples": examples}
+                event_id = self.ledger.add_update(record, details)
+                if row["state"] == OPEN:
+                    self.ledger.set_round_state(round_no, COLLECTING)
+        if duplicate:
+            return await self._durable(Accepted(round_no, node_id, sha, True, None))
         count = self.ledger.count_updates(round_no)
         self.bus.publish("update_accepted", round_no, {**details, "count": count,
                                                        "min_updates": self.policy.min_updates},
                          event_id=event_id)
         self.notify_followers()
-        await self._maybe_close(round_no)
-        return Accepted(round_no, node_id, sha, False, event_id)
+        try:
+            return await self._durable(Accepted(round_no, node_id, sha, False, event_id))
+        finally:
+            await self._maybe_close(round_no)
+
+    async def _durable(self, accepted: Accepted) -> Accepted:
+        """Wait until a majority holds the update; refuse to acknowledge otherwise (503)."""
+        needed = self.quorum()
+        accepted.members = len(self.voting_members())
+        accepted.replicas = await self.replicate(accepted.round, accepted.blob_sha)
+        if accepted.replicas < needed:
+            raise UpdateRejected("not_durable", (
+                f"the update is recorded on the coordinator but only {accepted.replicas} of "
+                f"{accepted.members} members hold it ({needed} needed), so it is not acknowledged: "
+                "it could be lost if the coordinator failed now. Send the same file again (the "
+                "re-send is idempotent) once the federation has a majority."),
+                extra={"replicas": accepted.replicas, "needed": needed})
+        return accepted
 
     def expected_participants(self, round_no: int) -> int:
         """Wait for everyone who took part last round, or ``min_updates`` in the first round."""
@@ -266,7 +404,8 @@ class RoundManager:
         async with self.lock:
             term = self.leading_term
             row = self.ledger.round(round_no)
-            if term is None or row is None or row["state"] not in (OPEN, COLLECTING):
+            if term is None or row is None or row["state"] not in (OPEN, COLLECTING) \
+                    or self._recovering == round_no:
                 return False
             count = len(self.ledger.eligible_updates(round_no))
             deadline_passed = deadline_passed or time.time() >= (row["deadline_at"] or 0)
@@ -472,9 +611,13 @@ class RoundManager:
     async def apply_from_coordinator(self, payload: dict[str, Any], fetch_blob: BlobFetcher,
                                      fetch_history: Callable[[int], Awaitable[dict[str, Any]]]
                                      ) -> None:
-        """Mirror the coordinator: committed history first, then its proposal and live round."""
+        """Mirror the coordinator: committed history first, then its proposal and live round.
+
+        A committed round is never replaced: if our committed history and the coordinator's
+        differ, we stop following, report both heads (``history_diverged``) and wait for an
+        admin to resolve it (``chorus-node resolve``, which archives ours)."""
         async with self._sync_lock:
-            if self.is_coordinator:
+            if self.is_coordinator or self.diverged:
                 return
             committed = self.ledger.latest_committed()
             mine = committed["round"] if committed else 0
@@ -483,20 +626,11 @@ class RoundManager:
                 history = await fetch_history(max(0, mine - 1))
                 ours = next((r for r in history["rounds"] if r["round"] == mine), None)
                 if mine > 0 and (ours is None or _commit_id(ours) != _commit_id(committed)):
-                    # Our committed history differs from the coordinator's. That only happens
-                    # when two groups started apart and each thought it was the federation (see
-                    # README, "Limits"); the coordinator's history is the federation's.
-                    log.warning("committed history diverges from the coordinator's at or "
-                                "before round %d; replacing ours with its history", mine)
-                    self.bus.publish("history_replaced", mine, {"from_round": mine},
-                                     level="warning")
-                    history = await self._full_history(fetch_history)
-                    await self._apply_history(history, fetch_blob, payload.get("state"),
-                                              replace=True)
-                else:
-                    history["rounds"] = [r for r in history["rounds"] if r["round"] > mine]
-                    history["updates"] = [u for u in history["updates"] if u["round"] > mine]
-                    await self._apply_history(history, fetch_blob, payload.get("state"))
+                    self._report_divergence(committed, payload)
+                    return
+                history["rounds"] = [r for r in history["rounds"] if r["round"] > mine]
+                history["updates"] = [u for u in history["updates"] if u["round"] > mine]
+                await self._apply_history(history, fetch_blob, payload.get("state"))
                 committed = self.ledger.latest_committed()
                 mine = committed["round"] if committed else 0
             proposal = payload.get("proposal")
@@ -508,11 +642,47 @@ class RoundManager:
                 for update in updates:
                     await fetch_blob(update["blob_sha"])
                 _check_chain(committed, proposal)
-                self.ledger.delete_rounds_after(mine)
-                self.ledger.apply_history([round_record(proposal)], updates)
+                self._hand_off(self.ledger.mirror_round(round_record(proposal), updates, mine))
             current = payload.get("current")
             if current and current["round"] > mine:
                 await self._mirror_current(current, mine, fetch_blob)
+
+    def _report_divergence(self, committed: dict[str, Any], payload: dict[str, Any]) -> None:
+        self.diverged = {"ours": {"round": committed["round"], "log_hash": committed["log_hash"]},
+                         "theirs": {"round": payload["commit"],
+                                    "log_hash": payload.get("commit_id")},
+                         "coordinator": payload.get("coordinator")}
+        log.error("committed history diverges from the coordinator's: ours ends at round %d "
+                  "(%s), theirs at round %d (%s). Not following it; an admin decides "
+                  "(chorus-node resolve --adopt archives ours and takes theirs).",
+                  committed["round"], str(committed["log_hash"])[:12], payload["commit"],
+                  str(payload.get("commit_id"))[:12])
+        self.bus.publish("history_diverged", committed["round"], self.diverged, level="error")
+
+    def resolve_divergence(self) -> dict[str, Any]:
+        """Admin: archive our diverged committed rounds (kept in ``rounds_archive``) and follow
+        the coordinator's history from round 0; the state is rebuilt from it."""
+        if not self.diverged:
+            raise UpdateRejected("not_diverged", "this node's history agrees with the "
+                                 "coordinator's; there is nothing to resolve")
+        moved = self.ledger.archive_rounds_after(0)
+        resolved, self.diverged = self.diverged, None
+        self.on_history_replaced()
+        self.bus.publish("history_resolved", None, {**resolved, "archived_rounds": moved},
+                         level="warning")
+        return {"archived_rounds": moved, **resolved}
+
+    async def mirror_now(self, current: dict[str, Any], fetch_blob: BlobFetcher) -> list[str]:
+        """For a coordinator waiting to acknowledge: hold its live round's updates durably now;
+        returns the update hashes this node holds for that round."""
+        async with self._sync_lock:
+            committed = self.ledger.latest_committed()
+            mine = committed["round"] if committed else 0
+            if self.is_coordinator or self.diverged or current["round"] != mine + 1 \
+                    or current["trained_from"] != mine:
+                return []  # not caught up (the heartbeats will bring us there): holds nothing
+            await self._mirror_current(dict(current), mine, fetch_blob)
+            return [u["blob_sha"] for u in self.ledger.updates(current["round"])]
 
     async def _mirror_current(self, current: dict[str, Any], mine: int,
                               fetch_blob: BlobFetcher) -> None:
@@ -521,28 +691,18 @@ class RoundManager:
             if not self.blobs.has(update["blob_sha"]):
                 await fetch_blob(update["blob_sha"])
         known = self.ledger.round(current["round"])
-        self.ledger.delete_rounds_after(mine)
-        self.ledger.apply_history([round_record(current)], updates)
+        self._hand_off(self.ledger.mirror_round(round_record(current), updates, mine))
         if known is None:
             self._publish_opened(current, None)
 
-    @staticmethod
-    async def _full_history(fetch_history: Callable[[int], Awaitable[dict[str, Any]]]
-                            ) -> dict[str, Any]:
-        rounds: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
-        after = 0
-        while True:
-            page = await fetch_history(after)
-            rounds += page["rounds"]
-            updates += page["updates"]
-            if not page["rounds"]:
-                return {"rounds": rounds, "updates": updates}
-            after = max(r["round"] for r in page["rounds"])
+    def _hand_off(self, extras: list[dict[str, Any]]) -> None:
+        """Updates we hold that the coordinator lacks go to it, never to the bin: we may have
+        been the coordinator that acknowledged them."""
+        for update in extras:
+            self.handoff(update)
 
     async def _apply_history(self, history: dict[str, Any], fetch_blob: BlobFetcher,
-                             coordinator_state: dict[str, Any] | None,
-                             replace: bool = False) -> None:
+                             coordinator_state: dict[str, Any] | None) -> None:
         """Record committed rounds from the coordinator, fetching only the blobs this node needs:
         those of rounds after the point its state can replay from (its own state, or the
         coordinator's checkpoint when the residuals in between are pruned there), and always
@@ -551,8 +711,10 @@ class RoundManager:
         if not rounds:
             return
         updates = history["updates"]
-        previous = self.ledger.round(0) if replace else self.ledger.latest_committed()
-        base = self._fetch_base(coordinator_state, replace)
+        previous = self.ledger.latest_committed()
+        base = self._fetch_base(coordinator_state)
+        # Client updates of committed rounds are for audit: only within our own window.
+        audit_from = rounds[-1]["round"] - self.keep_rounds if self.keep_rounds else -1
         without_blobs = []
         for row in rounds:
             _check_chain(previous, row)
@@ -560,36 +722,37 @@ class RoundManager:
             if row["round"] <= base and row is not rounds[-1]:
                 without_blobs.append(row["round"])
                 continue
-            keys = RESULT_KEYS if row["round"] > base else ("adapter_sha", "adapter_config_sha")
-            for key in keys:
-                if row.get(key):
-                    await fetch_blob(row[key])
+            for key in ("adapter_sha", "adapter_config_sha"):
+                await fetch_blob(row[key])
+            if row["round"] > base and row.get("residual_sha"):
+                try:
+                    await fetch_blob(row["residual_sha"])
+                except Exception as exc:  # pruned there meanwhile: the state keeper restores
+                    if getattr(exc, "status", None) != 410:
+                        raise
             for update in updates:
-                if update["round"] == row["round"] and row["round"] > base \
+                if update["round"] == row["round"] and row["round"] > max(base, audit_from) \
                         and not self.blobs.has(update["blob_sha"]):
                     await fetch_blob(update["blob_sha"])
-        if replace:
-            self.ledger.replace_history([round_record(r) for r in rounds], updates)
-            self.on_history_replaced()  # our state summed the other history's residuals
-        else:
-            self.ledger.delete_rounds_after(rounds[0]["round"] - 1)
-            self.ledger.apply_history([round_record(r) for r in rounds], updates)
+        self.ledger.settle_committed([round_record(r) for r in rounds], updates)
         self.ledger.set_pruned([n for n in without_blobs if not self._holds_round(n)])
         for row in rounds:
             self.bus.publish("round_committed", row["round"],
                              {k: row[k] for k in ("adapter_sha", "residual_sha", "log_hash")})
         self.on_committed()
 
-    def _fetch_base(self, coordinator_state: dict[str, Any] | None, replace: bool) -> int:
-        """Rounds up to this one need no blobs here (see :meth:`_apply_history`)."""
-        mine = -1 if replace else int(self.state_hint().get("round", 0))
+    def _fetch_base(self, coordinator_state: dict[str, Any] | None) -> int:
+        """Rounds up to this one need no blobs here (see :meth:`_apply_history`): our state's
+        round when we replay from it, or the coordinator's checkpoint when it is well ahead of
+        us (one dense file instead of many residuals) or the residuals in between are pruned."""
+        mine = int(self.state_hint().get("round", 0))
         if not coordinator_state:
             return mine
         retained_from = int(coordinator_state.get("retained_from") or 0)
         checkpoint = int(coordinator_state.get("checkpoint_round") or 0)
-        if retained_from <= mine + 1:
-            return mine  # our state replays from the coordinator's residuals
-        return max(mine, checkpoint)
+        if retained_from > mine + 1 or checkpoint > mine + REPLAY_RATHER_THAN_FETCH:
+            return max(mine, checkpoint)
+        return mine
 
     def _holds_round(self, number: int) -> bool:
         row = self.ledger.round(number)

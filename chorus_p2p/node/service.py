@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -114,6 +114,7 @@ class Node:
         self.state = StateKeeper(self, self.state_store)
         self.rounds.on_committed = self.state.wake
         self.rounds.on_history_replaced = self.state.history_replaced
+        self.rounds.keep_rounds = settings.keep_rounds
         self.rounds.state_hint = self.state_hint
         self.cluster = Cluster(self, _timing(settings.election_timeout),
                                static_peers=list(settings.peers), discovery_enabled=settings.mdns,
@@ -132,6 +133,8 @@ class Node:
                 steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
                 device=settings.device), dp)
         self.started_at = time.time()
+        self.exit_code = 0
+        self.on_fatal: Callable[[], None] = lambda: None  # run_node: stop the process
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
@@ -151,6 +154,14 @@ class Node:
                 "round_deadline": self.policy.deadline_s,
                 "max_update_norm": self.policy.filters.max_norm,
                 "outlier_mad": self.policy.filters.mad_k}
+
+    def fatal(self, reason: str) -> None:
+        """Stop this node for a reason the operator must act on (exit code 3)."""
+        log.error("stopping: %s", reason)
+        self.bus.publish("fatal", None, {"reason": reason}, level="error")
+        self.exit_code = 3
+        self.fatal_reason = reason
+        self.on_fatal()
 
     def state_hint(self) -> dict[str, Any]:
         """What this node's state offers peers catching up (sent with heartbeats)."""
@@ -327,9 +338,18 @@ async def run_node(settings: NodeSettings, ready: asyncio.Event | None = None) -
         node.lock.release()
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: "
                          f"{exc.strerror or exc}") from exc
+    node.on_fatal = stop.set
     if ready is not None:
         ready.set()
     await stop.wait()
     log.info("shutting down: finishing in-flight work")
     await node.stop()
+    if node.exit_code:
+        raise NodeRefused(node.fatal_reason)
     return 0
+
+
+class NodeRefused(UsageError):
+    """The node stopped for a reason the operator must act on (refused by its federation)."""
+
+    exit_code = 3

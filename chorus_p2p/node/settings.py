@@ -43,6 +43,7 @@ class NodeSettings:
     mdns: bool = True
     election_timeout: float = 1.0  # seconds; randomised in [t, 2t]
     approve_joins: bool = False  # new members wait for an admin's approval
+    bootstrap: bool = False  # may create the federation's first history (as `init` does)
     rate_limit: float = 100.0  # requests per second per caller (0: off)
     tls: bool = False  # TLS between peers, pinned by node id
     max_update_norm: float | None = None  # robust filter: bound on ||s B A|| per update
@@ -97,7 +98,8 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
 _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": str, "rank": int,
           "alpha": float, "target_modules": tuple, "min_updates": int, "round_deadline": float,
           "headless": bool, "peers": tuple, "interfaces": tuple, "mdns": bool,
-          "election_timeout": float, "approve_joins": bool, "rate_limit": float, "tls": bool,
+          "election_timeout": float, "approve_joins": bool, "bootstrap": bool,
+          "rate_limit": float, "tls": bool,
           "max_update_norm": float,
           "outlier_mad": float, "dp_epsilon": float, "dp_delta": float, "dp_clip": float,
           "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,

@@ -80,6 +80,7 @@ class StateKeeper:
         self.last_apply_ms: float | None = None
         self.last_checkpoint_ms: float | None = None
         self.verified_round: int | None = None
+        self.ready_round = -1  # the newest round whose state passed its check (readers wait)
         self.diverged: str | None = None
         self._restored_for: int | None = None
         self._discard = False
@@ -131,24 +132,25 @@ class StateKeeper:
         return committed["round"] if committed else 0
 
     async def advance(self) -> None:
-        """Bring the state to the latest committed round, one round at a time."""
+        """Bring the state to the latest committed round, one round at a time, checking each
+        against the log. Readers only ever get a round that passed its check (``ready_round``)."""
         if self.diverged:
             return
         if self._discard:
             self._discard = False
+            self.ready_round = -1
             await asyncio.to_thread(self.store.discard)
             self.verified_round = None
         if self.store.dirty:
             await self._restore("an update was interrupted (crash or kill)")
-        elif self.verified_round is None and self.store.round > 0:
-            # Once per start: the state on disk must still be what the log says (a power cut
-            # or a stray write would show here, before anyone trains from it).
-            row = self.node.ledger.round(self.store.round)
-            if row is not None and row.get("state_sketch"):
-                await self._verify(row, await asyncio.to_thread(self.store.sketch))
-                if self.diverged:
-                    return
-        while not self._stopping and self.store.round < self._target():
+        elif self.ready_round < self.store.round:
+            # Once per start: the state on disk must still be what the log says; a power cut
+            # or a stray write shows here, before anyone trains from it (a mismatch restores).
+            await self._check_all(self.store.round)
+            if self.diverged:
+                return
+        await self._ensure_checkpoint()
+        while not self._stopping and not self.diverged and self.store.round < self._target():
             number = self.store.round + 1
             row = self.node.ledger.round(number)
             if row is None or row["state"] != COMMITTED:
@@ -162,15 +164,45 @@ class StateKeeper:
             self.last_apply_ms = round(report.seconds * 1000, 3)
             if not await self._verify(row, report.sketch):
                 continue
-            self._advanced.set()
             self.node.bus.publish("state_applied", number, {"ms": self.last_apply_ms})
             if self.store.checkpoint_due():
-                started = time.perf_counter()
-                checkpoint = await asyncio.to_thread(self.store.checkpoint)
-                self.last_checkpoint_ms = round((time.perf_counter() - started) * 1000, 3)
-                self.node.bus.publish("checkpoint_written", checkpoint.round, {
-                    **checkpoint.to_json(), "ms": self.last_checkpoint_ms})
+                # A checkpoint is what every later restore starts from: check all of it first.
+                if not await self._check_all(number):
+                    continue
+                await self._write_checkpoint()
+            self._ready(number)
             await self.node.retention.collect(self.store.recovery_round)
+
+    def _ready(self, number: int) -> None:
+        self.ready_round = number
+        if self._restored_for is not None and number >= self._restored_for:
+            self._restored_for = None  # the restore got us past the round that failed
+        self._advanced.set()
+
+    async def _check_all(self, number: int) -> bool:
+        """Every module of the working state against round ``number``'s fingerprint."""
+        row = self.node.ledger.round(number)
+        if row is None or not row.get("state_sketch"):
+            self._ready(number)  # rounds converted from 0.1 before the first fingerprint
+            return True
+        if not await self._verify(row, await asyncio.to_thread(self.store.sketch)):
+            return False
+        self._ready(number)
+        return True
+
+    async def _ensure_checkpoint(self) -> None:
+        """A clean state with no checkpoint (a checkpoint cut short, a fresh install) gets one
+        now: restores and late joiners need it, and GC keeps residuals until it exists."""
+        if self.store.latest_checkpoint() is None and self.store.round > 0 \
+                and self.ready_round == self.store.round and not self.store.dirty:
+            await self._write_checkpoint()
+
+    async def _write_checkpoint(self) -> None:
+        started = time.perf_counter()
+        checkpoint = await asyncio.to_thread(self.store.checkpoint)
+        self.last_checkpoint_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.node.bus.publish("checkpoint_written", checkpoint.round, {
+            **checkpoint.to_json(), "ms": self.last_checkpoint_ms})
 
     async def _residual_path(self, row: dict[str, Any]) -> Path | None:
         sha = row.get("residual_sha")
@@ -188,10 +220,9 @@ class StateKeeper:
         return self.node.blobs.path(sha)
 
     async def _verify(self, row: dict[str, Any], actual: sketches.Sketch | None) -> bool:
-        """Compare the state with the round's recorded fingerprint; restore on a mismatch."""
+        """Compare the state with the round's recorded fingerprint; restore on a mismatch. A
+        second mismatch before the state gets past the first one's round is divergence."""
         expected_text = row.get("state_sketch")
-        if actual is None and not row.get("residual_sha"):
-            self.verified_round = row["round"]  # no residual: R did not change
         if actual is None or not expected_text:
             return True
         expected = sketches.decode(expected_text, self.store.layout.shapes)
@@ -202,7 +233,7 @@ class StateKeeper:
         worst = max(bad, key=lambda m: m.relative_error)
         reason = (f"state after round {row['round']} differs from the log's fingerprint in "
                   f"{len(bad)} module(s) (worst {worst.prefix}: {worst.relative_error:.2e})")
-        if self._restored_for == row["round"]:
+        if self._restored_for is not None:
             self.diverged = reason + ", again after a restore"
             log.error("%s; this node stops training from its state (chorus-node doctor)",
                       self.diverged)
@@ -226,6 +257,7 @@ class StateKeeper:
         if not self._replayable():
             raise StateError(f"{reason}, and the residuals needed to rebuild the state are gone "
                              "and no coordinator offered a checkpoint")
+        self.ready_round = -1
         await asyncio.to_thread(self.store.reset_to_checkpoint)
         self.node.bus.publish("state_restored", self.store.round, {"reason": reason},
                               level="warning")
@@ -259,6 +291,7 @@ class StateKeeper:
             dest.unlink(missing_ok=True)
             return False
         self.verified_round = number
+        self._ready(number)
         self.node.bus.publish("checkpoint_installed", number, {"sha256": sha})
         return True
 
@@ -266,9 +299,10 @@ class StateKeeper:
     async def reader(self, round_no: int, timeout: float = 600.0) -> StateReader:
         """``R`` after ``round_no`` once this node's state has reached it."""
         deadline = time.monotonic() + timeout
-        while self.store.round < round_no:
+        while self.ready_round < round_no or self.diverged:
             if self.diverged:
-                raise StateError(self.diverged)
+                raise StateError(f"this node's state disagrees with the federation's log "
+                                 f"({self.diverged}); it is not used (chorus-node doctor)")
             if time.monotonic() > deadline:
                 raise StateError(f"the state has not reached round {round_no} in {timeout:.0f}s")
             self._advanced.clear()

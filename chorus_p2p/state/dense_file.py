@@ -107,14 +107,26 @@ def check_file(path: Path, layout: DenseLayout) -> None:
 
 class DenseFile:
     """Module-by-module access to a state file with positioned reads and writes: one module in
-    memory at a time, no memory map (whose page faults cost more than the copy here)."""
+    memory at a time, no memory map (whose page faults cost more than the copy here). The file
+    stays open for the object's life, so a reader is not disturbed if the file is replaced or
+    deleted (a new checkpoint) while it reads."""
 
     def __init__(self, path: Path, layout: DenseLayout, *, writable: bool = False):
+        self._fd = -1
         check_file(path, layout)
         self.path = path
         self.layout = layout
         self.writable = writable
         self._spans = layout.spans()
+        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
     def read_module(self, prefix: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The module's tensor, read into ``out`` (a contiguous float32 buffer of at least its
@@ -123,13 +135,12 @@ class DenseFile:
         count = shape[0] * shape[1]
         target = torch.empty(count, dtype=torch.float32) if out is None else out.view(-1)[:count]
         view = memoryview(target.numpy()).cast("B")
-        with open(self.path, "rb", buffering=0) as fh:
-            done = 0
-            while done < len(view):
-                got = os.preadv(fh.fileno(), [view[done:]], offset + done)
-                if got == 0:
-                    raise StateFileError(f"{self.path}: ends inside module {prefix}")
-                done += got
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise StateFileError(f"{self.path}: ends inside module {prefix}")
+            done += got
         return target.view(shape)
 
     def write_module(self, prefix: str, tensor: torch.Tensor) -> None:
@@ -140,18 +151,13 @@ class DenseFile:
             raise StateFileError(f"{prefix}: expected float32 {shape}, got {tensor.dtype} "
                                  f"{tuple(tensor.shape)}")
         view = memoryview(tensor.contiguous().numpy()).cast("B")
-        with open(self.path, "r+b", buffering=0) as fh:
-            done = 0
-            while done < len(view):
-                done += os.pwritev(fh.fileno(), [view[done:]], offset + done)
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self._fd, [view[done:]], offset + done)
 
     def prefixes(self) -> list[str]:
         return [p for p, _, _ in self.layout.modules]
 
     def sync(self) -> None:
-        """Make every write durable (checkpoints and copies; the working file need not be)."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Make every write durable."""
+        os.fsync(self._fd)

@@ -250,12 +250,10 @@ class StateStore:
         shapes = self.layout.shapes
         if self._scratch is None:
             self._scratch = torch.empty(max(o * i for o, i in shapes.values()))
-        # Fingerprint every module on checkpoint rounds (a checkpoint is checked before it is
-        # written) and one module, in rotation, on the rounds between: a full check costs a
-        # pass over R, which would be a third of the update.
+        # Fingerprint one module per round, in rotation (a full check is a pass over all of R,
+        # a third of the update's cost; the keeper checks everything before each checkpoint).
         order = [p for p, _, _ in self.layout.modules]
-        check = set(order) if round_no % self.checkpoint_every == 0 else \
-            {order[round_no % len(order)]}
+        check = {order[round_no % len(order)]}
         sketch: Sketch = {}
         for prefix, left, right in _residual_factors(residual):
             if prefix not in shapes:
@@ -340,7 +338,10 @@ class StateStore:
         delay = _delay(FAULT_CHECKPOINT_DELAY_ENV)
         with self._lock.read():
             number = self.round
-            self._drop_checkpoints()  # the clean working file is the recovery point now
+            # The working file is not fsynced per round; make it durable before it becomes the
+            # only recovery point (the old checkpoint goes first, so the disk never holds three).
+            DenseFile(self.working, self.layout).sync()
+            self._drop_checkpoints()
             name = f"R-{number:08d}.safetensors"
             tmp = self.checkpoint_dir / f".{name}.partial"
             digest = hashlib.sha256()
