@@ -74,6 +74,13 @@ class ServerError(NodeError):
     """5xx: the node failed (disk full, a bug); nothing was recorded."""
 
 
+class MissingAdminToken(ChorusError):
+    """An admin action without the admin token: refused before anything is sent (exit 3)."""
+
+    exit_code = 3
+    code = "forbidden"
+
+
 class NodeUnreachable(ChorusError):
     exit_code = 4
 
@@ -181,8 +188,9 @@ class AsyncNodeClient:
         headers = sign_headers(self._key, method, path_qs, self.client_id, body_sha)
         if admin:
             if not self.admin_token:
-                raise ChorusError("this action needs the node's admin token (run on the node's "
-                                  "machine, or pass admin_token=)")
+                raise MissingAdminToken("this action needs the node's admin token: run it on "
+                                        "the node's machine with --data-dir (the SDK: "
+                                        "NodeClient.from_data_dir or admin_token=)")
             headers[H_ADMIN] = self.admin_token
         return headers
 
@@ -373,6 +381,17 @@ class AsyncNodeClient:
         """Take a member out of the federation for good (admin; see ``chorus-node remove``)."""
         return await self._request("POST", f"/v1/admin/members/{node_id}/remove",
                                    json_body={"force": force}, admin=True)
+
+    async def exclude_update(self, node_id: str, round: int | None = None,
+                             reason: str | None = None) -> dict[str, Any]:
+        """Leave one update of the collecting round out (admin; default: the current round)."""
+        if round is None:
+            current = (await self.status())["current_round"]
+            if current is None:
+                raise ConflictError("round_closed", "no round is collecting updates now", 409)
+            round = current["round"]
+        return await self._request("POST", f"/v1/admin/rounds/{round}/updates/{node_id}/exclude",
+                                   json_body={"reason": reason} if reason else {}, admin=True)
 
     async def resolve(self) -> dict[str, Any]:
         """Adopt the coordinator's history after a divergence; ours is archived (admin)."""

@@ -111,6 +111,7 @@ class NetLab:
         self.bridge_ns = f"chb{self.tag}"
         self.procs: list[NodeProc] = []
         self._made: list[str] = []
+        self._blocked: set[tuple[int, int]] = set()
 
     def ns(self, i: int) -> str:
         return f"chn{self.tag}{i}"
@@ -160,6 +161,35 @@ class NetLab:
     def link(self, i: int, up: bool) -> None:
         """Cut or restore node i's LAN link (its control link stays up)."""
         _ip("link", "set", f"p{i}", "up" if up else "down", netns=self.bridge_ns)
+
+    def block(self, i: int, j: int) -> None:
+        """Stop unicast between nodes i and j (both ways) while both keep their LAN: what a
+        partition that is not a clean cut looks like (a bridge: A-B and B-C up, A-C down).
+        Multicast still passes, as it often does when a switch or firewall rule misbehaves."""
+        for a, b in ((i, j), (j, i)):
+            _ip("route", "replace", "blackhole", f"{self.lan_ip(b)}/32", netns=self.ns(a))
+        self._blocked.add((min(i, j), max(i, j)))
+
+    def unblock(self, i: int, j: int) -> None:
+        for a, b in ((i, j), (j, i)):
+            _ip("route", "del", "blackhole", f"{self.lan_ip(b)}/32", netns=self.ns(a),
+                check=False)
+        self._blocked.discard((min(i, j), max(i, j)))
+
+    def partition(self, *groups: set[int]) -> None:
+        """Only nodes in the same group reach each other (unicast)."""
+        where = {n: k for k, group in enumerate(groups) for n in group}
+        for i in where:
+            for j in where:
+                if i < j and where[i] != where[j]:
+                    self.block(i, j)
+
+    def heal(self) -> None:
+        """Every block and every cut link undone."""
+        for i, j in list(self._blocked):
+            self.unblock(i, j)
+        for i in range(self.size):
+            self.link(i, True)
 
     def start(self, i: int, data_dir: Path, model: Path, extra: list[str] | None = None,
               env: dict[str, str] | None = None) -> NodeProc:

@@ -82,16 +82,30 @@ class NodeProcess:
     """``chorus-node up --headless`` as a real subprocess, for kill -9 tests."""
 
     def __init__(self, data_dir: Path, model: Path, env: dict[str, str] | None = None,
-                 extra: list[str] | None = None):
+                 extra: list[str] | None = None, port: int = 0):
         self.data_dir, self.model = data_dir, model
         self.env = {**os.environ, **(env or {})}
         self.extra = extra or []
+        self.port = port
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         self.lines: list[dict] = []
 
+    def events(self, kind: str) -> list[dict]:
+        return [r for r in list(self.lines) if r.get("event") == kind]
+
+    def _drain(self) -> None:
+        """Keep reading the node's log: a full pipe would stall the node on its next line."""
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                self.lines.append({"raw": line.rstrip()})
+
     def start(self, timeout: float = 60.0) -> str:
-        cmd = [sys.executable, "-m", "chorus_p2p.cli.main", "up", "--headless", "--port", "0",
+        cmd = [sys.executable, "-m", "chorus_p2p.cli.main", "up", "--headless",
+               "--port", str(self.port),
                "--data-dir", str(self.data_dir), "--model", str(self.model), "--rank", str(RANK),
                "--alpha", str(ALPHA), "--target-modules", ",".join(TARGETS), "--no-mdns",
                *self.extra]
@@ -106,6 +120,7 @@ class NodeProcess:
             self.lines.append(record)
             if record.get("event") == "listening":
                 self.url = record["data"]["url"]
+                threading.Thread(target=self._drain, daemon=True).start()
                 return self.url
         raise AssertionError("node did not start listening in time")
 
@@ -204,10 +219,11 @@ def same_state_bytes(a: Node, b: Node) -> bool:
             and a.state_store.round == b.state_store.round)
 
 
-async def run_round(fed: Federation, leader: Node, number: int, clients=("a", "b")):
+async def run_round(fed: Federation, leader: Node, number: int, clients=("a", "b"),
+                    seed: int = 0):
     for k, cid in enumerate(clients):
         async with fed.client(leader, cid) as c:
             await c.submit(write_update(fed.tmp_path / f"r{number}{cid}.safetensors", leader.spec,
-                                        number * 10 + k), examples=k + 1)
+                                        seed + number * 10 + k), examples=k + 1)
     await wait_for(lambda: all((n.ledger.round(number) or {}).get("state") == "committed"
                                for n in fed.nodes.values()), timeout=15)

@@ -148,7 +148,7 @@ def test_bad_adapter_gives_one_line_and_writes_nothing(tmp_path, client_adapters
     (["--weights", "1,x,2"], "give comma-separated numbers"),
     (["--weights", "1,nan,2"], "weight nan is not a positive finite number"),
     (["--strategy", "fedex", "--rank", "2"], "--rank 2 needs --strategy fedex-svd"),
-    (["--rank", "0"], "--rank must be positive"),
+    (["--rank", "0"], "argument --rank: '0' must be a whole number >= 1"),
 ])
 def test_bad_weights_and_options_are_usage_errors(tmp_path, client_adapters, capsys, args, expected):
     out = tmp_path / "global"
@@ -173,6 +173,6 @@ def test_missing_file_and_existing_output(tmp_path, client_adapters, capsys):
 
 
 def test_unknown_strategy_is_argparse_usage_error(tmp_path, client_adapters, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["aggregate", "--strategy", "median", "--out", str(tmp_path / "g"), str(client_adapters[0])])
-    assert exc.value.code == 2
+    code = main(["aggregate", "--strategy", "median", "--out", str(tmp_path / "g"),
+                 str(client_adapters[0])])
+    assert code == 2 and "invalid choice: 'median'" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def send(node, method: str, path: str, body: bytes, content_type: str,
     headers = {"Content-Type": content_type}
     if sign:
         signed = sign_headers(request_key(node.identity.secret), method, path, STRANGER_ID,
-                              hashlib.sha256(body).hexdigest())
+                              hashlib.sha256(body).hexdigest(), to=node.node_id)
         headers.update(identity_headers(STRANGER, signed, method, path))
     request = urllib.request.Request(node.url + path, data=body if method == "POST" else None,
                                      method=method, headers=headers)

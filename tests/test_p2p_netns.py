@@ -6,9 +6,11 @@ Every wait is bounded; the lab is torn down even when an assertion fails.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from chorus_p2p.client import ConflictError, NodeClient
+from chorus_p2p.client import ConflictError, NodeClient, NodeError
 from chorus_p2p.node.identity import init_data_dir
 from chorus_p2p.node.spec import FederationSpec
 
@@ -181,3 +183,83 @@ def test_coordinator_kill9_late_joiner_and_wrong_secret(tmp_path, tiny_base, spe
         for p in everyone:
             with client(p, secret) as c:
                 assert intruder_id not in {m["node_id"] for m in c.members()}
+
+
+def test_an_isolated_coordinator_acknowledges_nothing_and_heals_without_disruption(
+        tmp_path, tiny_base, spec):
+    """Issue 11 #2: cut off alone, the coordinator takes no write (no 201), keeps its term (no
+    Pre-Vote majority), and on healing neither it nor an isolated follower deposes the new one."""
+    identity = make_dirs(tmp_path, 3)
+    secret = identity.secret
+    with NetLab(3) as lab:
+        procs = [lab.start(i, tmp_path / f"d{i}", tiny_base, NODE_ARGS) for i in range(3)]
+        leader = one_coordinator(procs, secret, members=3)
+        run_round(leader, procs, secret, spec, tmp_path, 1)
+        term = statuses([leader], secret)[leader.index]["term"]
+        lab.link(leader.index, up=False)
+        update = write_update(tmp_path / "lonely.safetensors", spec, 4242)
+        with client(leader, secret, "lonely") as c:
+            with pytest.raises(NodeError) as refused:  # never "accepted"
+                c.submit(update, round=2, examples=1, trained_from=1)
+        assert refused.value.code in ("not_durable", "no_quorum", "not_coordinator")
+        rest = [p for p in procs if p is not leader]
+        new_leader = one_coordinator_among(rest, secret)
+        new_term = statuses([new_leader], secret)[new_leader.index]["term"]
+        time.sleep(3.0)  # long enough for 0.1 to have pushed its term far up
+        assert statuses([leader], secret)[leader.index]["term"] == term
+        lab.link(leader.index, up=True)
+        wait_until(lambda: statuses([leader], secret)[leader.index]["coordinator"] ==
+                   statuses([new_leader], secret)[new_leader.index]["node_id"], 20,
+                   "the old coordinator to follow the new one")
+        # An isolated follower comes back: the coordinator and its term stay.
+        follower = next(p for p in procs if p is not new_leader)
+        lab.link(follower.index, up=False)
+        time.sleep(3.0)
+        lab.link(follower.index, up=True)
+        time.sleep(2.0)
+        st = statuses(procs, secret)
+        assert st[new_leader.index]["role"] == "coordinator" and st[new_leader.index]["term"] == \
+            new_term
+        # The refused update was recorded on the isolated node only; healing handed it to the
+        # coordinator (its client was told "not durable", not "refused": it may count, once).
+        current = st[new_leader.index]["current_round"]
+        for k, cid in enumerate(("alice", "bob")[:max(0, 2 - current["updates"])]):
+            with client(new_leader, secret, cid) as c:
+                c.submit(write_update(tmp_path / f"h{cid}.safetensors", spec, 900 + k),
+                         round=current["round"], examples=1, trained_from=current["trained_from"])
+        wait_until(lambda: all(any(r[0] == current["round"] for r in rows)
+                               for rows in histories(procs, secret).values()), 30,
+                   "the round after healing to commit everywhere")
+
+
+def test_split_start_the_joiner_waits_then_finds_its_founder_within_seconds(
+        tmp_path, tiny_base, spec):
+    """Issue 11 #3: a joiner that cannot see its founder makes no history of its own; when the
+    link comes up, mDNS re-queries find the founder within seconds and it catches up."""
+    identity = make_dirs(tmp_path, 2)
+    secret = identity.secret
+    with NetLab(2) as lab:
+        lab.link(1, up=False)
+        founder = lab.start(0, tmp_path / "d0", tiny_base, NODE_ARGS)
+        joiner = lab.start(1, tmp_path / "d1", tiny_base, NODE_ARGS)
+        wait_until(lambda: statuses([founder], secret)[0]["role"] == "coordinator", 30,
+                   "the founder to lead alone")
+        run_round(founder, [founder], secret, spec, tmp_path, 1)
+        time.sleep(2.0)
+        st = statuses([joiner], secret)[1]
+        assert st["role"] == "follower" and st["latest_committed"]["round"] == 0
+        assert not joiner.saw("coordinator_elected")
+        lab.link(1, up=True)
+        started = time.monotonic()
+        wait_until(lambda: histories([founder, joiner], secret)[0] ==
+                   histories([founder, joiner], secret)[1], 30, "the joiner to catch up")
+        assert time.monotonic() - started < 20
+        assert not joiner.saw("history_diverged")
+
+
+def one_coordinator_among(procs, secret):
+    def check():
+        st = statuses(procs, secret)
+        leaders = [i for i, s in st.items() if s["role"] == "coordinator" and s["quorum"]]
+        return next(p for p in procs if p.index == leaders[0]) if len(leaders) == 1 else None
+    return wait_until(check, 30, "a coordinator among the majority")

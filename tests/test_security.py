@@ -22,7 +22,7 @@ def _signed(node, path: str, node_id: str, body: bytes = b"{}", key=None):
     import hashlib
 
     headers = sign_headers(request_key(node.identity.secret), "POST", path, node_id,
-                           hashlib.sha256(body).hexdigest())
+                           hashlib.sha256(body).hexdigest(), to=node.node_id)
     if key is not None:
         headers = identity_headers(key, headers, "POST", path)
     return headers

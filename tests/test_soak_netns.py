@@ -141,7 +141,10 @@ def test_soak_with_kills_restarts_and_link_cuts(tmp_path, tiny_base):
         for number in range(1, committed + 1):
             detail = call(reference, secret, "round", number)
             holders = {u["node_id"] for u in detail["updates"]}
-            assert holders == accepted[number], (number, holders, accepted[number], faults)
+            # Every acknowledged update counted; an unacknowledged one (not durable yet, or its
+            # answer lost to a kill) may count too, once; nothing else does.
+            assert accepted.get(number, set()) <= holders <= set(CLIENTS), (
+                number, holders, accepted.get(number), faults)
             assert detail["metrics"]["updates"] == len(holders)
         print(f"soak: {committed} rounds, {len(final[0])} committed records on 5 nodes; "
               f"faults: {faults}")

@@ -17,15 +17,53 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
 from chorus_p2p.lora.strategies import STRATEGIES
 from chorus_p2p.node.settings import DEFAULT_DATA_DIR
 
 
-def _client(args: argparse.Namespace):
-    from chorus_p2p.client import DEFAULT_URL, NodeClient
+def _node_url(args: argparse.Namespace) -> str:
+    """``--node`` (or ``$CHORUS_NODE``) as a URL: ``host:port`` gets ``http://``; anything that
+    is not a URL is a usage error, not a traceback."""
+    from urllib.parse import urlsplit
 
-    url = args.node or os.environ.get("CHORUS_NODE") or DEFAULT_URL
-    token = args.join or os.environ.get("CHORUS_JOIN_TOKEN")
+    from chorus_p2p.client import DEFAULT_URL
+    from chorus_p2p.errors import UsageError
+
+    raw = (getattr(args, "node", None) or os.environ.get("CHORUS_NODE") or DEFAULT_URL).strip()
+    url = raw if "://" in raw else f"http://{raw}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise UsageError(f"--node {raw!r} is not a URL ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname or " " in raw:
+        raise UsageError(f"--node {raw!r} is not a node URL; give http://HOST:PORT "
+                         "(e.g. http://10.0.0.5:8470)")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _join_token(args: argparse.Namespace) -> str | None:
+    """The join token: ``--join-file PATH`` (``-`` reads stdin), ``$CHORUS_JOIN_TOKEN``, or
+    ``--join TOKEN`` (visible to every user in ``ps`` while the command runs: prefer the
+    others for long-running nodes)."""
+    from chorus_p2p.errors import UsageError
+
+    path = getattr(args, "join_file", None)
+    if path:
+        try:
+            text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        except OSError as exc:
+            raise UsageError(f"--join-file {path}: {exc.strerror or exc}") from exc
+        return text.strip() or None
+    return getattr(args, "join", None) or os.environ.get("CHORUS_JOIN_TOKEN") or None
+
+
+def _client(args: argparse.Namespace):
+    from chorus_p2p.client import NodeClient
+
+    url = _node_url(args)
+    token = _join_token(args)
     kwargs = {"client_id": args.client_id} if args.client_id else {}
     if token:
         return NodeClient.from_join_token(url, token, **kwargs)
@@ -68,9 +106,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "rank", "alpha", "target_modules", "min_updates",
                                            "round_deadline", "headless", "mdns",
                                            "election_timeout", "approve_joins", "bootstrap",
+                                           "member_timeout",
                                            "train",
-                                           "max_update_norm", "outlier_mad", "dp_epsilon",
-                                           "rate_limit", "tls",
+                                           "max_update_norm", "outlier_mad",
+                                           "max_update_ratio", "dp_epsilon",
+                                           "rate_limit", "tls", "header_timeout",
+                                           "max_connections",
                                            "dp_delta", "dp_clip", "dp_noise",
                                            "dataset", "steps",
                                            "lr", "batch_size", "device", "keep_rounds",
@@ -79,10 +120,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
     flags["interfaces"] = args.interface
     settings = resolve_settings(flags)
     if args.join:
+        print("chorus-node: note: --join puts the secret token in the process list (ps) for as "
+              "long as the node runs; prefer --join-file PATH or CHORUS_JOIN_TOKEN",
+              file=sys.stderr)
+    token = _join_token(args)
+    if token:
         from chorus_p2p.node.identity import IDENTITY_FILE, init_data_dir
 
         if not (Path(settings.data_dir) / IDENTITY_FILE).exists():
-            identity = init_data_dir(settings.data_dir, join_token=args.join)
+            identity = init_data_dir(settings.data_dir, join_token=token)
             print(f"joined federation {identity.federation!r} as node {identity.node_id}",
                   file=sys.stderr)
     configure_logging(settings.headless, args.verbose)
@@ -126,7 +172,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     """Collect through the node that holds the data dir, or directly when none runs."""
     from chorus_p2p.node.lock import DataDirBusy, DataDirLock
 
-    if args.node or args.join or os.environ.get("CHORUS_JOIN_TOKEN"):
+    if args.node or _join_token(args):
         with _client(args) as node:
             report = node.gc()
     else:
@@ -253,6 +299,28 @@ def _decide(approve: bool):
     return run
 
 
+def _cmd_exclude(args: argparse.Namespace) -> int:
+    with _client(args) as node:
+        result = node.exclude_update(args.member, round=args.round, reason=args.reason)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"round {result['round']}: {result['node_id']}'s update excluded ({result['reason']})")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from chorus_p2p.node.doctor import diagnose
+
+    report = diagnose(_data_dir(args), repair=args.repair)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        for finding in report.findings:
+            print(finding.line())
+    return 0 if report.healthy else 3
+
+
 def _cmd_remove(args: argparse.Namespace) -> int:
     with _client(args) as node:
         result = node.remove_member(args.member, force=args.force)
@@ -265,12 +333,12 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_tui(args: argparse.Namespace) -> int:
-    from chorus_p2p.client import DEFAULT_URL, AsyncNodeClient
+    from chorus_p2p.client import AsyncNodeClient
     from chorus_p2p.node.identity import load_identity
     from tui.app import run_tui
 
-    url = args.node or os.environ.get("CHORUS_NODE") or DEFAULT_URL
-    token = args.join or os.environ.get("CHORUS_JOIN_TOKEN")
+    url = _node_url(args)
+    token = _join_token(args)
     kwargs = {"client_id": args.client_id or "tui"}
     if token:
         client = AsyncNodeClient.from_join_token(url, token, **kwargs)
@@ -288,6 +356,8 @@ def _client_options(parser: argparse.ArgumentParser, json_flag: bool = True) -> 
                         f"$CHORUS_DATA_DIR or {DEFAULT_DATA_DIR})")
     parser.add_argument("--join", metavar="TOKEN", help="authenticate with a join token instead "
                         "(default $CHORUS_JOIN_TOKEN)")
+    parser.add_argument("--join-file", metavar="PATH", help="read the join token from a file "
+                        "('-': stdin), so it does not show in ps")
     parser.add_argument("--client-id", help="name this caller (default: the local node id)")
     if json_flag:
         parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -308,16 +378,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     up.add_argument("--model", metavar="ID_OR_PATH", help="base model (HF id or local folder)")
     up.add_argument("--data-dir")
     up.add_argument("--host", help="listen address (default 127.0.0.1)")
-    up.add_argument("--port", type=int, help="listen port (default 8470; 0 picks a free one)")
+    up.add_argument("--port", type=non_negative_int, help="listen port (default 8470; 0 picks a free one)")
     up.add_argument("--strategy", choices=STRATEGIES)
-    up.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    up.add_argument("--rank", type=positive_int, help="LoRA rank (default 16)")
     up.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
     up.add_argument("--target-modules", help="comma-separated (default q_proj,v_proj)")
-    up.add_argument("--min-updates", type=int, help="updates needed to aggregate (default 2)")
+    up.add_argument("--min-updates", type=positive_int, help="updates needed to aggregate (default 2)")
     up.add_argument("--round-deadline", type=float, help="seconds to wait for stragglers "
                     "(default 600)")
     up.add_argument("--headless", action="store_true", default=None,
                     help="one JSON object per log line on stdout")
+    up.add_argument("--join-file", metavar="PATH",
+                    help="the join token from a file ('-': stdin); or set CHORUS_JOIN_TOKEN. "
+                         "Either keeps the secret out of the process list")
     up.add_argument("--join", metavar="TOKEN", help="create this node's identity from a join "
                     "token first (if the data dir has none)")
     up.add_argument("--peer", action="append", metavar="HOST:PORT",
@@ -331,6 +404,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="base election timeout (default 1.0; heartbeats every quarter of it)")
     up.add_argument("--approve-joins", action="store_true", default=None,
                     help="new members wait until an admin approves them (approve/reject, TUI)")
+    up.add_argument("--member-timeout", type=float, metavar="SECONDS",
+                    help="a member unseen this long stops counting toward the majority until it "
+                         "is back (default 3600; 0: never)")
     up.add_argument("--bootstrap", action="store_true", default=None,
                     help="this node may start the federation's history (what the node that ran "
                          "`init --federation` does anyway); a node that joined with a token "
@@ -339,8 +415,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="serve HTTPS; peers pin each other's certificate by node id")
     up.add_argument("--rate-limit", type=float, metavar="PER_SECOND",
                     help="requests per second per caller (default 100, bursts of twice that)")
+    up.add_argument("--header-timeout", type=float, metavar="SECONDS",
+                    help="close a connection with no request in progress after this long "
+                         "(slow or idle clients; default 10)")
+    up.add_argument("--max-connections", type=positive_int, metavar="N",
+                    help="open connections at most; the longest idle go first (default 512)")
     up.add_argument("--max-update-norm", type=float, metavar="NORM",
                     help="robust filter: leave out updates whose ||s B A|| exceeds NORM")
+    up.add_argument("--max-update-ratio", type=float, metavar="R",
+                    help="leave out updates whose ||s B A|| is more than R times the median of "
+                         "recently accepted ones (default 100; 0 turns it off)")
     up.add_argument("--outlier-mad", type=float, metavar="K",
                     help="robust filter: leave out updates more than K MADs from the median norm")
     up.add_argument("--dp-epsilon", type=float, metavar="EPS",
@@ -354,15 +438,15 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="train on --dataset every round and submit the update")
     up.add_argument("--dataset", metavar="PATH", help="JSONL (text, or instruction/input/output) "
                     "or a folder of .txt files")
-    up.add_argument("--steps", type=int, help="optimizer steps per round (default 30)")
+    up.add_argument("--steps", type=positive_int, help="optimizer steps per round (default 30)")
     up.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
-    up.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
+    up.add_argument("--batch-size", type=positive_int, help="sequences per step (default 8)")
     up.add_argument("--device", help="training device: auto (default: CUDA, then MPS, else "
                     "CPU), cpu, cuda, cuda:1, ...")
     up.add_argument("--keep-rounds", metavar="N|all",
                     help="keep the blobs of the last N committed rounds (default 10; 'all' for "
                          "audit); older rounds keep their record and hashes")
-    up.add_argument("--checkpoint-every", type=int, metavar="N",
+    up.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                     help="checkpoint the state R every N rounds (default 10)")
     up.set_defaults(handler=_cmd_up)
 
@@ -383,22 +467,22 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     rounds = commands.add_parser("rounds", help="round history, newest first")
     _client_options(rounds)
-    rounds.add_argument("--limit", type=int, default=20)
+    rounds.add_argument("--limit", type=positive_int, default=20)
     rounds.add_argument("--all", action="store_true", help="every round (follows pages)")
     rounds.set_defaults(handler=_cmd_rounds)
 
     submit = commands.add_parser("submit", help="submit an adapter to a round")
     _client_options(submit)
     submit.add_argument("adapter", metavar="ADAPTER", help="PEFT folder or .safetensors")
-    submit.add_argument("--examples", type=int, help="example count (the update's weight)")
-    submit.add_argument("--round", type=int, help="default: the current round")
-    submit.add_argument("--trained-from", type=int, help="round the training started from")
+    submit.add_argument("--examples", type=positive_int, help="example count (the update's weight)")
+    submit.add_argument("--round", type=non_negative_int, help="default: the current round")
+    submit.add_argument("--trained-from", type=non_negative_int, help="round the training started from")
     submit.set_defaults(handler=_cmd_submit)
 
     pull = commands.add_parser("pull", help="download a round's global adapter as a PEFT folder")
     _client_options(pull, json_flag=False)
     pull.add_argument("--out", required=True, metavar="OUT_DIR")
-    pull.add_argument("--round", help="round number (default: latest committed)")
+    pull.add_argument("--round", type=round_or_latest, help="round number (default: latest committed)")
     pull.add_argument("--residual", action="store_true", help="also fetch that round's residual")
     pull.add_argument("--cumulative", action="store_true", help="also fetch R after that round")
     pull.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
@@ -426,6 +510,28 @@ def register(commands: argparse._SubParsersAction) -> None:
     remove.add_argument("--force", action="store_true",
                         help="no majority needed (this node only; see above)")
     remove.set_defaults(handler=_cmd_remove)
+
+    exclude = commands.add_parser(
+        "exclude", help="(admin) leave one update of the collecting round out",
+        description="Leave a client's update out of the round that is collecting (a bad or "
+                    "hostile one); the exclusion and its reason are recorded with the round.")
+    _client_options(exclude)
+    exclude.add_argument("member", metavar="CLIENT_ID", help="the update's client id")
+    exclude.add_argument("--round", type=non_negative_int, help="default: the current round")
+    exclude.add_argument("--reason", help="recorded with the exclusion")
+    exclude.set_defaults(handler=_cmd_exclude)
+
+    doctor = commands.add_parser(
+        "doctor", help="check a data dir (ledger, blobs, state); --repair what can be",
+        description="Check a node's data dir: identity, ledger, every blob the kept rounds name, "
+                    "the state and its checkpoint. With --repair (node stopped): a missing, "
+                    "empty or corrupt ledger is moved aside and rebuilt from the federation at "
+                    "the next `up`, corrupt blobs are quarantined, a bad checkpoint is removed, "
+                    "unnamed blobs are deleted. Exit 0 when healthy (or repaired), 3 otherwise.")
+    doctor.add_argument("--data-dir", help=f"default $CHORUS_DATA_DIR or {DEFAULT_DATA_DIR}")
+    doctor.add_argument("--repair", action="store_true", help="repair what can be repaired")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(handler=_cmd_doctor)
 
     resolve = commands.add_parser(
         "resolve", help="(admin) adopt the coordinator's history after a divergence",

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 
+from chorus_p2p.cli.types import positive_int
 from chorus_p2p.errors import UsageError
 from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES
 
@@ -71,7 +72,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help=f"default {DEFAULT_STRATEGY}")
     agg.add_argument("--weights", metavar="W1,W2,...",
                      help="client weights, e.g. example counts (default: equal)")
-    agg.add_argument("--rank", type=int, help="output rank (fedex-svd only; default: widest client)")
+    agg.add_argument("--rank", type=positive_int, help="output rank (fedex-svd only; default: widest client)")
     agg.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     agg.add_argument("--json", action="store_true", help="print the aggregation report as JSON")
     agg.set_defaults(handler=_cmd_aggregate)
@@ -93,18 +94,18 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "loss per shard, aggregation time and residual energy per round. "
                     "--exactness instead checks the exactness identity through PEFT on "
                     "generated adapters for every strategy.")
-    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--rounds", type=positive_int, default=5)
     demo.add_argument("--compare", action="store_true",
                       help="also run fedavg and plot eval loss per round for both (PNG)")
     demo.add_argument("--plot", metavar="PNG", help="where --compare writes its plot")
-    demo.add_argument("--steps", type=int, default=30, help="training steps per node per round")
+    demo.add_argument("--steps", type=positive_int, default=30, help="training steps per node per round")
     demo.add_argument("--lr", type=float, default=1e-3)
     demo.add_argument("--serve", action="store_true",
                       help="keep the federation training after the rounds, for `chorus-node tui` "
                            "(Ctrl-C stops it)")
     demo.add_argument("--exactness", action="store_true",
                       help="the aggregation-exactness demo instead of the federation")
-    demo.add_argument("--clients", type=int, default=4, help="(--exactness) client adapters")
+    demo.add_argument("--clients", type=positive_int, default=4, help="(--exactness) client adapters")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workdir", help="keep the generated files here (default: a temp dir)")
     demo.set_defaults(handler=_cmd_demo)

@@ -7,6 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
 from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES
 
 
@@ -117,9 +118,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _training_options(parser: argparse.ArgumentParser, lr: float) -> None:
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per round")
+    parser.add_argument("--steps", type=positive_int, default=30, help="optimizer steps per round")
     parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--device", default="auto",
                         help="auto (default: CUDA, then MPS, else CPU), cpu, cuda, cuda:1, ...")
 
@@ -132,24 +133,24 @@ def register(commands: argparse._SubParsersAction) -> None:
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--data", action="append", help="text for the tokenizer and pretraining "
                       "(repeatable; default examples/data/*.jsonl)")
-    tiny.add_argument("--vocab-size", type=int, default=512)
-    tiny.add_argument("--hidden", type=int, default=96)
-    tiny.add_argument("--layers", type=int, default=2)
-    tiny.add_argument("--pretrain-steps", type=int, default=30)
+    tiny.add_argument("--vocab-size", type=positive_int, default=512)
+    tiny.add_argument("--hidden", type=positive_int, default=96)
+    tiny.add_argument("--layers", type=positive_int, default=2)
+    tiny.add_argument("--pretrain-steps", type=non_negative_int, default=30)
     tiny.set_defaults(handler=_cmd_make_tiny_model)
 
     train = commands.add_parser("train", help="train against a node for N rounds (SDK loop)")
     _client_options(train, json_flag=False)
     train.add_argument("--model", required=True, help="base model: HF id or local folder")
     train.add_argument("--dataset", required=True)
-    train.add_argument("--rounds", type=int, default=1)
+    train.add_argument("--rounds", type=positive_int, default=1)
     train.add_argument("--wait", type=float, default=600, help="seconds to wait for a round")
     _training_options(train, 2e-4)
     train.set_defaults(handler=_cmd_train)
 
     sim = commands.add_parser("simulate", help="in-process federated training, no sockets")
-    sim.add_argument("--clients", type=int, default=3)
-    sim.add_argument("--rounds", type=int, default=5)
+    sim.add_argument("--clients", type=positive_int, default=3)
+    sim.add_argument("--rounds", type=positive_int, default=5)
     sim.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
     sim.add_argument("--compare", action="store_true", help="also run fedavg and plot both")
     sim.add_argument("--plot", metavar="PNG")
@@ -160,7 +161,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     export = commands.add_parser("export", help="write base + R + adapter as one HF model folder")
     export.add_argument("--out", required=True)
-    export.add_argument("--round", help="committed round (default: latest)")
+    export.add_argument("--round", type=round_or_latest, help="committed round (default: latest)")
     export.add_argument("--data-dir", help="the node's data dir (default $CHORUS_DATA_DIR or "
                         "./chorus_data)")
     export.add_argument("--model", help="base model (default: the one the federation records)")

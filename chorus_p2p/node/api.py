@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import sqlite3
 import tarfile
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -23,6 +24,7 @@ from aiohttp import WSMsgType, web
 from chorus_p2p import __version__
 from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers, verify_identity
 from chorus_p2p.node.blobs import BlobError, is_sha256
+from chorus_p2p.node.guard import guard_middleware
 from chorus_p2p.node.ledger import round_record
 from chorus_p2p.node.peers import H_RESPONSE_SIG, response_signature
 from chorus_p2p.node.ratelimit import RateLimited
@@ -37,15 +39,18 @@ API_VERSION = "1"
 JSON_BODY_LIMIT = 4 * 1024 * 1024  # heartbeats list the live round's updates
 UPLOAD_CHUNK = 1 << 16
 UPLOAD_TIMEOUT_S = 300.0  # a stalled upload is dropped; rounds never wait for uploads anyway
+JSON_BODY_TIMEOUT_S = 30.0
 
 STATUS_FOR_CODE = {
     "unauthenticated": 401, "bad_signature": 401, "stale_request": 401, "replayed": 401,
+    "wrong_destination": 401,
     "forbidden": 403, "not_member": 403, "bad_identity": 401, "rate_limited": 429,
     "upload_timeout": 408, "not_found": 404, "unknown_round": 404, "no_residual": 404,
     "no_checkpoint": 404, "pruned": 410, "state_unavailable": 503,
     "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
     "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409, "already_counted": 409,
     "not_durable": 503, "no_quorum": 503, "history_diverged": 409, "not_diverged": 409,
+    "update_too_large": 422,
     "busy": 409,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
@@ -97,6 +102,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                                       f"{request.method} is not allowed on {request.path}"},
                                      status=405)
         raise
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc):  # SQLITE_FULL: the disk, not the request
+            log.error("disk full while handling %s %s", request.method, request.path)
+            return error_response("insufficient_storage", "the node's disk is full; nothing was "
+                                  "recorded, retry after space is freed")
+        log.exception("database error handling %s %s", request.method, request.path)
+        return error_response("internal", f"database error ({exc})")
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             log.error("disk full while handling %s %s", request.method, request.path)
@@ -114,13 +126,36 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # The server never decompresses (auto_decompress is off): a 16 MB gzip bomb would
+        # otherwise unpack to gigabytes on the event loop, before anyone is authenticated.
+        raise ApiError("unsupported_media_type", f"Content-Encoding {encoding!r} is not "
+                       "accepted; send the body uncompressed")
     if request.path == "/v1/health" or not request.path.startswith("/v1/"):
         return await handler(request)
     node = _node(request)
+    node.address_limiter.check(f"address {request.remote}")
     verified = verify_headers(node.request_key, request.method, request.path_qs, request.headers,
                               node.nonces)
+    recorded = node.nonce_journal.add(verified.nonce, time.time())
+    if request.method not in ("GET", "HEAD"):
+        # A write runs only once its nonce is durable (shared fsyncs: group commit), so it can
+        # never be replayed after a restart; reads do not wait for the disk.
+        try:
+            await asyncio.wrap_future(recorded)
+        except sqlite3.OperationalError as exc:
+            raise ApiError("insufficient_storage" if "full" in str(exc) else "internal",
+                           f"cannot record the request ({exc}); nothing was changed")
     request[CALLER] = verified.node
     request[BODY_SHA] = verified.body_sha
+    if verified.to and verified.to != node.node_id:
+        raise AuthFailure("wrong_destination", "this request was signed for another node "
+                          f"({verified.to[:12]}); it is refused here")
+    if request.path.startswith("/v1/peer/") and request.path != "/v1/peer/hello" \
+            and not verified.to:
+        raise AuthFailure("wrong_destination", "peer calls must name the node they are for "
+                          "(X-Chorus-To)")
     if request.path.startswith("/v1/peer/"):
         verify_identity(request.headers, request.method, request.path_qs)
         open_to_all = request.path in ("/v1/peer/hello", "/v1/peer/append", "/v1/peer/vote",
@@ -153,7 +188,12 @@ async def read_json_body(request: web.Request) -> Any:
     """Read a small JSON body, checking it against the signed hash."""
     if request.content_length and request.content_length > JSON_BODY_LIMIT:
         raise ApiError("too_large", f"JSON bodies are limited to {JSON_BODY_LIMIT} bytes")
-    body = await request.content.read(JSON_BODY_LIMIT + 1)
+    try:
+        body = await asyncio.wait_for(request.content.read(JSON_BODY_LIMIT + 1),
+                                      JSON_BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise ApiError("upload_timeout", f"the JSON body did not arrive within "
+                       f"{JSON_BODY_TIMEOUT_S:.0f}s")
     if len(body) > JSON_BODY_LIMIT:
         raise ApiError("too_large", f"JSON bodies are limited to {JSON_BODY_LIMIT} bytes")
     if hashlib.sha256(body).hexdigest() != request[BODY_SHA]:
@@ -166,8 +206,12 @@ async def read_json_body(request: web.Request) -> Any:
         raise ApiError("bad_request", f"malformed JSON: {exc}") from exc
 
 
+MAX_INT_PARAM = 2**62  # SQLite integers are 64-bit; anything larger is a bad request, not a 500
+MAX_EXAMPLES = 10**12
+
+
 def _int_param(request: web.Request, name: str, *, default: int | None = None,
-               minimum: int = 0) -> int:
+               minimum: int = 0, maximum: int = MAX_INT_PARAM) -> int:
     raw = request.query.get(name)
     if raw is None:
         if default is None:
@@ -179,6 +223,8 @@ def _int_param(request: web.Request, name: str, *, default: int | None = None,
         raise ApiError("bad_request", f"query parameter {name}={raw!r} is not an integer")
     if value < minimum:
         raise ApiError("bad_request", f"query parameter {name}={value} must be >= {minimum}")
+    if value > maximum:
+        raise ApiError("bad_request", f"query parameter {name}={value} must be <= {maximum}")
     return value
 
 
@@ -203,7 +249,9 @@ def _round_number(request: web.Request) -> int:
         number = int(raw)
     except ValueError:
         raise ApiError("bad_request", f"round {raw!r} is not a number or 'latest'")
-    if number < 0 or node.ledger.round(number) is None:
+    if not 0 <= number <= MAX_INT_PARAM:
+        raise ApiError("bad_request", f"round {raw} is out of range")
+    if node.ledger.round(number) is None:
         raise ApiError("unknown_round", f"round {raw} does not exist")
     return number
 
@@ -275,7 +323,7 @@ async def submit_update(request: web.Request) -> web.Response:
     node.rounds.require_coordinator()
     number = _round_number(request) if request.match_info["round"] != "current" else \
         node.ledger.latest_round()["round"]
-    examples = _int_param(request, "examples", minimum=1)
+    examples = _int_param(request, "examples", minimum=1, maximum=MAX_EXAMPLES)
     trained_from = _int_param(request, "trained_from")
     losses = {k: _float_param(request, k) for k in ("eval_loss", "train_loss")
               if k in request.query}
@@ -622,14 +670,39 @@ async def admin_decide_member(request: web.Request) -> web.Response:
                                             decision == "approve"))
 
 
+async def admin_exclude(request: web.Request) -> web.Response:
+    """Leave one update of the collecting round out, with a reason (recorded)."""
+    body = await read_json_body(request)
+    node = _node(request)
+    number = _round_number(request)
+    reason = body.get("reason") if isinstance(body, dict) else None
+    reason = str(reason)[:500] if reason else "excluded by an admin"
+    return web.json_response(await node.rounds.exclude(number, request.match_info["node_id"],
+                                                       reason))
+
+
 async def admin_resolve(request: web.Request) -> web.Response:
     """Resolve a diverged history by adopting the coordinator's (ours is archived, not lost)."""
     await read_json_body(request)
     return web.json_response(_node(request).rounds.resolve_divergence())
 
 
+def _is_loopback(address: str | None) -> bool:
+    import ipaddress
+
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 async def admin_join_token(request: web.Request) -> web.Response:
+    """The join token (the federation secret) for a caller on this machine only: it never
+    crosses the network, whatever credentials the request carries."""
     node = _node(request)
+    if not _is_loopback(request.remote):
+        raise ApiError("forbidden", "the join token is handed out only to callers on the node's "
+                       "own machine (it contains the federation secret)")
     return web.json_response({"join_token": node.identity.join_token(),
                               "federation": node.identity.federation})
 
@@ -649,8 +722,8 @@ async def admin_resume(request: web.Request) -> web.Response:
 
 
 def build_app(node: "Node") -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, auth_middleware],
-                          client_max_size=JSON_BODY_LIMIT)
+    app = web.Application(middlewares=[guard_middleware(node.guard), errors_middleware,
+                                       auth_middleware], client_max_size=JSON_BODY_LIMIT)
     app[NODE_KEY] = node
     app.add_routes([
         web.get("/v1/health", health),
@@ -683,5 +756,6 @@ def build_app(node: "Node") -> web.Application:
         web.post("/v1/admin/resume", admin_resume),
         web.post("/v1/admin/gc", admin_gc),
         web.post("/v1/admin/resolve", admin_resolve),
+        web.post("/v1/admin/rounds/{round}/updates/{node_id}/exclude", admin_exclude),
     ])
     return app

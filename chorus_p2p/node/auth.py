@@ -8,7 +8,9 @@ Headers a caller sends (every request except ``GET /v1/health``):
 - ``X-Chorus-Content-SHA256``: hex sha256 of the body (of ``b""`` when there is none)
 - ``X-Chorus-Signature``: hex HMAC-SHA256 of the canonical string below
 
-Canonical string: ``METHOD \\n PATH?QUERY \\n BODY_SHA256 \\n TIMESTAMP \\n NONCE \\n NODE``. The
+Canonical string: ``METHOD \\n PATH?QUERY \\n BODY_SHA256 \\n TIMESTAMP \\n NONCE \\n NODE \\n TO``
+(``TO``: ``X-Chorus-To``, the destination node id; required on peer calls but the first hello,
+empty for clients). The
 signature covers the declared body hash, so a node checks it before reading any body; the body is
 then hashed while it streams to disk and refused if it does not match.
 """
@@ -39,6 +41,7 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 H_NODE, H_TS, H_NONCE = "X-Chorus-Node", "X-Chorus-Timestamp", "X-Chorus-Nonce"
 H_BODY, H_SIG, H_ADMIN = "X-Chorus-Content-SHA256", "X-Chorus-Signature", "X-Chorus-Admin"
 H_PUBKEY, H_KEYSIG = "X-Chorus-Public-Key", "X-Chorus-Key-Signature"
+H_TO = "X-Chorus-To"
 
 
 def request_key(secret: bytes) -> bytes:
@@ -47,16 +50,23 @@ def request_key(secret: bytes) -> bytes:
                 info=b"chorus-p2p/v1/request-auth").derive(secret)
 
 
-def canonical(method: str, path_qs: str, body_sha: str, ts: str, nonce: str, node: str) -> bytes:
-    return "\n".join([method.upper(), path_qs, body_sha, ts, nonce, node]).encode()
+def canonical(method: str, path_qs: str, body_sha: str, ts: str, nonce: str, node: str,
+              to: str = "") -> bytes:
+    return "\n".join([method.upper(), path_qs, body_sha, ts, nonce, node, to]).encode()
 
 
 def sign_headers(key: bytes, method: str, path_qs: str, node: str, body_sha: str = EMPTY_SHA256,
-                 *, now: float | None = None) -> dict[str, str]:
+                 *, now: float | None = None, to: str | None = None) -> dict[str, str]:
+    """``to``: the node id the request is for (peer calls): signed, so a request captured on
+    its way to one node is refused by every other."""
     ts = str(int(now if now is not None else clock()))
     nonce = secrets.token_hex(16)
-    sig = hmac.new(key, canonical(method, path_qs, body_sha, ts, nonce, node), hashlib.sha256)
-    return {H_NODE: node, H_TS: ts, H_NONCE: nonce, H_BODY: body_sha, H_SIG: sig.hexdigest()}
+    sig = hmac.new(key, canonical(method, path_qs, body_sha, ts, nonce, node, to or ""),
+                   hashlib.sha256)
+    headers = {H_NODE: node, H_TS: ts, H_NONCE: nonce, H_BODY: body_sha, H_SIG: sig.hexdigest()}
+    if to:
+        headers[H_TO] = to
+    return headers
 
 
 def identity_headers(private_key, headers: dict[str, str], method: str, path_qs: str
@@ -68,7 +78,7 @@ def identity_headers(private_key, headers: dict[str, str], method: str, path_qs:
     from cryptography.hazmat.primitives import serialization
 
     message = canonical(method, path_qs, headers[H_BODY], headers[H_TS], headers[H_NONCE],
-                        headers[H_NODE])
+                        headers[H_NODE], headers.get(H_TO, ""))
     public = private_key.public_key().public_bytes(serialization.Encoding.Raw,
                                                    serialization.PublicFormat.Raw)
     return {**headers, H_PUBKEY: public.hex(), H_KEYSIG: private_key.sign(message).hex()}
@@ -91,7 +101,7 @@ def verify_identity(headers, method: str, path_qs: str) -> str:
     if node_id_for(public) != headers.get(H_NODE):
         raise AuthFailure("bad_identity", "identity key does not belong to the claimed node id")
     message = canonical(method, path_qs, headers.get(H_BODY, ""), headers.get(H_TS, ""),
-                        headers.get(H_NONCE, ""), headers.get(H_NODE, ""))
+                        headers.get(H_NONCE, ""), headers.get(H_NODE, ""), headers.get(H_TO, ""))
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
     except (InvalidSignature, ValueError):
@@ -112,20 +122,19 @@ class VerifiedRequest:
     body_sha: str
     nonce: str
     ts: int
+    to: str = ""
 
 
 class NonceCache:
     """Nonces seen within the timestamp window; anything older is refused by the clock anyway.
 
-    ``persist(nonce, ts, prune_before)`` (the ledger's) makes the cache survive a restart, so a
-    request captured before a restart cannot be replayed after it."""
+    In memory; the node records each one in its :class:`~chorus_p2p.node.nonces.NonceJournal`
+    too, so a request captured before a restart cannot be replayed after it."""
 
-    def __init__(self, window: float = 2 * MAX_SKEW, capacity: int = 200_000, persist=None):
+    def __init__(self, window: float = 2 * MAX_SKEW, capacity: int = 200_000):
         self.window = window
         self.capacity = capacity
-        self.persist = persist
         self._seen: OrderedDict[str, float] = OrderedDict()
-        self._since_prune = 0
 
     def load(self, items: list[tuple[str, float]]) -> None:
         for nonce, ts in sorted(items, key=lambda x: x[1]):
@@ -138,12 +147,6 @@ class NonceCache:
         if nonce in self._seen:
             return False
         self._seen[nonce] = now
-        if self.persist is not None:
-            self._since_prune += 1
-            prune = now - self.window if self._since_prune >= 1000 else None
-            if prune is not None:
-                self._since_prune = 0
-            self.persist(nonce, now, prune)
         return True
 
 
@@ -164,13 +167,14 @@ def verify_headers(key: bytes, method: str, path_qs: str, headers, nonces: Nonce
     nonce, body_sha = values[H_NONCE], values[H_BODY].lower()
     if not (16 <= len(nonce) <= 128) or len(body_sha) != 64:
         raise AuthFailure("unauthenticated", "malformed nonce or body hash")
+    to = headers.get(H_TO) or ""
     expected = hmac.new(key, canonical(method, path_qs, body_sha, values[H_TS], nonce,
-                                       values[H_NODE]), hashlib.sha256).hexdigest()
+                                       values[H_NODE], to), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, values[H_SIG].lower()):
         raise AuthFailure("bad_signature", "signature does not match (wrong federation secret?)")
     if not nonces.check_and_add(nonce, now):
         raise AuthFailure("replayed", "this request was already received (replayed nonce)")
-    return VerifiedRequest(node=values[H_NODE], body_sha=body_sha, nonce=nonce, ts=ts)
+    return VerifiedRequest(node=values[H_NODE], body_sha=body_sha, nonce=nonce, ts=ts, to=to)
 
 
 def check_admin(token: str, headers) -> bool:

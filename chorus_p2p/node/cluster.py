@@ -36,8 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("chorus_p2p.cluster")
 
 FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
-# Members in these states do not vote, count toward a majority, or receive heartbeats.
-NOT_COUNTED = ("left", "pending", "rejected", "removed")
+# Members in these states do not vote or count toward a majority ("dormant": unseen for
+# --member-timeout; it counts again the moment it is back).
+NOT_COUNTED = ("left", "pending", "rejected", "removed", "dormant")
+# ... and these get no heartbeats either.
+NOT_CONTACTED = ("left", "pending", "rejected", "removed")
 # An admin's decisions: only another admin decision changes them.
 DECIDED = ("pending", "rejected", "removed")
 
@@ -63,6 +66,10 @@ class Peer:
     last_seen: float = 0.0
     status: str = "live"
     fail_count: int = 0
+    # We reached it ourselves (our signed hello answered by this node id), or our coordinator
+    # vouches for it. Only verified members vote or count toward a majority: a token holder
+    # cannot stuff the membership with hellos from fresh keys at made-up addresses.
+    verified: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,7 +109,9 @@ class Cluster:
         # Only a founder (the node that ran `init --federation`, or one started with
         # --bootstrap) may create a federation's first history; a joiner waits until it has
         # reached a node that is part of the federation, and remembers that it has.
-        self.founder = bool(node.identity.founder or node.settings.bootstrap)
+        # (a ledger rebuilt by `doctor --repair` never founds: its history is out there)
+        self.founder = bool(node.identity.founder or node.settings.bootstrap) and \
+            node.ledger.get_meta("rebuild") != "1"
         committed = node.ledger.latest_committed()
         self.joined = (self.founder or node.ledger.get_meta("joined") == "1"
                        or (committed is not None and committed["round"] > 0))
@@ -115,13 +124,17 @@ class Cluster:
                 continue
             url = next((f"{self.scheme}://{a}" for a in m["addresses"]), "")
             if url:
-                status = m["status"] if m.get("status") in DECIDED else "lost"
-                self.peers[m["node_id"]] = Peer(m["node_id"], url, m["name"] or "",
-                                                m["public_key"] or "", 0.0, status)
+                status = m["status"] if m.get("status") in (*DECIDED, "dormant") else "lost"
+                # last seen: now, so --member-timeout counts from this start
+                self.peers[m["node_id"]] = Peer(
+                    m["node_id"], url, m["name"] or "", m["public_key"] or "",
+                    time.monotonic(), status, verified=m.get("verified") in (None, 1))
+
+    def voters(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.status not in NOT_COUNTED and p.verified]
 
     def voting_members(self) -> list[str]:
-        return [self.node.node_id] + [p.node_id for p in self.peers.values()
-                                      if p.status not in NOT_COUNTED]
+        return [self.node.node_id] + [p.node_id for p in self.voters()]
 
     def established(self) -> bool:
         """Part of a running federation, judged from durable state (not from whether a
@@ -142,12 +155,13 @@ class Cluster:
         if not self.joined:
             self.joined = True
             self.node.ledger.set_meta("joined", "1")
+            self.node.ledger.db.execute("delete from meta where key = 'rebuild'")
             self.node.bus.publish("federation_joined", None,
                                   {"federation": self.node.identity.federation})
 
     def is_member(self, node_id: str) -> bool:
         peer = self.peers.get(node_id)
-        return peer is not None and peer.status not in NOT_COUNTED
+        return peer is not None and peer.status not in NOT_COUNTED and peer.verified
 
     def quorum(self) -> int:
         return len(self.voting_members()) // 2 + 1
@@ -165,8 +179,8 @@ class Cluster:
                         "public_key": p.public_key, "status": p.status}
                        for p in self.peers.values()]
 
-    def _admit(self, info: dict[str, Any], url: str | None = None, direct: bool = False
-               ) -> Peer | None:
+    def _admit(self, info: dict[str, Any], url: str | None = None, direct: bool = False,
+               verified: bool = False) -> Peer | None:
         """Record a verified peer; persist it so a restart remembers who counts for quorum."""
         node_id = info["node_id"]
         if node_id == self.node.node_id:
@@ -189,6 +203,10 @@ class Cluster:
             elif info.get("status") == "left":
                 peer.status = "left"
         moved = bool(url) and url != peer.url and not is_new
+        newly_verified = verified and not peer.verified
+        peer.verified = peer.verified or verified
+        if newly_verified and not is_new:
+            self.node.ledger.upsert_member({"node_id": node_id, "verified": 1})
         if url:
             peer.url = url
         peer.name = info.get("name") or peer.name
@@ -201,7 +219,7 @@ class Cluster:
             self.node.ledger.upsert_member({
                 "node_id": node_id, "name": peer.name, "addresses": [peer.url.split("//", 1)[-1]],
                 "public_key": peer.public_key, "admitted_at": time.time(), "last_seen": time.time(),
-                "status": peer.status})
+                "status": peer.status, "verified": int(peer.verified)})
             kind = "member_pending" if peer.status == "pending" else "member_admitted"
             self.node.bus.publish(kind, None, {"node_id": node_id, "url": peer.url})
         return peer
@@ -295,8 +313,12 @@ class Cluster:
         was = peer.status
         peer.last_seen = time.monotonic()
         peer.fail_count = 0
-        if was not in NOT_COUNTED:
+        if was not in NOT_COUNTED or was == "dormant":
             peer.status = "live"
+        if was == "dormant":
+            self.node.bus.publish("member_back", None, {"node_id": peer.node_id})
+            self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "live",
+                                            "last_seen": time.time()})
         if was == "lost":
             self.node.bus.publish("member_seen", None, {"node_id": peer.node_id, "url": peer.url})
             self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "live",
@@ -304,8 +326,24 @@ class Cluster:
 
     def _check_lost(self) -> None:
         """The coordinator judges everyone by heartbeat replies; a follower talks only to the
-        coordinator, so it judges only the coordinator and takes the rest from its heartbeats."""
+        coordinator, so it judges only the coordinator and takes the rest from its heartbeats.
+
+        A member unseen for ``--member-timeout`` (a laptop closed for the night) stops counting
+        toward the majority: only the coordinator, while it holds a majority, decides that, one
+        member at a time, so a minority can never shrink the membership to a majority of its
+        own. The member counts again the moment it is back."""
         now = time.monotonic()
+        timeout = self.node.settings.member_timeout
+        if timeout and self.role == COORDINATOR and self.quorum_fresh():
+            stale = [p for p in self.voters() if p.status == "lost"
+                     and now - p.last_seen > timeout]
+            if stale:
+                peer = stale[0]
+                peer.status = "dormant"
+                self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "dormant"})
+                self.node.bus.publish("member_dormant", None, {
+                    "node_id": peer.node_id, "unseen_s": round(now - peer.last_seen)},
+                    level="warning")
         for peer in self.peers.values():
             if self.role != COORDINATOR and peer.node_id != self.coordinator:
                 continue
@@ -357,12 +395,12 @@ class Cluster:
             target = max(live, key=lambda p: p.extra.get("ack_round", -1))
             try:
                 await self.client.call(target.url, "POST", "/v1/peer/timeout-now",
-                                       {"term": self.term})
+                                       {"term": self.term}, expect_node=target.node_id)
             except PeerError as exc:
                 log.info("handover to %s failed: %s", target.node_id, exc)
         await asyncio.gather(*(self._quiet(self.client.call(
-            p.url, "POST", "/v1/peer/leave", {"node_id": self.node.node_id}, timeout=1.0))
-            for p in live))
+            p.url, "POST", "/v1/peer/leave", {"node_id": self.node.node_id}, timeout=1.0,
+            expect_node=p.node_id)) for p in live))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -419,7 +457,7 @@ class Cluster:
                         level="warning")
                     await asyncio.sleep(self.timing.hello_retry_s * 5)
                     continue
-                self.accept_hello(info, url)
+                self.accept_hello(info, url, verified=True)
                 return
         finally:
             self._pending_urls.discard(url)
@@ -433,12 +471,14 @@ class Cluster:
                 "members": self.member_json()}
 
     def accept_hello(self, info: dict[str, Any], url: str | None = None,
-                     direct: bool = True) -> None:
-        peer = self._admit(info, url, direct)
+                     direct: bool = True, verified: bool = False) -> None:
+        peer = self._admit(info, url, direct, verified)
         if peer is not None:
             self._seen(peer)
-            if info.get("joined"):
+            if info.get("joined") and peer.verified:
                 self.mark_joined()  # we reached the federation itself, not another newcomer
+            if not peer.verified and peer.url:
+                self.consider(peer.url)  # say hello back: a member is one we reached ourselves
         for member in info.get("members", []):
             if member["node_id"] not in self.peers and member["node_id"] != self.node.node_id \
                     and member.get("url") and member.get("status") != "left":
@@ -480,11 +520,11 @@ class Cluster:
             if not self.joined:
                 if now - self._waiting_logged > 10.0:
                     self._waiting_logged = now
-                    log.warning("waiting to reach a member of federation %r (mDNS%s); this node "
+                    ways = (["mDNS"] if self.discovery_enabled else []) + [
+                        f"--peer {p.split('//', 1)[-1]}" for p in self.static_peers]
+                    log.warning("waiting to reach a member of federation %r (%s); this node "
                                 "joined with a token and never creates a history of its own",
-                                self.node.identity.federation,
-                                f", --peer {', '.join(self.static_peers)}" if self.static_peers
-                                else "")
+                                self.node.identity.federation, ", ".join(ways) or "no way set")
             elif now >= self._election_deadline and now >= self._bootstrap_until:
                 self._spawn(self._run_election())
                 self._reset_election_timer()
@@ -547,7 +587,7 @@ class Cluster:
         """One heartbeat to every member; the moment a majority has answered, the coordinator
         knows it still leads (a slow or dead member does not delay that)."""
         sent = time.monotonic()
-        targets = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
+        targets = [p for p in self.peers.values() if p.status not in NOT_CONTACTED]
         body = {"term": term, "coordinator": self.node.node_id, "url": self.node.url,
                 "members": self.member_json(), **self.node.rounds.replication_payload()}
         reached = 1
@@ -616,11 +656,12 @@ class Cluster:
         majority would vote for us (they would not while they hear from a live coordinator).
         An isolated or partitioned node therefore never inflates its term, and cannot depose a
         healthy coordinator when it comes back. A handover (timeout-now) skips the pre-vote."""
-        if self.role == COORDINATOR or self._stopping or not self.joined:
-            return
+        if self.role == COORDINATOR or self._stopping or not self.joined \
+                or self.node.rounds.diverged:
+            return  # a node whose history diverged must not lead anyone into it
         transfer, self._transfer = self._transfer, False
         last_term, last_round = self.node.rounds.log_position()
-        voters = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
+        voters = self.voters()
         needed = self.quorum()
         base = {"candidate": self.node.node_id, "url": self.node.url, "last_term": last_term,
                 "last_round": last_round}
@@ -681,9 +722,15 @@ class Cluster:
         return {"term": self.term, "granted": granted}
 
     def _follow_leader(self, term: int, coordinator: str, url: str) -> bool:
-        """Accept ``coordinator`` as the leader of ``term`` if Raft's rules allow it."""
+        """Accept ``coordinator`` as the leader of ``term`` if Raft's rules allow it. It must be
+        a member we reached ourselves: a token holder with a fresh key cannot make us (or a
+        coordinator) step down with a forged heartbeat; a real coordinator we have not met yet
+        is greeted now and followed from its next heartbeat."""
         sender = self.peers.get(coordinator)
         if sender is not None and sender.status in ("rejected", "removed"):
+            return False
+        if sender is None or not sender.verified:
+            self.consider(url)
             return False
         if self.approve_joins and (sender.status == "pending" if sender is not None
                                    else self.established()):
@@ -734,9 +781,12 @@ class Cluster:
             elif member.get("status") == "live":
                 if peer.status == "pending":
                     peer.status = "lost"  # the coordinator approved it
+                peer.verified = True  # our coordinator reached it
                 self._seen(peer)
             elif member.get("status") == "lost" and peer.status == "live":
                 peer.status = "lost"
+            elif member.get("status") == "dormant" and peer.status != "dormant":
+                peer.status = "dormant"
         self._sync_body = body  # only the newest heartbeat matters; older ones are dropped
         if self._sync_worker is None or self._sync_worker.done():
             self._sync_worker = self._spawn(self._sync_loop())
@@ -787,7 +837,7 @@ class Cluster:
         """Push the round (with its updates) to every voting member and count who holds ``sha``
         durably; returns as soon as a majority does (or after the timeout)."""
         needed = self.quorum()
-        voters = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
+        voters = self.voters()
         if needed <= 1 or self.role != COORDINATOR:
             return 1 if self.role == COORDINATOR else 0
         row = self.node.ledger.round(round_no)
@@ -814,15 +864,18 @@ class Cluster:
         holders = 1
         pending = {self._spawn(hold(p)) for p in voters}
         deadline = time.monotonic() + self.timing.replicate_timeout_s
-        while pending and holders < needed and time.monotonic() < deadline:
-            done, pending = await asyncio.wait(pending, timeout=deadline - time.monotonic(),
+        # Followers may take a while to fetch a large update, but a coordinator cut off from
+        # its majority (CheckQuorum) stops waiting at once: nothing it holds alone is acked.
+        while pending and holders < needed and time.monotonic() < deadline \
+                and self.quorum_fresh():
+            done, pending = await asyncio.wait(pending, timeout=self.timing.heartbeat_s,
                                                return_when=asyncio.FIRST_COMPLETED)
             holders += sum(1 for d in done if d.result())
         return holders
 
     async def collect_updates(self, round_no: int) -> list[tuple[str, Any, list[dict[str, Any]]]]:
         """Every voting member's updates for ``round_no``, from those that answer."""
-        voters = [p for p in self.peers.values() if p.status not in NOT_COUNTED]
+        voters = self.voters()
 
         async def ask(peer: Peer):
             try:
@@ -851,7 +904,8 @@ class Cluster:
         url = self.coordinator_url
         body = {"update": {k: update.get(k) for k in UPDATE_KEYS}}
         self._spawn(self._quiet(self.client.call(url, "POST", "/v1/peer/handoff", body,
-                                                 timeout=self.timing.replicate_timeout_s)))
+                                                 timeout=self.timing.replicate_timeout_s,
+                                                 expect_node=self.coordinator)))
 
     async def _sync_loop(self) -> None:
         while self._sync_body is not None:
@@ -883,7 +937,7 @@ class Cluster:
 
         async def fetch_history(after: int) -> dict[str, Any]:
             return await self.client.call(url, "GET", f"/v1/peer/history?after={after}",
-                                          timeout=30.0)
+                                          timeout=30.0, expect_node=body["coordinator"])
 
         try:
             await self.node.rounds.apply_from_coordinator(body, fetch_blob, fetch_history)

@@ -18,16 +18,40 @@ log = logging.getLogger("chorus_p2p.events")
 QUEUE_LIMIT = 1000
 
 
+# Refusals are logged at most this often per (kind, peer) and minute; the rest are counted and
+# summed up in one line, so a flood of bad requests cannot fill the disk with log.
+REFUSALS_LOGGED_PER_MINUTE = 10
+LIMITED_KINDS = ("request_refused", "update_rejected", "peer_refused")
+
+
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue] = set()
+        self._budget: dict[tuple[str, Any], list[float]] = {}  # key -> [window start, count]
+
+    def _should_log(self, kind: str, data: dict[str, Any]) -> bool:
+        if kind not in LIMITED_KINDS:
+            return True
+        key = (kind, data.get("peer") or data.get("url"))
+        now = time.monotonic()
+        window = self._budget.get(key)
+        if window is None or now - window[0] >= 60.0:
+            if window is not None and window[1] > REFUSALS_LOGGED_PER_MINUTE:
+                log.warning("%s: %d more from %s in the last minute were not logged", kind,
+                            int(window[1] - REFUSALS_LOGGED_PER_MINUTE), key[1])
+            if len(self._budget) > 10_000:
+                self._budget.clear()
+            window = self._budget[key] = [now, 0]
+        window[1] += 1
+        return window[1] <= REFUSALS_LOGGED_PER_MINUTE
 
     def publish(self, kind: str, round_no: int | None = None, data: dict[str, Any] | None = None,
                 *, event_id: int | None = None, level: str = "info") -> dict[str, Any]:
         event = {"id": event_id, "ts": time.time(), "kind": kind, "round": round_no,
                  "level": level, "data": data or {}}
-        log.log(logging.WARNING if level == "warning" else logging.INFO, kind,
-                extra={"event": event})
+        if self._should_log(kind, event["data"]):
+            log.log({"warning": logging.WARNING, "error": logging.ERROR}.get(level, logging.INFO),
+                    kind, extra={"event": event})
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)

@@ -90,6 +90,7 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db["rounds_archive"].create({"archived_at": float, "round": int, "record": str},
                                 if_not_exists=True)
     db["updates"].create_index(["node_id", "blob_sha"], if_not_exists=True)
+    db["members"].add_column("verified", int)  # NULL: admitted by 0.1, which checked nothing more
 
 
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
@@ -369,6 +370,28 @@ class Ledger:
     def dropped_updates(self) -> list[dict[str, Any]]:
         return list(self.db.query("select * from dropped_updates order by dropped_at"))
 
+    def recent_norm_median(self, before: int, rounds: int = 5) -> float | None:
+        """The federation's scale: the median norm of the updates accepted in the last
+        ``rounds`` committed rounds before ``before`` (None before any history)."""
+        norms = sorted(r["norm"] for r in self.db.query(
+            "select u.norm from updates u join rounds r using (round) where r.state = ? and "
+            "r.round < ? and r.round >= ? - ? and u.norm is not null and "
+            "(u.status is null or u.status = 'accepted')", [COMMITTED, before, before, rounds]))
+        norms = [n for n in norms if n > 0]
+        if not norms:
+            return None
+        middle = len(norms) // 2
+        return norms[middle] if len(norms) % 2 else (norms[middle - 1] + norms[middle]) / 2
+
+    def exclude_update(self, number: int, node_id: str, reason: str) -> bool:
+        with self.db.atomic():
+            changed = self.db.execute("update updates set status = 'excluded', reason = ? where "
+                                      "round = ? and node_id = ?", [reason, number, node_id])
+            if not changed.rowcount:
+                return False
+            self._insert_event("update_excluded", number, {"node_id": node_id, "reason": reason})
+        return True
+
     def add_update(self, row: dict[str, Any], event: dict[str, Any]) -> int:
         with self.db.atomic():
             self.db["updates"].insert(row)
@@ -398,16 +421,10 @@ class Ledger:
                 self.db.execute("update updates set status = 'excluded', reason = ? where round = ? "
                                 "and node_id = ?", [reason, number, node_id])
 
-    # -- nonces (replay protection across restarts) ----------------------------------------
+    # -- nonces: 0.1 kept them here (see node/nonces.py for today's journal) -----------------
     def recent_nonces(self, since: float) -> list[tuple[str, float]]:
         return [(r["nonce"], r["ts"]) for r in self.db.query(
             "select nonce, ts from nonces where ts >= ?", [since])]
-
-    def add_nonce(self, nonce: str, ts: float, prune_before: float | None = None) -> None:
-        with self.db.atomic():
-            self.db.execute("insert or ignore into nonces (nonce, ts) values (?, ?)", [nonce, ts])
-            if prune_before is not None:
-                self.db.execute("delete from nonces where ts < ?", [prune_before])
 
     # -- events ---------------------------------------------------------------------------
     def _insert_event(self, kind: str, number: int | None, data: dict[str, Any]) -> int:

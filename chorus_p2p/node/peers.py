@@ -72,7 +72,7 @@ class PeerClient:
                                 code="bad_peer")
         data = json.dumps(body).encode() if body is not None else b""
         body_sha = hashlib.sha256(data).hexdigest() if data else EMPTY_SHA256
-        headers = sign_headers(self.key, method, path, self.node_id, body_sha)
+        headers = sign_headers(self.key, method, path, self.node_id, body_sha, to=expect_node)
         if self.private_key is not None:
             headers = identity_headers(self.private_key, headers, method, path)
         if data:

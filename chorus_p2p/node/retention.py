@@ -112,7 +112,10 @@ class Retention:
             if upto is not None:
                 report.pruned_rounds = self.ledger.mark_pruned(upto)
             kept, candidates = self.ledger.blob_references()
-            orphans = await asyncio.to_thread(_orphans, self.blobs, kept | candidates, grace_s)
+            # A ledger being rebuilt (doctor --repair) does not name its blobs yet: keep them.
+            rebuilding = self.ledger.get_meta("rebuild") == "1"
+            orphans = set() if rebuilding else await asyncio.to_thread(
+                _orphans, self.blobs, kept | candidates, grace_s)
             report.orphans = len(orphans)
             report.deleted_blobs, report.freed_bytes = await asyncio.to_thread(
                 _delete, self.blobs, candidates | orphans)

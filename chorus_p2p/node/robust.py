@@ -1,7 +1,11 @@
 """Robust aggregation filters, applied by the coordinator before it aggregates.
 
-- **Norm bound** (``--max-update-norm``): an update whose weight change ``||s B A||`` (over all
-  modules) exceeds the bound is left out.
+- **Scale bound** (default, ``--max-update-ratio R``, 100): an update whose weight change
+  ``||s B A||`` (over all modules, float64) is more than ``R`` times the median norm of the
+  updates accepted in the last rounds is left out: a client that scales its adapter by 1e30
+  cannot wedge the round. (Uploads beyond any plausible norm are refused outright.)
+- **Norm bound** (``--max-update-norm``): an update whose weight change exceeds the bound is
+  left out.
 - **Outlier rejection** (``--outlier-mad K``): with at least 3 updates, one whose norm is more than
   ``K`` median absolute deviations from the median norm is left out. The MAD is scaled by 1.4826
   so that ``K`` reads as standard deviations for well-behaved clients.
@@ -12,6 +16,7 @@ clients' models. Every exclusion is recorded in the ledger with its reason.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -19,24 +24,46 @@ from typing import Any
 MAD_TO_SIGMA = 1.4826
 
 
+DEFAULT_MAX_RATIO = 100.0
+
+
 @dataclass(frozen=True)
 class FilterPolicy:
     max_norm: float | None = None
     mad_k: float | None = None
+    # The default bound, relative to the federation's own scale: an update whose norm is more
+    # than this many times the median norm of the updates accepted in recent rounds is left out.
+    # ``None`` turns it off.
+    max_ratio: float | None = DEFAULT_MAX_RATIO
 
     @property
     def active(self) -> bool:
         return self.max_norm is not None or self.mad_k is not None
 
 
-def filter_updates(updates: list[dict[str, Any]], policy: FilterPolicy) -> dict[str, str]:
-    """Return ``{node_id: reason}`` for updates to leave out (possibly all of them)."""
+def _norm(update: dict[str, Any]) -> float:
+    norm = update.get("norm")
+    return math.inf if norm is None or not math.isfinite(norm) else float(norm)
+
+
+def filter_updates(updates: list[dict[str, Any]], policy: FilterPolicy,
+                   reference: float | None = None) -> dict[str, str]:
+    """Return ``{node_id: reason}`` for updates to leave out (possibly all of them).
+
+    ``reference`` is the federation's scale: the median norm of recently accepted updates
+    (None before there is any history)."""
     excluded: dict[str, str] = {}
-    if policy.max_norm is not None:
-        for u in updates:
-            if u["norm"] > policy.max_norm:
-                excluded[u["node_id"]] = (f"update norm {u['norm']:.4g} exceeds the bound "
-                                          f"{policy.max_norm:.4g}")
+    for u in updates:
+        norm = _norm(u)
+        if math.isinf(norm):
+            excluded[u["node_id"]] = "the update's norm is unknown or infinite"
+        elif policy.max_norm is not None and norm > policy.max_norm:
+            excluded[u["node_id"]] = (f"update norm {norm:.4g} exceeds the bound "
+                                      f"{policy.max_norm:.4g}")
+        elif policy.max_ratio is not None and reference and norm > policy.max_ratio * reference:
+            excluded[u["node_id"]] = (f"update norm {norm:.4g} is {norm / reference:.3g} times "
+                                      f"the federation's recent median {reference:.4g} (limit "
+                                      f"{policy.max_ratio:g}x, --max-update-ratio)")
     remaining = [u for u in updates if u["node_id"] not in excluded]
     if policy.mad_k is not None and len(remaining) >= 3:
         norms = [u["norm"] for u in remaining]

@@ -28,10 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import torch
+
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.residual import RESIDUAL_FILE, iter_residual_file
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
-from chorus_p2p.node.blobs import BlobStore
+from chorus_p2p.errors import AdapterError
+from chorus_p2p.node.blobs import BlobError, BlobStore
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.ledger import (AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED, Ledger,
                                     chain_hash, round_record)
@@ -358,6 +361,7 @@ class RoundManager:
                         "counts once (pull the latest adapter and train again)"),
                         extra={"round": earlier})
                 row = self.check_open(round_no, trained_from)
+                existed = self.blobs.has(sha)
                 await asyncio.to_thread(self.blobs.adopt, temp_path, sha)
                 record = {"round": round_no, "node_id": node_id, "blob_sha": sha,
                           "examples": examples, "trained_from": trained_from, "size": size,
@@ -365,7 +369,12 @@ class RoundManager:
                           "eval_loss": (losses or {}).get("eval_loss"),
                           "train_loss": (losses or {}).get("train_loss")}
                 details = {"node_id": node_id, "sha256": sha, "examples": examples}
-                event_id = self.ledger.add_update(record, details)
+                try:
+                    event_id = self.ledger.add_update(record, details)
+                except BaseException:
+                    if not existed:  # a refused request leaves the blob store as it found it
+                        self.blobs.path(sha).unlink(missing_ok=True)
+                    raise
                 if row["state"] == OPEN:
                     self.ledger.set_round_state(round_no, COLLECTING)
         if duplicate:
@@ -393,6 +402,24 @@ class RoundManager:
                 "re-send is idempotent) once the federation has a majority."),
                 extra={"replicas": accepted.replicas, "needed": needed})
         return accepted
+
+    async def exclude(self, round_no: int, node_id: str, reason: str) -> dict[str, Any]:
+        """Admin: leave one update of the collecting round out (a bad or hostile one)."""
+        self.require_coordinator()
+        async with self.lock:
+            row = self.ledger.round(round_no)
+            if row is None:
+                raise UpdateRejected("unknown_round", f"round {round_no} does not exist")
+            if row["state"] not in (OPEN, COLLECTING):
+                raise UpdateRejected("round_closed", f"round {round_no} is {row['state']}; only "
+                                     "the collecting round's updates can be excluded")
+            if not self.ledger.exclude_update(round_no, node_id, reason):
+                raise UpdateRejected("not_found", f"round {round_no} has no update from "
+                                     f"{node_id}")
+        self.bus.publish("update_excluded", round_no, {"node_id": node_id, "reason": reason},
+                         level="warning")
+        self.notify_followers()
+        return {"round": round_no, "node_id": node_id, "status": "excluded", "reason": reason}
 
     def expected_participants(self, round_no: int) -> int:
         """Wait for everyone who took part last round, or ``min_updates`` in the first round."""
@@ -461,33 +488,44 @@ class RoundManager:
         updates = self.ledger.eligible_updates(round_no)
         previous = self.ledger.latest_committed()
         assert previous is not None
-        excluded = filter_updates(updates, self.policy.filters)
-        self.ledger.mark_excluded(round_no, excluded)
-        for node_id, reason in excluded.items():
-            self.bus.publish("update_excluded", round_no, {"node_id": node_id, "reason": reason},
-                             level="warning")
-        updates = [u for u in updates if u["node_id"] not in excluded]
-        if not updates:
-            # Nothing acceptable: keep collecting (excluded updates no longer count).
-            self.ledger.set_round_state(round_no, COLLECTING)
-            self.bus.publish("round_stalled", round_no, {"reason": "every update was excluded "
-                                                         "by the robust filters"}, level="warning")
-            self.notify_followers()
-            return
-        self.bus.publish("aggregation_started", round_no, {"updates": len(updates),
-                                                           "strategy": self.policy.strategy})
-        try:
-            fields = await asyncio.to_thread(self._aggregate_blocking, round_no, updates, previous)
-            fields["metrics"]["excluded"] = sorted(excluded)
-        except Exception as exc:  # a bug or a disk problem: keep the round, say why
-            log.exception("aggregation of round %d failed", round_no)
-            self.bus.publish("aggregation_failed", round_no, {"error": str(exc)}, level="warning")
-            if self.leading_term == term:  # keep the round: collect again, close again
+        excluded = filter_updates(updates, self.policy.filters,
+                                  self.ledger.recent_norm_median(round_no))
+        fields = None
+        while fields is None:
+            self.ledger.mark_excluded(round_no, excluded)
+            for node_id, reason in excluded.items():
+                self.bus.publish("update_excluded", round_no,
+                                 {"node_id": node_id, "reason": reason}, level="warning")
+            kept = [u for u in updates if u["node_id"] not in excluded]
+            if not kept:
+                # Nothing acceptable: keep collecting (excluded updates no longer count).
                 self.ledger.set_round_state(round_no, COLLECTING)
+                self.bus.publish("round_stalled", round_no, {"reason": "every update was "
+                                                             "excluded"}, level="warning")
                 self.notify_followers()
-                self._arm_deadline({**self.ledger.round(round_no),
-                                    "deadline_at": time.time() + min(60.0, self.policy.deadline_s)})
-            return
+                return
+            self.bus.publish("aggregation_started", round_no, {"updates": len(kept),
+                                                               "strategy": self.policy.strategy})
+            try:
+                fields = await asyncio.to_thread(self._aggregate_blocking, round_no, kept,
+                                                 previous)
+                fields["metrics"]["excluded"] = sorted(excluded)
+            except Exception as exc:
+                culprit = _culprit(exc, kept)
+                if culprit is None:  # a bug or a disk problem: keep the round, say why
+                    log.exception("aggregation of round %d failed", round_no)
+                    self.bus.publish("aggregation_failed", round_no, {"error": str(exc)},
+                                     level="warning")
+                    if self.leading_term == term:  # keep the round: collect again, close again
+                        self.ledger.set_round_state(round_no, COLLECTING)
+                        self.notify_followers()
+                        self._arm_deadline({**self.ledger.round(round_no), "deadline_at":
+                                            time.time() + min(60.0, self.policy.deadline_s)})
+                    return
+                # One update broke the arithmetic: leave it out, say why, aggregate the rest.
+                log.warning("round %d: aggregation failed on %s's update (%s); leaving it out",
+                            round_no, culprit, exc)
+                excluded = {**excluded, culprit: f"aggregation failed on this update: {exc}"}
         if self.leading_term != term:
             log.warning("dropping round %d's result: term %d is over", round_no, term)
             return
@@ -539,7 +577,12 @@ class RoundManager:
         started = time.perf_counter()
         scratch = Path(tempfile.mkdtemp(dir=self.blobs.tmp))
         try:
-            paths = [str(self.blobs.verified_path(u["blob_sha"])) for u in updates]
+            paths = []
+            for update in updates:
+                try:
+                    paths.append(str(self.blobs.verified_path(update["blob_sha"])))
+                except BlobError as exc:  # this update's bytes are gone or damaged
+                    raise AdapterError(str(exc), source=update["node_id"]) from exc
             report = aggregate_adapters(
                 paths, scratch / "out", strategy=self.policy.strategy,
                 weights=[u["examples"] for u in updates], rank=self.spec.rank,
@@ -654,7 +697,7 @@ class RoundManager:
                          "coordinator": payload.get("coordinator")}
         log.error("committed history diverges from the coordinator's: ours ends at round %d "
                   "(%s), theirs at round %d (%s). Not following it; an admin decides "
-                  "(chorus-node resolve --adopt archives ours and takes theirs).",
+                  "(chorus-node resolve archives ours and takes theirs).",
                   committed["round"], str(committed["log_hash"])[:12], payload["commit"],
                   str(payload.get("commit_id"))[:12])
         self.bus.publish("history_diverged", committed["round"], self.diverged, level="error")
@@ -790,3 +833,18 @@ def _check_chain(previous: dict[str, Any] | None, row: dict[str, Any]) -> None:
         raise ValueError(f"round {row['round']}'s log hash does not extend round "
                          f"{previous['round']}'s: refusing it")
 
+
+def _culprit(exc: Exception, updates: list[dict[str, Any]]) -> str | None:
+    """The update an aggregation error comes from: the one it names (adapter errors carry the
+    client as their source), else, for numerical failures (non-finite values, a failed SVD),
+    the update with the largest norm. None for anything else (a bug, a full disk)."""
+    source = getattr(exc, "source", None)
+    if source and any(u["node_id"] == source for u in updates):
+        return source
+    text = str(exc).lower()
+    numeric = isinstance(exc, (torch.linalg.LinAlgError, ArithmeticError)) or any(
+        word in text for word in ("finite", "nan", "inf", "svd", "converge", "overflow"))
+    if not numeric or len(updates) < 1:
+        return None
+    return max(updates, key=lambda u: (u.get("norm") if u.get("norm") is not None
+                                        else float("inf")))["node_id"]

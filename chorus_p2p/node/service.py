@@ -8,6 +8,7 @@ progress finish, then close the ledger.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import signal
@@ -26,10 +27,13 @@ from chorus_p2p.node.auth import NonceCache, request_key
 from chorus_p2p.node.blobs import BlobStore
 from chorus_p2p.node.cluster import Cluster, ClusterTiming
 from chorus_p2p.node.discovery import Discovery
+from chorus_p2p.node.doctor import ledger_problem
 from chorus_p2p.node.events import EventBus
+from chorus_p2p.node.guard import ConnectionGuard
 from chorus_p2p.node.identity import load_identity
 from chorus_p2p.node.ledger import Ledger
 from chorus_p2p.node.lock import DataDirBusy, DataDirLock
+from chorus_p2p.node.nonces import NONCE_FILE, NonceJournal
 from chorus_p2p.node.ratelimit import RateLimiter
 from chorus_p2p.node.robust import FilterPolicy
 from chorus_p2p.node.migrate import convert_legacy_state, needs_conversion
@@ -78,6 +82,12 @@ class Node:
             self.lock.acquire()
         except DataDirBusy as exc:
             raise UsageError(str(exc)) from exc
+        problem = ledger_problem(self.data_dir)
+        if problem is not None:
+            self.lock.release()
+            raise UsageError(f"{self.data_dir}: {problem}; nothing was changed. Run `chorus-node "
+                             f"doctor --data-dir {self.data_dir}` (with --repair it rebuilds the "
+                             "history from the federation, re-using the blobs here)")
         try:
             self.ledger = Ledger(self.data_dir / LEDGER_FILE)
         except BaseException:
@@ -98,12 +108,18 @@ class Node:
 
             self.server_ssl = server_context(self.identity)
             self.client_ssl = client_context()
-        self.nonces = NonceCache(persist=self.ledger.add_nonce)
-        self.nonces.load(self.ledger.recent_nonces(time.time() - self.nonces.window))
+        self.nonces = NonceCache()
+        self.nonce_journal = NonceJournal(self.data_dir / NONCE_FILE, self.nonces.window)
+        since = time.time() - self.nonces.window
+        # (0.1 kept nonces in the ledger; a data dir upgraded within the window has some there)
+        self.nonces.load(self.nonce_journal.recent(since) + self.ledger.recent_nonces(since))
         self.rate_limiter = RateLimiter(settings.rate_limit, 2 * settings.rate_limit)
+        # Per source address too: a caller cannot dodge its limit with a new id per request.
+        self.address_limiter = RateLimiter(4 * settings.rate_limit, 8 * settings.rate_limit)
         self.bus = EventBus()
         self.policy = RoundPolicy(settings.strategy, settings.min_updates, settings.round_deadline,
-                                  FilterPolicy(settings.max_update_norm, settings.outlier_mad))
+                                  FilterPolicy(settings.max_update_norm, settings.outlier_mad,
+                                               settings.max_update_ratio))
         self.rounds = RoundManager(self.ledger, self.blobs, self.spec, self.identity.federation,
                                    self.identity.node_id, self.policy, self.bus)
         self.state_store = StateStore(self.data_dir / STATE_DIR, self.spec.modules,
@@ -132,6 +148,7 @@ class Node:
             self.participant = Participant(self, settings.dataset or "", TrainConfig(
                 steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
                 device=settings.device), dp)
+        self.guard = ConnectionGuard(settings.header_timeout, settings.max_connections)
         self.started_at = time.time()
         self.exit_code = 0
         self.on_fatal: Callable[[], None] = lambda: None  # run_node: stop the process
@@ -153,7 +170,8 @@ class Node:
         return {"strategy": self.policy.strategy, "min_updates": self.policy.min_updates,
                 "round_deadline": self.policy.deadline_s,
                 "max_update_norm": self.policy.filters.max_norm,
-                "outlier_mad": self.policy.filters.mad_k}
+                "outlier_mad": self.policy.filters.mad_k,
+                "max_update_ratio": self.policy.filters.max_ratio}
 
     def fatal(self, reason: str) -> None:
         """Stop this node for a reason the operator must act on (exit code 3)."""
@@ -208,8 +226,11 @@ class Node:
             convert_legacy_state(self.ledger, self.blobs, self.state_store)
         await self.rounds.start()
         self.state.start()
-        self._runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None)
+        # auto_decompress off: see the Content-Encoding check in the API (no gzip bombs).
+        self._runner = web.AppRunner(build_app(self), handle_signals=False, access_log=None,
+                                     auto_decompress=False, keepalive_timeout=15.0)
         await self._runner.setup()
+        self.guard.start(self._runner)
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
                            ssl_context=self.server_ssl)
         await site.start()
@@ -248,10 +269,12 @@ class Node:
             await self._runner.shutdown()  # stop accepting; let in-flight requests finish
         await self.rounds.stop()
         await self.state.stop()
+        await self.guard.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         self.bus.publish("stopped", None, {"node_id": self.node_id})
+        self.nonce_journal.close()
         self.ledger.close()
         self.lock.release()
 
@@ -314,12 +337,50 @@ class _HumanFormatter(logging.Formatter):
 
 
 def configure_logging(headless: bool, verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stdout if headless else sys.stderr)
-    handler.setFormatter(_JsonFormatter() if headless else _HumanFormatter())
+    """Log lines are formatted and written by a thread of their own: a slow or full stdout (a
+    pipe nobody reads, a busy terminal) must never stall the event loop."""
+    import logging.handlers
+    import queue
+
+    output = logging.StreamHandler(sys.stdout if headless else sys.stderr)
+    output.setFormatter(_JsonFormatter() if headless else _HumanFormatter())
+    lines: queue.Queue = queue.Queue(100_000)
+    listener = logging.handlers.QueueListener(lines, output, respect_handler_level=True)
+    listener.start()
+    atexit.register(listener.stop)
+    handler = _DroppingQueueHandler(lines)
     root = logging.getLogger("chorus_p2p")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    for noisy in ("aiohttp.server", "aiohttp.access", "aiohttp.web"):
+        # aiohttp logs a traceback per broken request; a flood of those is what an attacker
+        # wants. Ours (request_refused, rate limited) say the same in one line.
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+class _DroppingQueueHandler(logging.Handler):
+    """Hands records to the writer thread; drops them (counting) if it is 100k lines behind."""
+
+    def __init__(self, lines) -> None:
+        super().__init__()
+        self.lines = lines
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import queue
+
+        try:
+            if self.dropped:
+                note = logging.LogRecord(record.name, logging.WARNING, "", 0,
+                                         "%d log lines dropped: the log output is too slow",
+                                         (self.dropped,), None)
+                self.lines.put_nowait(note)
+                self.dropped = 0
+            record.msg, record.args = record.getMessage(), None  # format args now, in order
+            self.lines.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
 
 
 async def run_node(settings: NodeSettings, ready: asyncio.Event | None = None) -> int:

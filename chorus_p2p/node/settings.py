@@ -43,11 +43,15 @@ class NodeSettings:
     mdns: bool = True
     election_timeout: float = 1.0  # seconds; randomised in [t, 2t]
     approve_joins: bool = False  # new members wait for an admin's approval
+    member_timeout: float = 3600.0  # a member unseen this long stops counting (0: never)
     bootstrap: bool = False  # may create the federation's first history (as `init` does)
     rate_limit: float = 100.0  # requests per second per caller (0: off)
+    header_timeout: float = 10.0  # seconds a connection may stay without a request in progress
+    max_connections: int = 512  # open connections; the longest idle go first beyond it
     tls: bool = False  # TLS between peers, pinned by node id
     max_update_norm: float | None = None  # robust filter: bound on ||s B A|| per update
     outlier_mad: float | None = None  # robust filter: MADs from the median norm
+    max_update_ratio: float | None = 100.0  # leave out updates this many times the usual norm
     dp_epsilon: float | None = None  # differential privacy budget for this node's updates
     dp_delta: float = 1e-5
     dp_clip: float | None = None
@@ -99,9 +103,10 @@ _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": s
           "alpha": float, "target_modules": tuple, "min_updates": int, "round_deadline": float,
           "headless": bool, "peers": tuple, "interfaces": tuple, "mdns": bool,
           "election_timeout": float, "approve_joins": bool, "bootstrap": bool,
-          "rate_limit": float, "tls": bool,
+          "member_timeout": float,
+          "rate_limit": float, "tls": bool, "header_timeout": float, "max_connections": int,
           "max_update_norm": float,
-          "outlier_mad": float, "dp_epsilon": float, "dp_delta": float, "dp_clip": float,
+          "outlier_mad": float, "max_update_ratio": float, "dp_epsilon": float, "dp_delta": float, "dp_clip": float,
           "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,
           "batch_size": int, "device": str, "keep_rounds": "keep_rounds",
           "checkpoint_every": int}
@@ -146,6 +151,11 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         value = getattr(settings, name)
         if value is not None and not value > 0:
             raise UsageError(f"{name} must be positive")
+    if settings.max_update_ratio is not None:
+        if settings.max_update_ratio < 0:
+            raise UsageError("max_update_ratio must be positive (or 0 to turn the bound off)")
+        if settings.max_update_ratio == 0:
+            settings.max_update_ratio = None
     if settings.dp_epsilon is not None:
         if settings.dp_clip is None:
             raise UsageError("--dp-epsilon needs --dp-clip (the L2 bound on each round's update)")
@@ -159,6 +169,10 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         raise UsageError("--train needs --dataset PATH (JSONL or a folder of .txt files)")
     if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:
         raise UsageError("steps and batch_size must be >= 1 and lr > 0")
+    if settings.header_timeout <= 0 or settings.max_connections < 8:
+        raise UsageError("header_timeout must be positive and max_connections at least 8")
+    if settings.member_timeout < 0:
+        raise UsageError("member_timeout must be >= 0 seconds (0: members never go dormant)")
     if settings.checkpoint_every < 1:
         raise UsageError("checkpoint_every must be at least 1 (rounds)")
     if settings.election_timeout <= 0:

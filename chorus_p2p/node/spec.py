@@ -22,6 +22,10 @@ from chorus_p2p.lora.config import PEFT_PREFIX, LoraSettings, module_name_from_p
 from chorus_p2p.lora.lowrank import frobenius_norm_of_product
 
 HEADER_SLACK = 1 << 20  # room for the safetensors JSON header
+# No honest update changes a model's weights by more than this (Frobenius norm over all modules;
+# the weights of a 70B model are about 1e3 in that norm). Beyond it, float32 aggregation
+# overflows: such an update is refused at upload, whatever the federation's history.
+MAX_PLAUSIBLE_NORM = 1e9
 
 
 def discover_modules(model: str, target_modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -112,9 +116,10 @@ class FederationSpec:
                 "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None}
 
     def max_update_bytes(self) -> int:
-        """Largest honest upload: every factor in float32 plus the header."""
+        """Largest honest upload: every factor in float64 (PEFT can save them so) plus the
+        header."""
         floats = sum(self.rank * (d_out + d_in) for d_out, d_in in self.modules.values())
-        return floats * 4 + HEADER_SLACK
+        return floats * 8 + HEADER_SLACK
 
     def initial_adapter(self, federation: str) -> dict[str, torch.Tensor]:
         """PEFT's default init (``B = 0``, ``A`` Kaiming-uniform), seeded by federation and module,
@@ -165,8 +170,17 @@ class FederationSpec:
                 except AdapterError as exc:
                     code = "non_finite" if "NaN" in exc.detail else "bad_adapter"
                     raise UpdateRejected(code, f"module {exc.module}: {exc.detail}") from exc
-                total += frobenius_norm_of_product(factors.B * factors.scale, factors.A) ** 2
-        return math.sqrt(total)
+                # float64: an update scaled by 1e30 has a finite float64 norm, where float32
+                # would overflow to inf and slip past every bound.
+                total += frobenius_norm_of_product(factors.B.double() * factors.scale,
+                                                   factors.A.double()) ** 2
+        norm = math.sqrt(total)
+        if not norm < MAX_PLAUSIBLE_NORM:
+            raise UpdateRejected("update_too_large", (
+                f"the update changes the weights by ||s B A||_F = {norm:.3g}, beyond anything "
+                f"a training step produces (limit {MAX_PLAUSIBLE_NORM:.0e}); its aggregation "
+                "would overflow float32 arithmetic"))
+        return norm
 
 
 def write_spec_file(path: Path, spec: FederationSpec) -> None:

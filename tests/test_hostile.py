@@ -1,0 +1,407 @@
+"""Hostile members, hostile bytes and clumsy operators: each attack found from outside,
+reproduced here first, now refused cleanly with nothing lost or changed."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.torch import load_file, save_file
+
+from chorus_p2p.cli.main import main
+from chorus_p2p.client import AsyncNodeClient, RejectedError
+from chorus_p2p.node.auth import identity_headers, request_key, sign_headers
+from chorus_p2p.node.identity import init_data_dir, node_id_for
+
+from nodeutil import NodeProcess, blob_files, start_node, wait_for, write_update
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def client(node, cid="alice", **kw) -> AsyncNodeClient:
+    return AsyncNodeClient(node.url, secret=node.identity.secret, client_id=cid, **kw)
+
+
+def scaled(path: Path, factor: float, dtype=torch.float32) -> Path:
+    tensors = load_file(str(path))
+    save_file({k: (v * factor).to(dtype) for k, v in tensors.items()}, str(path))
+    return path
+
+
+# -- 1. a huge but finite update cannot wedge a round --------------------------------------------
+async def test_an_update_scaled_by_1e30_is_refused_at_upload(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "n", tiny_base)
+    try:
+        before = node.ledger.snapshot()
+        blobs = blob_files(tmp_path / "n")
+        for factor, dtype in ((1e30, torch.float32), (1e20, torch.bfloat16)):
+            bomb = scaled(write_update(tmp_path / f"b{factor}.safetensors", node.spec, 3), factor,
+                          dtype)
+            async with client(node) as c:
+                with pytest.raises(RejectedError) as refused:
+                    await c.submit(bomb, examples=1)
+            assert refused.value.status == 422 and refused.value.code == "update_too_large"
+        assert node.ledger.snapshot() == before and blob_files(tmp_path / "n") == blobs
+    finally:
+        await node.stop()
+
+
+async def test_an_update_far_beyond_the_federation_scale_is_left_out_and_the_round_goes_on(
+        tmp_path, tiny_base):
+    node = await start_node(tmp_path / "n", tiny_base, min_updates=2)
+    try:
+        async with client(node, "a") as a, client(node, "b") as b:
+            await a.submit(write_update(tmp_path / "a1.safetensors", node.spec, 1), examples=1)
+            await b.submit(write_update(tmp_path / "b1.safetensors", node.spec, 2), examples=1)
+            await wait_for(lambda: node.ledger.round(1)["state"] == "committed")
+            await a.submit(write_update(tmp_path / "a2.safetensors", node.spec, 3), examples=1)
+            big = scaled(write_update(tmp_path / "b2.safetensors", node.spec, 4), 1e4)
+            await b.submit(big, examples=1)  # plausible alone, 10^4 x the usual: left out
+        await wait_for(lambda: node.ledger.round(2)["state"] == "committed")
+        rows = {u["node_id"]: u for u in node.ledger.updates(2)}
+        assert rows["b"]["status"] == "excluded" and "times the federation" in rows["b"]["reason"]
+        assert node.ledger.round(2)["metrics"]["nodes"] == ["a"]
+    finally:
+        await node.stop()
+
+
+async def test_an_update_that_breaks_aggregation_is_left_out_and_an_admin_can_exclude(
+        tmp_path, tiny_base):
+    node = await start_node(tmp_path / "n", tiny_base, min_updates=3)
+    try:
+        async with client(node, "a") as a, client(node, "b") as b, client(node, "c") as c:
+            await a.submit(write_update(tmp_path / "a.safetensors", node.spec, 1), examples=1)
+            await b.submit(write_update(tmp_path / "b.safetensors", node.spec, 2), examples=1)
+            # b's stored bytes rot on disk into NaNs: aggregation fails on b, not on the round.
+            path = node.blobs.path(node.ledger.update(1, "b")["blob_sha"])
+            tensors = load_file(str(path))
+            save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, str(path))
+            await c.submit(write_update(tmp_path / "c.safetensors", node.spec, 3), examples=1)
+        await wait_for(lambda: node.ledger.round(1)["state"] == "committed")
+        rows = {u["node_id"]: u for u in node.ledger.updates(1)}
+        assert rows["b"]["status"] == "excluded" and "aggregation failed" in rows["b"]["reason"]
+        assert sorted(node.ledger.round(1)["metrics"]["nodes"]) == ["a", "c"]
+        # Round 2: an admin leaves a client's update out by hand, with a reason.
+        async with client(node, "a") as a:
+            await a.submit(write_update(tmp_path / "a2.safetensors", node.spec, 4), examples=1)
+        code = await asyncio.to_thread(main, ["exclude", "a", "--reason", "poisoned data",
+                                              "--node", node.url, "--data-dir",
+                                              str(tmp_path / "n")])
+        assert code == 0
+        assert node.ledger.update(2, "a")["status"] == "excluded"
+        assert node.ledger.update(2, "a")["reason"] == "poisoned data"
+    finally:
+        await node.stop()
+
+
+# -- 2, 3. compressed bodies and slow clients cannot stall the node -------------------------------
+async def test_gzip_bombs_are_refused_unread_and_health_stays_fast(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "n", tiny_base)
+    bomb = gzip.compress(b"\0" * (64 << 20))  # 64 MiB unpacked, ~64 KiB on the wire
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def post():
+                async with session.post(node.url + "/v1/rounds/1/updates?examples=1&"
+                                        "trained_from=0", data=bomb, headers={
+                                            "Content-Encoding": "gzip"}) as r:
+                    return r.status
+            started = time.monotonic()
+            statuses = await asyncio.gather(*(post() for _ in range(8)))
+            async with session.get(node.url + "/v1/health") as health:
+                assert health.status == 200
+            assert statuses == [415] * 8 and time.monotonic() - started < 5
+    finally:
+        await node.stop()
+
+
+async def test_slowloris_connections_are_closed_and_do_not_starve_others(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "n", tiny_base, header_timeout=1.0, max_connections=64)
+    host, port = node.address
+    slow = []
+    try:
+        for _ in range(120):  # more than the connection cap
+            sock = socket.create_connection((host, port))
+            sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never finished
+            slow.append(sock)
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(node.url + "/v1/health") as health:
+                assert health.status == 200
+        assert time.monotonic() - started < 3
+        await asyncio.sleep(2.5)
+        closed = 0
+        for sock in slow:
+            sock.settimeout(0.2)
+            try:
+                closed += sock.recv(1) == b""
+            except (ConnectionResetError, socket.timeout):
+                closed += 1 if not isinstance(sys.exc_info()[1], socket.timeout) else 0
+        assert closed == len(slow) and node.guard.closed >= len(slow)
+    finally:
+        for sock in slow:
+            sock.close()
+        await node.stop()
+
+
+# -- 4. the join token stays out of ps ------------------------------------------------------------
+async def test_up_takes_the_join_token_from_a_file_not_the_command_line(tmp_path, tiny_base):
+    founder = await start_node(tmp_path / "f", tiny_base)
+    token = founder.identity.join_token()
+    (tmp_path / "token").write_text(token + "\n")
+    joiner = NodeProcess(tmp_path / "j", tiny_base,
+                         extra=["--join-file", str(tmp_path / "token"), "--peer",
+                                founder.url.split("//")[1]])
+    try:
+        joiner.start()
+        cmdline = Path(f"/proc/{joiner.proc.pid}/cmdline").read_bytes().decode()
+        assert token not in cmdline
+        await wait_for(lambda: len(founder.cluster.voting_members()) == 2, timeout=30)
+    finally:
+        joiner.terminate()
+        await founder.stop()
+
+
+# -- 5. a token holder cannot stuff the membership or depose the coordinator ---------------------
+def _forged(node, path: str, body: bytes, key: Ed25519PrivateKey) -> dict:
+    caller = node_id_for(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                       serialization.PublicFormat.Raw))
+    headers = sign_headers(request_key(node.identity.secret), "POST", path, caller,
+                           hashlib.sha256(body).hexdigest(), to=node.node_id)
+    return {**identity_headers(key, headers, "POST", path), "Content-Type": "application/json"}
+
+
+async def test_forged_hellos_and_appends_from_fresh_keys_change_nothing(tmp_path, tiny_base):
+    import json
+
+    node = await start_node(tmp_path / "n", tiny_base, min_updates=1)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for i in range(3):
+                key = Ed25519PrivateKey.generate()
+                me = node_id_for(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                               serialization.PublicFormat.Raw))
+                body = json.dumps({"node_id": me, "url": f"http://203.0.113.{i + 1}:8470",
+                                   "federation": node.identity.federation,
+                                   "fingerprint": node.spec.fingerprint()}).encode()
+                async with session.post(node.url + "/v1/peer/hello", data=body,
+                                        headers=_forged(node, "/v1/peer/hello", body, key)) as r:
+                    assert r.status == 200  # it may say hello; it is not a voter until reached
+                append = json.dumps({"term": 99, "coordinator": me, "url": "http://203.0.113.9:1",
+                                     "commit": 0, "proposal": None, "current": None}).encode()
+                async with session.post(node.url + "/v1/peer/append", data=append,
+                                        headers=_forged(node, "/v1/peer/append", append, key)) as r:
+                    assert (await r.json())["ok"] is False
+        assert node.cluster.voting_members() == [node.node_id]
+        assert node.cluster.role == "coordinator" and node.cluster.term < 99
+        async with client(node, "a") as c:  # the federation goes on
+            await c.submit(write_update(tmp_path / "u.safetensors", node.spec, 5), examples=1)
+        await wait_for(lambda: node.ledger.round(1)["state"] == "committed")
+    finally:
+        await node.stop()
+
+
+async def test_a_request_captured_for_one_node_is_refused_by_another(tmp_path, tiny_base):
+    first = await start_node(tmp_path / "a", tiny_base)
+    init_data_dir(tmp_path / "b", join_token=first.identity.join_token())
+    second = await start_node(tmp_path / "b", tiny_base,
+                              peers=(first.url.split("//")[1],))
+    try:
+        path = "/v1/peer/leave"
+        body = b'{"node_id": "%s"}' % first.node_id.encode()
+        headers = sign_headers(request_key(first.identity.secret), "POST", path, first.node_id,
+                               hashlib.sha256(body).hexdigest(), to=first.node_id)
+        headers = identity_headers(first.identity.private_key, headers, "POST", path)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(second.url + path, data=body, headers={
+                    **headers, "Content-Type": "application/json"}) as r:
+                assert r.status == 401 and (await r.json())["error"] == "wrong_destination"
+    finally:
+        await second.stop()
+        await first.stop()
+
+
+async def test_rate_limits_hold_per_address_whatever_the_caller_id(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "n", tiny_base, rate_limit=5.0)
+    key = request_key(node.identity.secret)
+    try:
+        async with aiohttp.ClientSession() as session:
+            codes = []
+            for i in range(80):  # a new caller id every time: 80 > the address burst of 40
+                async with session.get(node.url + "/v1/status", headers=sign_headers(
+                        key, "GET", "/v1/status", f"sock-puppet-{i}")) as r:
+                    codes.append(r.status)
+        assert 429 in codes and codes.count(200) <= 45
+    finally:
+        await node.stop()
+
+
+async def test_refusals_are_logged_a_few_times_a_minute_not_each(tmp_path, tiny_base, caplog):
+    node = await start_node(tmp_path / "n", tiny_base)
+    try:
+        caplog.set_level(logging.INFO, logger="chorus_p2p")
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                async with session.get(node.url + "/v1/status") as r:
+                    assert r.status == 401
+        refused = [r for r in caplog.records if getattr(r, "event", {}).get("kind")
+                   == "request_refused"]
+        assert 1 <= len(refused) <= 10
+    finally:
+        await node.stop()
+
+
+# -- 6, 7. a damaged ledger, a second process -----------------------------------------------------
+async def test_a_damaged_ledger_is_refused_at_start_and_doctor_rebuilds_it(tmp_path, tiny_base):
+    data = tmp_path / "n"
+    node = await start_node(data, tiny_base, min_updates=1)
+    async with client(node) as c:
+        await c.submit(write_update(tmp_path / "u.safetensors", node.spec, 1), examples=1)
+    await wait_for(lambda: node.ledger.round(1)["state"] == "committed")
+    await node.stop()
+    blobs = blob_files(data)
+    for damage in ("truncate", "garbage", "delete"):
+        ledger = data / "ledger.sqlite"
+        saved = ledger.read_bytes()
+        if damage == "truncate":
+            ledger.write_bytes(b"")
+        elif damage == "garbage":
+            ledger.write_bytes(b"this is not a database" * 100)
+        else:
+            ledger.unlink()
+        proc = subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", "up", "--data-dir",
+                               str(data), "--model", str(tiny_base), "--rank", "4", "--alpha",
+                               "8", "--target-modules", "q_proj,v_proj", "--no-mdns",
+                               "--port", "0"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2
+        assert len(proc.stderr.strip().splitlines()) == 1 and "doctor" in proc.stderr
+        assert blob_files(data) == blobs  # nothing was changed
+        ledger.write_bytes(saved)
+    (data / "ledger.sqlite").write_bytes(b"")
+    assert main(["doctor", "--data-dir", str(data)]) == 3
+    assert main(["doctor", "--data-dir", str(data), "--repair"]) == 0
+    assert any(p.name.startswith("ledger.sqlite.damaged-") for p in data.iterdir())
+    # It starts, keeps its blobs, and waits for its federation rather than founding anew.
+    node = await start_node(data, tiny_base, peers=("127.0.0.1:9",))
+    try:
+        await asyncio.sleep(1.0)
+        assert not node.cluster.joined and node.ledger.latest_committed()["round"] == 0
+        assert blob_files(data) >= blobs
+    finally:
+        await node.stop()
+
+
+def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path, tiny_base):
+    init_data_dir(tmp_path / "n", "lab")
+    first = NodeProcess(tmp_path / "n", tiny_base)
+    first.start()
+    try:
+        second = subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", "up", "--data-dir",
+                                 str(tmp_path / "n"), "--model", str(tiny_base), "--rank", "4",
+                                 "--alpha", "8", "--target-modules", "q_proj,v_proj",
+                                 "--no-mdns", "--port", "0"], capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 2
+        assert f"PID {first.proc.pid}" in second.stderr
+    finally:
+        first.terminate()
+
+
+# -- 8, 9. absurd numbers and clumsy command lines -----------------------------------------------
+async def test_absurd_numbers_get_400_and_leave_no_trace(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "n", tiny_base)
+    update = write_update(tmp_path / "u.safetensors", node.spec, 1)
+    key = request_key(node.identity.secret)
+    try:
+        before, blobs = node.ledger.snapshot(), blob_files(tmp_path / "n")
+        body = update.read_bytes()
+        async with aiohttp.ClientSession() as session:
+            for path in (f"/v1/rounds/1/updates?examples={10**30}&trained_from=0",
+                         "/v1/rounds/1/updates?examples=1&trained_from=-1"):
+                headers = sign_headers(key, "POST", path, "mallory",
+                                       hashlib.sha256(body).hexdigest())
+                async with session.post(node.url + path, data=body, headers={
+                        **headers, "Content-Type": "application/octet-stream"}) as r:
+                    assert r.status == 400, await r.text()
+            path = f"/v1/rounds/{10**25}"
+            async with session.get(node.url + path,
+                                   headers=sign_headers(key, "GET", path, "mallory")) as r:
+                assert r.status == 400
+        assert node.ledger.snapshot()["rounds"] == before["rounds"]
+        assert node.ledger.snapshot()["updates"] == before["updates"]
+        assert blob_files(tmp_path / "n") == blobs
+        # An honest adapter saved in float64 (PEFT can) is not "too large".
+        f64 = tmp_path / "f64.safetensors"
+        save_file({k: v.double() for k, v in load_file(str(update)).items()}, str(f64))
+        async with client(node) as c:
+            assert (await c.submit(f64, examples=2))["durable"]
+    finally:
+        await node.stop()
+
+
+def test_clumsy_command_lines_get_one_line_and_the_right_exit_code(tmp_path, capsys):
+    init_data_dir(tmp_path / "n", "lab")
+    cases = [(["status", "--node", "not a url"], 2, "not a node URL"),
+             (["export", "--round", "abc", "--out", str(tmp_path / "x")], 2, "whole number"),
+             (["submit", str(tmp_path), "--examples", "0"], 2, ">= 1"),
+             (["pull", "--out", str(tmp_path / "p"), "--round", "-3"], 2, ">= 0"),
+             (["make-tiny-model", "--out", str(tmp_path / "m"), "--layers", "0"], 2, ">= 1")]
+    for argv, code, said in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, argv
+    # host:port without a scheme is taken as http://; an admin action without the admin
+    # token is a refusal (3), not a bug (1).
+    assert main(["close-round", "--node", "127.0.0.1:9", "--join",
+                 _token(tmp_path / "n")]) == 3
+    assert "admin token" in capsys.readouterr().err
+
+
+def _token(data_dir: Path) -> str:
+    from chorus_p2p.node.identity import load_identity
+
+    return load_identity(data_dir).join_token()
+
+
+# -- a full disk: writes get 507, reads go on ---------------------------------------------------
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+async def test_a_full_disk_refuses_writes_with_507_and_reads_go_on(tmp_path, tiny_base):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
+    try:
+        node = await start_node(mount / "n", tiny_base)
+        try:
+            filler = mount / "filler"
+            with open(filler, "wb") as fh:
+                try:
+                    while True:
+                        fh.write(b"\0" * (1 << 16))
+                except OSError:
+                    pass
+            update = write_update(tmp_path / "u.safetensors", node.spec, 1)
+            async with client(node) as c:
+                status = await c.status()  # reads work
+                assert status["node_id"] == node.node_id
+                with pytest.raises(Exception) as refused:
+                    await c.submit(update, examples=1)
+            assert getattr(refused.value, "status", None) == 507
+            filler.unlink()
+            async with client(node) as c:
+                assert (await c.submit(update, examples=1))["durable"]
+        finally:
+            await node.stop()
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

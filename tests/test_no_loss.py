@@ -1,0 +1,342 @@
+"""Peers never lose an acknowledged update or a committed round: the cases found from outside.
+
+Each test reproduces one way 0.1 lost work (the issue's numbering) on loopback with static peers:
+real node processes where a kill -9 matters, in-process nodes elsewhere. The same properties
+are checked under random faults on a virtual LAN by ``test_jepsen_netns.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from chorus_p2p.client import AsyncNodeClient, ConflictError, NodeClient, NodeError
+from chorus_p2p.netlab import free_loopback_ports
+from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.node.spec import FederationSpec
+
+from nodeutil import (ALPHA, RANK, TARGETS, Federation, NodeProcess, history, run_round,
+                      start_node, wait_for, write_update)
+
+pytestmark = pytest.mark.timeout(300)
+FAST = ["--election-timeout", "0.5", "--min-updates", "1", "--round-deadline", "600"]
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_base):
+    return FederationSpec.build(str(tiny_base), RANK, ALPHA, TARGETS)
+
+
+class Processes:
+    """``chorus-node up`` processes on loopback, static peers to each other."""
+
+    def __init__(self, tmp_path: Path, model: Path, n: int, extra: list[str] | None = None):
+        self.ports = free_loopback_ports(n)
+        first = init_data_dir(tmp_path / "p0", "procs")
+        for i in range(1, n):
+            init_data_dir(tmp_path / f"p{i}", join_token=first.join_token())
+        self.secret = first.secret
+        self.dirs = [tmp_path / f"p{i}" for i in range(n)]
+        self.model, self.extra = model, extra or []
+        self.procs: dict[int, NodeProcess] = {}
+
+    def start(self, i: int) -> NodeProcess:
+        peers = [a for j, p in enumerate(self.ports) if j != i for a in ("--peer", f"127.0.0.1:{p}")]
+        proc = NodeProcess(self.dirs[i], self.model, extra=[*FAST, *peers, *self.extra],
+                           port=self.ports[i])
+        proc.start()
+        self.procs[i] = proc
+        return proc
+
+    def url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    def client(self, i: int, cid: str = "probe") -> NodeClient:
+        return NodeClient(self.url(i), secret=self.secret, client_id=cid, timeout=20)
+
+    def status(self, i: int) -> dict | None:
+        try:
+            with self.client(i) as c:
+                return c.status()
+        except NodeError:
+            return None
+        except Exception:
+            return None
+
+    def coordinator(self, among: list[int] | None = None, timeout: float = 30) -> int:
+        among = list(self.procs) if among is None else among
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = {i: self.status(i) for i in among}
+            leaders = [i for i, s in states.items() if s and s["role"] == "coordinator"
+                       and s["quorum"]]
+            if len(leaders) == 1:
+                return leaders[0]
+            time.sleep(0.1)
+        raise AssertionError("no single coordinator")
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.kill9()
+
+
+@pytest.fixture
+def processes(tmp_path, tiny_base):
+    made = []
+
+    def make(n, extra=None):
+        made.append(Processes(tmp_path, tiny_base, n, extra))
+        return made[-1]
+    yield make
+    for p in made:
+        p.close()
+
+
+def committed_updates(data_dir: Path) -> list[tuple[int, str, str]]:
+    con = sqlite3.connect(f"file:{data_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    try:
+        return con.execute("select u.round, u.node_id, u.blob_sha from updates u join rounds r "
+                           "using (round) where r.state = 'committed'").fetchall()
+    finally:
+        con.close()
+
+
+# -- 1. an acknowledged update survives its coordinator's kill -9 right after the answer --------
+def test_kill9_right_after_201_loses_no_acknowledged_update(processes, tmp_path, spec):
+    cluster = processes(3, extra=["--min-updates", "9"])  # the round stays open: we close it
+    for i in range(3):
+        cluster.start(i)
+    acknowledged: list[tuple[str, str]] = []
+    for trial in range(4):
+        leader = cluster.coordinator()
+        cid = f"client{trial}"
+        update = write_update(tmp_path / f"t{trial}.safetensors", spec, 500 + trial)
+        with cluster.client(leader, cid) as c:
+            answer = c.submit(update, examples=3)
+        cluster.procs[leader].kill9()  # the moment the 201 is in
+        assert answer["durable"] and answer["replicas"] >= 2
+        acknowledged.append((cid, answer["sha256"]))
+        survivors = [i for i in range(3) if i != leader]
+        cluster.coordinator(among=survivors)
+        cluster.start(leader)  # it comes back: it must not delete anything it holds
+    leader = cluster.coordinator()
+    with NodeClient.from_data_dir(cluster.dirs[leader], cluster.url(leader)) as admin:
+        admin.close_round()
+    for i in range(3):
+        wait_for_sync(lambda i=i: {(n, s) for _, n, s in committed_updates(cluster.dirs[i])}
+                      >= set(acknowledged), 60)
+    counted = [(n, s) for _, n, s in committed_updates(cluster.dirs[leader])]
+    for ack in acknowledged:  # every acknowledged update counted exactly once
+        assert counted.count(ack) == 1, ack
+
+
+def wait_for_sync(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("not reached in time")
+
+
+# -- 3. split start: a joiner never makes a history of its own; diverged ones are reported -----
+async def test_two_histories_are_reported_never_replaced_and_resolved_by_an_admin(tmp_path,
+                                                                                  tiny_base):
+    fed = Federation(tmp_path, tiny_base, 2, min_updates=1)
+    try:
+        first = await fed.start(0)  # the founder, alone (its peer is down)
+        await wait_for(lambda: first.cluster.role == "coordinator", timeout=15)
+        for number in (1, 2):
+            await run_round(fed, first, number, clients=("a",))
+        ours = history(first)
+        await fed.stop(0)
+        fed.overrides["bootstrap"] = True  # an operator tells the joiner to start a history
+        second = await fed.start(1)
+        await wait_for(lambda: second.cluster.role == "coordinator", timeout=15)
+        for number in (1, 2):
+            await run_round(fed, second, number, clients=("b",), seed=1000)
+        theirs = history(second)
+        await fed.stop(1)
+        fed.overrides.pop("bootstrap")
+        first, second = await fed.start(0), await fed.start(1)
+        node = await wait_for(lambda: next((n for n in (first, second) if n.rounds.diverged),
+                                           None), timeout=30)
+        # Both heads are reported and neither node's committed rounds changed.
+        assert node.rounds.diverged["ours"]["round"] == 2
+        assert {node.rounds.diverged["ours"]["log_hash"],
+                node.rounds.diverged["theirs"]["log_hash"]} == {ours[0][3], theirs[0][3]}
+        await asyncio.sleep(1.0)
+        assert sorted([history(first), history(second)]) == sorted([ours, theirs])
+        kept = history(node)
+        other = second if node is first else first
+        async with AsyncNodeClient(node.url, secret=node.identity.secret, client_id="admin",
+                                   admin_token=node.identity.admin_token) as c:
+            resolved = await c.resolve()
+        assert resolved["archived_rounds"] >= 2  # rounds 1 and 2 (and an open round 3)
+        await wait_for(lambda: history(node) == history(other), timeout=30)
+        archived = {r["round"]: json.loads(r["record"])
+                    for r in node.ledger.db.query("select round, record from rounds_archive")}
+        assert {n: archived[n]["log_hash"] for n in (1, 2)} == \
+            {n: h for n, _, _, h in kept if n > 0}  # kept, not deleted
+    finally:
+        await fed.close()
+
+
+async def test_a_joiner_that_reaches_no_member_waits_and_makes_no_history(tmp_path, tiny_base):
+    fed = Federation(tmp_path, tiny_base, 2)
+    try:
+        joiner = await fed.start(1)  # its founder is not running
+        await asyncio.sleep(3 * 0.4 + 2.5)  # well past the bootstrap wait and an election
+        assert joiner.cluster.role == "follower" and not joiner.cluster.joined
+        assert joiner.ledger.latest_committed()["round"] == 0
+        await fed.start(0)
+        leader = await fed.one_coordinator()  # either may lead once they have met
+        assert joiner.cluster.joined
+        await run_round(fed, leader, 1)
+    finally:
+        await fed.close()
+
+
+# -- 4. a two-node federation goes on after one machine dies --------------------------------
+async def test_two_nodes_remove_the_dead_one_and_go_on(tmp_path, tiny_base):
+    fed = Federation(tmp_path, tiny_base, 2, min_updates=1)
+    try:
+        await fed.start(0)
+        await fed.start(1)
+        leader = await fed.one_coordinator()
+        await run_round(fed, leader, 1, clients=("a",))
+        dead = next(i for i, n in fed.nodes.items() if n is leader)
+        survivor = fed.nodes[1 - dead]
+        await fed.crash(dead)
+        await asyncio.sleep(2.0)
+        assert survivor.cluster.role != "coordinator" and not survivor.cluster.has_quorum()
+        async with AsyncNodeClient(survivor.url, secret=survivor.identity.secret,
+                                   client_id="admin",
+                                   admin_token=survivor.identity.admin_token) as c:
+            with pytest.raises(ConflictError) as refused:  # no majority: only --force will do
+                await c.remove_member(leader.node_id)
+            assert "--force" in refused.value.message
+            result = await c.remove_member(leader.node_id[:12], force=True)
+        assert result["forced"] is True
+        await wait_for(lambda: survivor.cluster.role == "coordinator", timeout=15)
+        await run_round(fed, survivor, 2, clients=("b",))
+        assert survivor.ledger.round(2)["state"] == "committed"
+    finally:
+        await fed.close()
+
+
+async def test_the_coordinator_removes_a_dead_follower_with_a_majority(tmp_path, tiny_base):
+    fed = Federation(tmp_path, tiny_base, 3, min_updates=1)
+    try:
+        for i in range(3):
+            await fed.start(i)
+        leader = await fed.one_coordinator()
+        dead = next(i for i, n in fed.nodes.items() if n is not leader)
+        dead_id = fed.nodes[dead].node_id
+        await fed.crash(dead)
+        async with AsyncNodeClient(leader.url, secret=leader.identity.secret, client_id="admin",
+                                   admin_token=leader.identity.admin_token) as c:
+            result = await c.remove_member(dead_id)
+        assert result == {"node_id": dead_id, "status": "removed", "forced": False}
+        assert leader.cluster.quorum() == 2 and len(leader.cluster.voting_members()) == 2
+        other = next(n for n in fed.nodes.values() if n is not leader)
+        await wait_for(lambda: other.cluster.peers[dead_id].status == "removed", timeout=10)
+        await run_round(fed, leader, 1, clients=("a",))
+    finally:
+        await fed.close()
+
+
+# -- 5. a node whose spec differs from its federation's stops with the reason ------------------
+async def test_a_joiner_with_another_rank_exits_non_zero(tmp_path, tiny_base):
+    founder = await start_node(tmp_path / "f", tiny_base)
+    try:
+        init_data_dir(tmp_path / "j", join_token=founder.identity.join_token())
+        joiner = NodeProcess(tmp_path / "j", tiny_base,
+                             extra=["--peer", founder.url.split("//")[1], "--rank", "8"])
+        joiner.start()
+        code = await asyncio.to_thread(joiner.proc.wait, 60)
+        assert code == 3
+        err = joiner.proc.stderr.read()
+        assert "refused this node" in err and "rank" in err
+    finally:
+        await founder.stop()
+
+
+# -- 6. the same bytes are counted once --------------------------------------------------------
+async def test_resubmitting_counted_bytes_is_refused_with_the_round(tmp_path, tiny_base):
+    node = await start_node(tmp_path / "n", tiny_base, min_updates=1)
+    try:
+        update = write_update(tmp_path / "u.safetensors", node.spec, 9)
+        async with AsyncNodeClient(node.url, secret=node.identity.secret, client_id="a") as c:
+            await c.submit(update, examples=4)
+            await wait_for(lambda: node.ledger.round(1)["state"] == "committed")
+            with pytest.raises(ConflictError) as again:
+                await c.submit(update, examples=4)
+        assert again.value.code == "already_counted" and again.value.details["round"] == 1
+        assert node.ledger.count_updates(2) == 0
+    finally:
+        await node.stop()
+
+
+# -- 7. smaller: moved members, clock skew --------------------------------------------------------
+async def test_a_member_that_moves_is_found_at_its_new_address(tmp_path, tiny_base):
+    fed = Federation(tmp_path, tiny_base, 3)
+    try:
+        for i in range(3):
+            await fed.start(i)
+        leader = await fed.one_coordinator()
+        mover = next(i for i, n in fed.nodes.items() if n is not leader)
+        mover_id = fed.nodes[mover].node_id
+        await fed.stop(mover)
+        fed.ports[mover] = free_loopback_ports(1)[0]  # the machine comes back with a new address
+        await fed.start(mover)
+        new = f"127.0.0.1:{fed.ports[mover]}"
+        await wait_for(lambda: any(m["node_id"] == mover_id and m["addresses"] == [new]
+                                   for m in leader.ledger.members()), timeout=15)
+        others = [n for n in fed.nodes.values() if n is not leader and n.node_id != mover_id]
+        await wait_for(lambda: all(n.cluster.peers[mover_id].url.endswith(new) for n in others),
+                       timeout=15)
+    finally:
+        await fed.close()
+
+
+async def test_a_joiner_with_a_skewed_clock_is_told_to_check_ntp_and_waits(tmp_path,
+                                                                           tiny_base):
+    founder = await start_node(tmp_path / "f", tiny_base)
+    refused = []
+    founder.bus.publish = _spy(founder.bus.publish, refused)
+    try:
+        init_data_dir(tmp_path / "j", join_token=founder.identity.join_token())
+        joiner = NodeProcess(tmp_path / "j", tiny_base, env={"CHORUS_CLOCK_OFFSET_S": "600"},
+                             extra=["--peer", founder.url.split("//")[1]])
+        joiner.start()
+        try:
+            await wait_for(lambda: joiner.events("peer_refused"), timeout=20)
+            said = joiner.events("peer_refused")[0]["data"]
+            assert said["code"] == "stale_request" and "check NTP" in said["reason"]
+            assert any("check NTP" in d.get("message", "") for d in refused)
+            await asyncio.sleep(2.0)  # past its bootstrap wait: a 0.1 joiner elected itself here
+            assert not joiner.events("coordinator_elected")
+            con = sqlite3.connect(f"file:{tmp_path / 'j' / 'ledger.sqlite'}?mode=ro", uri=True)
+            try:
+                assert con.execute("select max(round) from rounds").fetchone()[0] == 0
+            finally:
+                con.close()
+        finally:
+            joiner.terminate()
+    finally:
+        await founder.stop()
+
+
+def _spy(publish, seen: list):
+    def wrapper(kind, round_no=None, data=None, **kwargs):
+        if kind == "request_refused":
+            seen.append(data or {})
+        return publish(kind, round_no, data, **kwargs)
+    return wrapper
