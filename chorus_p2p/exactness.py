@@ -14,12 +14,20 @@ from typing import Sequence
 import torch
 
 
-def merged_state(base_dir: str | Path, adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+def auto_class(task_type: str | None = None):
+    """The ``transformers`` auto class for a PEFT task type (causal LM unless it says else)."""
+    import transformers
+
+    return {"SEQ_CLS": transformers.AutoModelForSequenceClassification}.get(
+        task_type or "CAUSAL_LM", transformers.AutoModelForCausalLM)
+
+
+def merged_state(base_dir: str | Path, adapter_dir: str | Path, auto=None
+                 ) -> dict[str, torch.Tensor]:
     """Load ``base_dir`` (float32), apply the PEFT adapter, merge, return the state dict."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = (auto or auto_class()).from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
@@ -48,11 +56,9 @@ def compare_to_mean(result: dict[str, torch.Tensor], mean: dict[str, torch.Tenso
     return worst, worst_key
 
 
-def logits_of(base_dir: str | Path, state: dict[str, torch.Tensor], tokens: torch.Tensor
-              ) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+def logits_of(base_dir: str | Path, state: dict[str, torch.Tensor], tokens: torch.Tensor,
+              auto=None) -> torch.Tensor:
+    model = (auto or auto_class()).from_pretrained(base_dir, dtype=torch.float32)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     with torch.no_grad():
         return model(tokens).logits.double()

@@ -122,7 +122,7 @@ def _bad_config(folder):
     (_unpair, "module model.layers.0.self_attn.q_proj: lora_B is missing"),
     (_nan, "module model.layers.0.self_attn.q_proj: lora_A contains NaN or Inf"),
     (_inf, "module model.layers.0.self_attn.q_proj: lora_B contains NaN or Inf"),
-    (_wrong_width, "module model.layers.0.self_attn.q_proj: is 64x65 but"),
+    (_wrong_width, "module model.layers.0.self_attn.q_proj: is a linear 64x65 but"),
     (_rank_mismatch, "module model.layers.0.self_attn.q_proj: lora_A is 4x64 but lora_B is 64x3"),
     (_bad_config, "bad adapter config"),
 ])

@@ -103,7 +103,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from chorus_p2p.node.settings import resolve_settings
 
     flags = {k: getattr(args, k) for k in ("model", "data_dir", "host", "port", "strategy",
-                                           "rank", "alpha", "target_modules", "min_updates",
+                                           "rank", "alpha", "target_modules", "task_type",
+                                           "modules_to_save", "min_updates",
                                            "round_deadline", "headless", "mdns",
                                            "election_timeout", "approve_joins", "bootstrap",
                                            "member_timeout",
@@ -204,6 +205,7 @@ def _offline_gc(data_dir: Path, keep_rounds: str | None) -> dict[str, Any]:
     from chorus_p2p.node.retention import Retention
     from chorus_p2p.node.service import BLOB_DIR, LEDGER_FILE, STATE_DIR
     from chorus_p2p.node.settings import parse_keep_rounds, resolve_settings
+    from chorus_p2p.node.spec import FederationSpec
     from chorus_p2p.state.store import StateStore
 
     if not (data_dir / LEDGER_FILE).exists():
@@ -215,9 +217,9 @@ def _offline_gc(data_dir: Path, keep_rounds: str | None) -> dict[str, Any]:
         raise UsageError(str(exc)) from exc
     ledger = Ledger(data_dir / LEDGER_FILE)
     try:
-        modules = _json.loads(ledger.get_meta("spec") or "{}").get("modules", {})
-        store = StateStore(data_dir / STATE_DIR, {k: tuple(v) for k, v in modules.items()},
-                           read_only=True)
+        spec = FederationSpec.from_json(_json.loads(ledger.get_meta("spec") or "{}"))
+        store = StateStore(data_dir / STATE_DIR, spec.modules, read_only=True,
+                           transposed=spec.transposed)
         retention = Retention(ledger, BlobStore(data_dir / BLOB_DIR), keep)
         # Nothing is in flight while no node runs: orphans need no grace period.
         report = asyncio.run(retention.collect(store.recovery_round, grace_s=0.0))
@@ -383,6 +385,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     up.add_argument("--rank", type=positive_int, help="LoRA rank (default 16)")
     up.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
     up.add_argument("--target-modules", help="comma-separated (default q_proj,v_proj)")
+    up.add_argument("--task-type", choices=("CAUSAL_LM", "SEQ_CLS"),
+                    help="PEFT task type (default CAUSAL_LM; SEQ_CLS for a classifier)")
+    up.add_argument("--modules-to-save", metavar="NAMES",
+                    help="comma-separated modules trained in full and averaged (a classifier "
+                         "head such as score or classifier, lm_head, embed_tokens)")
     up.add_argument("--min-updates", type=positive_int, help="updates needed to aggregate (default 2)")
     up.add_argument("--round-deadline", type=float, help="seconds to wait for stragglers "
                     "(default 600)")

@@ -34,6 +34,7 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     """The participant loop from outside a node: pull, train, submit, wait, repeat."""
     from chorus_p2p.cli.node_cmds import _client
+    from chorus_p2p.node.spec import FederationSpec
     from chorus_p2p.state.store import StateStore
     from chorus_p2p.tiny import quiet_transformers
     from chorus_p2p.train.data import Dataset
@@ -45,8 +46,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     with _client(args) as node, tempfile.TemporaryDirectory(prefix="chorus-train-") as tmp:
         work = Path(tmp)
-        modules = {k: tuple(v) for k, v in node.federation()["spec"]["modules"].items()}
-        state = StateStore(work / "state", modules, checkpoint_every=1 << 30)
+        spec = FederationSpec.from_json(node.federation()["spec"])
+        state = StateStore(work / "state", spec.modules, checkpoint_every=1 << 30,
+                           transposed=spec.transposed)
         for done in range(args.rounds):
             deadline = time.monotonic() + args.wait
             while (current := node.status()["current_round"]) is None:

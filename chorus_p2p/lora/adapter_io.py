@@ -3,6 +3,19 @@
 A client adapter is opened once (header only) and its factors are pulled per module with
 ``safetensors.safe_open``, so aggregating dozens of clients never holds more than one module of
 each in memory. Every problem is raised as an :class:`AdapterError` naming the file and module.
+
+What an adapter file may hold, as PEFT writes it:
+
+- LoRA factors of ``Linear`` and GPT-2 ``Conv1D`` layers: ``P.lora_A.weight`` (r x d_in) and
+  ``P.lora_B.weight`` (d_out x r), ``delta = s B A`` (a ``Conv1D`` stores its weight transposed,
+  ``d_in x d_out``, which ``fan_in_fan_out`` in the config says; the factors are the same);
+- embedding LoRA: ``P.lora_embedding_A`` (r x num_embeddings), ``P.lora_embedding_B``
+  (dim x r); the embedding's change is ``(s B A)^T``;
+- full tensors: ``modules_to_save`` (a classifier head, ``lm_head``, ``embed_tokens`` trained in
+  full) and base layers PEFT saves beside embedding LoRA, under their plain parameter names
+  (``base_model.model.score.weight``). They average exactly as they are.
+
+Refused, with the option named: DoRA (``use_dora``), LoRA biases (``lora_bias``).
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _FACTOR_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<prefix>.+)\.lora_embedding_(?P<which>[AB])(?:\.[A-Za-z0-9_\-]+)?$")
+LINEAR, EMBEDDING = "linear", "embedding"
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
@@ -45,9 +60,12 @@ class LoraFactors:
 
 @dataclass(frozen=True)
 class ModuleShape:
+    """``d_out x d_in`` is the shape of ``B @ A``: for an embedding, dim x num_embeddings."""
+
     d_out: int
     d_in: int
     rank: int
+    kind: str = LINEAR
 
 
 def resolve_adapter_files(path: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -95,11 +113,21 @@ class AdapterSource:
         except Exception as exc:  # safetensors raises its own error types and OSError
             raise AdapterError(f"not a valid safetensors file ({exc})", source=self.label) from exc
         self._keys: dict[str, dict[str, str]] = {}
+        self._kinds: dict[str, str] = {}
+        self.full: dict[str, tuple[int, ...]] = {}  # full tensors (modules_to_save): key -> shape
         for key in keys:
-            match = _FACTOR_KEY.match(key)
+            unsupported = self._explain_unsupported(key)
+            if unsupported:
+                raise AdapterError(unsupported, source=self.label)
+            match = _FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key)
             if match is None:
-                raise AdapterError(self._explain_unsupported(key), source=self.label)
+                self.full[key] = self._full_shape(key)
+                continue
+            kind = EMBEDDING if "lora_embedding_" in key else LINEAR
             self._keys.setdefault(match["prefix"], {})[match["which"]] = key
+            if self._kinds.setdefault(match["prefix"], kind) != kind:
+                raise AdapterError("mixes embedding and linear LoRA factors", source=self.label,
+                                   module=module_name_from_prefix(match["prefix"]))
         if not self._keys:
             raise AdapterError("contains no LoRA factors", source=self.label)
         self.shapes: dict[str, ModuleShape] = {p: self._shape(p) for p in self._keys}
@@ -107,14 +135,39 @@ class AdapterSource:
         self.settings = settings or _read_settings(config_path, default_rank)
 
     @staticmethod
-    def _explain_unsupported(key: str) -> str:
+    def _explain_unsupported(key: str) -> str | None:
         if "lora_magnitude_vector" in key:
-            return f"key {key!r} is a DoRA magnitude; DoRA adapters are not supported"
-        if "lora_embedding" in key:
-            return f"key {key!r} is an embedding LoRA; only Linear LoRA layers are supported"
-        if key.endswith(".bias"):
-            return f"key {key!r} is a LoRA bias (lora_bias=True); not supported"
-        return f"key {key!r} is not a LoRA factor (modules_to_save and other extras are not supported)"
+            return (f"key {key!r} is a DoRA magnitude (use_dora=True): DoRA's merged weight "
+                    "rescales each column by a norm of W + s B A, which does not average "
+                    "linearly; train with use_dora=False")
+        if re.search(r"\.lora_[AB](\.[A-Za-z0-9_\-]+)?\.bias$", key):
+            return (f"key {key!r} is a LoRA bias (lora_bias=True); not supported, train with "
+                    "lora_bias=False")
+        if ".lora_" in key and not (_FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key)):
+            return f"key {key!r} is a LoRA tensor of a kind that is not supported"
+        return None
+
+    def _full_shape(self, key: str) -> tuple[int, ...]:
+        tslice = self._handle.get_slice(key)
+        if tslice.get_dtype() not in _FLOAT_DTYPES:
+            raise AdapterError(f"tensor {key!r} has dtype {tslice.get_dtype()}; expected a float "
+                               "type", source=self.label)
+        return tuple(tslice.get_shape())
+
+    def full_tensor(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A full tensor (``modules_to_save``), checked finite."""
+        try:
+            tensor = self._handle.get_tensor(key).to(dtype)
+        except Exception as exc:
+            raise AdapterError(f"cannot read {key!r} ({exc})", source=self.label) from exc
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{key!r} contains NaN or Inf", source=self.label)
+        return tensor
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """PEFT's flag for GPT-2 style ``Conv1D`` targets, whose weight is ``d_in x d_out``."""
+        return bool(self.settings.raw.get("fan_in_fan_out", False))
 
     def _shape(self, prefix: str) -> ModuleShape:
         pair = self._keys[prefix]
@@ -139,7 +192,7 @@ class AdapterSource:
         if r_a != r_b:
             raise AdapterError(f"lora_A is {r_a}x{d_in} but lora_B is {d_out}x{r_b}: ranks differ",
                                source=self.label, module=module)
-        return ModuleShape(d_out=d_out, d_in=d_in, rank=r_a)
+        return ModuleShape(d_out=d_out, d_in=d_in, rank=r_a, kind=self._kinds[prefix])
 
     @property
     def modules(self) -> list[str]:
@@ -188,8 +241,10 @@ def open_adapters(paths: list[str], settings: LoraSettings | None = None,
                for i, p in enumerate(paths)]
 
 
-def factor_keys(prefix: str) -> tuple[str, str]:
+def factor_keys(prefix: str, kind: str = LINEAR) -> tuple[str, str]:
     """PEFT's saved key names for a module's A and B factors."""
+    if kind == EMBEDDING:
+        return f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
     return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
 
 

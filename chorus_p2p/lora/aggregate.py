@@ -93,10 +93,18 @@ def _check_same_modules(sources: Sequence[AdapterSource]) -> list[str]:
                                source=source.label, module=module_name_from_prefix(extra[0]))
         for prefix in reference.modules:
             a, b = reference.shapes[prefix], source.shapes[prefix]
-            if (a.d_out, a.d_in) != (b.d_out, b.d_in):
+            if (a.d_out, a.d_in, a.kind) != (b.d_out, b.d_in, b.kind):
                 raise AdapterError(
-                    f"is {b.d_out}x{b.d_in} but {reference.label} is {a.d_out}x{a.d_in}",
-                    source=source.label, module=module_name_from_prefix(prefix))
+                    f"is a {b.kind} {b.d_out}x{b.d_in} but {reference.label}'s is a {a.kind} "
+                    f"{a.d_out}x{a.d_in}", source=source.label,
+                    module=module_name_from_prefix(prefix))
+        if source.full != reference.full:
+            differ = sorted(set(source.full.items()) ^ set(reference.full.items()))
+            raise AdapterError(f"its full tensors (modules_to_save) differ from "
+                               f"{reference.label}'s at {differ[0][0]!r}", source=source.label)
+        if source.fan_in_fan_out != reference.fan_in_fan_out:
+            raise AdapterError(f"fan_in_fan_out differs from {reference.label}'s (one was made "
+                               "for Conv1D layers, the other not)", source=source.label)
     return reference.modules
 
 
@@ -143,6 +151,31 @@ def plan_output(sources: Sequence[AdapterSource], modules: Sequence[str], strate
     return OutputPlan(ranks=ranks, settings=settings, config=config)
 
 
+def _saved_base_layer(key: str, modules: Sequence[str]) -> bool:
+    """PEFT saves a copy of the frozen base weight beside embedding LoRA (``P.base_layer.weight``).
+    It is the base, not something trained: it is not carried into the global adapter, where it
+    would overwrite the folded base (``W0 + R``) when PEFT loads it."""
+    return any(key.startswith(prefix + ".base_layer.") for prefix in modules)
+
+
+def _check_same_base_layer(sources: Sequence[AdapterSource], key: str) -> None:
+    reference = sources[0].full_tensor(key)
+    for source in sources[1:]:
+        if not torch.equal(source.full_tensor(key), reference):
+            raise AdapterError(f"its saved base layer {key!r} differs from {sources[0].label}'s "
+                               "(a resized vocabulary?); every client must start from the same "
+                               "base model", source=source.label)
+
+
+def residual_orientation(source: AdapterSource, modules: Sequence[str]) -> dict[str, str]:
+    """Residual-file metadata that says how each module's ``D`` (``d_out x d_in``, like
+    ``B @ A``) lies in the base weight: embeddings and ``Conv1D`` layers store it transposed.
+    ``fold`` needs it when a weight is square and its shape cannot tell."""
+    return {"fan_in_fan_out": "true" if source.fan_in_fan_out else "false",
+            "embedding_modules": json.dumps(sorted(p for p in modules
+                                                   if source.shapes[p].kind == "embedding"))}
+
+
 def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                        strategy: str = DEFAULT_STRATEGY, weights: Sequence[float] | None = None,
                        rank: int | None = None, force: bool = False,
@@ -169,11 +202,12 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
             plan = plan_output(sources, modules, strategy, rank)
             adapter: dict[str, torch.Tensor] = {}
             reports: list[ModuleReport] = []
+            kinds = {p: sources[0].shapes[p].kind for p in modules}
             for prefix in modules:
                 clients = [s.factors(prefix, dtype) for s in sources]
                 result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],
                                           plan.scale(prefix))
-                key_a, key_b = factor_keys(prefix)
+                key_a, key_b = factor_keys(prefix, kinds[prefix])
                 adapter[key_a] = result.A.to(torch.float32)
                 adapter[key_b] = result.B.to(torch.float32)
                 if result.residual_left is not None:
@@ -183,12 +217,23 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                                             result.residual_rank, result.target_norm,
                                             result.residual_norm))
                 del clients, result
+            # Full tensors (modules_to_save: heads, lm_head, embed_tokens): the weighted mean of
+            # the clients' tensors is exactly the weighted mean model's, whatever the strategy.
+            for key in sources[0].full:
+                if _saved_base_layer(key, modules):
+                    _check_same_base_layer(sources, key)
+                    continue
+                mean = sum(w * s.full_tensor(key, torch.float64)
+                           for w, s in zip(norm_weights, sources))
+                adapter[key] = mean.to(torch.float32)
+            orientation = residual_orientation(sources[0], modules)
         report = AggregationReport(strategy=strategy, clients=list(labels or map(str, paths)),
                                    weights=norm_weights, seconds=0.0, modules=reports)
         with atomic_output_dir(out_dir, force=force) as scratch:
             write_adapter(scratch, plan.config, adapter)
             if strategy != "fedavg":
-                residual.finish(scratch / RESIDUAL_FILE, {**RESIDUAL_METADATA, "strategy": strategy})
+                residual.finish(scratch / RESIDUAL_FILE, {**RESIDUAL_METADATA, "strategy": strategy,
+                                                          **orientation})
             report.seconds = time.perf_counter() - started
             (scratch / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     finally:

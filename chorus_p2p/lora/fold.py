@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, MutableMapping, Sequence, Union
+from typing import Iterable, Iterator, Mapping, MutableMapping, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -37,11 +37,31 @@ Deltas = Iterable[tuple[str, torch.Tensor]]
 ResidualInput = Union[str, os.PathLike, ResidualFile, FactoredResidual, Deltas]
 
 
-def _check_shape(shape: Sequence[int], d_out: int, d_in: int, *, source: str, prefix: str) -> None:
-    if list(shape) != [d_out, d_in]:
-        raise AdapterError(f"residual is {d_out}x{d_in} but the base weight is "
-                           f"{'x'.join(map(str, shape))}", source=source,
-                           module=module_name_from_prefix(prefix))
+def placement(shape: Sequence[int], d_out: int, d_in: int, hint: bool | None, *, source: str,
+              prefix: str) -> bool:
+    """Whether a ``d_out x d_in`` change goes into this weight transposed.
+
+    ``Linear`` weights are ``d_out x d_in``; GPT-2's ``Conv1D`` (PEFT's ``fan_in_fan_out``) and
+    embeddings store theirs ``d_in x d_out``. The weight's shape decides where it can; a square
+    weight cannot tell, so there the residual's own record (``hint``: from the adapter config,
+    or the node's spec) decides, and without one we refuse rather than guess (adding ``D``
+    untransposed into a square ``Conv1D`` is silently wrong)."""
+    module = module_name_from_prefix(prefix)
+    fits, fits_t = list(shape) == [d_out, d_in], list(shape) == [d_in, d_out]
+    if fits and fits_t:
+        if hint is None:
+            raise AdapterError(
+                f"the base weight is square ({d_out}x{d_in}), so its shape cannot tell whether it "
+                "is a Linear weight (d_out x d_in) or a Conv1D/embedding one (stored transposed, "
+                "fan_in_fan_out); this residual does not say which. Fold into the loaded model "
+                "(its layer types decide), or re-aggregate with an adapter_config.json that sets "
+                "fan_in_fan_out", source=source, module=module)
+        return hint
+    if fits or fits_t:
+        return fits_t
+    raise AdapterError(f"residual is {d_out}x{d_in} but the base weight is "
+                       f"{'x'.join(map(str, shape))} (in neither orientation)", source=source,
+                       module=module)
 
 
 def iter_deltas(residual: ResidualInput) -> Iterator[tuple[str, torch.Tensor]]:
@@ -58,19 +78,52 @@ def iter_deltas(residual: ResidualInput) -> Iterator[tuple[str, torch.Tensor]]:
         yield from residual
 
 
+def _hints(residual: ResidualInput) -> Mapping[str, bool | None]:
+    if isinstance(residual, ResidualFile):
+        return residual.transposed
+    if isinstance(residual, (str, os.PathLike)):
+        with ResidualFile(residual) as opened:
+            return opened.transposed
+    return {}
+
+
 def fold_into_state_dict(state: MutableMapping[str, torch.Tensor], residual: ResidualInput,
-                         *, source: str = "state dict") -> list[str]:
-    """Add each module's change to its weight in ``state`` (now float32); return the keys."""
+                         *, source: str = "state dict",
+                         hints: Mapping[str, bool | None] | None = None) -> list[str]:
+    """Add each module's change to its weight in ``state`` (now float32), in the weight's own
+    orientation (see :func:`placement`); return the keys."""
+    hints = _hints(residual) if hints is None else hints
     changed = []
     for prefix, delta in iter_deltas(residual):
         key = weight_key(prefix)
         if key not in state:
             raise AdapterError(f"base has no weight {key!r}", source=source,
                                module=module_name_from_prefix(prefix))
-        _check_shape(state[key].shape, *delta.shape, source=source, prefix=prefix)
+        if placement(state[key].shape, *delta.shape, hints.get(prefix), source=source,
+                     prefix=prefix):
+            delta = delta.T
         state[key] = state[key].to(torch.float32) + delta
         changed.append(key)
     return changed
+
+
+def stored_transposed(module: torch.nn.Module) -> bool | None:
+    """How a loaded layer stores its weight: ``Conv1D`` and embeddings transposed."""
+    kind = type(module).__name__
+    if kind == "Conv1D" or isinstance(module, torch.nn.Embedding):
+        return True
+    if isinstance(module, torch.nn.Linear):
+        return False
+    return None
+
+
+def _tied(model: torch.nn.Module, module: torch.nn.Module) -> bool:
+    """``lm_head`` sharing its weight with the input embeddings (``tie_word_embeddings``)."""
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return outputs is module and inputs is not None and inputs.weight is module.weight
 
 
 @torch.no_grad()
@@ -88,13 +141,47 @@ def fold_into_model(model: torch.nn.Module, residual: ResidualInput) -> list[str
         except AttributeError as exc:
             raise AdapterError("model has no such module", source="model", module=name) from exc
         weight = module.weight
-        _check_shape(weight.shape, *delta.shape, source="model", prefix=prefix)
+        if _tied(model, module):
+            raise AdapterError("lm_head shares its weight with the input embeddings "
+                               "(tie_word_embeddings): folding a residual into it would change "
+                               "the embeddings too, which no client's model did. Untie them "
+                               "(tie_word_embeddings=False) or do not target lm_head",
+                               source="model", module=name)
+        if placement(weight.shape, *delta.shape, stored_transposed(module), source="model",
+                     prefix=prefix):
+            delta = delta.T
         if weight.dtype != torch.float32:
             log.warning("folding into %s weight of %s loses precision; load the base in float32",
                         weight.dtype, name)
         weight.copy_((weight.data.to(torch.float32) + delta.to(weight.device)).to(weight.dtype))
         changed.append(name)
     return changed
+
+
+def layer_orientations(base: Path, prefixes: list[str]) -> dict[str, bool | None]:
+    """``stored_transposed`` of each target layer, from the ``config.json`` of the base folder
+    (or beside the weights file): the model is built on the meta device (no weights, instant).
+    Empty when there is no config."""
+    folder = base if base.is_dir() else base.parent  # a weights file beside its config counts
+    if not (folder / "config.json").is_file():
+        return {}
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except Exception:  # an unreadable config: fall back to the residual's own record
+        return {}
+    names = {p: module_name_from_prefix(p) for p in prefixes}
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification,
+                 transformers.AutoModel):
+        try:
+            with torch.device("meta"):
+                skeleton = auto.from_config(config)
+            modules = {p: skeleton.get_submodule(n) for p, n in names.items()}
+        except Exception:  # this head class does not fit the config, or names another layout
+            continue
+        return {p: stored_transposed(m) for p, m in modules.items()}
+    return {}
 
 
 def _weight_files(base: Path) -> list[Path]:
@@ -134,6 +221,9 @@ def fold_base(base: str | os.PathLike, residual_path: str | os.PathLike, out: st
     files = _weight_files(base)
     where = _key_locations(files)
     with ResidualFile(residual_path) as residual:
+        # The base model's own layer types are the surest word on orientation; the residual's
+        # record is the fallback (a bare weights file has no config to build them from).
+        hints = {**residual.transposed, **layer_orientations(base, list(residual.modules))}
         per_file: dict[Path, list[str]] = {}
         for prefix, (d_out, d_in) in residual.modules.items():
             key = weight_key(prefix)
@@ -141,25 +231,28 @@ def fold_base(base: str | os.PathLike, residual_path: str | os.PathLike, out: st
                 raise AdapterError(f"base has no weight {key!r}", source=str(base),
                                    module=module_name_from_prefix(prefix))
             path, shape = where[key]
-            _check_shape(shape, d_out, d_in, source=str(residual_path), prefix=prefix)
+            placement(shape, d_out, d_in, hints.get(prefix), source=str(residual_path),
+                      prefix=prefix)  # refuse before any write
             per_file.setdefault(path, []).append(prefix)
 
         changed: list[str] = []
         if base.is_file():
             with atomic_output_file(out, force=force) as scratch:
-                changed += _fold_file(base, scratch, residual, per_file.get(base, []))
+                changed += _fold_file(base, scratch, residual, per_file.get(base, []), hints)
             return changed
         with atomic_output_dir(out, force=force) as scratch:
             for item in base.iterdir():
                 if item.suffix != ".safetensors":
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, scratch / item.name)
             for path in files:
-                changed += _fold_file(path, scratch / path.name, residual, per_file.get(path, []))
+                changed += _fold_file(path, scratch / path.name, residual, per_file.get(path, []),
+                                      hints)
             _refresh_index_size(scratch)
     return changed
 
 
-def _fold_file(path: Path, target: Path, residual: ResidualFile, prefixes: list[str]) -> list[str]:
+def _fold_file(path: Path, target: Path, residual: ResidualFile, prefixes: list[str],
+               hints: Mapping[str, bool | None]) -> list[str]:
     """Fold into one weights file (one shard at a time in memory, as transformers loads them)."""
     if not prefixes:
         shutil.copy2(path, target)
@@ -168,7 +261,7 @@ def _fold_file(path: Path, target: Path, residual: ResidualFile, prefixes: list[
         metadata = handle.metadata() or {"format": "pt"}
     state = load_file(str(path))
     changed = fold_into_state_dict(state, ((p, residual.delta(p)) for p in prefixes),
-                                   source=str(path))
+                                   source=str(path), hints=hints)
     save_file(state, str(target), metadata=metadata)
     return changed
 

@@ -16,6 +16,7 @@ Two formats, both safetensors, told apart by their keys:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class ResidualFile:
             raise AdapterError(f"not a valid safetensors file ({exc})", source=self.label) from exc
         self.dense = bool(keys) and all(k.endswith(DENSE_SUFFIX) for k in keys)
         self.modules: dict[str, tuple[int, int]] = {}
+        self.metadata = self._handle.metadata() or {}
         if self.dense:
             for key in keys:
                 shape = list(self._handle.get_slice(key).get_shape())
@@ -99,6 +101,18 @@ class ResidualFile:
                 raise AdapterError(f"factor shapes {left} @ {right} do not chain",
                                    source=self.label, module=module)
             self.modules[prefix] = (left[0], right[1])
+
+    @property
+    def transposed(self) -> dict[str, bool | None]:
+        """Per module: is ``D`` stored transposed in the base weight (``Conv1D``, embedding)?
+        None where the file does not say (``fold`` then needs the weight's shape to tell)."""
+        meta = self.metadata
+        if "transposed" in meta:  # a node's state: its spec knows every module's layer type
+            flagged = set(json.loads(meta["transposed"]))
+            return {p: p in flagged for p in self.modules}
+        embeddings = set(json.loads(meta.get("embedding_modules", "[]")))
+        fan = {"true": True, "false": False}.get(meta.get("fan_in_fan_out", ""))
+        return {p: True if p in embeddings else fan for p in self.modules}
 
     def __enter__(self) -> "ResidualFile":
         return self

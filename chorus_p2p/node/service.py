@@ -49,7 +49,7 @@ log = logging.getLogger("chorus_p2p.node")
 LEDGER_FILE = "ledger.sqlite"
 BLOB_DIR = "blobs"
 STATE_DIR = "state"
-SPEC_KEYS = ("model", "rank", "alpha", "target_modules")
+SPEC_KEYS = ("model", "rank", "alpha", "target_modules", "task_type", "modules_to_save")
 
 
 def load_or_create_spec(ledger: Ledger, settings: NodeSettings) -> FederationSpec:
@@ -59,12 +59,14 @@ def load_or_create_spec(ledger: Ledger, settings: NodeSettings) -> FederationSpe
         if not settings.model:
             raise UsageError("the first `chorus-node up` needs --model ID_OR_PATH")
         spec = FederationSpec.build(settings.model, settings.rank, settings.alpha,
-                                    settings.target_modules)
+                                    settings.target_modules, settings.task_type,
+                                    settings.modules_to_save)
         ledger.set_meta("spec", json.dumps(spec.to_json(), sort_keys=True))
         return spec
     spec = FederationSpec.from_json(json.loads(stored))
     wanted = {"model": settings.model, "rank": settings.rank, "alpha": settings.alpha,
-              "target_modules": tuple(settings.target_modules)}
+              "target_modules": tuple(settings.target_modules), "task_type": settings.task_type,
+              "modules_to_save": tuple(settings.modules_to_save)}
     for key in SPEC_KEYS:
         if key in settings.sources and wanted[key] != getattr(spec, key):
             raise UsageError(f"this data dir's federation trains {key}={getattr(spec, key)!r}, "
@@ -124,7 +126,8 @@ class Node:
                                    self.identity.node_id, self.policy, self.bus)
         self.state_store = StateStore(self.data_dir / STATE_DIR, self.spec.modules,
                                       self.rounds.probes,
-                                      checkpoint_every=settings.checkpoint_every)
+                                      checkpoint_every=settings.checkpoint_every,
+                                      transposed=self.spec.transposed)
         self.retention = Retention(self.ledger, self.blobs, settings.keep_rounds, self.bus,
                                    self.rounds.lock)
         self.state = StateKeeper(self, self.state_store)
@@ -336,16 +339,23 @@ class _HumanFormatter(logging.Formatter):
         return line
 
 
+_LISTENER = None
+
+
 def configure_logging(headless: bool, verbose: bool = False) -> None:
     """Log lines are formatted and written by a thread of their own: a slow or full stdout (a
     pipe nobody reads, a busy terminal) must never stall the event loop."""
     import logging.handlers
     import queue
 
+    global _LISTENER
+    if _LISTENER is not None:  # configured again in the same process (tests, the demo)
+        _LISTENER.stop()
     output = logging.StreamHandler(sys.stdout if headless else sys.stderr)
     output.setFormatter(_JsonFormatter() if headless else _HumanFormatter())
     lines: queue.Queue = queue.Queue(100_000)
-    listener = logging.handlers.QueueListener(lines, output, respect_handler_level=True)
+    listener = _LISTENER = logging.handlers.QueueListener(lines, output,
+                                                          respect_handler_level=True)
     listener.start()
     atexit.register(listener.stop)
     handler = _DroppingQueueHandler(lines)

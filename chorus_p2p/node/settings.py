@@ -35,6 +35,8 @@ class NodeSettings:
     rank: int = 16
     alpha: float = 32.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    task_type: str = "CAUSAL_LM"  # PEFT task type: CAUSAL_LM, or SEQ_CLS for a classifier
+    modules_to_save: tuple[str, ...] = ()  # trained in full (a classifier head, lm_head)
     min_updates: int = 2
     round_deadline: float = 600.0
     headless: bool = False
@@ -79,7 +81,7 @@ def parse_keep_rounds(text: str | int | None) -> int | None:
 
 def _convert(name: str, value: Any, kind: Any) -> Any:
     try:
-        if name in ("target_modules", "peers", "interfaces"):
+        if name in ("target_modules", "peers", "interfaces", "modules_to_save"):
             if name != "target_modules" and not value:
                 return ()
             items = value.split(",") if isinstance(value, str) else list(value)
@@ -100,6 +102,7 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
 
 
 _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": str, "rank": int,
+          "task_type": str, "modules_to_save": tuple,
           "alpha": float, "target_modules": tuple, "min_updates": int, "round_deadline": float,
           "headless": bool, "peers": tuple, "interfaces": tuple, "mdns": bool,
           "election_timeout": float, "approve_joins": bool, "bootstrap": bool,
@@ -143,6 +146,8 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         settings.sources[f.name] = source
     if settings.strategy not in STRATEGIES:
         raise UsageError(f"strategy {settings.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if settings.task_type not in ("CAUSAL_LM", "SEQ_CLS"):
+        raise UsageError(f"task_type {settings.task_type!r}: CAUSAL_LM or SEQ_CLS")
     if settings.min_updates < 1:
         raise UsageError("min_updates must be at least 1")
     if settings.round_deadline <= 0:

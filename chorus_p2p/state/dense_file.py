@@ -34,13 +34,17 @@ class StateFileError(Exception):
 
 @dataclass(frozen=True)
 class DenseLayout:
-    """Where each module's dense tensor lives in a state file."""
+    """Where each module's dense tensor lives in a state file. ``transposed`` names the modules
+    whose base weight holds ``R`` transposed (GPT-2 ``Conv1D``, embeddings); it is written into
+    the header so ``fold`` places a pulled ``R`` right without the model at hand."""
 
     modules: tuple[tuple[str, int, int], ...]  # (prefix, d_out, d_in), sorted by prefix
+    transposed: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, modules: Mapping[str, tuple[int, int]]) -> "DenseLayout":
-        return cls(tuple((p, int(s[0]), int(s[1])) for p, s in sorted(modules.items())))
+    def of(cls, modules: Mapping[str, tuple[int, int]], transposed=()) -> "DenseLayout":
+        return cls(tuple((p, int(s[0]), int(s[1])) for p, s in sorted(modules.items())),
+                   tuple(sorted(transposed)))
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
@@ -48,7 +52,10 @@ class DenseLayout:
 
     def header(self) -> bytes:
         """The complete header, length prefix included."""
-        entries: dict[str, object] = {"__metadata__": dict(STATE_METADATA)}
+        metadata = dict(STATE_METADATA)
+        if self.transposed:
+            metadata["transposed"] = json.dumps(list(self.transposed))
+        entries: dict[str, object] = {"__metadata__": metadata}
         offset = 0
         for prefix, d_out, d_in in self.modules:
             size = d_out * d_in * 4

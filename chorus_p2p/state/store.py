@@ -141,11 +141,11 @@ class StateStore:
 
     def __init__(self, root: str | os.PathLike, modules: Mapping[str, tuple[int, int]],
                  probes: Probes | None = None, *, checkpoint_every: int = 10,
-                 read_only: bool = False):
+                 read_only: bool = False, transposed: Iterable[str] = ()):
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
         self.root = Path(root)
-        self.layout = DenseLayout.of(modules)
+        self.layout = DenseLayout.of(modules, transposed)
         self.probes = probes
         self.checkpoint_every = checkpoint_every
         self.read_only = read_only

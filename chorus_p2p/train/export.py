@@ -16,13 +16,14 @@ from chorus_p2p.train.trainer import load_global_model
 
 
 def export_merged(model_path: str | Path, adapter_dir: str | Path,
-                  residual: ResidualInput | None, out: str | Path, *, force: bool = False
-                  ) -> Path:
-    model, tokenizer = load_global_model(model_path, adapter_dir, residual)
+                  residual: ResidualInput | None, out: str | Path, *, force: bool = False,
+                  task_type: str = "CAUSAL_LM") -> Path:
+    model, tokenizer = load_global_model(model_path, adapter_dir, residual, task_type=task_type)
     merged = model.merge_and_unload()
     with atomic_output_dir(out, force=force) as scratch:
         merged.save_pretrained(scratch, safe_serialization=True)
-        tokenizer.save_pretrained(scratch)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(scratch)
     return Path(out)
 
 
@@ -58,7 +59,8 @@ def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int
                              "last --keep-rounds rounds)")
         spec = FederationSpec.from_json(json.loads(ledger.get_meta("spec") or "{}"))
         model = model_path or spec.model
-        store = StateStore(data_dir / STATE_DIR, spec.modules, read_only=True)
+        store = StateStore(data_dir / STATE_DIR, spec.modules, read_only=True,
+                           transposed=spec.transposed)
         checkpoint = store.latest_checkpoint()
         plan = residual_plan(ledger, blobs, checkpoint.round if checkpoint else 0, round_no)
         if plan is None:
@@ -68,7 +70,7 @@ def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int
             adapter_dir = materialize_adapter(row, blobs, Path(tmp))
             try:
                 export_merged(model, adapter_dir, StateReader(store, round_no, plan), out,
-                              force=force)
+                              force=force, task_type=spec.task_type)
             except StateError as exc:
                 raise UsageError(f"R after round {round_no}: {exc}") from exc
     finally:

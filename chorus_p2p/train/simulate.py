@@ -55,7 +55,8 @@ def simulate(model_path: str | Path, client_data: Sequence[Dataset], eval_data: 
     spec = FederationSpec.build(str(model_path), rank, alpha, tuple(targets))
     global_dir = initial_state(spec, "simulation", workdir / "round-0")
     # The same state a node keeps: dense R, updated in place with each round's D.
-    state = StateStore(workdir / "state", spec.modules, checkpoint_every=rounds + 1)
+    state = StateStore(workdir / "state", spec.modules, checkpoint_every=rounds + 1,
+                       transposed=spec.transposed)
     history: list[RoundStats] = []
     for number in range(1, rounds + 1):
         client_dirs, weights, losses = [], [], []

@@ -54,28 +54,39 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def load_base(model_path: str | Path, residual: ResidualInput | None = None,
-              device: str = "cpu"):
+              device: str = "cpu", task_type: str = "CAUSAL_LM"):
     """Base model in float32 with ``R`` folded in, then moved to ``device``.
 
     ``residual`` is a residual or state file, or a node's state reader (one module at a time).
     The fold happens on the CPU in float32, before the move, so the result is the same bits on
     every device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from chorus_p2p.exactness import auto_class
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = auto_class(task_type).from_pretrained(model_path, dtype=torch.float32)
+    tokenizer = _tokenizer(model_path)
     if residual is not None:
         fold_into_model(model, residual)
     return model.to(resolve_device(device)), tokenizer
 
 
+def _tokenizer(model_path: str | Path):
+    """The model's tokenizer, or None for a folder that has none (a classifier built from a
+    config for tests): merging and exporting need no tokenizer, training does."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def load_global_model(model_path: str | Path, adapter_dir: str | Path,
                       residual: ResidualInput | None = None, trainable: bool = False,
-                      device: str = "cpu"):
+                      device: str = "cpu", task_type: str = "CAUSAL_LM"):
     """``W0 + R + adapter`` as a PEFT model (trainable for a client, frozen for evaluation)."""
     from peft import PeftModel
 
-    model, tokenizer = load_base(model_path, residual, device)
+    model, tokenizer = load_base(model_path, residual, device, task_type)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     return peft_model, tokenizer
 
