@@ -10,8 +10,8 @@ import pytest
 from textual.widgets import DataTable
 
 from chorus_p2p.client import AsyncNodeClient
-from tui.app import ChorusApp
-from tui.state import FederationState
+from chorus_p2p.tui.app import ChorusApp
+from chorus_p2p.tui.state import FederationState
 
 from nodeutil import start_node, wait_for, write_update
 

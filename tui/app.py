@@ -17,8 +17,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Markdown, Static, TabbedContent, TabPane
 
-from tui.state import SEVERITIES, FederationState
-from tui.views import EventLog, FederationView, HistoryView, RoundView
+from .state import SEVERITIES, FederationState
+from .views import EventLog, FederationView, HistoryView, RoundView
 
 REFRESH_S = 1.0
 

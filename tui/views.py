@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Label, ProgressBar, RichLog, Static
 from textual_plotext import PlotextPlot
 
-from tui.state import FederationState
+from .state import FederationState
 
 ROLE_STYLE = {"coordinator": "bold green", "follower": "cyan", "candidate": "yellow"}
 STATUS_STYLE = {"live": "green", "lost": "red", "left": "dim", "pending": "yellow"}

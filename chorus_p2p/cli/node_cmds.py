@@ -337,7 +337,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def _cmd_tui(args: argparse.Namespace) -> int:
     from chorus_p2p.client import AsyncNodeClient
     from chorus_p2p.node.identity import load_identity
-    from tui.app import run_tui
+    from chorus_p2p.tui.app import run_tui
 
     url = _node_url(args)
     token = _join_token(args)

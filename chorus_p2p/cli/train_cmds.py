@@ -101,8 +101,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                                            on_round=lambda s: print(f"  {format_round(s)}"))
         if args.compare:
             out = args.plot or "simulate-loss.png"
-            plot_history(histories, out, f"simulate: {args.clients} clients")
-            print(f"plot: {out}")
+            if plot_history(histories, out, f"simulate: {args.clients} clients"):
+                print(f"plot: {out}")
     return 0
 
 

@@ -28,7 +28,15 @@ from chorus_p2p.train.simulate import DEMO_TARGETS, RoundStats, format_round, pl
 from chorus_p2p.train.tiny_lm import build_tiny_lm
 from chorus_p2p.train.trainer import TrainConfig, eval_global
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "examples" / "data"
+def _demo_data_dir() -> Path:
+    """The shipped shards: package data (``chorus_p2p.demo_data``, the repository's
+    ``examples/data`` folder), so an installed wheel finds them outside any checkout."""
+    from importlib.resources import files
+
+    return Path(str(files("chorus_p2p.demo_data")))
+
+
+DATA_DIR = _demo_data_dir()
 SHARDS = ("kitchen", "weather", "workshop")
 
 
@@ -169,7 +177,7 @@ def run_federation_demo(rounds: int = 5, compare: bool = False, workdir: str | N
                 print(f"  {i + 1:>5}  " + "  ".join(f"{h[i].mean_eval_loss:>10.3f}"
                                                     for h in histories.values()))
             out = Path(plot or (Path(workdir) / "demo-loss.png" if workdir else "demo-loss.png"))
-            plot_history(histories, out, "chorus-p2p demo: 3 nodes, non-IID shards")
-            print(f"plot: {out}")
+            if plot_history(histories, out, "chorus-p2p demo: 3 nodes, non-IID shards"):
+                print(f"plot: {out}")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s")
     return 0

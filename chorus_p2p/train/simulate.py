@@ -89,9 +89,15 @@ def _silent(step: int, loss: float) -> None:
     return None
 
 
-def plot_history(histories: dict[str, list[RoundStats]], out: str | Path, title: str) -> Path:
-    """Eval loss per round for each strategy (mean over shards, and per shard dotted)."""
-    import matplotlib
+def plot_history(histories: dict[str, list[RoundStats]], out: str | Path, title: str
+                 ) -> Path | None:
+    """Eval loss per round for each strategy (mean over shards, and per shard dotted); None
+    (and a note) without matplotlib, which is the optional ``plots`` extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("(no PNG: matplotlib is not installed; pip install 'chorus-p2p[plots]')")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
