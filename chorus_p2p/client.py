@@ -29,7 +29,7 @@ import aiohttp
 
 from chorus_p2p.atomic import atomic_output_dir, atomic_output_file
 from chorus_p2p.errors import ChorusError
-from chorus_p2p.lora.adapter_io import resolve_adapter_files
+from chorus_p2p.lora.files import resolve_adapter_files
 from chorus_p2p.node.auth import EMPTY_SHA256, H_ADMIN, request_key, sign_headers
 
 DEFAULT_URL = "http://127.0.0.1:8470"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
-from chorus_p2p.lora.strategies import STRATEGIES
+from chorus_p2p.lora.names import STRATEGIES
 from chorus_p2p.node.settings import DEFAULT_DATA_DIR
 
 

@@ -11,7 +11,7 @@ import math
 
 from chorus_p2p.cli.types import positive_int
 from chorus_p2p.errors import UsageError
-from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES
+from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 
 
 def parse_weights(text: str) -> list[float]:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
-from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES
+from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 
 
 def _train_config(args: argparse.Namespace):

@@ -35,9 +35,9 @@ from safetensors.torch import save_file
 
 from chorus_p2p.errors import AdapterError
 from chorus_p2p.lora.config import LoraSettings, module_name_from_prefix
+from chorus_p2p.lora.files import resolve_adapter_files
+from chorus_p2p.lora.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _FACTOR_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<prefix>.+)\.lora_embedding_(?P<which>[AB])(?:\.[A-Za-z0-9_\-]+)?$")
@@ -66,24 +66,6 @@ class ModuleShape:
     d_in: int
     rank: int
     kind: str = LINEAR
-
-
-def resolve_adapter_files(path: str | os.PathLike) -> tuple[Path, Path | None]:
-    """Map what a user passed (folder or file) to (weights file, config file or None)."""
-    p = Path(path)
-    if p.is_dir():
-        weights = p / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            if (p / "adapter_model.bin").is_file():
-                raise AdapterError("holds adapter_model.bin (pickle); only safetensors adapters are "
-                                   "accepted, re-save with safe_serialization=True", source=str(p))
-            raise AdapterError(f"no {ADAPTER_WEIGHTS} in this folder", source=str(p))
-        config = p / ADAPTER_CONFIG
-        return weights, config if config.is_file() else None
-    if p.is_file():
-        sibling = p.parent / ADAPTER_CONFIG
-        return p, sibling if sibling.is_file() else None
-    raise AdapterError("no such file or folder", source=str(p))
 
 
 def _read_settings(config_path: Path | None, default_rank: int) -> LoraSettings:

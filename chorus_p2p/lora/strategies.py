@@ -17,10 +17,9 @@ from typing import Sequence
 import torch
 
 from chorus_p2p.lora.adapter_io import LoraFactors
+from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 from chorus_p2p.lora.lowrank import ThinSVD, frobenius_norm_of_product, thin_svd_of_product
 
-STRATEGIES = ("fedex-svd", "fedex", "fedavg")
-DEFAULT_STRATEGY = "fedex-svd"
 
 
 @dataclass(frozen=True)

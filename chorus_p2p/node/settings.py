@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from chorus_p2p.errors import UsageError
-from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES
+from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 
 if sys.version_info >= (3, 11):
     import tomllib
