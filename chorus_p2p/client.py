@@ -409,9 +409,12 @@ class AsyncNodeClient:
     async def resume(self) -> dict[str, Any]:
         return await self._request("POST", "/v1/admin/resume", json_body={}, admin=True)
 
-    async def events(self, since: int | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Live events (and, with ``since``, the recorded ones after that id first)."""
-        path_qs = "/v1/events" + (f"?since={since}" if since is not None else "")
+    async def events(self, since: int | None = None, tail: int | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """Live events; first, with ``since``, the recorded ones after that id, or with ``tail``,
+        the last ``tail`` recorded ones (at most 1000). Replayed events carry ``replayed``."""
+        query = {k: v for k, v in (("since", since), ("tail", tail)) if v is not None}
+        path_qs = "/v1/events" + ("?" + urlencode(query) if query else "")
         headers = self._headers("GET", path_qs, EMPTY_SHA256, False)
         try:
             ws = await self._http().ws_connect(self.url + path_qs, headers=headers, heartbeat=20)

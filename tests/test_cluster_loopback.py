@@ -124,6 +124,45 @@ async def test_sdk_submit_to_a_follower_goes_to_the_coordinator(federation):
     assert result["round"] == 1 and leader.ledger.update(1, "dora") is not None
 
 
+def admin_client(node) -> AsyncNodeClient:
+    return AsyncNodeClient(node.url, secret=node.identity.secret, client_id="admin",
+                           admin_token=node.identity.admin_token)
+
+
+async def test_admin_actions_on_a_follower_run_on_the_coordinator(federation):
+    fed = federation(3)
+    leader = await fed.start_all()
+    follower = next(n for n in fed.nodes.values() if n is not leader)
+    async with admin_client(follower) as admin:
+        paused = await admin.pause()
+        assert paused["paused"] is True and paused["via_coordinator"] == leader.node_id
+        assert leader.rounds.paused
+        assert (await admin.resume())["paused"] is False and not leader.rounds.paused
+        async with fed.client(follower, "erin") as c:
+            await c.submit(write_update(fed.tmp_path / "erin.safetensors", leader.spec, 4))
+        closed = await admin.close_round()
+        assert closed["round"] == 1 and closed["via_coordinator"] == leader.node_id
+    await wait_for(lambda: leader.ledger.round(1)["state"] == "committed", timeout=20)
+    kinds = [e["kind"] for e in leader.ledger.events_tail(50)]
+    assert "round_committed" in kinds
+
+
+async def test_no_remote_admin_coordinator_refuses_forwarded_actions(federation):
+    from chorus_p2p.client import NodeError
+
+    fed = federation(2, remote_admin=False)
+    leader = await fed.start_all()
+    follower = next(n for n in fed.nodes.values() if n is not leader)
+    before = leader.ledger.snapshot()["rounds"]
+    async with admin_client(follower) as admin:
+        with pytest.raises(NodeError) as refused:
+            await admin.pause()
+    assert refused.value.status == 403 and "no-remote-admin" in refused.value.message
+    assert not leader.rounds.paused and leader.ledger.snapshot()["rounds"] == before
+    async with admin_client(leader) as admin:  # its own admin still can
+        assert (await admin.pause())["paused"] is True
+
+
 async def test_approve_joins_keeps_a_newcomer_pending_until_approved(federation):
     fed = federation(3, approve_joins=True)
     await fed.start(0)

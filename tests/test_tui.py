@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -13,10 +14,14 @@ from chorus_p2p.client import AsyncNodeClient
 from chorus_p2p.tui.app import ChorusApp
 from chorus_p2p.tui.state import FederationState
 
-from nodeutil import start_node, wait_for, write_update
+from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.tui.state import STALE_AFTER_S
+
+from nodeutil import Federation, NodeProcess, start_node, wait_for, write_update
 
 RECORDING = Path(__file__).parent / "fixtures" / "tui_recording.json"
-VIEWS = {"federation": [], "round": ["2"], "history": ["3"], "events": ["4"]}
+VIEWS = {"federation": [], "round": ["2"], "history": ["3"], "events": ["4"],
+         "help": ["question_mark"], "confirm-reject": ["down", "x"]}
 
 
 def notifications(app) -> list[str]:
@@ -53,10 +58,21 @@ async def test_tui_follows_a_live_node_and_its_actions(tmp_path, tiny_base):
             await pilot.press("a")
             await wait_for(lambda: any("refused" in n for n in notifications(app)), timeout=10)
             assert any("only pending members" in n for n in notifications(app))
+            # r asks first; n leaves the round alone, y aggregates it
+            await pilot.press("r")
+            await pilot.pause()
+            assert app.screen.__class__.__name__ == "ConfirmScreen"
+            await pilot.press("n")
+            await pilot.pause()
+            assert node.ledger.round(1)["state"] == "collecting"
+            await pilot.press("r", "y")
+            await wait_for(lambda: node.ledger.round(1)["state"] == "committed", timeout=20)
             # ? opens the help screen
             await pilot.press("question_mark")
             await pilot.pause()
             assert app.screen.__class__.__name__ == "HelpScreen"
+        # quitting closes the app's HTTP session on its own loop (no "Unclosed client session")
+        assert client._session is None
     finally:
         await client.close()
         await node.stop()
@@ -111,3 +127,153 @@ def test_recorded_state_is_what_the_views_show():
     assert [r["round"] for r in state.committed_rounds()] == [1, 2, 3]
     assert state.training["bob"].step == 12
     assert [e["kind"] for e in state.events_at("warning")] == ["update_rejected"]
+
+
+def selected_key(table: DataTable) -> str:
+    return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+
+async def test_selection_stays_on_its_member_and_reject_asks_first():
+    app = recorded_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one("#members", DataTable)
+        table.focus()
+        await pilot.press("down", "down")
+        chosen = selected_key(table)
+        assert table.cursor_row == 2
+        # A refresh brings a new member at the top and new heartbeat ages: the cursor follows
+        # the member, not the row number.
+        app.state.members = [{"node_id": "0" * 64, "name": "newcomer", "status": "pending",
+                              "role": None, "last_seen_age_s": 0.2, "addresses": []},
+                             *[{**m, "last_seen_age_s": 1.5} for m in app.state.members]]
+        app.render_all()
+        await pilot.pause()
+        assert selected_key(table) == chosen and table.cursor_row == 3
+        # x asks before a permanent rejection, naming the member; n cancels
+        await pilot.press("x")
+        await pilot.pause()
+        assert app.screen.__class__.__name__ == "ConfirmScreen"
+        name = next(m["name"] for m in app.state.members if m["node_id"] == chosen)
+        assert name in str(app.screen.query_one("#confirm-question").render())
+        await pilot.press("n")
+        await pilot.pause()
+        assert app.screen.__class__.__name__ != "ConfirmScreen"
+        assert not any("not connected" in n for n in notifications(app))
+        await pilot.press("x", "y")  # yes goes ahead (here: no node to send it to)
+        await pilot.pause()
+        assert any("not connected" in n for n in notifications(app))
+
+
+@pytest.mark.parametrize("size", [(80, 24), (60, 20)], ids=["80x24", "60x20"])
+async def test_small_terminals_keep_help_and_quit_and_the_help_scrolls(size):
+    app = recorded_app()
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause()
+        keys = {k.key: k for k in app.query("FooterKey")}
+        for key in ("question_mark", "q"):
+            region = keys[key].region
+            assert region.width > 0 and region.right <= size[0], (key, region)
+        # every column but the address (last, the one to lose) is shown whole
+        table = app.query_one("#members", DataTable)
+        columns = list(table.columns.values())
+        through_status = sum(c.get_render_width(table) for c in columns[:-1])
+        assert [str(c.label) for c in columns][-2:] == ["status", "address"]
+        if size[0] >= 80:
+            assert through_status <= table.region.width
+        await pilot.press("question_mark")
+        await pilot.pause()
+        scroll = app.screen.query_one("#help-scroll")
+        assert scroll.max_scroll_y > 0  # the help is longer than the window...
+        await pilot.press("end")
+        await pilot.pause()
+        assert scroll.scroll_y == scroll.max_scroll_y > 0  # ...and scrolls to its end
+
+
+async def test_event_log_keeps_the_scroll_position_the_user_chose():
+    app = recorded_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("4")
+        log = app.query_one("#event-log")
+
+        def more(n: int, start: int) -> None:
+            for i in range(start, start + n):
+                app.state.apply_event({"id": 1000 + i, "ts": 1795614051.0 + i,
+                                       "kind": "update_accepted", "round": 4,
+                                       "data": {"count": i}})
+            app.render_all()
+        more(60, 0)
+        await pilot.pause()
+        assert log.is_vertical_scroll_end  # at the bottom, it follows new events
+        log.scroll_home(animate=False)
+        await pilot.pause()
+        lines = len(log.lines)
+        more(5, 60)
+        await pilot.pause()
+        assert len(log.lines) == lines + 5 and log.scroll_y == 0  # scrolled up: it stays put
+        log.scroll_end(animate=False)
+        await pilot.pause()
+        more(5, 65)
+        await pilot.pause()
+        assert log.is_vertical_scroll_end
+
+
+async def test_attach_shows_recent_events_and_a_frozen_node_is_stale_within_3s(tmp_path,
+                                                                             tiny_base):
+    data = tmp_path / "node"
+    init_data_dir(data, "frozenlab")
+    proc = NodeProcess(data, tiny_base)
+    url = proc.start()
+    client = AsyncNodeClient.from_data_dir(data, url, client_id="tui")
+    try:
+        app = ChorusApp(client, url=url)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(lambda: app.state.connected and app.state.events, timeout=15)
+            # history on attach: the events recorded before the TUI started
+            assert any(e.get("replayed") and e.get("kind") == "round_opened"
+                       for e in app.state.events)
+            await pilot.pause()
+            assert not app.query_one("#banner").display
+            proc.proc.send_signal(signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            try:
+                await wait_for(lambda: app.query_one("#banner").display, timeout=15,
+                               interval=0.1)
+                noticed = time.monotonic() - frozen_at
+                assert "no answer" in str(app.query_one("#banner").render())
+                # stale at STALE_AFTER_S after the last answer, which came <= 1 poll earlier
+                assert noticed <= STALE_AFTER_S + 1.5, noticed
+            finally:
+                proc.proc.send_signal(signal.SIGCONT)
+            await wait_for(lambda: not app.query_one("#banner").display, timeout=15,
+                           interval=0.1)
+    finally:
+        await client.close()
+        proc.terminate()
+
+
+async def test_admin_keys_follow_the_coordinator(tmp_path, tiny_base):
+    """Attached to a follower, the admin's pause reaches the coordinator (forwarded)."""
+    fed = Federation(tmp_path, tiny_base, 2)
+    try:
+        leader = await fed.start_all()
+        follower = next(n for n in fed.nodes.values() if n is not leader)
+        client = AsyncNodeClient(follower.url, secret=follower.identity.secret, client_id="tui",
+                                 admin_token=follower.identity.admin_token)
+        app = ChorusApp(client, url=follower.url)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(lambda: app.state.connected, timeout=10)
+            await pilot.press("p")
+            await wait_for(lambda: leader.rounds.paused, timeout=10)
+            assert any("paused" in n for n in notifications(app))
+        await client.close()
+    finally:
+        await fed.close()
+
+
+async def test_tui_exit_code_is_nonzero_when_it_fails(tmp_path):
+    class Broken(ChorusApp):
+        CSS_PATH = tmp_path / "missing.tcss"
+
+    app = Broken(None, state=FederationState(connected=True))
+    await app.run_async(headless=True, size=(80, 24))
+    assert app.return_code not in (None, 0)

@@ -13,14 +13,17 @@ from typing import Any
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Markdown, Static, TabbedContent, TabPane
+from textual.worker import Worker
 
 from .state import SEVERITIES, FederationState
-from .views import EventLog, FederationView, HistoryView, RoundView
+from .views import EventLog, FederationView, HistoryView, RoundView, clock, short
 
 REFRESH_S = 1.0
+REQUEST_TIMEOUT_S = 2.5  # one poll may not hold the next ones back (a frozen node never answers)
+EVENT_HISTORY = 200  # recorded events shown on attach
 
 HELP = """\
 # chorus-node tui
@@ -28,15 +31,22 @@ HELP = """\
 | key | action |
 |---|---|
 | `1` `2` `3` `4` | federation, round, history, events |
-| `r` | start aggregating the current round now (admin) |
+| `r` | aggregate the current round now (admin; asks first) |
 | `p` | pause / resume rounds (admin) |
-| `a` / `x` | approve / reject the selected pending member (admin, Federation view) |
-| `c` | copy the join token to the clipboard (admin) |
+| `a` | approve the selected pending member (admin, Federation view) |
+| `x` | reject the selected pending member for good (admin; asks first) |
+| `c` | copy the join token to the clipboard (admin, on the node's machine) |
 | `f` | filter the event log by severity |
-| `?` | this help |
+| arrows, PgUp/PgDn | move in tables and logs; the selection stays on its member |
+| `?` | this help (scroll it with the arrows) |
 | `q` | quit |
 
-Actions are sent to the node; when it refuses, its message is shown.
+Admin actions go to the attached node, which forwards them to the current coordinator, so
+they keep working after an election moves the coordinator elsewhere. When the node refuses,
+its message is shown.
+
+A red banner means the node is unreachable, or has not answered for more than
+3 seconds (frozen, overloaded or cut off): the data under it is from the time it shows.
 """
 
 
@@ -45,26 +55,50 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help-box"):
-            yield Markdown(HELP)
-            yield Static("press ? or Esc to close", id="help-hint")
+            with VerticalScroll(id="help-scroll"):
+                yield Markdown(HELP)
+            yield Static("arrows scroll; ? or Esc closes", id="help-hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#help-scroll").focus()
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """y/n before an action that cannot be undone or that cuts a round short."""
+
+    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box"):
+            yield Static(self.question, id="confirm-question")
+            yield Static("y: yes    n / Esc: no", id="confirm-hint")
+
+    def action_answer(self, answer: bool) -> None:
+        self.dismiss(answer)
 
 
 class ChorusApp(App[None]):
     TITLE = "chorus-p2p"
     CSS_PATH = Path(__file__).with_name("chorus.tcss")
+    # Help and quit come first so that they stay in the footer at any width (80x24 included);
+    # the views' keys are on the tabs and in the help.
     BINDINGS = [
-        Binding("1", "show('federation')", "federation"),
-        Binding("2", "show('round')", "round"),
-        Binding("3", "show('history')", "history"),
-        Binding("4", "show('events')", "events"),
-        Binding("r", "close_round", "round now"),
-        Binding("p", "toggle_pause", "pause/resume"),
-        Binding("a", "approve", "approve", show=False),
-        Binding("x", "reject", "reject", show=False),
-        Binding("c", "copy_token", "join token"),
-        Binding("f", "cycle_filter", "filter", show=False),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
+        Binding("1", "show('federation')", "federation", show=False),
+        Binding("2", "show('round')", "round", show=False),
+        Binding("3", "show('history')", "history", show=False),
+        Binding("4", "show('events')", "events", show=False),
+        Binding("r", "close_round", "round now"),
+        Binding("p", "toggle_pause", "pause"),
+        Binding("a", "approve", "approve", show=False),
+        Binding("x", "reject", "reject", show=False),
+        Binding("c", "copy_token", "token"),
+        Binding("f", "cycle_filter", "filter", show=False),
     ]
 
     def __init__(self, client: Any = None, *, state: FederationState | None = None,
@@ -75,7 +109,7 @@ class ChorusApp(App[None]):
         self.state = state or FederationState()
         self.url = url or getattr(client, "url", "")
         self.severity = "all"
-        self._refresh_pending = False
+        self._poll: Worker | None = None
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
@@ -98,13 +132,22 @@ class ChorusApp(App[None]):
             self.connect()
             self.set_interval(REFRESH_S, self._tick)
 
+    async def on_unmount(self) -> None:
+        # Close the HTTP session on the loop that opened it (no "Unclosed client session").
+        if self.client is not None:
+            await self.client.close()
+
     # -- rendering ---------------------------------------------------------------------------------
     def render_all(self) -> None:
         banner = self.query_one("#banner", Static)
+        quiet = self.state.quiet_for()
         if self.client is not None and not self.state.connected:
             banner.update(f"node unreachable at {self.url}: {self.state.error or 'connecting'}"
                           " - retrying")
-            banner.add_class("down")
+            banner.display = True
+        elif self.client is not None and self.state.stale and quiet is not None:
+            banner.update(f"no answer from {self.url} for {quiet:.0f}s (frozen, overloaded or "
+                          f"cut off?) - data below is from {clock(self.state.last_contact)}")
             banner.display = True
         else:
             banner.display = False
@@ -122,44 +165,56 @@ class ChorusApp(App[None]):
         detail = await self.client.round(current["round"]) if current else None
         self.state.status, self.state.members, self.state.rounds = status, members, rounds
         self.state.current_detail = detail
-        self.state.connected, self.state.error = True, None
+        self.state.error = None
+        self.state.touch()
 
     @work(exclusive=True, group="connection")
     async def connect(self) -> None:
-        """Keep a live connection: refresh, then follow events; on failure, back off and retry."""
+        """Keep a live connection: refresh, then follow events; on failure, back off and retry.
+
+        The first attach replays the last recorded events (the log is not empty on attach);
+        a reconnect asks for everything after the last one seen, so nothing is missed.
+        """
         delay = 0.5
-        last_event = -1
         while True:
             try:
-                await self.refresh_state()
+                await asyncio.wait_for(self.refresh_state(), REQUEST_TIMEOUT_S * 4)
+                self.state.connected = True
                 self.render_all()
                 delay = 0.5
-                async for event in self.client.events(since=last_event if last_event >= 0 else None):
-                    if event.get("id") is not None:
-                        last_event = max(last_event, int(event["id"]))
-                    if event.get("kind") == "hello":
-                        continue
-                    self.state.apply_event(event)
-                    self._refresh_pending = True
+                seen = self.state.last_event_id
+                stream = (self.client.events(since=seen) if seen >= 0
+                          else self.client.events(tail=EVENT_HISTORY))
+                async for event in stream:
+                    self.state.touch()
+                    if event.get("kind") != "hello":
+                        self.state.apply_event(event)
                 raise ConnectionError("event stream closed")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # unreachable, restarting, auth: show it, then retry
                 self.state.connected = False
-                self.state.error = str(exc).splitlines()[0][:160]
+                self.state.error = (str(exc).splitlines() or [exc.__class__.__name__])[0][:160]
                 self.render_all()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _tick(self) -> None:
-        if not self.state.connected:
-            return
-        try:
-            await self.refresh_state()
-        except Exception as exc:
-            self.state.connected, self.state.error = False, str(exc).splitlines()[0][:160]
-        self._refresh_pending = False
+    def _tick(self) -> None:
+        """Every second: poll in the background (never two polls at once) and redraw, so the
+        staleness banner appears on time even while a poll hangs on a frozen node."""
+        if self.state.connected and (self._poll is None or self._poll.is_finished):
+            self._poll = self.run_worker(self._poll_once(), group="poll", exit_on_error=False)
         self.render_all()
+
+    async def _poll_once(self) -> None:
+        try:
+            await asyncio.wait_for(self.refresh_state(), REQUEST_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.state.error = f"no answer in {REQUEST_TIMEOUT_S:g}s"
+        except Exception as exc:
+            self.state.error = (str(exc).splitlines() or [exc.__class__.__name__])[0][:160]
+        else:
+            self.render_all()
 
     # -- actions -----------------------------------------------------------------------------------
     def action_show(self, tab: str) -> None:
@@ -184,13 +239,27 @@ class ChorusApp(App[None]):
             self.notify(f"{what} refused: {message}" + (f" [{code}]" if code else ""),
                         severity="error", timeout=8)
             return None
-        await self._tick()
+        self._tick()
         return result
 
-    async def action_close_round(self) -> None:
-        result = await self._call("start round", lambda: self.client.close_round())
-        if result:
-            self.notify(f"round {result['round']} is aggregating")
+    def _confirm(self, question: str, then) -> None:
+        async def answered(yes: bool | None) -> None:
+            if yes:
+                await then()
+        self.push_screen(ConfirmScreen(question), answered)
+
+    def action_close_round(self) -> None:
+        current = self.state.current_round
+        if current is None:
+            self.notify("no round is collecting updates right now", severity="warning")
+            return
+
+        async def close() -> None:
+            result = await self._call("start round", lambda: self.client.close_round())
+            if result:
+                self.notify(f"round {result['round']} is aggregating")
+        self._confirm(f"Aggregate round {current['round']} now, with the {current['updates']} "
+                      f"update(s) it has ({current['min_updates']} wanted)?", close)
 
     async def action_toggle_pause(self) -> None:
         paused = bool(self.state.status.get("paused"))
@@ -200,27 +269,36 @@ class ChorusApp(App[None]):
         if result is not None:
             self.notify("rounds resumed" if paused else "rounds paused after the current one")
 
-    def _selected_member(self) -> str | None:
+    def _selected_member(self) -> dict[str, Any] | None:
         table = self.query_one("#members", DataTable)
         if table.row_count == 0:
             return None
-        return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        node_id = str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        return next((m for m in self.state.members if m["node_id"] == node_id),
+                    {"node_id": node_id})
 
-    async def _decide(self, approve: bool) -> None:
-        node_id = self._selected_member()
-        if node_id is None:
-            self.notify("select a member first (Federation view)", severity="warning")
-            return
+    async def _decide(self, member: dict[str, Any], approve: bool) -> None:
+        node_id = member["node_id"]
         verb = "approve" if approve else "reject"
         result = await self._call(verb, lambda: self.client.decide_member(node_id, approve))
         if result is not None:
-            self.notify(f"{node_id[:12]}: {result.get('status')}")
+            self.notify(f"{member.get('name') or short(node_id)}: {result.get('status')}")
 
     async def action_approve(self) -> None:
-        await self._decide(True)
+        member = self._selected_member()
+        if member is None:
+            self.notify("select a member first (Federation view)", severity="warning")
+            return
+        await self._decide(member, True)
 
-    async def action_reject(self) -> None:
-        await self._decide(False)
+    def action_reject(self) -> None:
+        member = self._selected_member()
+        if member is None:
+            self.notify("select a member first (Federation view)", severity="warning")
+            return
+        name = member.get("name") or "-"
+        self._confirm(f"Reject {name} ({short(member['node_id'])}) for good? A rejected node "
+                      "cannot rejoin with the same identity.", lambda: self._decide(member, False))
 
     async def action_copy_token(self) -> None:
         token = await self._call("copy join token", lambda: self.client.join_token())
@@ -229,5 +307,8 @@ class ChorusApp(App[None]):
             self.notify("join token copied to the clipboard (it is a secret)")
 
 
-def run_tui(client: Any, url: str) -> None:
-    ChorusApp(client, url=url).run()
+def run_tui(client: Any, url: str) -> int:
+    """Run the dashboard; the exit code is non-zero when it stopped on an error."""
+    app = ChorusApp(client, url=url)
+    app.run()
+    return app.return_code or 0

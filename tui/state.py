@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 EVENT_LIMIT = 500
 SEVERITIES = ("all", "info", "warning")
+STALE_AFTER_S = 3.0  # the TUI polls every second: three silent polls mean the node went quiet
 
 
 @dataclass
@@ -36,6 +37,9 @@ class FederationState:
     events: deque = field(default_factory=lambda: deque(maxlen=EVENT_LIMIT))
     training: dict[str, TrainingProgress] = field(default_factory=dict)
     updated_at: float = 0.0
+    last_contact: float | None = None  # when the node last answered (clock time)
+    event_seq: int = 0  # events applied so far (the log appends only what is new)
+    last_event_id: int = -1  # highest recorded event id seen (replays may repeat some)
     clock: Callable[[], float] = time.time  # fixed in snapshot tests
 
     @classmethod
@@ -47,7 +51,21 @@ class FederationState:
             state.apply_event(event)
         if "now" in data:
             state.clock = lambda: data["now"]
+        state.last_contact = state.clock()
         return state
+
+    def touch(self) -> None:
+        """The node answered: it is alive now."""
+        self.last_contact = self.clock()
+
+    def quiet_for(self) -> float | None:
+        """Seconds since the node last answered, or None if it never has."""
+        return None if self.last_contact is None else max(0.0, self.clock() - self.last_contact)
+
+    @property
+    def stale(self) -> bool:
+        quiet = self.quiet_for()
+        return quiet is not None and quiet > STALE_AFTER_S
 
     # -- derived views ---------------------------------------------------------------------------
     @property
@@ -64,7 +82,13 @@ class FederationState:
         return {u["node_id"] for u in detail.get("updates", [])}
 
     def apply_event(self, event: dict[str, Any]) -> None:
+        event_id = event.get("id")
+        if isinstance(event_id, int):
+            if event_id <= self.last_event_id:
+                return  # already shown (a replay overlapping the live stream)
+            self.last_event_id = event_id
         self.events.append(event)
+        self.event_seq += 1
         kind, data = event.get("kind"), event.get("data") or {}
         if kind in ("training_started", "training_progress", "training_finished"):
             node = data.get("node_id", "?")

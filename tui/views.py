@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Label, ProgressBar, RichLog, Static
 from textual_plotext import PlotextPlot
 
-from .state import FederationState
+from .state import EVENT_LIMIT, FederationState
 
 ROLE_STYLE = {"coordinator": "bold green", "follower": "cyan", "candidate": "yellow"}
 STATUS_STYLE = {"live": "green", "lost": "red", "left": "dim", "pending": "yellow"}
@@ -32,35 +32,81 @@ def clock(ts: float | None) -> str:
     return "-" if not ts else dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
 
 
+Row = tuple[str, tuple[Any, ...]]  # (row key, cells)
+
+
+def refill(table: DataTable, rows: list[Row]) -> None:
+    """Replace a table's rows while the cursor stays on the same *key* (the member the user
+    selected, not row 0) and the scroll position stays where the user put it.
+
+    Rows that did not change are not touched at all, so a once-a-second refresh of an idle
+    federation neither flickers nor moves anything.
+    """
+    previous = getattr(table, "_chorus_rows", None)
+    if previous == rows:
+        return
+    selected = None
+    if table.row_count:
+        try:
+            selected = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:  # the cursor points past the end: nothing was selected
+            selected = None
+    scroll_x, scroll_y = table.scroll_x, table.scroll_y
+    table.clear()
+    for key, cells in rows:
+        table.add_row(*cells, key=key)
+    table._chorus_rows = rows  # type: ignore[attr-defined]
+    keys = [key for key, _ in rows]
+    if selected in keys:
+        table.move_cursor(row=keys.index(selected), animate=False, scroll=False)
+    table.scroll_to(scroll_x, scroll_y, animate=False)
+
+
 class FederationView(Vertical):
     def compose(self) -> ComposeResult:
         yield Label("", id="federation-summary")
         table = DataTable(id="members", cursor_type="row", zebra_stripes=True)
-        table.add_columns("name", "node id", "address", "role", "term", "heartbeat", "rounds",
-                          "status")
+        # Narrow first: at 80 columns everything but the address fits; the address is last
+        # because it is the one to lose (the term is the same for all and is in the summary).
+        table.add_column("name", key="name")
+        table.add_column("node id", key="id", width=8)
+        table.add_column("role", key="role", width=11)
+        table.add_column("seen", key="seen", width=6)
+        table.add_column("rounds", key="rounds", width=6)
+        table.add_column("status", key="status", width=8)
+        table.add_column("address", key="address")
         yield table
 
     def render_state(self, state: FederationState) -> None:
         status = state.status
         quorum = status.get("quorum")
+        quiet = state.quiet_for()
+        if state.stale:
+            health = (f"NO ANSWER {quiet:.0f}s", "bold red")
+        else:
+            health = ("quorum" if quorum else "NO QUORUM", "green" if quorum else "bold red")
         summary = Text.assemble(
             ("federation ", "dim"), (str(status.get("federation", "-")), "bold"),
-            ("   term ", "dim"), (str(status.get("term", "-")), "bold"),
-            ("   coordinator ", "dim"), (short(status.get("coordinator")), "bold"),
-            ("   ", ""), ("quorum" if quorum else "NO QUORUM", "green" if quorum else "bold red"),
-            (f"   {status.get('voting_members', len(state.members))} voters", "dim"))
+            ("  term ", "dim"), (str(status.get("term", "-")), "bold"),
+            ("  coordinator ", "dim"), (short(status.get("coordinator"), 8), "bold"),
+            ("  ", ""), health,
+            (f"  {status.get('voting_members', len(state.members))} voters", "dim"))
         self.query_one("#federation-summary", Label).update(summary)
-        table = self.query_one("#members", DataTable)
-        table.clear()
+        # While the node is quiet its ages are frozen: add the silence so they keep growing.
+        extra = quiet if state.stale and quiet is not None else 0.0
+        rows: list[Row] = []
         for m in state.members:
             role = m.get("role") or "-"
             address = ",".join(m.get("addresses") or []) or "-"
-            table.add_row(m.get("name") or "-", short(m["node_id"]), address,
-                          Text(role, ROLE_STYLE.get(role, "")), str(status.get("term", "-")),
-                          age(m.get("last_seen_age_s")) if m["node_id"] != status.get("node_id")
-                          else "self", str(m.get("rounds_contributed", 0)),
-                          Text(m.get("status") or "-", STATUS_STYLE.get(m.get("status"), "")),
-                          key=m["node_id"])
+            seen_age = m.get("last_seen_age_s")
+            seen = "self" if m["node_id"] == status.get("node_id") else age(
+                None if seen_age is None else seen_age + extra)
+            member_status = m.get("status") or "-"
+            rows.append((m["node_id"], (
+                m.get("name") or "-", short(m["node_id"], 8), Text(role, ROLE_STYLE.get(role, "")),
+                seen, str(m.get("rounds_contributed", 0)),
+                Text(member_status, STATUS_STYLE.get(member_status, "")), address)))
+        refill(self.query_one("#members", DataTable), rows)
 
 
 class RoundView(Vertical):
@@ -96,8 +142,7 @@ class RoundView(Vertical):
             self.query_one("#round-deadline", Label).update(
                 f"{current['updates']} / {current['min_updates']} updates needed   deadline in "
                 f"{max(0, int(left)) // 60}m{max(0, int(left)) % 60:02d}s")
-        table = self.query_one("#participants", DataTable)
-        table.clear()
+        rows: list[Row] = []
         submitted = state.submitted()
         excluded = {u["node_id"]: u.get("reason") or "excluded"
                     for u in (state.current_detail or {}).get("updates", [])
@@ -116,8 +161,9 @@ class RoundView(Vertical):
                 verdict = Text(f"excluded: {excluded[node]}"[:40], "red")
             else:
                 verdict = Text("yes", "green") if node in submitted else Text("no", "dim")
-            table.add_row(f"{short(node)} {names.get(node, '')}".strip(), verdict, training,
-                          loss, key=node)
+            rows.append((node, (f"{short(node, 8)} {names.get(node, '')}".strip(), verdict,
+                                training, loss)))
+        refill(self.query_one("#participants", DataTable), rows)
 
 
 class HistoryView(Vertical):
@@ -132,16 +178,15 @@ class HistoryView(Vertical):
 
     def render_state(self, state: FederationState) -> None:
         rows = state.committed_rounds()
-        table = self.query_one("#history", DataTable)
-        table.clear()
+        table_rows: list[Row] = []
         for r in reversed(rows):
             m: dict[str, Any] = r.get("metrics") or {}
             energy, loss = m.get("residual_energy"), m.get("mean_eval_loss")
-            table.add_row(str(r["round"]), r.get("strategy") or "-", str(m.get("updates", "-")),
-                          f"{m.get('aggregation_ms', 0):.1f}",
-                          "-" if energy is None else f"{energy:.4f}",
-                          "-" if loss is None else f"{loss:.3f}", clock(r.get("committed_at")),
-                          key=str(r["round"]))
+            table_rows.append((str(r["round"]), (
+                str(r["round"]), r.get("strategy") or "-", str(m.get("updates", "-")),
+                f"{m.get('aggregation_ms', 0):.1f}", "-" if energy is None else f"{energy:.4f}",
+                "-" if loss is None else f"{loss:.3f}", clock(r.get("committed_at")))))
+        refill(self.query_one("#history", DataTable), table_rows)
         self._plot("#plot-loss", "mean eval loss", [(r["round"], (r.get("metrics") or {}).get(
             "mean_eval_loss")) for r in rows])
         self._plot("#plot-energy", "residual energy ||D||/||M||", [(r["round"], (r.get(
@@ -161,19 +206,38 @@ class HistoryView(Vertical):
 
 
 class EventLog(Vertical):
-    severity = "all"
+    """The event log appends only new events: the scroll position stays where the user put it,
+    and it follows new events only while the user is at the bottom (as `tail -f` in less)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown_seq = 0
+        self._severity: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("events: all  (f: filter by severity)", id="event-filter")
-        yield RichLog(id="event-log", wrap=False, markup=False, max_lines=500)
+        yield RichLog(id="event-log", wrap=False, markup=False, max_lines=EVENT_LIMIT)
 
     def render_state(self, state: FederationState, severity: str) -> None:
-        self.query_one("#event-filter", Static).update(
-            f"events: {severity}  (f: filter by severity)")
         log = self.query_one("#event-log", RichLog)
-        log.clear()
-        for event in state.events_at(severity)[-200:]:
-            log.write(format_event(event))
+        new = state.event_seq - self._shown_seq
+        if severity != self._severity or new > len(state.events):
+            self.query_one("#event-filter", Static).update(
+                f"events: {severity}  (f: filter by severity)")
+            log.clear()
+            fresh = list(state.events)
+            self._severity = severity
+        elif new <= 0:
+            return
+        else:
+            fresh = list(state.events)[-new:]
+        self._shown_seq = state.event_seq
+        # "At the bottom" allows a line or two: a horizontal scrollbar that appears when a long
+        # line arrives takes a row and moves the end by one.
+        follow = log.scroll_y >= log.max_scroll_y - 2
+        for event in fresh:
+            if severity == "all" or event.get("level", "info") == severity:
+                log.write(format_event(event), scroll_end=follow)
 
 
 def format_event(event: dict[str, Any]) -> Text:

@@ -106,7 +106,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "rank", "alpha", "target_modules", "task_type",
                                            "modules_to_save", "min_updates",
                                            "round_deadline", "headless", "mdns",
-                                           "election_timeout", "approve_joins", "bootstrap",
+                                           "election_timeout", "approve_joins", "remote_admin", "bootstrap",
                                            "member_timeout",
                                            "train",
                                            "max_update_norm", "outlier_mad",
@@ -411,6 +411,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="base election timeout (default 1.0; heartbeats every quarter of it)")
     up.add_argument("--approve-joins", action="store_true", default=None,
                     help="new members wait until an admin approves them (approve/reject, TUI)")
+    up.add_argument("--no-remote-admin", dest="remote_admin", action="store_const", const=False,
+                    default=None, help="as coordinator, refuse admin actions that other members' "
+                    "nodes forward for their admins (default: accept them from verified voting "
+                    "members, so an admin attached to any node can steer the federation)")
     up.add_argument("--member-timeout", type=float, metavar="SECONDS",
                     help="a member unseen this long stops counting toward the majority until it "
                          "is back (default 3600; 0: never)")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import WSMsgType, web
 
 from chorus_p2p import __version__
+from chorus_p2p.node import admin
 from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers, verify_identity
 from chorus_p2p.node.blobs import BlobError, is_sha256
 from chorus_p2p.node.guard import guard_middleware
@@ -51,7 +52,7 @@ STATUS_FOR_CODE = {
     "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409, "already_counted": 409,
     "not_durable": 503, "no_quorum": 503, "history_diverged": 409, "not_diverged": 409,
     "update_too_large": 422,
-    "busy": 409,
+    "busy": 409, "coordinator_unreachable": 503,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
     "internal": 500,
@@ -89,10 +90,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except (ApiError, UpdateRejected, AuthFailure, RateLimited) as exc:
         kind = "update_rejected" if request.path.endswith("/updates") else "request_refused"
+        # A follower's not_coordinator is routine (clients follow the redirect to the
+        # coordinator), so it is recorded at info level, not as a warning.
+        level = "info" if exc.code == "not_coordinator" else "warning"
         _node(request).bus.publish(kind, None, {
             "method": request.method, "path": request.path, "error": exc.code,
             "message": exc.message, "peer": request.remote,
-            "node": request.get(CALLER)}, level="warning")
+            "node": request.get(CALLER)}, level=level)
         return error_response(exc.code, exc.message, getattr(exc, "extra", None))
     except web.HTTPException as exc:
         if exc.status == 404:
@@ -515,13 +519,22 @@ async def blob(request: web.Request) -> web.StreamResponse:
 async def events(request: web.Request) -> web.StreamResponse:
     node = _node(request)
     since = _int_param(request, "since", default=-1, minimum=-1)
+    tail = _int_param(request, "tail", default=0, minimum=0)
     ws = web.WebSocketResponse(heartbeat=20)
     await ws.prepare(request)
     queue = node.bus.subscribe()
     try:
+        # Replay first (a dashboard that attaches shows recent history, one that reconnects
+        # misses nothing); an event may then arrive twice, once replayed: ids tell them apart.
+        # Both reads are one indexed query of at most 1000 rows on the ledger's connection,
+        # which belongs to the event loop's thread.
+        replay: list[dict] = []
         if since >= 0:
-            for event in node.ledger.events_since(since):
-                await ws.send_json({**event, "level": "info", "replayed": True})
+            replay = list(node.ledger.events_since(since))
+        elif tail > 0:
+            replay = node.ledger.events_tail(min(tail, 1000))
+        for event in replay:
+            await ws.send_json({**event, "level": "info", "replayed": True})
         await ws.send_json({"id": None, "ts": time.time(), "kind": "hello", "round": None,
                             "level": "info", "data": node.status()})
         reader = asyncio.ensure_future(ws.receive())
@@ -653,32 +666,36 @@ async def peer_history(request: web.Request) -> web.Response:
 
 async def admin_close_round(request: web.Request) -> web.Response:
     await read_json_body(request)
-    number = await _node(request).rounds.close_now()
-    return web.json_response({"round": number, "state": "aggregating"}, status=202)
+    result = await admin.run_on_coordinator(_node(request), "close_round", {})
+    return web.json_response(result, status=202)
 
 
 async def admin_decide_member(request: web.Request) -> web.Response:
     body = await read_json_body(request)
     decision = request.match_info["decision"]
-    cluster = _node(request).cluster
+    node = _node(request)
     if decision == "remove":
         force = isinstance(body, dict) and body.get("force") is True
-        return web.json_response(await cluster.remove(request.match_info["node_id"], force))
+        return web.json_response(await node.cluster.remove(request.match_info["node_id"], force))
     if decision not in ("approve", "reject"):
         raise ApiError("not_found", f"no such action {decision!r}: approve, reject or remove")
-    return web.json_response(cluster.decide(request.match_info["node_id"],
-                                            decision == "approve"))
+    return web.json_response(await admin.run_on_coordinator(
+        node, decision, {"node_id": request.match_info["node_id"]}))
 
 
 async def admin_exclude(request: web.Request) -> web.Response:
     """Leave one update of the collecting round out, with a reason (recorded)."""
     body = await read_json_body(request)
-    node = _node(request)
-    number = _round_number(request)
     reason = body.get("reason") if isinstance(body, dict) else None
-    reason = str(reason)[:500] if reason else "excluded by an admin"
-    return web.json_response(await node.rounds.exclude(number, request.match_info["node_id"],
-                                                       reason))
+    args = {"round": _round_number(request), "node_id": request.match_info["node_id"],
+            "reason": str(reason)[:500] if reason else "excluded by an admin"}
+    return web.json_response(await admin.run_on_coordinator(_node(request), "exclude", args))
+
+
+async def peer_admin(request: web.Request) -> web.Response:
+    """An admin action forwarded by a member's node for its admin (see admin.py)."""
+    body = await read_json_body(request)
+    return web.json_response(await admin.on_peer_admin(_node(request), request[CALLER], body))
 
 
 async def admin_resolve(request: web.Request) -> web.Response:
@@ -709,16 +726,12 @@ async def admin_join_token(request: web.Request) -> web.Response:
 
 async def admin_pause(request: web.Request) -> web.Response:
     await read_json_body(request)
-    _node(request).rounds.require_coordinator()
-    _node(request).rounds.set_paused(True)
-    return web.json_response({"paused": True})
+    return web.json_response(await admin.run_on_coordinator(_node(request), "pause", {}))
 
 
 async def admin_resume(request: web.Request) -> web.Response:
     await read_json_body(request)
-    _node(request).rounds.require_coordinator()
-    _node(request).rounds.set_paused(False)
-    return web.json_response({"paused": False})
+    return web.json_response(await admin.run_on_coordinator(_node(request), "resume", {}))
 
 
 def build_app(node: "Node") -> web.Application:
@@ -749,6 +762,7 @@ def build_app(node: "Node") -> web.Application:
         web.post("/v1/peer/hold", peer_hold),
         web.get("/v1/peer/round-updates", peer_round_updates),
         web.post("/v1/peer/handoff", peer_handoff),
+        web.post("/v1/peer/admin", peer_admin),
         web.post("/v1/admin/rounds/close", admin_close_round),
         web.post("/v1/admin/pause", admin_pause),
         web.get("/v1/admin/join-token", admin_join_token),

@@ -442,6 +442,11 @@ class Ledger:
                                  [since, limit]):
             yield {**row, "data": json.loads(row["data"])}
 
+    def events_tail(self, count: int) -> list[dict[str, Any]]:
+        """The last ``count`` recorded events, oldest first (what a dashboard shows on attach)."""
+        rows = list(self.db.query("select * from events order by id desc limit ?", [count]))
+        return [{**row, "data": json.loads(row["data"])} for row in reversed(rows)]
+
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
         """Every state table's rows, for tests that assert a refused request changed nothing."""
         return {t: list(self.db.query(f"select * from [{t}] order by rowid"))

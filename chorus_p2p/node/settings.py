@@ -45,6 +45,7 @@ class NodeSettings:
     mdns: bool = True
     election_timeout: float = 1.0  # seconds; randomised in [t, 2t]
     approve_joins: bool = False  # new members wait for an admin's approval
+    remote_admin: bool = True  # as coordinator, run admin actions forwarded by members' nodes
     member_timeout: float = 3600.0  # a member unseen this long stops counting (0: never)
     bootstrap: bool = False  # may create the federation's first history (as `init` does)
     rate_limit: float = 100.0  # requests per second per caller (0: off)
@@ -105,7 +106,7 @@ _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": s
           "task_type": str, "modules_to_save": tuple,
           "alpha": float, "target_modules": tuple, "min_updates": int, "round_deadline": float,
           "headless": bool, "peers": tuple, "interfaces": tuple, "mdns": bool,
-          "election_timeout": float, "approve_joins": bool, "bootstrap": bool,
+          "election_timeout": float, "approve_joins": bool, "remote_admin": bool, "bootstrap": bool,
           "member_timeout": float,
           "rate_limit": float, "tls": bool, "header_timeout": float, "max_connections": int,
           "max_update_norm": float,

@@ -1,0 +1,97 @@
+"""Federation-wide admin actions, carried out on the coordinator wherever the admin is attached.
+
+An admin holds the admin token of *their* node. Closing a round, pausing, admitting a member or
+excluding an update are decisions of the coordinator, which moves between nodes at every
+election. So a follower that receives such an action from its own admin forwards it to the
+coordinator over the signed peer channel (``/v1/peer/admin``), and the coordinator runs it for
+any verified voting member, unless it was started with ``--no-remote-admin``. The forward is
+logged and published as an event on both sides, so the federation sees who did what.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from chorus_p2p.node.peers import PeerError
+from chorus_p2p.node.spec import UpdateRejected
+
+if TYPE_CHECKING:
+    from chorus_p2p.node.service import Node
+
+log = logging.getLogger("chorus.admin")
+
+ACTIONS = ("close_round", "pause", "resume", "approve", "reject", "exclude")
+FORWARD_TIMEOUT_S = 30.0
+
+
+async def run_here(node: "Node", action: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run an admin action on this node (raises ``not_coordinator`` on a follower)."""
+    rounds, cluster = node.rounds, node.cluster
+    if action == "close_round":
+        return {"round": await rounds.close_now(), "state": "aggregating"}
+    if action in ("pause", "resume"):
+        rounds.require_coordinator()
+        rounds.set_paused(action == "pause")
+        return {"paused": action == "pause"}
+    if action in ("approve", "reject"):
+        return cluster.decide(_text(args, "node_id"), action == "approve")
+    if action == "exclude":
+        number = args.get("round")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise UpdateRejected("bad_request", "exclude: 'round' must be an integer")
+        return await rounds.exclude(number, _text(args, "node_id"),
+                                    _text(args, "reason")[:500] or "excluded by an admin")
+    raise UpdateRejected("bad_request", f"unknown admin action {action!r}; one of "
+                         f"{', '.join(ACTIONS)}")
+
+
+async def run_on_coordinator(node: "Node", action: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run it here if this node coordinates, else forward it to the coordinator (once)."""
+    try:
+        return await run_here(node, action, args)
+    except UpdateRejected as exc:
+        coordinator, url = node.cluster.coordinator, node.cluster.coordinator_url
+        if exc.code != "not_coordinator" or not coordinator or not url \
+                or coordinator == node.node_id:
+            raise
+    log.info("admin %s forwarded to the coordinator %s", action, coordinator[:12])
+    try:
+        result = await node.cluster.client.call(url, "POST", "/v1/peer/admin",
+                                                {"action": action, "args": args},
+                                                timeout=FORWARD_TIMEOUT_S,
+                                                expect_node=coordinator)
+    except PeerError as exc:
+        if exc.status:  # the coordinator answered: its refusal is the answer
+            raise UpdateRejected(exc.code, f"the coordinator {coordinator[:12]} refused: "
+                                 f"{str(exc).split(': ', 1)[-1]}") from exc
+        raise UpdateRejected("coordinator_unreachable", f"this node is not the coordinator and "
+                             f"could not reach the one it knows ({coordinator[:12]} at {url}); "
+                             "retry once an election settles") from exc
+    node.bus.publish("admin_forwarded", None, {"action": action, "coordinator": coordinator})
+    return {**(result or {}), "via_coordinator": coordinator}
+
+
+async def on_peer_admin(node: "Node", caller: str, body: Any) -> dict[str, Any]:
+    """The coordinator's side of a forward: a verified voting member's admin acts through it."""
+    if not isinstance(body, dict) or not isinstance(body.get("action"), str) \
+            or not isinstance(body.get("args", {}), dict):
+        raise UpdateRejected("bad_request", "peer admin: expected {action, args}")
+    if not node.settings.remote_admin:
+        raise UpdateRejected("forbidden", "this coordinator takes admin actions only from its "
+                             "own admin (--no-remote-admin); run the action on its machine")
+    if caller not in {p.node_id for p in node.cluster.voters()}:
+        raise UpdateRejected("forbidden", "only a verified voting member may forward admin "
+                             "actions")
+    action, args = body["action"], body.get("args", {})
+    result = await run_here(node, action, args)
+    log.warning("admin %s run for member %s (forwarded by its node)", action, caller[:12])
+    node.bus.publish("remote_admin", None, {"action": action, "by": caller}, level="warning")
+    return result
+
+
+def _text(args: dict[str, Any], key: str) -> str:
+    value = args.get(key, "")
+    if not isinstance(value, str) or (key == "node_id" and not value):
+        raise UpdateRejected("bad_request", f"admin action: {key!r} must be a string")
+    return value
