@@ -347,8 +347,7 @@ def _cmd_tui(args: argparse.Namespace) -> int:
     else:
         load_identity(_data_dir(args))  # a clear error if there is no local node here
         client = AsyncNodeClient.from_data_dir(_data_dir(args), url, **kwargs)
-    run_tui(client, url)
-    return 0
+    return run_tui(client, url)
 
 
 def _client_options(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
