@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -67,7 +68,14 @@ def main() -> int:
             chaos = Chaos(lab, [root / f"d{i}" for i in range(args.nodes)], model, NODE_ARGS,
                           first.secret, lambda path, s: write_random_update(path, spec, s),
                           seed=args.seed)
-            report = asyncio.run(chaos.run(args.minutes * 60))
+            try:
+                report = asyncio.run(chaos.run(args.minutes * 60))
+            except AssertionError as exc:
+                chaos.save_logs()
+                kept = Path(tempfile.mkdtemp(prefix="chorus-chaos-failed-"))
+                shutil.copytree(root, kept, dirs_exist_ok=True)
+                print(f"FAIL: {exc}\nnode data dirs and logs kept in {kept}", file=sys.stderr)
+                return 1
         print(f"finished in {(time.monotonic() - started) / 60:.1f} min")
     r = report
     print(f"  operations            {r.operations}")

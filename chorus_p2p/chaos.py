@@ -19,6 +19,7 @@ holds the same history and a byte-identical state, and the federation still comm
 from __future__ import annotations
 
 import asyncio
+import json
 import hashlib
 import random
 import time
@@ -283,7 +284,37 @@ class Chaos:
                 if not state or state["round"] != rows[0]["round"] or state["diverged"]:
                     return None
             return leader if len(heads) == 1 else None
-        await self._wait(agreed, timeout, "convergence after healing")
+        try:
+            await self._wait(agreed, timeout, "convergence after healing")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{await self.diagnose()}") from None
+
+    async def diagnose(self) -> str:
+        """What each node says about itself, and its last warnings: why it did not converge."""
+        lines = []
+        for i in sorted(self.procs):
+            st = await self.status(i) or {}
+            state = await self._state(i) or {}
+            current = st.get("current_round") or {}
+            latest = st.get("latest_committed") or {}
+            lines.append(
+                f"node {i}: alive={self.procs[i].proc.poll() is None} role={st.get('role')} "
+                f"term={st.get('term')} coordinator={str(st.get('coordinator'))[:12]} "
+                f"quorum={st.get('quorum')} committed={latest.get('round')} "
+                f"current={current.get('round')}/{current.get('state')}/"
+                f"{current.get('updates')} state_round={state.get('round')} "
+                f"diverged={state.get('diverged')}")
+            noisy = [e for e in self.procs[i].events
+                     if e.get("level") in ("warning", "error") or "raw" in e][-12:]
+            lines += [f"    {json.dumps(e)[:300]}" for e in noisy]
+        return "\n".join(lines)
+
+    def save_logs(self) -> None:
+        """Each node's JSON log next to its data dir (kept when a run fails)."""
+        for i, proc in self.procs.items():
+            with open(Path(self.dirs[i]).with_suffix(".log.jsonl"), "w") as out:
+                for event in list(proc.events):
+                    out.write(json.dumps(event) + "\n")
 
     async def _open_round(self, i: int) -> dict[str, Any] | None:
         st = await self.status(i)
