@@ -36,6 +36,9 @@ DEFAULT_URL = "http://127.0.0.1:8470"
 T = TypeVar("T")
 
 
+PROVENANCE_FILE = "chorus_round.json"  # written by pull next to the PEFT files
+
+
 class NodeError(ChorusError):
     """The node refused the request. ``code`` is the API's error code (e.g. ``stale_base``)."""
 
@@ -325,15 +328,31 @@ class AsyncNodeClient:
                                    file_body=Path(weights_file))
 
     async def pull(self, out_dir: str | os.PathLike, round: int | str | None = None,
-                   *, force: bool = False) -> Path:
-        """Download a round's global adapter (default: latest) as a PEFT folder."""
+                   *, force: bool = False, residual: bool = False, cumulative: bool = False
+                   ) -> Path:
+        """Download a round's global adapter (default: latest) as a PEFT folder; with
+        ``residual``/``cumulative`` also that round's ``residual.safetensors`` (its factored D)
+        and ``cumulative.safetensors`` (the dense R after it).
+
+        All or nothing: the folder appears complete or not at all (a failed download leaves no
+        partial folder behind, and an existing one is untouched). "latest" is resolved once,
+        so every file is of the same round even if another commits meanwhile.
+        """
         data, headers = await self._request("GET", f"/v1/rounds/{round or 'latest'}/adapter",
                                             raw=True)
+        number = headers.get("X-Chorus-Round") or round or "latest"
         with atomic_output_dir(out_dir, force=force) as scratch:
             _safe_extract(data, scratch)
             actual = _sha256_file(scratch / "adapter_model.safetensors")
             if actual != headers.get("X-Chorus-Adapter-SHA256"):
                 raise NodeError("hash_mismatch", "downloaded adapter does not match its hash", 0)
+            for wanted, what in ((residual, "residual"), (cumulative, "cumulative")):
+                if wanted:
+                    await self.download(what, number, scratch / f"{what}.safetensors")
+            # Provenance: which round of which federation this folder is (PEFT ignores it).
+            (scratch / PROVENANCE_FILE).write_text(json.dumps(
+                {"round": int(number) if str(number).isdigit() else number,
+                 "adapter_sha256": actual, "node": self.url}, indent=2) + "\n")
         return Path(out_dir)
 
     async def download(self, what: str, round: int | str, out_file: str | os.PathLike,
@@ -478,8 +497,9 @@ class NodeClient:
             return lambda *a, **k: self._call(attr(*a, **k))
         return attr
 
-    def _events(self, since: int | None = None) -> Iterator[dict[str, Any]]:
-        agen = self._async.events(since)
+    def _events(self, since: int | None = None, tail: int | None = None
+                ) -> Iterator[dict[str, Any]]:
+        agen = self._async.events(since, tail)
         try:
             while True:
                 try:

@@ -111,7 +111,9 @@ def test_cli_runs_a_round_and_reports_exit_codes(running_node, tmp_path):
     done = cli("pull", "--out", str(tmp_path / "g"), "--round", "1", "--residual", *base)
     assert done.returncode == 0, done.stderr
     assert {p.name for p in (tmp_path / "g").iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "residual.safetensors"}
+        "adapter_config.json", "adapter_model.safetensors", "residual.safetensors",
+        "chorus_round.json"}
+    assert json.loads((tmp_path / "g" / "chorus_round.json").read_text())["round"] == 1
     assert json.loads(cli("status", "--json", *base).stdout)["node_id"] == node.node_id
     assert json.loads(cli("members", "--json", *base).stdout)[0]["node_id"] == node.node_id
     assert "committed" in cli("rounds", *base).stdout
@@ -149,3 +151,54 @@ def test_ledger_migrates_an_old_schema(tmp_path):
     row = ledger.update(1, "old")
     assert row["examples"] == 3 and row["eval_loss"] is None  # data kept, column added
     ledger.close()
+
+
+def test_cli_walkthrough_admin_join_token_members_and_atomic_pull(running_node, tmp_path):
+    node = running_node
+    base = ["--node", node.url, "--data-dir", str(node.data_dir)]
+    token = node.identity.join_token()
+    # An admin command on the node's machine works with CHORUS_JOIN_TOKEN exported (README's
+    # walkthrough exports it): the data dir's admin token is used.
+    done = cli("pause", *base, env_extra={"CHORUS_JOIN_TOKEN": token})
+    assert done.returncode == 0 and "paused=True" in done.stdout, done.stderr
+    done = cli("resume", "--json", *base, env_extra={"CHORUS_JOIN_TOKEN": token})
+    assert done.returncode == 0 and json.loads(done.stdout)["paused"] is False
+    # With only a join token (another machine), an admin command is refused: exit 3, one line
+    done = cli("pause", "--node", node.url, "--join", token, "--data-dir",
+               str(tmp_path / "not-a-node"))
+    assert done.returncode == 3 and "admin token" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    # join-token prints the token again, and only it, so it can go to a file
+    done = cli("join-token", "--data-dir", str(node.data_dir))
+    assert done.returncode == 0 and done.stdout.strip() == token
+    # members: role and last-seen age columns
+    done = cli("members", *base)
+    header, row = done.stdout.splitlines()[:2]
+    assert "role" in header and "last seen" in header and "coordinator" in row
+    # pull is all or nothing: asking for a residual that round 0 does not have leaves no folder
+    done = cli("pull", "--out", str(tmp_path / "p"), "--round", "0", "--residual", *base)
+    assert done.returncode == 3 and not (tmp_path / "p").exists(), done.stderr
+    assert not list(tmp_path.glob(".p.partial-*"))
+    done = cli("pull", "--out", str(tmp_path / "p"), "--round", "0", "--json", *base)
+    assert done.returncode == 0 and json.loads(done.stdout)["round"] == 0
+
+
+def test_every_command_has_examples_that_parse_and_every_option_has_help():
+    import argparse
+    import shlex
+
+    from chorus_p2p.cli.help import EXAMPLES
+    from chorus_p2p.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(EXAMPLES)
+    for name, command in sub.choices.items():
+        assert "examples:" in command.format_help(), name
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+        for _, line in EXAMPLES[name]:
+            words = shlex.split(line.split("|")[0].split("&&")[0].split(">")[0])
+            assert words[0] == "chorus-node" and words[1] == name, line
+            parser.parse_args(words[1:])  # raises SystemExit on an example that rotted

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 from chorus_p2p import __version__
 from chorus_p2p.cli import node_cmds, offline, train_cmds
+from chorus_p2p.cli.help import add_examples
+from chorus_p2p.cli.quiet import quiet_third_party
 from chorus_p2p.errors import ChorusError
 
 EXIT_OK = 0
@@ -39,11 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="chorus-node",
                      description="Serverless federated LoRA fine-tuning with exact aggregation.")
     parser.add_argument("--version", action="version", version=f"chorus-p2p {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug detail to stderr, and let transformers/PEFT warnings "
+                             "and loading bars through")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     for register in COMMAND_MODULES:
         register(commands)
+    add_examples(commands)
     return parser
 
 
@@ -55,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_third_party(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except ChorusError as exc:

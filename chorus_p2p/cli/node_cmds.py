@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chorus_p2p.cli.output import print_json
 from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
 from chorus_p2p.lora.names import STRATEGIES
 from chorus_p2p.node.settings import DEFAULT_DATA_DIR
@@ -59,23 +60,41 @@ def _join_token(args: argparse.Namespace) -> str | None:
     return getattr(args, "join", None) or os.environ.get("CHORUS_JOIN_TOKEN") or None
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, admin: bool = False):
+    """A client for the node at ``--node``.
+
+    Credentials: an explicit ``--join``/``--join-file``, else the local data dir, else
+    ``$CHORUS_JOIN_TOKEN``. Admin commands prefer the local data dir even when
+    ``CHORUS_JOIN_TOKEN`` is exported, since only the data dir holds the admin token.
+    """
     from chorus_p2p.client import NodeClient
+    from chorus_p2p.node.identity import IDENTITY_FILE
 
     url = _node_url(args)
+    kwargs = {"client_id": args.client_id} if getattr(args, "client_id", None) else {}
+    explicit = getattr(args, "join", None) or getattr(args, "join_file", None)
+    local = (Path(_data_dir(args)) / IDENTITY_FILE).is_file()
     token = _join_token(args)
-    kwargs = {"client_id": args.client_id} if args.client_id else {}
-    if token:
-        return NodeClient.from_join_token(url, token, **kwargs)
-    return NodeClient.from_data_dir(_data_dir(args), url, **kwargs)
+    if token and (explicit or not (admin and local)):
+        client = NodeClient.from_join_token(url, token, **kwargs)
+    else:
+        client = NodeClient.from_data_dir(_data_dir(args), url, **kwargs)
+    if admin and not client.admin_token:
+        from chorus_p2p.client import MissingAdminToken
+
+        client.close()
+        raise MissingAdminToken(
+            "this is an admin command: it needs the node's admin token, which only the node's "
+            f"data dir holds (looked in {_data_dir(args)}; give --data-dir DIR, or run it on "
+            "the node's machine). A join token gives no admin rights.")
+    return client
 
 
 def _data_dir(args: argparse.Namespace) -> str:
     return args.data_dir or os.environ.get("CHORUS_DATA_DIR") or DEFAULT_DATA_DIR
 
 
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
+_print_json = print_json
 
 
 def _when(ts: float | None) -> str:
@@ -86,7 +105,8 @@ def _when(ts: float | None) -> str:
 def _cmd_init(args: argparse.Namespace) -> int:
     from chorus_p2p.node.identity import init_data_dir
 
-    identity = init_data_dir(_data_dir(args), args.federation, join_token=args.join,
+    join = _join_token(args) if (args.join or args.join_file) else None
+    identity = init_data_dir(_data_dir(args), args.federation, join_token=join,
                              force=args.force)
     if args.json:
         _print_json({"node_id": identity.node_id, "federation": identity.federation,
@@ -174,7 +194,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     from chorus_p2p.node.lock import DataDirBusy, DataDirLock
 
     if args.node or _join_token(args):
-        with _client(args) as node:
+        with _client(args, admin=True) as node:
             report = node.gc()
     else:
         data_dir = Path(_data_dir(args))
@@ -186,7 +206,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
             if not url:
                 raise
             args.node = url
-            with _client(args) as node:
+            with _client(args, admin=True) as node:
                 report = node.gc()
     if args.json:
         _print_json(report)
@@ -252,11 +272,25 @@ def _cmd_members(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(members)
         return 0
-    print(f"{'node id':<16}  {'name':<20} {'status':<8} {'addresses':<24} last seen")
+    print(f"{'node id':<12}  {'name':<16} {'role':<11} {'status':<8} {'last seen':>9}  addresses")
     for m in members:
-        print(f"{m['node_id'][:16]:<16}  {(m['name'] or '-')[:20]:<20} {m['status'] or '-':<8} "
-              f"{','.join(m['addresses'])[:24]:<24} {_when(m['last_seen'])}")
+        age = m.get("last_seen_age_s")
+        seen = "-" if age is None else _age(age)
+        if m.get("role") == "coordinator" and m["status"] == "live" and age is None:
+            seen = "now"
+        print(f"{m['node_id'][:12]:<12}  {(m['name'] or '-')[:16]:<16} {m.get('role') or '-':<11} "
+              f"{m['status'] or '-':<8} {seen:>9}  {','.join(m['addresses']) or '-'}")
     return 0
+
+
+def _age(seconds: float) -> str:
+    """A human age: 0.4s, 12s, 5m, 3h, 2d (what `kubectl get` prints)."""
+    if seconds < 10:
+        return f"{seconds:.1f}s ago"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -273,18 +307,34 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     with _client(args) as node:
-        out = node.pull(args.out, round=args.round, force=args.force)
-        if args.residual:
-            node.download("residual", args.round or "latest", out / "residual.safetensors")
-        if args.cumulative:
-            node.download("cumulative", args.round or "latest", out / "cumulative.safetensors")
-    print(f"adapter of round {args.round or 'latest'} -> {out}")
+        out = node.pull(args.out, round=args.round, force=args.force, residual=args.residual,
+                        cumulative=args.cumulative)
+    from chorus_p2p.client import PROVENANCE_FILE
+
+    number = json.loads((out / PROVENANCE_FILE).read_text())["round"]
+    files = sorted(p.name for p in out.iterdir())
+    if args.json:
+        _print_json({"out": str(out), "round": number, "files": files})
+    else:
+        print(f"adapter of round {number} -> {out}  ({', '.join(files)})")
+    return 0
+
+
+def _cmd_join_token(args: argparse.Namespace) -> int:
+    from chorus_p2p.node.identity import load_identity
+
+    identity = load_identity(_data_dir(args))
+    if args.json:
+        _print_json({"join_token": identity.join_token(), "federation": identity.federation,
+                     "node_id": identity.node_id})
+    else:
+        print(identity.join_token())
     return 0
 
 
 def _admin(action: str):
     def run(args: argparse.Namespace) -> int:
-        with _client(args) as node:
+        with _client(args, admin=True) as node:
             result = getattr(node, action)()
         _print_json(result) if args.json else print(
             " ".join(f"{k}={v}" for k, v in result.items()))
@@ -294,7 +344,7 @@ def _admin(action: str):
 
 def _decide(approve: bool):
     def run(args: argparse.Namespace) -> int:
-        with _client(args) as node:
+        with _client(args, admin=True) as node:
             result = node.decide_member(args.member, approve)
         _print_json(result) if args.json else print(f"{result['node_id']}: {result['status']}")
         return 0
@@ -302,7 +352,7 @@ def _decide(approve: bool):
 
 
 def _cmd_exclude(args: argparse.Namespace) -> int:
-    with _client(args) as node:
+    with _client(args, admin=True) as node:
         result = node.exclude_update(args.member, round=args.round, reason=args.reason)
     if args.json:
         _print_json(result)
@@ -324,7 +374,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    with _client(args) as node:
+    with _client(args, admin=True) as node:
         result = node.remove_member(args.member, force=args.force)
     if args.json:
         _print_json(result)
@@ -367,20 +417,25 @@ def _client_options(parser: argparse.ArgumentParser, json_flag: bool = True) -> 
 def register(commands: argparse._SubParsersAction) -> None:
     init = commands.add_parser("init", help="create a node identity and federation credentials")
     init.add_argument("--federation", metavar="NAME", help="name of a new federation")
-    init.add_argument("--join", metavar="TOKEN", help="join an existing federation instead")
-    init.add_argument("--data-dir", help=f"default {DEFAULT_DATA_DIR}")
+    init.add_argument("--join", metavar="TOKEN", help="join an existing federation instead "
+                      "(visible in ps; prefer --join-file or $CHORUS_JOIN_TOKEN)")
+    init.add_argument("--join-file", metavar="PATH", help="read the join token from a file "
+                      "('-': stdin)")
+    init.add_argument("--data-dir", help=f"default $CHORUS_DATA_DIR or {DEFAULT_DATA_DIR}")
     init.add_argument("--force", action="store_true", help="replace an existing identity")
-    init.add_argument("--json", action="store_true")
+    init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(handler=_cmd_init)
 
     up = commands.add_parser("up", help="run the node",
                              description="Run a node. Settings: flags, then CHORUS_* environment "
                                          "variables, then DATA_DIR/config.toml.")
     up.add_argument("--model", metavar="ID_OR_PATH", help="base model (HF id or local folder)")
-    up.add_argument("--data-dir")
+    up.add_argument("--data-dir", help=f"identity, ledger, blobs and state (default "
+                    f"$CHORUS_DATA_DIR or {DEFAULT_DATA_DIR})")
     up.add_argument("--host", help="listen address (default 127.0.0.1)")
     up.add_argument("--port", type=non_negative_int, help="listen port (default 8470; 0 picks a free one)")
-    up.add_argument("--strategy", choices=STRATEGIES)
+    up.add_argument("--strategy", choices=STRATEGIES,
+                    help="aggregation (default fedex-svd: exact, residual folded into R)")
     up.add_argument("--rank", type=positive_int, help="LoRA rank (default 16)")
     up.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
     up.add_argument("--target-modules", help="comma-separated (default q_proj,v_proj)")
@@ -477,7 +532,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     rounds = commands.add_parser("rounds", help="round history, newest first")
     _client_options(rounds)
-    rounds.add_argument("--limit", type=positive_int, default=20)
+    rounds.add_argument("--limit", type=positive_int, default=20,
+                        help="newest N rounds (default 20)")
     rounds.add_argument("--all", action="store_true", help="every round (follows pages)")
     rounds.set_defaults(handler=_cmd_rounds)
 
@@ -490,8 +546,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     submit.set_defaults(handler=_cmd_submit)
 
     pull = commands.add_parser("pull", help="download a round's global adapter as a PEFT folder")
-    _client_options(pull, json_flag=False)
-    pull.add_argument("--out", required=True, metavar="OUT_DIR")
+    _client_options(pull)
+    pull.add_argument("--out", required=True, metavar="OUT_DIR",
+                      help="the PEFT folder to write (created whole, or not at all)")
     pull.add_argument("--round", type=round_or_latest, help="round number (default: latest committed)")
     pull.add_argument("--residual", action="store_true", help="also fetch that round's residual")
     pull.add_argument("--cumulative", action="store_true", help="also fetch R after that round")
@@ -503,6 +560,17 @@ def register(commands: argparse._SubParsersAction) -> None:
         _client_options(sub)
         sub.add_argument("member", metavar="NODE_ID", help="node id (a unique prefix will do)")
         sub.set_defaults(handler=_decide(approve))
+
+    token = commands.add_parser(
+        "join-token", help="(admin) print the federation's join token again",
+        description="Print the join token that lets another machine join this federation "
+                    "(`chorus-node up --join-file FILE`). It is read from the node's data dir, "
+                    "so only whoever can read that folder gets it. It contains the federation "
+                    "secret: pass it by file or environment, not on a command line.")
+    token.add_argument("--data-dir", help=f"the node's data dir (default $CHORUS_DATA_DIR or "
+                       f"{DEFAULT_DATA_DIR})")
+    token.add_argument("--json", action="store_true", help="machine-readable output")
+    token.set_defaults(handler=_cmd_join_token)
 
     tui = commands.add_parser("tui", help="the live federation dashboard (Textual)")
     _client_options(tui, json_flag=False)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from chorus_p2p.cli.output import human_output, print_json, print_json_line
+from chorus_p2p.cli.progress import progress_bar
 from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
 from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 
@@ -25,9 +29,15 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
     quiet_transformers()
     data = args.data or [str(p) for p in shard_paths()]
-    out = build_tiny_lm(args.out, data, vocab_size=args.vocab_size, hidden=args.hidden,
-                        layers=args.layers, pretrain_steps=args.pretrain_steps)
-    print(f"tiny Llama + tokenizer -> {out}  (use it as --model {out})")
+    with human_output(args.json), progress_bar("pretraining", "steps") as bar:
+        out = build_tiny_lm(args.out, data, vocab_size=args.vocab_size, hidden=args.hidden,
+                            layers=args.layers, pretrain_steps=args.pretrain_steps,
+                            progress=bar)
+    if args.json:
+        print_json({"out": str(out), "vocab_size": args.vocab_size, "hidden": args.hidden,
+                    "layers": args.layers, "pretrain_steps": args.pretrain_steps})
+    else:
+        print(f"tiny Llama + tokenizer -> {out}  (use it as --model {out})")
     return 0
 
 
@@ -36,12 +46,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from chorus_p2p.cli.node_cmds import _client
     from chorus_p2p.node.spec import FederationSpec
     from chorus_p2p.state.store import StateStore
-    from chorus_p2p.tiny import quiet_transformers
     from chorus_p2p.train.data import Dataset
     from chorus_p2p.train.remote_state import sync_from_node
     from chorus_p2p.train.trainer import train_round
 
-    quiet_transformers()
     dataset = Dataset.load(args.dataset)
     config = _train_config(args)
     with _client(args) as node, tempfile.TemporaryDirectory(prefix="chorus-train-") as tmp:
@@ -53,20 +61,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + args.wait
             while (current := node.status()["current_round"]) is None:
                 if time.monotonic() > deadline:
-                    print("no round opened in time", flush=True)
+                    print(f"chorus-node: error: no round opened within --wait {args.wait:g}s",
+                          file=sys.stderr, flush=True)
                     return 3
                 time.sleep(1.0)
             number, base = current["round"], current["trained_from"]
             adapter = node.pull(work / f"global-{base}", round=base, force=True)
             sync_from_node(node, state, base, work)
-            result = train_round(args.model, adapter, state.read(base), dataset, config,
-                                 work / f"client-{number}")
-            node.submit(result.adapter_dir, round=number, examples=result.examples,
-                        trained_from=base, eval_loss=result.eval_loss,
-                        train_loss=result.train_loss)
-            print(f"round {number}: trained {config.steps} steps on {result.examples} examples, "
-                  f"train loss {result.train_loss:.3f}, eval loss {result.eval_loss:.3f}; "
-                  f"submitted", flush=True)
+            with human_output(args.json), progress_bar(f"round {number}", "steps") as bar:
+                result = train_round(args.model, adapter, state.read(base), dataset, config,
+                                     work / f"client-{number}", progress=None if bar is None
+                                     else lambda step, loss: bar(step, config.steps))
+            accepted = node.submit(result.adapter_dir, round=number, examples=result.examples,
+                                   trained_from=base, eval_loss=result.eval_loss,
+                                   train_loss=result.train_loss)
+            if args.json:
+                print_json_line({"round": number, "trained_from": base, "steps": config.steps,
+                                 "examples": result.examples, "train_loss": result.train_loss,
+                                 "eval_loss": result.eval_loss, "sha256": accepted["sha256"]})
+            else:
+                print(f"round {number}: trained {config.steps} steps on {result.examples} "
+                      f"examples, train loss {result.train_loss:.3f}, eval loss "
+                      f"{result.eval_loss:.3f}; submitted", flush=True)
             if done + 1 < args.rounds:
                 while node.round(number)["state"] != "committed":
                     time.sleep(0.5)
@@ -89,7 +105,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         clients.append(Dataset(f"{shard.name}-{part}", shard.train[part::share], shard.eval))
     strategies = [args.strategy, "fedavg"] if args.compare and args.strategy != "fedavg" \
         else [args.strategy]
-    with tempfile.TemporaryDirectory(prefix="chorus-sim-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="chorus-sim-") as tmp, human_output(args.json):
         root = Path(args.workdir or tmp)
         model = Path(args.model) if args.model else ensure_tiny_model(root)
         histories = {}
@@ -103,26 +119,33 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             out = args.plot or "simulate-loss.png"
             if plot_history(histories, out, f"simulate: {args.clients} clients"):
                 print(f"plot: {out}")
+    if args.json:
+        print_json({strategy: [{**dataclasses.asdict(r), "mean_eval_loss": r.mean_eval_loss}
+                               for r in rounds] for strategy, rounds in histories.items()})
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from chorus_p2p.cli.node_cmds import _data_dir
-    from chorus_p2p.tiny import quiet_transformers
     from chorus_p2p.train.export import export_from_data_dir
 
-    quiet_transformers()
     round_no = None if args.round in (None, "latest") else int(args.round)
-    out, number = export_from_data_dir(_data_dir(args), args.out, round_no=round_no,
-                                       model_path=args.model, force=args.force)
-    print(f"merged model of round {number} (base + R + adapter, float32) -> {out}")
+    with human_output(args.json), progress_bar("load, merge, save", "steps") as bar:
+        out, number = export_from_data_dir(_data_dir(args), args.out, round_no=round_no,
+                                           model_path=args.model, force=args.force,
+                                           progress=bar)
+    if args.json:
+        print_json({"out": str(out), "round": number})
+    else:
+        print(f"merged model of round {number} (base + R + adapter, float32) -> {out}")
     return 0
 
 
 def _training_options(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--steps", type=positive_int, default=30, help="optimizer steps per round")
     parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="sequences per step (default 8)")
     parser.add_argument("--device", default="auto",
                         help="auto (default: CUDA, then MPS, else CPU), cpu, cuda, cuda:1, ...")
 
@@ -132,40 +155,52 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     tiny = commands.add_parser("make-tiny-model",
                                help="build a tiny Llama + tokenizer offline (an HF folder)")
-    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--out", required=True, help="the model folder to write")
     tiny.add_argument("--data", action="append", help="text for the tokenizer and pretraining "
                       "(repeatable; default examples/data/*.jsonl)")
-    tiny.add_argument("--vocab-size", type=positive_int, default=512)
-    tiny.add_argument("--hidden", type=positive_int, default=96)
-    tiny.add_argument("--layers", type=positive_int, default=2)
-    tiny.add_argument("--pretrain-steps", type=non_negative_int, default=30)
+    tiny.add_argument("--vocab-size", type=positive_int, default=512,
+                      help="tokenizer vocabulary (default 512)")
+    tiny.add_argument("--hidden", type=positive_int, default=96, help="hidden size (default 96)")
+    tiny.add_argument("--layers", type=positive_int, default=2, help="decoder layers (default 2)")
+    tiny.add_argument("--pretrain-steps", type=non_negative_int, default=30,
+                      help="steps of pretraining on the text, so LoRA has something to adapt "
+                           "(default 30)")
+    tiny.add_argument("--json", action="store_true", help="machine-readable output")
     tiny.set_defaults(handler=_cmd_make_tiny_model)
 
     train = commands.add_parser("train", help="train against a node for N rounds (SDK loop)")
     _client_options(train, json_flag=False)
     train.add_argument("--model", required=True, help="base model: HF id or local folder")
-    train.add_argument("--dataset", required=True)
-    train.add_argument("--rounds", type=positive_int, default=1)
+    train.add_argument("--dataset", required=True, help="JSONL (text, or instruction/input/"
+                       "output) or a folder of .txt files")
+    train.add_argument("--rounds", type=positive_int, default=1, help="rounds to train (default 1)")
+    train.add_argument("--json", action="store_true",
+                       help="one JSON line per round (JSON Lines), for scripts")
     train.add_argument("--wait", type=float, default=600, help="seconds to wait for a round")
     _training_options(train, 2e-4)
     train.set_defaults(handler=_cmd_train)
 
     sim = commands.add_parser("simulate", help="in-process federated training, no sockets")
-    sim.add_argument("--clients", type=positive_int, default=3)
-    sim.add_argument("--rounds", type=positive_int, default=5)
-    sim.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
+    sim.add_argument("--clients", type=positive_int, default=3, help="clients (default 3)")
+    sim.add_argument("--rounds", type=positive_int, default=5, help="rounds (default 5)")
+    sim.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                     help=f"aggregation (default {DEFAULT_STRATEGY})")
     sim.add_argument("--compare", action="store_true", help="also run fedavg and plot both")
-    sim.add_argument("--plot", metavar="PNG")
+    sim.add_argument("--plot", metavar="PNG", help="where --compare writes its plot "
+                     "(default simulate-loss.png; needs the 'plots' extra)")
     sim.add_argument("--model", help="base model (default: build the tiny Llama)")
-    sim.add_argument("--workdir")
+    sim.add_argument("--workdir", help="keep the generated files here (default: a temp dir)")
+    sim.add_argument("--json", action="store_true",
+                     help="print each strategy's per-round history as one JSON document")
     _training_options(sim, 1e-3)  # the tiny default model learns at a higher rate
     sim.set_defaults(handler=_cmd_simulate)
 
     export = commands.add_parser("export", help="write base + R + adapter as one HF model folder")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", required=True, help="the Hugging Face model folder to write")
     export.add_argument("--round", type=round_or_latest, help="committed round (default: latest)")
     export.add_argument("--data-dir", help="the node's data dir (default $CHORUS_DATA_DIR or "
                         "./chorus_data)")
     export.add_argument("--model", help="base model (default: the one the federation records)")
-    export.add_argument("--force", action="store_true")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    export.add_argument("--json", action="store_true", help="machine-readable output")
     export.set_defaults(handler=_cmd_export)

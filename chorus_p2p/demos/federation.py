@@ -151,7 +151,8 @@ async def _wait(predicate, timeout: float, what: str):
 
 def run_federation_demo(rounds: int = 5, compare: bool = False, workdir: str | None = None,
                         steps: int = 30, lr: float = 1e-3, plot: str | None = None,
-                        serve: bool = False) -> int:
+                        serve: bool = False) -> dict[str, list[RoundStats]]:
+    """Run the demo; returns each strategy's per-round results (the printed table)."""
     import logging
 
     quiet_transformers()
@@ -180,4 +181,4 @@ def run_federation_demo(rounds: int = 5, compare: bool = False, workdir: str | N
             if plot_history(histories, out, "chorus-p2p demo: 3 nodes, non-IID shards"):
                 print(f"plot: {out}")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s")
-    return 0
+    return histories

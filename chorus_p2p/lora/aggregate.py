@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -180,7 +180,8 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                        strategy: str = DEFAULT_STRATEGY, weights: Sequence[float] | None = None,
                        rank: int | None = None, force: bool = False,
                        dtype: torch.dtype = torch.float32, settings: LoraSettings | None = None,
-                       labels: Sequence[str] | None = None) -> AggregationReport:
+                       labels: Sequence[str] | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> AggregationReport:
     """Aggregate ``paths`` (PEFT folders or bare safetensors) into ``out_dir``.
 
     ``settings`` replaces every client's own adapter config (a node's stored uploads are bare
@@ -203,7 +204,9 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
             adapter: dict[str, torch.Tensor] = {}
             reports: list[ModuleReport] = []
             kinds = {p: sources[0].shapes[p].kind for p in modules}
-            for prefix in modules:
+            for done, prefix in enumerate(modules):
+                if progress is not None:
+                    progress(done, len(modules))
                 clients = [s.factors(prefix, dtype) for s in sources]
                 result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],
                                           plan.scale(prefix))
@@ -217,6 +220,8 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                                             result.residual_rank, result.target_norm,
                                             result.residual_norm))
                 del clients, result
+            if progress is not None:
+                progress(len(modules), len(modules))
             # Full tensors (modules_to_save: heads, lm_head, embed_tokens): the weighted mean of
             # the clients' tensors is exactly the weighted mean model's, whatever the strategy.
             for key in sources[0].full:

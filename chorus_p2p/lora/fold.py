@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, MutableMapping, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -213,7 +213,8 @@ def _key_locations(files: list[Path]) -> dict[str, tuple[Path, list[int]]]:
 
 
 def fold_base(base: str | os.PathLike, residual_path: str | os.PathLike, out: str | os.PathLike,
-              *, force: bool = False) -> list[str]:
+              *, force: bool = False, progress: Callable[[int, int], None] | None = None
+              ) -> list[str]:
     """Write ``out``: a copy of ``base`` (model folder or one safetensors file) with the residual
     (a round's factored ``D`` or a node's dense ``R``) folded into the targeted weights.
     Validates every module's shape before writing anything; reads one module at a time."""
@@ -236,9 +237,16 @@ def fold_base(base: str | os.PathLike, residual_path: str | os.PathLike, out: st
             per_file.setdefault(path, []).append(prefix)
 
         changed: list[str] = []
+        total, done = len(residual.modules), [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
         if base.is_file():
             with atomic_output_file(out, force=force) as scratch:
-                changed += _fold_file(base, scratch, residual, per_file.get(base, []), hints)
+                changed += _fold_file(base, scratch, residual, per_file.get(base, []), hints,
+                                      tick)
             return changed
         with atomic_output_dir(out, force=force) as scratch:
             for item in base.iterdir():
@@ -246,13 +254,13 @@ def fold_base(base: str | os.PathLike, residual_path: str | os.PathLike, out: st
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, scratch / item.name)
             for path in files:
                 changed += _fold_file(path, scratch / path.name, residual, per_file.get(path, []),
-                                      hints)
+                                      hints, tick)
             _refresh_index_size(scratch)
     return changed
 
 
 def _fold_file(path: Path, target: Path, residual: ResidualFile, prefixes: list[str],
-               hints: Mapping[str, bool | None]) -> list[str]:
+               hints: Mapping[str, bool | None], tick: Callable[[], None]) -> list[str]:
     """Fold into one weights file (one shard at a time in memory, as transformers loads them)."""
     if not prefixes:
         shutil.copy2(path, target)
@@ -260,8 +268,11 @@ def _fold_file(path: Path, target: Path, residual: ResidualFile, prefixes: list[
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {"format": "pt"}
     state = load_file(str(path))
-    changed = fold_into_state_dict(state, ((p, residual.delta(p)) for p in prefixes),
-                                   source=str(path), hints=hints)
+    def deltas() -> Iterator[tuple[str, torch.Tensor]]:
+        for prefix in prefixes:
+            yield prefix, residual.delta(prefix)
+            tick()
+    changed = fold_into_state_dict(state, deltas(), source=str(path), hints=hints)
     save_file(state, str(target), metadata=metadata)
     return changed
 

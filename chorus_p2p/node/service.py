@@ -342,6 +342,12 @@ class _HumanFormatter(logging.Formatter):
 _LISTENER = None
 
 
+def _stop_listener(listener) -> None:
+    """Flush and stop once (a second stop() raises on Python 3.11)."""
+    if getattr(listener, "_thread", None) is not None:
+        listener.stop()
+
+
 def configure_logging(headless: bool, verbose: bool = False) -> None:
     """Log lines are formatted and written by a thread of their own: a slow or full stdout (a
     pipe nobody reads, a busy terminal) must never stall the event loop."""
@@ -350,14 +356,14 @@ def configure_logging(headless: bool, verbose: bool = False) -> None:
 
     global _LISTENER
     if _LISTENER is not None:  # configured again in the same process (tests, the demo)
-        _LISTENER.stop()
+        _stop_listener(_LISTENER)
     output = logging.StreamHandler(sys.stdout if headless else sys.stderr)
     output.setFormatter(_JsonFormatter() if headless else _HumanFormatter())
     lines: queue.Queue = queue.Queue(100_000)
     listener = _LISTENER = logging.handlers.QueueListener(lines, output,
                                                           respect_handler_level=True)
     listener.start()
-    atexit.register(listener.stop)
+    atexit.register(_stop_listener, listener)
     handler = _DroppingQueueHandler(lines)
     root = logging.getLogger("chorus_p2p")
     root.handlers[:] = [handler]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from chorus_p2p.atomic import atomic_output_dir
 from chorus_p2p.errors import UsageError
@@ -17,18 +18,26 @@ from chorus_p2p.train.trainer import load_global_model
 
 def export_merged(model_path: str | Path, adapter_dir: str | Path,
                   residual: ResidualInput | None, out: str | Path, *, force: bool = False,
-                  task_type: str = "CAUSAL_LM") -> Path:
+                  task_type: str = "CAUSAL_LM",
+                  progress: Callable[[int, int], None] | None = None) -> Path:
+    """Three steps, reported to ``progress``: load (base + R + adapter), merge, save."""
+    report = progress or (lambda done, total: None)
+    report(0, 3)
     model, tokenizer = load_global_model(model_path, adapter_dir, residual, task_type=task_type)
+    report(1, 3)
     merged = model.merge_and_unload()
+    report(2, 3)
     with atomic_output_dir(out, force=force) as scratch:
         merged.save_pretrained(scratch, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(scratch)
+    report(3, 3)
     return Path(out)
 
 
 def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int | None = None,
-                         model_path: str | None = None, force: bool = False) -> tuple[Path, int]:
+                         model_path: str | None = None, force: bool = False,
+                         progress: Callable[[int, int], None] | None = None) -> tuple[Path, int]:
     """Export a committed round (default: the latest) from a node's data dir.
 
     Reads only immutable files (the state's checkpoint and the residuals after it), so it is
@@ -70,7 +79,7 @@ def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int
             adapter_dir = materialize_adapter(row, blobs, Path(tmp))
             try:
                 export_merged(model, adapter_dir, StateReader(store, round_no, plan), out,
-                              force=force, task_type=spec.task_type)
+                              force=force, task_type=spec.task_type, progress=progress)
             except StateError as exc:
                 raise UsageError(f"R after round {round_no}: {exc}") from exc
     finally:

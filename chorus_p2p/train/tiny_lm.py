@@ -38,7 +38,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
 
 def build_tiny_lm(out: str | Path, data: Sequence[str | Path], *, vocab_size: int = 512,
                   hidden: int = 96, layers: int = 2, pretrain_steps: int = 150, seed: int = 0,
-                  log: Callable[[str], None] = print) -> Path:
+                  log: Callable[[str], None] = print,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
@@ -64,6 +65,8 @@ def build_tiny_lm(out: str | Path, data: Sequence[str | Path], *, vocab_size: in
             loss.backward()
             opt.step()
             opt.zero_grad()
+            if progress is not None:
+                progress(step + 1, pretrain_steps)
         model.eval()
         log(f"pretrained {pretrain_steps} steps in {time.perf_counter() - started:.1f}s, "
             f"loss {loss.item():.3f} (uniform: {math.log(len(tokenizer)):.3f})")

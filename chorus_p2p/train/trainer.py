@@ -10,7 +10,6 @@ the mean of their merged weights.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +121,6 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual: Resid
     gen = torch.Generator().manual_seed(config.seed)
     model.train()
     recent: list[float] = []
-    bar = _progress_bar(config.steps) if progress is None and sys.stderr.isatty() else None
     for step in range(config.steps):
         batch = train_blocks[torch.randint(0, len(train_blocks), (config.batch_size,),
                                            generator=gen)].to(device)
@@ -133,24 +131,12 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual: Resid
         recent.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, recent[-1])
-        elif bar is not None:
-            bar(step + 1, recent[-1])
     train_loss = sum(recent[-5:]) / len(recent[-5:]) if recent else math.nan
     eval_loss = evaluate(model, eval_blocks, config.batch_size, config.eval_batches)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     return TrainResult(len(dataset.train), train_loss, eval_loss, time.perf_counter() - started,
                        out_dir)
-
-
-def _progress_bar(total: int) -> Callable[[int, float], None]:
-    def show(step: int, loss: float) -> None:
-        filled = int(30 * step / total)
-        end = "\n" if step == total else ""
-        sys.stderr.write(f"\r  training [{'#' * filled}{'.' * (30 - filled)}] {step}/{total} "
-                         f"loss {loss:.3f}{end}")
-        sys.stderr.flush()
-    return show
 
 
 def eval_global(model_path: str | Path, adapter_dir: str | Path,
