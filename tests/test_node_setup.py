@@ -202,3 +202,30 @@ def test_every_command_has_examples_that_parse_and_every_option_has_help():
             words = shlex.split(line.split("|")[0].split("&&")[0].split(">")[0])
             assert words[0] == "chorus-node" and words[1] == name, line
             parser.parse_args(words[1:])  # raises SystemExit on an example that rotted
+
+
+def test_the_same_model_at_another_path_is_accepted_a_different_one_refused(tmp_path,
+                                                                            tiny_base):
+    import shutil
+
+    from chorus_p2p.node.ledger import Ledger
+    from chorus_p2p.node.service import load_or_create_spec
+    from chorus_p2p.tiny import save_tiny_model
+
+    def settings(model):
+        return resolve_settings({"data_dir": str(tmp_path / "d"), "model": str(model),
+                                 "rank": 4, "alpha": 8.0, "target_modules": "q_proj,v_proj"}, {})
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        first = load_or_create_spec(ledger, settings(tiny_base))
+        moved = shutil.copytree(tiny_base, tmp_path / "elsewhere" / "same-model")
+        spec = load_or_create_spec(ledger, settings(moved))
+        assert spec.model == str(moved) and spec.fingerprint() == first.fingerprint()
+        # remembered: the next start without --model uses the new path
+        assert load_or_create_spec(ledger, resolve_settings(
+            {"data_dir": str(tmp_path / "d")}, {})).model == str(moved)
+        other = save_tiny_model(tmp_path / "other-weights", seed=1)  # same shapes, new weights
+        with pytest.raises(UsageError, match="its content differs"):
+            load_or_create_spec(ledger, settings(other))
+    finally:
+        ledger.close()

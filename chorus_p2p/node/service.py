@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import json
 import logging
 import signal
@@ -39,6 +40,7 @@ from chorus_p2p.node.robust import FilterPolicy
 from chorus_p2p.node.migrate import convert_legacy_state, needs_conversion
 from chorus_p2p.node.retention import Retention
 from chorus_p2p.node.rounds import RoundManager, RoundPolicy
+from chorus_p2p.node.model_identity import model_fingerprint
 from chorus_p2p.node.settings import NodeSettings
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.node.state_keeper import StateKeeper
@@ -62,16 +64,38 @@ def load_or_create_spec(ledger: Ledger, settings: NodeSettings) -> FederationSpe
                                     settings.target_modules, settings.task_type,
                                     settings.modules_to_save)
         ledger.set_meta("spec", json.dumps(spec.to_json(), sort_keys=True))
+        ledger.set_meta("model_fingerprint", model_fingerprint(settings.model) or "")
         return spec
     spec = FederationSpec.from_json(json.loads(stored))
     wanted = {"model": settings.model, "rank": settings.rank, "alpha": settings.alpha,
               "target_modules": tuple(settings.target_modules), "task_type": settings.task_type,
               "modules_to_save": tuple(settings.modules_to_save)}
     for key in SPEC_KEYS:
-        if key in settings.sources and wanted[key] != getattr(spec, key):
-            raise UsageError(f"this data dir's federation trains {key}={getattr(spec, key)!r}, "
-                             f"not {wanted[key]!r}; use a new --data-dir for a different setup")
+        if key not in settings.sources or wanted[key] == getattr(spec, key):
+            continue
+        if key == "model":
+            spec = _same_model_elsewhere(ledger, spec, settings.model)
+            continue
+        raise UsageError(f"this data dir's federation trains {key}={getattr(spec, key)!r}, "
+                         f"not {wanted[key]!r}; use a new --data-dir for a different setup")
     return spec
+
+
+def _same_model_elsewhere(ledger: Ledger, spec: FederationSpec, model: str) -> FederationSpec:
+    """``--model`` names another path: accept it if it is the same model by content (and
+    remember the new path), refuse it otherwise."""
+    recorded = ledger.get_meta("model_fingerprint") or model_fingerprint(spec.model)
+    offered = model_fingerprint(model)
+    if not recorded or offered != recorded:
+        why = ("its content differs" if recorded and offered else
+               "cannot compare contents (one of them cannot be read here)")
+        raise UsageError(f"this data dir's federation trains model={spec.model!r}, not "
+                         f"{model!r} ({why}); use a new --data-dir for a different setup")
+    log.info("the base model moved: %s -> %s (same content)", spec.model, model)
+    moved = dataclasses.replace(spec, model=model)
+    ledger.set_meta("spec", json.dumps(moved.to_json(), sort_keys=True))
+    ledger.set_meta("model_fingerprint", recorded)
+    return moved
 
 
 class Node:
