@@ -31,7 +31,8 @@ def _node_url(args: argparse.Namespace) -> str:
     from chorus_p2p.client import DEFAULT_URL
     from chorus_p2p.errors import UsageError
 
-    raw = (getattr(args, "node", None) or os.environ.get("CHORUS_NODE") or DEFAULT_URL).strip()
+    raw = (getattr(args, "node", None) or os.environ.get("CHORUS_NODE")
+           or _local_node_url(args) or DEFAULT_URL).strip()
     url = raw if "://" in raw else f"http://{raw}"
     try:
         parts = urlsplit(url)
@@ -42,6 +43,17 @@ def _node_url(args: argparse.Namespace) -> str:
         raise UsageError(f"--node {raw!r} is not a node URL; give http://HOST:PORT "
                          "(e.g. http://10.0.0.5:8470)")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _local_node_url(args: argparse.Namespace) -> str | None:
+    """With no --node, the node running on the local data dir is the one meant, whatever port
+    it listens on (its lock file says where)."""
+    from chorus_p2p.node.lock import DataDirLock
+
+    url = DataDirLock(_data_dir(args)).running_url()
+    if url and "://0.0.0.0:" in url:
+        url = url.replace("://0.0.0.0:", "://127.0.0.1:")
+    return url
 
 
 def _join_token(args: argparse.Namespace) -> str | None:
@@ -98,7 +110,8 @@ _print_json = print_json
 
 
 def _when(ts: float | None) -> str:
-    return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    # round 0 (the shared initialisation) was never committed at a time: no date for it
+    return "-" if not ts else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- init / up ------------------------------------------------------------------------------------

@@ -57,6 +57,25 @@ class DataDirLock:
         except (OSError, ValueError):
             return {}
 
+    def running_url(self) -> str | None:
+        """The URL of the node that holds this data dir now, or None if none runs.
+
+        Tested with a shared lock attempt (it fails only while a node holds the exclusive one),
+        so a lock file left behind by a dead node never points anywhere.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            url = self.holder().get("url")
+            return str(url) if url else None
+        finally:
+            os.close(fd)  # also drops the shared lock if we got it
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
