@@ -209,3 +209,27 @@ async def test_tls_federation_pins_peers_by_node_id(federation):
         with pytest.raises(NodeError) as exc:
             await wrong.status()
         assert exc.value.code == "tls_pin"
+
+
+async def test_members_that_left_still_count_so_no_node_commits_alone(federation):
+    """The chaos checker's find: restart every node in turn, and the first one back used to
+    hear the others' goodbyes, shrink the majority to itself, and commit a round alone that
+    the others had committed differently. A member that stopped cleanly still counts."""
+    fed = federation(3)
+    leader = await fed.start_all()
+    await run_round(fed, leader, 1)
+    first = next(i for i, n in fed.nodes.items() if n is not leader)
+    await fed.stop(first)
+    restarted = await fed.start(first)
+    await fed.one_coordinator(timeout=10)
+    for i in [i for i in list(fed.nodes) if i != first]:
+        await fed.stop(i)  # each says goodbye to the restarted node
+    await asyncio.sleep(3.0)  # several election timeouts (0.4 s) alone
+    assert restarted.cluster.quorum() == 2, "the members that left must still count"
+    assert restarted.cluster.role != "coordinator" or not restarted.cluster.has_quorum()
+    assert restarted.ledger.latest_committed()["round"] == 1
+    # and when one comes back, the two of them carry on
+    back = await fed.start(next(i for i in range(3) if i != first))
+    leader = await fed.one_coordinator(timeout=15)
+    await run_round(fed, leader, 2)
+    assert history(back) == history(restarted)

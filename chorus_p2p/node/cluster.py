@@ -37,9 +37,12 @@ log = logging.getLogger("chorus_p2p.cluster")
 
 FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
 # Members in these states do not vote or count toward a majority ("dormant": unseen for
-# --member-timeout; it counts again the moment it is back).
-NOT_COUNTED = ("left", "pending", "rejected", "removed", "dormant")
-# ... and these get no heartbeats either.
+# --member-timeout; it counts again the moment it is back). A member that *left* (stopped
+# cleanly: a restart, a laptop closing) still counts: if a goodbye shrank the majority, a node
+# that heard every other node restart would be a majority of one and commit alone (the chaos
+# checker found exactly that). Leaving for good is `remove`, or --member-timeout.
+NOT_COUNTED = ("pending", "rejected", "removed", "dormant")
+# These get no heartbeats (a member that left says hello again when it is back).
 NOT_CONTACTED = ("left", "pending", "rejected", "removed")
 # An admin's decisions: only another admin decision changes them.
 DECIDED = ("pending", "rejected", "removed")
@@ -120,11 +123,12 @@ class Cluster:
     # -- members -------------------------------------------------------------------------------
     def _load_members(self) -> None:
         for m in self.node.ledger.members():
-            if m["node_id"] == self.node.node_id or m.get("status") == "left":
+            if m["node_id"] == self.node.node_id:
                 continue
             url = next((f"{self.scheme}://{a}" for a in m["addresses"]), "")
             if url:
-                status = m["status"] if m.get("status") in (*DECIDED, "dormant") else "lost"
+                status = m["status"] if m.get("status") in (*DECIDED, "dormant", "left") \
+                    else "lost"
                 # last seen: now, so --member-timeout counts from this start
                 self.peers[m["node_id"]] = Peer(
                     m["node_id"], url, m["name"] or "", m["public_key"] or "",
@@ -144,7 +148,7 @@ class Cluster:
         committed = self.node.ledger.latest_committed()
         if committed is not None and committed["round"] > 0:
             return True
-        return any(p.status in ("live", "lost") for p in self.peers.values())
+        return any(p.status in ("live", "lost", "left") for p in self.peers.values())
 
     def is_known(self, node_id: str) -> bool:
         """Admitted or pending, not rejected or removed: may talk to us beyond hello/append."""
@@ -335,7 +339,7 @@ class Cluster:
         now = time.monotonic()
         timeout = self.node.settings.member_timeout
         if timeout and self.role == COORDINATOR and self.quorum_fresh():
-            stale = [p for p in self.voters() if p.status == "lost"
+            stale = [p for p in self.voters() if p.status in ("lost", "left")
                      and now - p.last_seen > timeout]
             if stale:
                 peer = stale[0]
