@@ -113,6 +113,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                                   "recorded, retry after space is freed")
         log.exception("database error handling %s %s", request.method, request.path)
         return error_response("internal", f"database error ({exc})")
+    except ConnectionResetError:
+        # The caller hung up mid-request (a peer's call timed out, a client was killed): routine
+        # under faults, and nothing was recorded. Not an I/O error of ours.
+        log.info("caller went away during %s %s", request.method, request.path)
+        return error_response("bad_request", "connection lost before the request was read")
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             log.error("disk full while handling %s %s", request.method, request.path)
