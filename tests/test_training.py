@@ -231,3 +231,83 @@ def test_training_on_cuda_matches_the_exactness_identity(tmp_path, tiny_lm, shar
     worst = max(float((got[k].double() - mean[k]).norm() / mean[k].norm())
                 for k in mean if any(t in k for t in TARGETS))
     assert worst <= 1e-5
+
+
+def test_bf16_training_keeps_the_federation_exact(tmp_path, tiny_lm, shards):
+    """Clients train on a bfloat16 compute copy of W0 + R (gradient accumulation and
+    checkpointing on); their float32 adapters still aggregate to the exact mean, through PEFT,
+    in a round that starts from a non-zero R."""
+    from chorus_p2p.lora.fold import OriginalWeights, iter_deltas
+    from chorus_p2p.train.trainer import load_base
+
+    spec = FederationSpec.build(str(tiny_lm), 4, 8.0, TARGETS)
+    start = initial_state(spec, "t", tmp_path / "round-0")
+    bf16 = dict(compute_dtype="bfloat16", grad_accum=2, gradient_checkpointing=True, steps=3)
+
+    def train_clients(adapter, residual, tag):
+        dirs = [train_round(tiny_lm, adapter, residual, d,
+                            TrainConfig(seed=i, batch_size=4, **bf16), tmp_path / f"{tag}-{i}")
+                .adapter_dir for i, d in enumerate(shards)]
+        for d in dirs:  # the update itself is float32
+            from safetensors.torch import load_file
+            assert {t.dtype for t in load_file(str(d / "adapter_model.safetensors")).values()} \
+                == {torch.float32}
+        return dirs
+    first = train_clients(start, None, "r1")
+    aggregate_adapters([str(c) for c in first], tmp_path / "g1", rank=4, weights=[3, 2, 1])
+    residual = tmp_path / "g1" / RESIDUAL_FILE
+    # the compute copy is W0 + R rounded once to bf16, from the stored float32 W0
+    model, _ = load_base(tiny_lm, residual, compute_dtype=torch.bfloat16)
+    original = OriginalWeights(tiny_lm)
+    for prefix, delta in iter_deltas(residual):
+        name = prefix.removeprefix("base_model.model.") + ".weight"
+        expected = (original(name) + delta).to(torch.bfloat16)
+        assert torch.equal(model.get_parameter(name), expected), name
+    del model
+    second = train_clients(tmp_path / "g1", residual, "r2")
+    aggregate_adapters([str(c) for c in second], tmp_path / "g2", rank=4, weights=[1, 2, 3])
+    fold_base(tiny_lm, residual, tmp_path / "base+R1")
+    fold_base(tmp_path / "base+R1", tmp_path / "g2" / RESIDUAL_FILE, tmp_path / "base+R2")
+    got = merged_state(tmp_path / "base+R2", tmp_path / "g2")
+    mean = weighted_mean_state([merged_state(tmp_path / "base+R1", c) for c in second],
+                               [1, 2, 3])
+    worst = max(float((got[k].double() - mean[k]).norm() / mean[k].norm())
+                for k in mean if any(t in k for t in TARGETS))
+    assert worst <= 1e-5
+
+
+def test_datasets_as_lab_users_have_them(tmp_path):
+    """JSON, CSV, a custom text field, Parquet and save_to_disk folders (built here, offline)."""
+    import csv
+
+    import datasets
+
+    from chorus_p2p.errors import UsageError
+    from chorus_p2p.train.data import DatasetOptions, load_texts
+
+    rows = [{"body": f"note {i}: the kettle is descaled", "instruction": f"step {i}",
+             "output": "done"} for i in range(30)]
+    (tmp_path / "notes.json").write_text(json.dumps(rows))
+    with open(tmp_path / "notes.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "notes.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": table, "test": table.select(range(3))}).save_to_disk(
+        str(tmp_path / "saved-dict"))
+    body = DatasetOptions(text_field="body")
+    for source in ("notes.json", "notes.csv", "notes.parquet", "saved", "saved-dict"):
+        texts = load_texts(tmp_path / source, body)
+        assert texts == [r["body"] for r in rows], source
+        # without a text field: the instruction template
+        assert load_texts(tmp_path / source)[0].startswith("### Instruction:\nstep 0"), source
+    assert len(load_texts(tmp_path / "saved-dict", DatasetOptions("body", split="test"))) == 3
+    with pytest.raises(UsageError, match="no split 'validation'"):
+        load_texts(tmp_path / "saved-dict", DatasetOptions(split="validation"))
+    with pytest.raises(UsageError, match="no text field 'missing'"):
+        load_texts(tmp_path / "notes.csv", DatasetOptions(text_field="missing"))
+    # a hub id while offline: one clear line, not a traceback
+    with pytest.raises(UsageError, match="cannot load it with datasets"):
+        load_texts("no-such-org/no-such-dataset")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chorus_p2p.cli.output import print_json
+from chorus_p2p.cli.types import add_dataset_options, add_precision_options
 from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
 from chorus_p2p.lora.names import STRATEGIES
 from chorus_p2p.node.settings import DEFAULT_DATA_DIR
@@ -149,7 +150,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "dp_delta", "dp_clip", "dp_noise",
                                            "dataset", "steps",
                                            "lr", "batch_size", "device", "keep_rounds",
-                                           "checkpoint_every")}
+                                           "checkpoint_every", "compute_dtype", "grad_accum",
+                                           "max_seq_len", "gradient_checkpointing",
+                                           "text_field", "dataset_split", "dataset_config")}
     flags["peers"] = args.peer
     flags["interfaces"] = args.interface
     settings = resolve_settings(flags)
@@ -514,13 +517,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="Gaussian noise multiplier (default 1.0): noise std = SIGMA * C")
     up.add_argument("--train", action="store_true", default=None,
                     help="train on --dataset every round and submit the update")
-    up.add_argument("--dataset", metavar="PATH", help="JSONL (text, or instruction/input/output) "
-                    "or a folder of .txt files")
+    up.add_argument("--dataset", metavar="PATH", help="JSONL/JSON/CSV (text, or instruction/"
+                    "input/output), a folder of .txt files; with the datasets extra also "
+                    "Parquet, a save_to_disk folder or a hub id")
+    add_dataset_options(up, defaults=False)
     up.add_argument("--steps", type=positive_int, help="optimizer steps per round (default 30)")
     up.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
     up.add_argument("--batch-size", type=positive_int, help="sequences per step (default 8)")
     up.add_argument("--device", help="training device: auto (default: CUDA, then MPS, else "
                     "CPU), cpu, cuda, cuda:1, ...")
+    add_precision_options(up, defaults=False)
     up.add_argument("--keep-rounds", metavar="N|all",
                     help="keep the blobs of the last N committed rounds (default 10; 'all' for "
                          "audit); older rounds keep their record and hashes")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from chorus_p2p.cli.output import human_output, print_json, print_json_line
 from chorus_p2p.cli.progress import progress_bar
-from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
+from chorus_p2p.cli.types import (add_dataset_options, add_precision_options, non_negative_int,
+                                  positive_int, round_or_latest)
 from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 
 
@@ -19,7 +20,9 @@ def _train_config(args: argparse.Namespace):
     from chorus_p2p.train.trainer import TrainConfig
 
     return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                       device=args.device)
+                       device=args.device, compute_dtype=args.compute_dtype,
+                       grad_accum=args.grad_accum, seq_len=args.max_seq_len,
+                       gradient_checkpointing=args.gradient_checkpointing)
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -46,11 +49,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from chorus_p2p.cli.node_cmds import _client
     from chorus_p2p.node.spec import FederationSpec
     from chorus_p2p.state.store import StateStore
-    from chorus_p2p.train.data import Dataset
+    from chorus_p2p.train.data import Dataset, DatasetOptions
     from chorus_p2p.train.remote_state import sync_from_node
     from chorus_p2p.train.trainer import train_round
 
-    dataset = Dataset.load(args.dataset)
+    dataset = Dataset.load(args.dataset, options=DatasetOptions(
+        args.text_field, args.dataset_split, args.dataset_config))
     config = _train_config(args)
     with _client(args) as node, tempfile.TemporaryDirectory(prefix="chorus-train-") as tmp:
         work = Path(tmp)
@@ -148,6 +152,7 @@ def _training_options(parser: argparse.ArgumentParser, lr: float) -> None:
                         help="sequences per step (default 8)")
     parser.add_argument("--device", default="auto",
                         help="auto (default: CUDA, then MPS, else CPU), cpu, cuda, cuda:1, ...")
+    add_precision_options(parser)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -171,8 +176,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train against a node for N rounds (SDK loop)")
     _client_options(train, json_flag=False)
     train.add_argument("--model", required=True, help="base model: HF id or local folder")
-    train.add_argument("--dataset", required=True, help="JSONL (text, or instruction/input/"
-                       "output) or a folder of .txt files")
+    train.add_argument("--dataset", required=True, help="JSONL/JSON/CSV (text, or instruction/"
+                       "input/output), a folder of .txt files; with the datasets extra also "
+                       "Parquet, a save_to_disk folder or a hub id")
+    add_dataset_options(train)
     train.add_argument("--rounds", type=positive_int, default=1, help="rounds to train (default 1)")
     train.add_argument("--json", action="store_true",
                        help="one JSON line per round (JSON Lines), for scripts")

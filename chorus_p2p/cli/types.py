@@ -28,3 +28,38 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def add_precision_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Training memory options, shared by ``up --train``, ``train`` and ``simulate``.
+
+    ``defaults=False`` leaves them None so ``up`` can tell a flag from a config-file value."""
+    def default(value):
+        return value if defaults else None
+    parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        default=default("auto"),
+                        help="dtype of the frozen base while training: auto (default) is "
+                             "bfloat16 on a CUDA GPU that supports it, float32 elsewhere. The "
+                             "adapter trains in float32 and the federation stays exact")
+    parser.add_argument("--grad-accum", type=positive_int, default=default(1), metavar="N",
+                        help="micro-batches per optimizer step (default 1): the same effective "
+                             "batch in less memory")
+    parser.add_argument("--max-seq-len", type=positive_int, default=default(64), metavar="TOKENS",
+                        help="tokens per training sequence (default 64, the tiny model's; use "
+                             "512-2048 for real models)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        default=default(False),
+                        help="recompute activations in the backward pass: much less memory, "
+                             "about a third slower")
+
+
+def add_dataset_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """How to read ``--dataset``: shared by ``up --train`` and ``train``."""
+    parser.add_argument("--text-field", metavar="FIELD",
+                        help="the record field that holds the text (default: 'text', else "
+                             "instruction/input/output through the Alpaca template)")
+    parser.add_argument("--split", dest="dataset_split", default="train" if defaults else None,
+                        help="split of a save_to_disk DatasetDict or a hub dataset "
+                             "(default train)")
+    parser.add_argument("--dataset-config", metavar="NAME",
+                        help="configuration of a hub dataset (datasets.load_dataset's name)")

@@ -126,12 +126,33 @@ def _tied(model: torch.nn.Module, module: torch.nn.Module) -> bool:
     return outputs is module and inputs is not None and inputs.weight is module.weight
 
 
+class OriginalWeights:
+    """The base model's weights as stored (one tensor at a time, from its safetensors files).
+
+    A model loaded in bf16 for training holds ``W0`` already rounded; its compute copy should be
+    ``W0 + R`` rounded *once*, so the sum is formed from the stored ``W0`` in float32.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.where = _key_locations(_weight_files(Path(folder)))
+
+    def __call__(self, key: str) -> torch.Tensor | None:
+        found = self.where.get(key)
+        if found is None:
+            return None
+        with safe_open(str(found[0]), framework="pt") as handle:
+            return handle.get_tensor(key).to(torch.float32)
+
+
 @torch.no_grad()
-def fold_into_model(model: torch.nn.Module, residual: ResidualInput) -> list[str]:
+def fold_into_model(model: torch.nn.Module, residual: ResidualInput,
+                    original: Callable[[str], torch.Tensor | None] | None = None) -> list[str]:
     """Fold into a loaded ``transformers`` model in place, one module at a time.
 
-    The sum is formed in float32; a model loaded in bf16/fp16 keeps its dtype and loses the
-    residual's low bits, so we warn: load the base in float32 to keep the identity exact.
+    The sum is formed in float32. A model loaded in bf16/fp16 (a compute copy for training)
+    keeps its dtype: with ``original`` (see :class:`OriginalWeights`) each weight becomes
+    ``W0 + R`` rounded once; without it the rounded ``W0`` is used and we warn. The federation's
+    exact state never lives in such a copy: evaluation and export load float32.
     """
     changed = []
     for prefix, delta in iter_deltas(residual):
@@ -150,10 +171,15 @@ def fold_into_model(model: torch.nn.Module, residual: ResidualInput) -> list[str
         if placement(weight.shape, *delta.shape, stored_transposed(module), source="model",
                      prefix=prefix):
             delta = delta.T
+        source = weight.data.to(torch.float32)
         if weight.dtype != torch.float32:
-            log.warning("folding into %s weight of %s loses precision; load the base in float32",
-                        weight.dtype, name)
-        weight.copy_((weight.data.to(torch.float32) + delta.to(weight.device)).to(weight.dtype))
+            stored = original(name + ".weight") if original is not None else None
+            if stored is not None and stored.shape == weight.shape:
+                source = stored.to(weight.device)
+            else:
+                log.warning("folding into %s weight of %s loses precision; load the base in "
+                            "float32", weight.dtype, name)
+        weight.copy_((source + delta.to(weight.device)).to(weight.dtype))
         changed.append(name)
     return changed
 

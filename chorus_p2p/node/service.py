@@ -168,13 +168,18 @@ class Node:
             from chorus_p2p.train.participant import Participant
             from chorus_p2p.train.trainer import TrainConfig
 
+            from chorus_p2p.train.data import DatasetOptions
             from chorus_p2p.train.privacy import DPConfig
 
             dp = None if settings.dp_epsilon is None else DPConfig(
                 settings.dp_epsilon, settings.dp_delta, settings.dp_clip or 1.0, settings.dp_noise)
             self.participant = Participant(self, settings.dataset or "", TrainConfig(
                 steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
-                device=settings.device), dp)
+                device=settings.device, compute_dtype=settings.compute_dtype,
+                grad_accum=settings.grad_accum, seq_len=settings.max_seq_len,
+                gradient_checkpointing=settings.gradient_checkpointing), dp,
+                DatasetOptions(settings.text_field, settings.dataset_split,
+                               settings.dataset_config))
         self.guard = ConnectionGuard(settings.header_timeout, settings.max_connections)
         self.started_at = time.time()
         self.exit_code = 0

@@ -25,6 +25,9 @@ CONFIG_FILE = "config.toml"
 DEFAULT_DATA_DIR = "./chorus_data"
 
 
+COMPUTE_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class NodeSettings:
     model: str | None = None
@@ -65,6 +68,13 @@ class NodeSettings:
     lr: float = 2e-4  # a usual LoRA rate for real models; the tiny demo model uses 1e-3
     batch_size: int = 8
     device: str = "auto"  # training device: auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:1
+    compute_dtype: str = "auto"  # the frozen base's training copy: auto, float32, bfloat16, float16
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_seq_len: int = 64  # tokens per training sequence (the tiny demo's; real models: 512+)
+    gradient_checkpointing: bool = False  # recompute activations: less GPU memory
+    text_field: str | None = None  # the dataset field holding the text (default: text/instruction)
+    dataset_split: str = "train"  # for save_to_disk DatasetDicts and hub datasets
+    dataset_config: str | None = None  # a hub dataset's configuration name
     keep_rounds: int | None = 10  # rounds whose blobs are kept (None: all, for audit)
     checkpoint_every: int = 10  # rounds between checkpoints of the state R
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
@@ -113,6 +123,9 @@ _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": s
           "outlier_mad": float, "max_update_ratio": float, "dp_epsilon": float, "dp_delta": float, "dp_clip": float,
           "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,
           "batch_size": int, "device": str, "keep_rounds": "keep_rounds",
+          "compute_dtype": str, "grad_accum": int, "max_seq_len": int,
+          "gradient_checkpointing": bool, "text_field": str, "dataset_split": str,
+          "dataset_config": str,
           "checkpoint_every": int}
 
 
@@ -149,6 +162,12 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         raise UsageError(f"strategy {settings.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if settings.task_type not in ("CAUSAL_LM", "SEQ_CLS"):
         raise UsageError(f"task_type {settings.task_type!r}: CAUSAL_LM or SEQ_CLS")
+    if settings.compute_dtype not in COMPUTE_DTYPE_NAMES:
+        raise UsageError(f"compute_dtype {settings.compute_dtype!r}: one of "
+                         f"{', '.join(COMPUTE_DTYPE_NAMES)}")
+    for name in ("grad_accum", "max_seq_len"):
+        if getattr(settings, name) < 1:
+            raise UsageError(f"{name} must be at least 1")
     if settings.min_updates < 1:
         raise UsageError("min_updates must be at least 1")
     if settings.round_deadline <= 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chorus_p2p.node.state_keeper import StateReader
-from chorus_p2p.train.data import Dataset
+from chorus_p2p.train.data import Dataset, DatasetOptions
 from chorus_p2p.train.privacy import BudgetExhausted, DPConfig, PrivacyBudget, privatize
 from chorus_p2p.train.trainer import TrainConfig, train_round
 
@@ -57,11 +57,12 @@ def materialize_adapter(row: dict[str, Any], blobs, into: Path) -> Path:
 
 class Participant:
     def __init__(self, node: "Node", dataset_path: str, config: TrainConfig,
-                 dp: "DPConfig | None" = None):
+                 dp: "DPConfig | None" = None,
+                 dataset_options: DatasetOptions = DatasetOptions()):
         self.node = node
         self.budget = PrivacyBudget(node.ledger, dp) if dp is not None else None
         self._budget_reported = False
-        self.dataset = Dataset.load(dataset_path)
+        self.dataset = Dataset.load(dataset_path, options=dataset_options)
         self.config = config
         self.outbox = node.data_dir / "outbox"
         self.outbox.mkdir(exist_ok=True)

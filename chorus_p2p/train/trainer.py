@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from chorus_p2p.lora.fold import ResidualInput, fold_into_model
+from chorus_p2p.lora.fold import OriginalWeights, ResidualInput, fold_into_model
 from chorus_p2p.train.data import Dataset, token_blocks
 
 
@@ -30,6 +30,27 @@ class TrainConfig:
     seed: int = 0
     eval_batches: int = 8
     device: str = "auto"  # "auto": CUDA if available, then Apple MPS, else CPU
+    # The frozen base's compute copy: "auto" is bfloat16 on a CUDA device that supports it,
+    # float32 elsewhere. The adapter always trains (and is saved) in float32.
+    compute_dtype: str = "auto"
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                  "float16": torch.float16}
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        try:
+            return COMPUTE_DTYPES[name]
+        except KeyError:
+            raise ValueError(f"compute dtype {name!r}: one of auto, "
+                             f"{', '.join(COMPUTE_DTYPES)}") from None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 @dataclass
@@ -53,19 +74,40 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def load_base(model_path: str | Path, residual: ResidualInput | None = None,
-              device: str = "cpu", task_type: str = "CAUSAL_LM"):
-    """Base model in float32 with ``R`` folded in, then moved to ``device``.
+              device: str = "cpu", task_type: str = "CAUSAL_LM",
+              compute_dtype: torch.dtype = torch.float32):
+    """Base model with ``R`` folded in, then moved to ``device``.
 
     ``residual`` is a residual or state file, or a node's state reader (one module at a time).
-    The fold happens on the CPU in float32, before the move, so the result is the same bits on
-    every device."""
+    The fold happens on the CPU in float32, module by module, before the move, so the result is
+    the same bits on every device. In float32 that is the exact ``W0 + R``; in a lower
+    ``compute_dtype`` (training only) the model loads in that dtype (one copy of the model in
+    memory) and each targeted weight becomes ``W0 + R`` (formed in float32 from the stored
+    ``W0``) rounded once.
+    """
     from chorus_p2p.exactness import auto_class
 
-    model = auto_class(task_type).from_pretrained(model_path, dtype=torch.float32)
+    model = auto_class(task_type).from_pretrained(model_path, dtype=compute_dtype)
     tokenizer = _tokenizer(model_path)
     if residual is not None:
-        fold_into_model(model, residual)
+        original = None
+        if compute_dtype != torch.float32:
+            folder = _local_folder(model_path)
+            original = OriginalWeights(folder) if folder is not None else None
+        fold_into_model(model, residual, original)
     return model.to(resolve_device(device)), tokenizer
+
+
+def _local_folder(model_path: str | Path) -> Path | None:
+    """Where the model's weight files are: the folder itself, or its hub cache snapshot."""
+    if Path(model_path).is_dir():
+        return Path(model_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model_path), local_files_only=True))
+    except Exception:  # not cached as safetensors: fold_into_model warns and uses the copy
+        return None
 
 
 def _tokenizer(model_path: str | Path):
@@ -81,12 +123,16 @@ def _tokenizer(model_path: str | Path):
 
 def load_global_model(model_path: str | Path, adapter_dir: str | Path,
                       residual: ResidualInput | None = None, trainable: bool = False,
-                      device: str = "cpu", task_type: str = "CAUSAL_LM"):
-    """``W0 + R + adapter`` as a PEFT model (trainable for a client, frozen for evaluation)."""
+                      device: str = "cpu", task_type: str = "CAUSAL_LM",
+                      compute_dtype: torch.dtype = torch.float32):
+    """``W0 + R + adapter`` as a PEFT model (trainable for a client, frozen for evaluation).
+
+    The adapter is float32 whatever the base's compute dtype (PEFT's autocast of adapters)."""
     from peft import PeftModel
 
-    model, tokenizer = load_base(model_path, residual, device, task_type)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    model, tokenizer = load_base(model_path, residual, device, task_type, compute_dtype)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable,
+                                           autocast_adapter_dtype=True)
     return peft_model, tokenizer
 
 
@@ -111,8 +157,17 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual: Resid
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    dtype = resolve_compute_dtype(config.compute_dtype, resolve_device(config.device))
     model, tokenizer = load_global_model(model_path, adapter_dir, residual, trainable=True,
-                                         device=config.device)
+                                         device=config.device, compute_dtype=dtype)
+    if config.gradient_checkpointing:
+        inner = model.base_model.model
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            inner.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner.enable_input_require_grads()
     device = next(model.parameters()).device
     train_blocks = token_blocks(tokenizer, dataset.train, config.seq_len)
     eval_blocks = token_blocks(tokenizer, dataset.eval, config.seq_len)
@@ -122,13 +177,16 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual: Resid
     model.train()
     recent: list[float] = []
     for step in range(config.steps):
-        batch = train_blocks[torch.randint(0, len(train_blocks), (config.batch_size,),
-                                           generator=gen)].to(device)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        step_loss = 0.0
+        for _ in range(config.grad_accum):
+            batch = train_blocks[torch.randint(0, len(train_blocks), (config.batch_size,),
+                                               generator=gen)].to(device)
+            loss = model(input_ids=batch, labels=batch).loss / config.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        recent.append(float(loss.detach()))
+        recent.append(step_loss)
         if progress is not None:
             progress(step + 1, recent[-1])
     train_loss = sum(recent[-5:]) / len(recent[-5:]) if recent else math.nan
