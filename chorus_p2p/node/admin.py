@@ -10,7 +10,9 @@ logged and published as an event on both sides, so the federation sees who did w
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from chorus_p2p.node.peers import PeerError
@@ -23,6 +25,13 @@ log = logging.getLogger("chorus.admin")
 
 ACTIONS = ("close_round", "pause", "resume", "approve", "reject", "exclude")
 FORWARD_TIMEOUT_S = 30.0
+# Refusals of the signed peer channel itself (a clock off, a key not yet known, a replay): the
+# admin's own request was fine, so they are reported as the coordinator's failure, not passed on
+# as if the admin had sent a bad or unauthenticated request.
+PEER_CHANNEL_CODES = frozenset({"unauthenticated", "bad_signature", "stale_request", "replayed",
+                                "wrong_destination", "bad_identity", "not_member", "rate_limited",
+                                "bad_request", "body_mismatch", "too_large",
+                                "unsupported_media_type", "bad_peer"})
 
 
 async def run_here(node: "Node", action: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -47,14 +56,43 @@ async def run_here(node: "Node", action: str, args: dict[str, Any]) -> dict[str,
 
 
 async def run_on_coordinator(node: "Node", action: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run it here if this node coordinates, else forward it to the coordinator (once)."""
-    try:
-        return await run_here(node, action, args)
-    except UpdateRejected as exc:
+    """Run it here if this node coordinates, else forward it to the coordinator.
+
+    The role can move while the forward is in flight (an election on a loaded LAN). When the
+    node we forwarded to answers that it no longer coordinates, we wait, for at most two election
+    timeouts, for the federation to name another one and forward once more, so an admin's
+    "pause" does not fail just because it raced an election."""
+    tried: set[str] = set()
+    for _attempt in range(2):
+        try:
+            return await run_here(node, action, args)
+        except UpdateRejected as exc:
+            if exc.code != "not_coordinator":
+                raise
+            coordinator, url = await _known_coordinator(node, tried)
+            if not coordinator or not url or coordinator == node.node_id:
+                raise
+        tried.add(coordinator)
+        try:
+            return await _forward(node, coordinator, url, action, args)
+        except UpdateRejected as exc:
+            if exc.code != "not_coordinator" or len(tried) > 1:
+                raise
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+async def _known_coordinator(node: "Node", tried: set[str]) -> tuple[str | None, str | None]:
+    """The coordinator this node follows, other than ones that already said they are not."""
+    deadline = time.monotonic() + (2 * node.cluster.timing.election_max_s if tried else 0)
+    while True:
         coordinator, url = node.cluster.coordinator, node.cluster.coordinator_url
-        if exc.code != "not_coordinator" or not coordinator or not url \
-                or coordinator == node.node_id:
-            raise
+        if (coordinator and coordinator not in tried) or time.monotonic() >= deadline:
+            return (coordinator, url) if coordinator not in tried else (None, None)
+        await asyncio.sleep(0.05)
+
+
+async def _forward(node: "Node", coordinator: str, url: str, action: str,
+                   args: dict[str, Any]) -> dict[str, Any]:
     log.info("admin %s forwarded to the coordinator %s", action, coordinator[:12])
     try:
         result = await node.cluster.client.call(url, "POST", "/v1/peer/admin",
@@ -62,9 +100,15 @@ async def run_on_coordinator(node: "Node", action: str, args: dict[str, Any]) ->
                                                 timeout=FORWARD_TIMEOUT_S,
                                                 expect_node=coordinator)
     except PeerError as exc:
-        if exc.status:  # the coordinator answered: its refusal is the answer
+        reason = str(exc).split(": ", 1)[-1]
+        if exc.status and exc.status < 500 and exc.code not in PEER_CHANNEL_CODES:
+            # the coordinator decided: its refusal (not pending, paused, ...) is the answer
             raise UpdateRejected(exc.code, f"the coordinator {coordinator[:12]} refused: "
-                                 f"{str(exc).split(': ', 1)[-1]}") from exc
+                                 f"{reason}") from exc
+        if exc.status:  # it answered, but the forward itself failed: not the admin's mistake
+            raise UpdateRejected("coordinator_error", f"the coordinator {coordinator[:12]} could "
+                                 f"not run the forwarded {action} ({exc.code}: {reason}); "
+                                 "retry, or run it on the coordinator's machine") from exc
         raise UpdateRejected("coordinator_unreachable", f"this node is not the coordinator and "
                              f"could not reach the one it knows ({coordinator[:12]} at {url}); "
                              "retry once an election settles") from exc

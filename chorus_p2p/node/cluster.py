@@ -294,12 +294,12 @@ class Cluster:
         if self.node.node_id.startswith(node_id):
             raise UpdateRejected("not_pending", "that is this node itself; only pending members "
                                  "(nodes started with --approve-joins) can be approved or rejected")
+        if self.role != COORDINATOR:  # first: a follower may not know a newcomer yet
+            raise UpdateRejected("not_coordinator", "admission is decided on the coordinator",
+                                 extra={"coordinator_url": self.coordinator_url})
         peer = self._find(node_id)
         if peer is None:
             raise UpdateRejected("not_found", f"no member {node_id}")
-        if self.role != COORDINATOR:
-            raise UpdateRejected("not_coordinator", "admission is decided on the coordinator",
-                                 extra={"coordinator_url": self.coordinator_url})
         if peer.status != "pending":
             raise UpdateRejected("not_pending", f"member {peer.node_id[:12]} is {peer.status}; only "
                                  "pending members (nodes started with --approve-joins) can be "
