@@ -263,8 +263,11 @@ async def test_admin_keys_follow_the_coordinator(tmp_path, tiny_base):
         async with app.run_test(size=(100, 30)) as pilot:
             await wait_for(lambda: app.state.connected, timeout=10)
             await pilot.press("p")
-            await wait_for(lambda: leader.rounds.paused, timeout=10)
-            assert any("paused" in n for n in notifications(app))
+            try:
+                await wait_for(lambda: leader.rounds.paused, timeout=20)
+            except AssertionError:
+                raise AssertionError(f"not paused; the TUI said {notifications(app)}") from None
+            await wait_for(lambda: any("paused" in n for n in notifications(app)), timeout=5)
         await client.close()
     finally:
         await fed.close()

@@ -23,6 +23,9 @@ from .views import EventLog, FederationView, HistoryView, RoundView, clock, shor
 
 REFRESH_S = 1.0
 REQUEST_TIMEOUT_S = 2.5  # one poll may not hold the next ones back (a frozen node never answers)
+# An admin action may be forwarded to the coordinator and race an election; it gets longer than
+# a poll, but never holds the dashboard: it runs in a worker while the screen keeps updating.
+ACTION_TIMEOUT_S = 20.0
 EVENT_HISTORY = 200  # recorded events shown on attach
 
 HELP = """\
@@ -227,12 +230,20 @@ class ChorusApp(App[None]):
         self.severity = SEVERITIES[(SEVERITIES.index(self.severity) + 1) % len(SEVERITIES)]
         self.query_one(EventLog).render_state(self.state, self.severity)
 
+    def _in_background(self, coro) -> None:
+        """Run an admin action in a worker: key presses and redraws go on while it waits."""
+        self.run_worker(coro, group="actions", exit_on_error=False)
+
     async def _call(self, what: str, coro_factory) -> Any:
         if self.client is None:
             self.notify("not connected to a node", severity="error")
             return None
         try:
-            result = await coro_factory()
+            result = await asyncio.wait_for(coro_factory(), ACTION_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.notify(f"{what}: no answer in {ACTION_TIMEOUT_S:g}s; it may still take effect "
+                        "(watch the event log)", severity="warning", timeout=8)
+            return None
         except Exception as exc:
             message = getattr(exc, "message", None) or str(exc)
             code = getattr(exc, "code", None)
@@ -243,9 +254,9 @@ class ChorusApp(App[None]):
         return result
 
     def _confirm(self, question: str, then) -> None:
-        async def answered(yes: bool | None) -> None:
+        def answered(yes: bool | None) -> None:
             if yes:
-                await then()
+                self._in_background(then())
         self.push_screen(ConfirmScreen(question), answered)
 
     def action_close_round(self) -> None:
@@ -261,7 +272,10 @@ class ChorusApp(App[None]):
         self._confirm(f"Aggregate round {current['round']} now, with the {current['updates']} "
                       f"update(s) it has ({current['min_updates']} wanted)?", close)
 
-    async def action_toggle_pause(self) -> None:
+    def action_toggle_pause(self) -> None:
+        self._in_background(self._toggle_pause())
+
+    async def _toggle_pause(self) -> None:
         paused = bool(self.state.status.get("paused"))
         action = self.client.resume if paused and self.client else (
             self.client.pause if self.client else None)
@@ -284,12 +298,12 @@ class ChorusApp(App[None]):
         if result is not None:
             self.notify(f"{member.get('name') or short(node_id)}: {result.get('status')}")
 
-    async def action_approve(self) -> None:
+    def action_approve(self) -> None:
         member = self._selected_member()
         if member is None:
             self.notify("select a member first (Federation view)", severity="warning")
             return
-        await self._decide(member, True)
+        self._in_background(self._decide(member, True))
 
     def action_reject(self) -> None:
         member = self._selected_member()
@@ -300,7 +314,10 @@ class ChorusApp(App[None]):
         self._confirm(f"Reject {name} ({short(member['node_id'])}) for good? A rejected node "
                       "cannot rejoin with the same identity.", lambda: self._decide(member, False))
 
-    async def action_copy_token(self) -> None:
+    def action_copy_token(self) -> None:
+        self._in_background(self._copy_token())
+
+    async def _copy_token(self) -> None:
         token = await self._call("copy join token", lambda: self.client.join_token())
         if token:
             self.copy_to_clipboard(token)
