@@ -386,7 +386,7 @@ def configure_logging(headless: bool, verbose: bool = False) -> None:
     global _LISTENER
     if _LISTENER is not None:  # configured again in the same process (tests, the demo)
         _stop_listener(_LISTENER)
-    output = logging.StreamHandler(sys.stdout if headless else sys.stderr)
+    output = _CurrentStreamHandler("stdout" if headless else "stderr")
     output.setFormatter(_JsonFormatter() if headless else _HumanFormatter())
     lines: queue.Queue = queue.Queue(100_000)
     listener = _LISTENER = logging.handlers.QueueListener(lines, output,
@@ -402,6 +402,24 @@ def configure_logging(headless: bool, verbose: bool = False) -> None:
         # aiohttp logs a traceback per broken request; a flood of those is what an attacker
         # wants. Ours (request_refused, rate limited) say the same in one line.
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+class _CurrentStreamHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout``/``sys.stderr`` is at the moment of writing, not the one
+    at configuration time: a caller that swaps the stream (a test runner's capture, a program
+    embedding the node) must not leave the writer thread on a closed file."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(getattr(sys, name))
+        self._name = name
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler.__init__ assigns it; we always look it up
+        pass
 
 
 class _DroppingQueueHandler(logging.Handler):
