@@ -86,6 +86,13 @@ class NodeProc:
             except ValueError:
                 self.events.append({"raw": line.rstrip()})
 
+    def describe(self, lines: int = 6) -> str:
+        """Exit status and last output lines: what a timed-out wait needs to be diagnosed."""
+        code = self.proc.poll()
+        state = "running" if code is None else f"exited {code}"
+        tail = [json.dumps(e)[:240] for e in list(self.events)[-lines:]]
+        return f"node {self.index} ({state}):\n    " + "\n    ".join(tail or ["(no output)"])
+
     def saw(self, event: str) -> list[dict[str, Any]]:
         return [e for e in list(self.events) if e.get("event") == event]
 
@@ -197,6 +204,9 @@ class NetLab:
         self.procs.append(proc)
         return proc
 
+    def describe(self) -> str:
+        return "\n".join(proc.describe() for proc in self.procs)
+
     def close(self) -> None:
         for proc in self.procs:
             try:
@@ -213,7 +223,9 @@ class NetLab:
         self.close()
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1,
+               lab: "NetLab | None" = None):
+    """Poll until ``predicate`` is truthy; on timeout, say what the lab's nodes last printed."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -224,4 +236,5 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
         if last and not isinstance(last, Exception):
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    detail = f"\n{lab.describe()}" if lab is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r}){detail}")
