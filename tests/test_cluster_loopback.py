@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from chorus_p2p.client import AsyncNodeClient
+from chorus_p2p.node.cluster import Peer
 
 from nodeutil import Federation, history, run_round, same_state_bytes, wait_for, write_update
 
@@ -247,3 +248,28 @@ async def test_members_that_left_still_count_so_no_node_commits_alone(federation
     leader = await fed.one_coordinator(timeout=15)
     await run_round(fed, leader, 2)
     assert history(back) == history(restarted)
+
+
+async def test_a_newcomer_counts_members_that_left_before_it_joined(federation):
+    """Members that left still count toward the majority, so a node joining while one is away
+    must count it too (its coordinator vouches for it), or the two would disagree on what a
+    majority is. A pending node that says goodbye stays pending: it never gains a vote."""
+    fed = federation(4)
+    for i in range(3):
+        await fed.start(i)
+    leader = await fed.one_coordinator()
+    gone = fed.nodes[2].node_id
+    await fed.stop(2)  # SIGTERM-like: it says goodbye and is "left"
+    await wait_for(lambda: leader.cluster.peers[gone].status == "left", timeout=10)
+    leader = await fed.one_coordinator()
+    newcomer = await fed.start(3)  # never reached node 2 (it is down)
+    await wait_for(lambda: newcomer.cluster.coordinator == leader.node_id, timeout=15)
+    await wait_for(lambda: gone in newcomer.cluster.peers, timeout=10)
+    assert newcomer.cluster.peers[gone].status == "left"
+    assert gone in newcomer.cluster.voting_members()
+    await wait_for(lambda: newcomer.cluster.quorum() == leader.cluster.quorum() == 3, timeout=10)
+
+    stranger = "ff" * 16
+    leader.cluster.peers[stranger] = Peer(stranger, "http://127.0.0.1:9", status="pending")
+    leader.cluster.on_leave({"node_id": stranger})
+    assert leader.cluster.peers[stranger].status == "pending" and leader.cluster.quorum() == 3

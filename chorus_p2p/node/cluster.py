@@ -46,6 +46,8 @@ NOT_COUNTED = ("pending", "rejected", "removed", "dormant")
 NOT_CONTACTED = ("left", "pending", "rejected", "removed")
 # An admin's decisions: only another admin decision changes them.
 DECIDED = ("pending", "rejected", "removed")
+# Statuses with which a coordinator's member list vouches for a node: admitted, gone or not.
+VOUCHED = ("live", "lost", "left", "dormant")
 
 
 @dataclass
@@ -197,7 +199,7 @@ class Cluster:
             # node it hears of directly until an admin approves it; one the coordinator lists
             # as a member was approved there already. A node that is itself new trusts the
             # federation it is joining: approval is the incumbents' decision.
-            vouched = info.get("status") in ("live", "lost") and not direct
+            vouched = info.get("status") in VOUCHED and not direct
             established = self.established()
             status = "pending" if self.approve_joins and established and not vouched else "live"
             peer = self.peers[node_id] = Peer(node_id, url, status=status)
@@ -772,10 +774,20 @@ class Cluster:
                                 "only with a new --data-dir and a join token")
                 return {"term": self.term, "ok": False}
             peer = self.peers.get(member["node_id"])
+            if peer is None and member.get("url") and member.get("status") in VOUCHED:
+                # A member we never met (it left before we joined, or mDNS has not shown it):
+                # our coordinator counts it, so we must too, or our majorities would differ.
+                peer = self._admit(member, member["url"], verified=True)
+                if peer is not None and member["status"] != peer.status:
+                    peer.status = member["status"]
+                    self.node.ledger.upsert_member({"node_id": peer.node_id,
+                                                    "status": peer.status})
             if peer is None or peer.node_id == body["coordinator"]:
                 continue
             if member.get("url") and member["url"] != peer.url and peer.status not in DECIDED:
                 self._admit({"node_id": peer.node_id}, member["url"])  # it moved
+            if member.get("status") == "left" and peer.status in ("rejected", "removed"):
+                continue  # an admin's decision stands; a stale list cannot bring it back
             if member.get("status") in ("left", "rejected", "removed"):
                 if member["status"] == "removed" and peer.status != "removed":
                     self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "removed"})
@@ -968,7 +980,10 @@ class Cluster:
 
     def on_leave(self, body: dict[str, Any]) -> None:
         peer = self.peers.get(body["node_id"])
-        if peer is not None:
+        # A pending, rejected or removed node saying goodbye stays what it was: as "left" it
+        # would count toward the majority (members that left still count), which an admin
+        # never granted it.
+        if peer is not None and peer.status not in DECIDED:
             peer.status = "left"
             self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "left"})
             self.node.bus.publish("member_left", None, {"node_id": peer.node_id})
