@@ -183,6 +183,27 @@ def test_cli_walkthrough_admin_join_token_members_and_atomic_pull(running_node, 
     assert done.returncode == 0 and json.loads(done.stdout)["round"] == 0
 
 
+def test_admin_capable_callers_prefer_the_data_dir_over_an_exported_token(tmp_path, monkeypatch):
+    """`chorus-node tui` and admin commands pick credentials the same way: an explicit --join
+    wins; otherwise the local data dir (it alone holds the admin token) beats
+    $CHORUS_JOIN_TOKEN; a plain client command takes the exported token."""
+    import argparse
+
+    from chorus_p2p.cli.node_cmds import _credential_token
+
+    local = init_data_dir(tmp_path / "node", "lab")
+    token = local.join_token()
+    monkeypatch.setenv("CHORUS_JOIN_TOKEN", token)
+
+    def args(data_dir="node", join=None):
+        return argparse.Namespace(data_dir=str(tmp_path / data_dir), join=join, join_file=None)
+
+    assert _credential_token(args(), admin=True) is None  # the data dir, with admin rights
+    assert _credential_token(args(), admin=False) == token
+    assert _credential_token(args(join=token), admin=True) == token  # explicit wins
+    assert _credential_token(args("none"), admin=True) == token  # no local node: the token
+
+
 def test_every_command_has_examples_that_parse_and_every_option_has_help():
     import argparse
     import shlex

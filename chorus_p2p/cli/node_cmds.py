@@ -81,14 +81,11 @@ def _client(args: argparse.Namespace, admin: bool = False):
     ``CHORUS_JOIN_TOKEN`` is exported, since only the data dir holds the admin token.
     """
     from chorus_p2p.client import NodeClient
-    from chorus_p2p.node.identity import IDENTITY_FILE
 
     url = _node_url(args)
     kwargs = {"client_id": args.client_id} if getattr(args, "client_id", None) else {}
-    explicit = getattr(args, "join", None) or getattr(args, "join_file", None)
-    local = (Path(_data_dir(args)) / IDENTITY_FILE).is_file()
-    token = _join_token(args)
-    if token and (explicit or not (admin and local)):
+    token = _credential_token(args, admin)
+    if token:
         client = NodeClient.from_join_token(url, token, **kwargs)
     else:
         client = NodeClient.from_data_dir(_data_dir(args), url, **kwargs)
@@ -101,6 +98,20 @@ def _client(args: argparse.Namespace, admin: bool = False):
             f"data dir holds (looked in {_data_dir(args)}; give --data-dir DIR, or run it on "
             "the node's machine). A join token gives no admin rights.")
     return client
+
+
+def _credential_token(args: argparse.Namespace, admin: bool) -> str | None:
+    """The join token to authenticate with, or None to use the local data dir.
+
+    An explicit ``--join``/``--join-file`` always wins. Otherwise a caller that may act as admin
+    (admin commands, the TUI) prefers the local data dir over ``$CHORUS_JOIN_TOKEN``: only the
+    data dir holds the admin token."""
+    from chorus_p2p.node.identity import IDENTITY_FILE
+
+    explicit = getattr(args, "join", None) or getattr(args, "join_file", None)
+    local = (Path(_data_dir(args)) / IDENTITY_FILE).is_file()
+    token = _join_token(args)
+    return token if token and (explicit or not (admin and local)) else None
 
 
 def _data_dir(args: argparse.Namespace) -> str:
@@ -406,7 +417,7 @@ def _cmd_tui(args: argparse.Namespace) -> int:
     from chorus_p2p.tui.app import run_tui
 
     url = _node_url(args)
-    token = _join_token(args)
+    token = _credential_token(args, admin=True)  # its admin keys need the data dir's token
     kwargs = {"client_id": args.client_id or "tui"}
     if token:
         client = AsyncNodeClient.from_join_token(url, token, **kwargs)
