@@ -103,6 +103,15 @@ async def test_an_update_that_breaks_aggregation_is_left_out_and_an_admin_can_ex
         assert code == 0
         assert node.ledger.update(2, "a")["status"] == "excluded"
         assert node.ledger.update(2, "a")["reason"] == "poisoned data"
+        # A dashboard attaching later sees the exclusion replayed as a warning, as it was live
+        async with client(node, "tui") as c:
+            replayed = []
+            async for event in c.events(tail=50):
+                if event["kind"] == "hello":
+                    break
+                replayed.append((event["kind"], event["level"], event.get("replayed")))
+        assert ("update_excluded", "warning", True) in replayed
+        assert ("update_accepted", "info", True) in replayed
     finally:
         await node.stop()
 

@@ -26,6 +26,7 @@ from chorus_p2p.node import admin
 from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers, verify_identity
 from chorus_p2p.node.blobs import BlobError, is_sha256
 from chorus_p2p.node.guard import guard_middleware
+from chorus_p2p.node.events import recorded_level
 from chorus_p2p.node.ledger import round_record
 from chorus_p2p.node.peers import H_RESPONSE_SIG, response_signature
 from chorus_p2p.node.ratelimit import RateLimited
@@ -539,7 +540,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         elif tail > 0:
             replay = node.ledger.events_tail(min(tail, 1000))
         for event in replay:
-            await ws.send_json({**event, "level": "info", "replayed": True})
+            await ws.send_json({**event, "level": recorded_level(event["kind"]),
+                                "replayed": True})
         await ws.send_json({"id": None, "ts": time.time(), "kind": "hello", "round": None,
                             "level": "info", "data": node.status()})
         reader = asyncio.ensure_future(ws.receive())

@@ -24,6 +24,16 @@ REFUSALS_LOGGED_PER_MINUTE = 10
 LIMITED_KINDS = ("request_refused", "update_rejected", "peer_refused")
 
 
+# The level of each kind the ledger records, for events replayed from it (the table keeps no
+# level column: the kind decides it). Unlisted kinds are "info".
+RECORDED_LEVELS = {"update_dropped": "warning", "update_excluded": "warning",
+                   "history_diverged": "error", "state_mismatch": "warning"}
+
+
+def recorded_level(kind: str) -> str:
+    return RECORDED_LEVELS.get(kind, "info")
+
+
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue] = set()
