@@ -9,6 +9,7 @@ the mean of their merged weights.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ from typing import Callable
 
 import torch
 
+from chorus_p2p.errors import AdapterError
 from chorus_p2p.lora.fold import OriginalWeights, ResidualInput, fold_into_model
 from chorus_p2p.train.data import Dataset, token_blocks
+
+log = logging.getLogger("chorus_p2p.train")
 
 
 @dataclass
@@ -92,10 +96,22 @@ def load_base(model_path: str | Path, residual: ResidualInput | None = None,
     if residual is not None:
         original = None
         if compute_dtype != torch.float32:
-            folder = _local_folder(model_path)
-            original = OriginalWeights(folder) if folder is not None else None
+            original = _original_weights(model_path)
         fold_into_model(model, residual, original)
     return model.to(resolve_device(device)), tokenizer
+
+
+def _original_weights(model_path: str | Path) -> OriginalWeights | None:
+    """The stored float32 ``W0`` when we can read it (safetensors); else None, and the fold adds
+    ``R`` to the weights as loaded (a .bin-only model still trains, rounded twice, not once)."""
+    folder = _local_folder(model_path)
+    if folder is None:
+        return None
+    try:
+        return OriginalWeights(folder)
+    except AdapterError as exc:
+        log.info("folding into the loaded weights: %s", exc)
+        return None
 
 
 def _local_folder(model_path: str | Path) -> Path | None:
