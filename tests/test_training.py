@@ -290,7 +290,7 @@ def test_bf16_training_keeps_the_federation_exact(tmp_path, tiny_lm, shards):
     assert worst <= 1e-5
 
 
-def test_datasets_as_lab_users_have_them(tmp_path):
+def test_datasets_as_lab_users_have_them(tmp_path, monkeypatch):
     """JSON, CSV, a custom text field, Parquet and save_to_disk folders (built here, offline)."""
     import csv
 
@@ -325,3 +325,8 @@ def test_datasets_as_lab_users_have_them(tmp_path):
     # a hub id while offline: one clear line, not a traceback
     with pytest.raises(UsageError, match="cannot load it with datasets"):
         load_texts("no-such-org/no-such-dataset")
+    # a typo in a relative local path whose folder exists is a missing file, not a hub id
+    (tmp_path / "shards").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="no such dataset file or folder"):
+        load_texts("shards/shard0")

@@ -93,9 +93,16 @@ def _texts(source: str, options: DatasetOptions) -> list[str]:
         if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
             return _json_array_texts(path, options)
         return _jsonl_texts(path, options)
-    if "/" in source and not source.startswith((".", "/")) and not path.suffix:
+    if _looks_like_hub_id(source, path):
         return _hf_records(source, options, saved=False)  # a hub id: org/name
     raise UsageError(f"{path}: no such dataset file or folder")
+
+
+def _looks_like_hub_id(source: str, path: Path) -> bool:
+    """``org/name`` and no such path here. A typo in a local path (``data/shard0``, its folder
+    present) is reported as a missing file, not sent to the hub as a dataset id."""
+    return (source.count("/") == 1 and not source.startswith((".", "/", "~"))
+            and not path.suffix and not path.parent.exists())
 
 
 def _jsonl_texts(path: Path, options: DatasetOptions) -> list[str]:
@@ -157,7 +164,7 @@ def _hf_records(source: str, options: DatasetOptions, *, saved: bool,
         raise
     except Exception as exc:  # offline, unknown id, bad files: one line, not a traceback
         raise UsageError(f"{source}: cannot load it with datasets "
-                         f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from exc
+                         f"({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from exc
     return [format_record(dict(r), f"{source}[{i}]", options.text_field)
             for i, r in enumerate(loaded)]
 
