@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -248,5 +249,52 @@ def test_the_same_model_at_another_path_is_accepted_a_different_one_refused(tmp_
         other = save_tiny_model(tmp_path / "other-weights", seed=1)  # same shapes, new weights
         with pytest.raises(UsageError, match="its content differs"):
             load_or_create_spec(ledger, settings(other))
+    finally:
+        ledger.close()
+
+
+def fake_hub_download(cache: Path, repo_id: str, folder: Path) -> None:
+    """Lay ``folder`` out as huggingface_hub's cache holds a downloaded model (offline)."""
+    import shutil
+
+    commit = "0" * 40
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, root / "snapshots" / commit)
+
+
+def test_a_hub_id_and_its_local_copy_are_the_same_model(tmp_path, tiny_base, monkeypatch):
+    """Started from a hub id, a lab later points --model at its downloaded copy (or the other
+    way round): the configurations are compared, since one side's weights are not on disk.
+    Another hub id with the same architecture is refused: nothing can tell them apart."""
+    import shutil
+
+    from chorus_p2p.node.ledger import Ledger
+    from huggingface_hub import constants
+
+    from chorus_p2p.node.service import load_or_create_spec
+
+    # what HF_HUB_CACHE=... does for a fresh process (this one imported the hub library already)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_download(tmp_path / "hub", "lab/tiny-llama", tiny_base)
+    fake_hub_download(tmp_path / "hub", "other/tiny-llama", tiny_base)
+
+    def settings(model):
+        return resolve_settings({"data_dir": str(tmp_path / "d"), "model": str(model),
+                                 "rank": 4, "alpha": 8.0, "target_modules": "q_proj,v_proj"}, {})
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        load_or_create_spec(ledger, settings("lab/tiny-llama"))
+        copy = shutil.copytree(tiny_base, tmp_path / "models" / "tiny-llama")
+        assert load_or_create_spec(ledger, settings(copy)).model == str(copy)
+        assert load_or_create_spec(ledger, settings("lab/tiny-llama")).model == "lab/tiny-llama"
+        with pytest.raises(UsageError, match="cannot compare contents"):
+            load_or_create_spec(ledger, settings("other/tiny-llama"))
+        changed = shutil.copytree(tiny_base, tmp_path / "models" / "eps-changed")
+        config = json.loads((changed / "config.json").read_text())
+        (changed / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+        with pytest.raises(UsageError, match="its content differs"):
+            load_or_create_spec(ledger, settings(changed))
     finally:
         ledger.close()

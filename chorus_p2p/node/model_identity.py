@@ -9,7 +9,7 @@ The fingerprint hashes the model's ``config.json`` (without the fields that name
 loaded from) and, for a local folder, each weight file's name, size and first and last MiB,
 so it is instant even for a 70B model and still tells two fine-tunes of the same architecture
 apart. A hub id that is not a local folder is identified by its config alone (its weights may
-not be downloaded yet).
+not be downloaded yet); when either side of a comparison is one, only configs are compared.
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 IGNORED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
 
 
-def _config_dict(model: str) -> dict | None:
+def is_local_model(model: str) -> bool:
+    return (Path(model) / "config.json").is_file()
+
+
+def _config_dict(model: str, normalised: bool = False) -> dict | None:
     path = Path(model)
-    if path.is_dir() and (path / "config.json").is_file():
+    if not normalised and path.is_dir() and (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text())
     try:
         from transformers import AutoConfig
@@ -36,16 +40,20 @@ def _config_dict(model: str) -> dict | None:
         return None
 
 
-def model_fingerprint(model: str) -> str | None:
-    """A short content hash of ``model`` (folder or hub id), or None if it cannot be read."""
-    config = _config_dict(model)
+def model_fingerprint(model: str, weights: bool = True) -> str | None:
+    """A short content hash of ``model`` (folder or hub id), or None if it cannot be read.
+
+    ``weights=False`` hashes the configuration alone, as ``transformers`` parses it, so a hub id
+    and a local download of it compare equal: what can be compared when one side's weights are
+    not on this disk."""
+    config = _config_dict(model, normalised=not weights)
     if config is None:
         return None
     digest = hashlib.sha256()
     digest.update(json.dumps({k: v for k, v in config.items() if k not in IGNORED_CONFIG_KEYS},
                              sort_keys=True, default=str).encode())
     path = Path(model)
-    if path.is_dir():
+    if weights and path.is_dir():
         for weights in sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES):
             size = weights.stat().st_size
             digest.update(f"{weights.name}:{size}".encode())

@@ -40,7 +40,7 @@ from chorus_p2p.node.robust import FilterPolicy
 from chorus_p2p.node.migrate import convert_legacy_state, needs_conversion
 from chorus_p2p.node.retention import Retention
 from chorus_p2p.node.rounds import RoundManager, RoundPolicy
-from chorus_p2p.node.model_identity import model_fingerprint
+from chorus_p2p.node.model_identity import is_local_model, model_fingerprint
 from chorus_p2p.node.settings import NodeSettings
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.node.state_keeper import StateKeeper
@@ -64,7 +64,7 @@ def load_or_create_spec(ledger: Ledger, settings: NodeSettings) -> FederationSpe
                                     settings.target_modules, settings.task_type,
                                     settings.modules_to_save)
         ledger.set_meta("spec", json.dumps(spec.to_json(), sort_keys=True))
-        ledger.set_meta("model_fingerprint", model_fingerprint(settings.model) or "")
+        _record_model(ledger, settings.model)
         return spec
     spec = FederationSpec.from_json(json.loads(stored))
     wanted = {"model": settings.model, "rank": settings.rank, "alpha": settings.alpha,
@@ -83,19 +83,46 @@ def load_or_create_spec(ledger: Ledger, settings: NodeSettings) -> FederationSpe
 
 def _same_model_elsewhere(ledger: Ledger, spec: FederationSpec, model: str) -> FederationSpec:
     """``--model`` names another path: accept it if it is the same model by content (and
-    remember the new path), refuse it otherwise."""
-    recorded = ledger.get_meta("model_fingerprint") or model_fingerprint(spec.model)
-    offered = model_fingerprint(model)
+    remember the new path), refuse it otherwise.
+
+    Two local folders compare config and weights. A hub id on one side and a local folder on
+    the other (the model was downloaded, or the federation started from a hub id and a lab now
+    points at its copy) compare configs only, since one side's weights are not on this disk;
+    the log says so. Two different hub ids are refused: nothing here can tell two fine-tunes
+    with one architecture apart."""
+    marker = ledger.get_meta("model_local")
+    recorded_local = marker == "1" if marker else is_local_model(spec.model)
+    offered_local = is_local_model(model)
+    if recorded_local and offered_local:
+        recorded = ledger.get_meta("model_fingerprint") or model_fingerprint(spec.model)
+        offered = model_fingerprint(model)
+    elif recorded_local or offered_local:
+        recorded = (ledger.get_meta("model_config_fingerprint")
+                    or model_fingerprint(spec.model, weights=False))
+        offered = model_fingerprint(model, weights=False)
+    else:
+        recorded = offered = None
     if not recorded or offered != recorded:
         why = ("its content differs" if recorded and offered else
                "cannot compare contents (one of them cannot be read here)")
         raise UsageError(f"this data dir's federation trains model={spec.model!r}, not "
                          f"{model!r} ({why}); use a new --data-dir for a different setup")
-    log.info("the base model moved: %s -> %s (same content)", spec.model, model)
+    if recorded_local and offered_local:
+        log.info("the base model moved: %s -> %s (same content)", spec.model, model)
+    else:
+        log.warning("the base model is now %s (was %s): the same configuration; weights "
+                    "could not be compared (a hub id on one side)", model, spec.model)
     moved = dataclasses.replace(spec, model=model)
     ledger.set_meta("spec", json.dumps(moved.to_json(), sort_keys=True))
-    ledger.set_meta("model_fingerprint", recorded)
+    _record_model(ledger, model)
     return moved
+
+
+def _record_model(ledger: Ledger, model: str) -> None:
+    """What a later start compares ``--model`` against (see :func:`_same_model_elsewhere`)."""
+    ledger.set_meta("model_fingerprint", model_fingerprint(model) or "")
+    ledger.set_meta("model_config_fingerprint", model_fingerprint(model, weights=False) or "")
+    ledger.set_meta("model_local", "1" if is_local_model(model) else "0")
 
 
 class Node:
