@@ -1,0 +1,1 @@
+"""Exact FedEx-LoRA inside Flower: the example app (see ../pyproject.toml)."""
