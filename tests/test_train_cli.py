@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,15 @@ def test_train_then_export_from_the_command_line(tmp_path, tiny_lm_dir):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    # --dtype bfloat16: half the size, each weight the float32 merge rounded once, and it says so
+    done = cli("export", "--data-dir", str(tmp_path / "node"), "--out", str(tmp_path / "bf16"),
+               "--dtype", "bfloat16", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["dtype"] == "bfloat16", done.stderr
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    exact = dict(model.state_dict())
+    for name, weight in half.state_dict().items():
+        assert weight.dtype == torch.bfloat16
+        assert torch.equal(weight, exact[name].to(torch.bfloat16)), name
 
 
 def test_simulate_command(tmp_path, tiny_lm_dir):

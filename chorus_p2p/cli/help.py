@@ -72,7 +72,9 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "simulate": [("5 clients x 10 rounds in one process, compared with FedAvg",
                   "chorus-node simulate --clients 5 --rounds 10 --compare")],
     "export": [("the latest global model as one Hugging Face folder",
-                "chorus-node export --data-dir ~/chorus --out ./merged")],
+                "chorus-node export --data-dir ~/chorus --out ./merged"),
+               ("half the size for serving (bfloat16, rounded once after the exact merge)",
+                "chorus-node export --data-dir ~/chorus --out ./merged-bf16 --dtype bfloat16")],
 }
 
 

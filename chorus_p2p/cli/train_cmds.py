@@ -137,11 +137,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with human_output(args.json), progress_bar("load, merge, save", "steps") as bar:
         out, number = export_from_data_dir(_data_dir(args), args.out, round_no=round_no,
                                            model_path=args.model, force=args.force,
-                                           progress=bar)
+                                           dtype=args.dtype, progress=bar)
     if args.json:
-        print_json({"out": str(out), "round": number})
+        print_json({"out": str(out), "round": number, "dtype": args.dtype})
     else:
-        print(f"merged model of round {number} (base + R + adapter, float32) -> {out}")
+        print(f"merged model of round {number} (base + R + adapter, {args.dtype}) -> {out}")
+        if args.dtype != "float32":
+            print(f"note: {args.dtype} rounds the exact float32 weights once; for serving, "
+                  "not as a federation's base", file=sys.stderr)
     return 0
 
 
@@ -209,5 +212,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "./chorus_data)")
     export.add_argument("--model", help="base model (default: the one the federation records)")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights to write (default float32, the exact model; bfloat16 and "
+                        "float16 are half the size, rounded once after the float32 merge)")
     export.add_argument("--json", action="store_true", help="machine-readable output")
     export.set_defaults(handler=_cmd_export)

@@ -1,7 +1,9 @@
 """Export a merged model: base + R + global adapter, as a plain Hugging Face folder.
 
-``AutoModelForCausalLM.from_pretrained(DIR)`` loads it with no PEFT and no chorus-p2p; weights
-are float32 (R does not survive a bf16 round trip).
+``AutoModelForCausalLM.from_pretrained(DIR)`` loads it with no PEFT and no chorus-p2p. Weights
+are float32 by default, the federation's exact model; ``dtype`` bfloat16/float16 writes a copy
+half the size for serving, merged in float32 first and rounded once (it is no longer exact, and
+R does not survive a round trip through it: never feed it back as a federation's base).
 """
 
 from __future__ import annotations
@@ -16,16 +18,25 @@ from chorus_p2p.lora.fold import ResidualInput
 from chorus_p2p.train.trainer import load_global_model
 
 
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def export_merged(model_path: str | Path, adapter_dir: str | Path,
                   residual: ResidualInput | None, out: str | Path, *, force: bool = False,
-                  task_type: str = "CAUSAL_LM",
+                  task_type: str = "CAUSAL_LM", dtype: str = "float32",
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Three steps, reported to ``progress``: load (base + R + adapter), merge, save."""
+    import torch
+
+    if dtype not in EXPORT_DTYPES:
+        raise UsageError(f"--dtype {dtype}: one of {', '.join(EXPORT_DTYPES)}")
     report = progress or (lambda done, total: None)
     report(0, 3)
     model, tokenizer = load_global_model(model_path, adapter_dir, residual, task_type=task_type)
     report(1, 3)
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload()  # W0 + R + s B A, summed in float32
+    if dtype != "float32":
+        merged = merged.to(getattr(torch, dtype))  # rounded once, after the exact sum
     report(2, 3)
     with atomic_output_dir(out, force=force) as scratch:
         merged.save_pretrained(scratch, safe_serialization=True)
@@ -37,6 +48,7 @@ def export_merged(model_path: str | Path, adapter_dir: str | Path,
 
 def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int | None = None,
                          model_path: str | None = None, force: bool = False,
+                         dtype: str = "float32",
                          progress: Callable[[int, int], None] | None = None) -> tuple[Path, int]:
     """Export a committed round (default: the latest) from a node's data dir.
 
@@ -79,7 +91,8 @@ def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int
             adapter_dir = materialize_adapter(row, blobs, Path(tmp))
             try:
                 export_merged(model, adapter_dir, StateReader(store, round_no, plan), out,
-                              force=force, task_type=spec.task_type, progress=progress)
+                              force=force, task_type=spec.task_type, dtype=dtype,
+                              progress=progress)
             except StateError as exc:
                 raise UsageError(f"R after round {round_no}: {exc}") from exc
     finally:
