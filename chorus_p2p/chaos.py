@@ -343,7 +343,7 @@ class Chaos:
             for row in first:
                 if row["round"] == 0:
                     continue
-                for update in (await c.round(row["round"]))["updates"]:
+                for update in (await self._round_detail(c, row["round"]))["updates"]:
                     counted[(update["node_id"], update["blob_sha"])] += 1
         rep.changed_rounds = {n: h for n, h in self.seen.items() if len(h) > 1}
         for op in self.ops:
@@ -364,6 +364,19 @@ class Chaos:
         async with self._admin(leader) as admin:
             await admin.resume()
         rep.new_round_after_healing = await self._commits_again(leader)
+
+    @staticmethod
+    async def _round_detail(c: AsyncNodeClient, number: int) -> dict[str, Any]:
+        """One round's record, within the node's per-caller rate limit: a 30-minute run
+        commits thousands of rounds, and the checker reads every one (bounded retries)."""
+        for _attempt in range(60):
+            try:
+                return await c.round(number)
+            except NodeError as exc:
+                if getattr(exc, "code", None) != "rate_limited":
+                    raise
+                await asyncio.sleep(1.0)
+        raise RuntimeError(f"round {number}: still rate limited after 60 s")
 
     async def _commits_again(self, leader: int) -> bool:
         """The federation is not stuck: fresh updates make a new round commit."""
