@@ -6,7 +6,9 @@ stays exact in float32 whatever a client computes with, so clients may train on 
 (TinyLlama-1.1B's shape, random weights, nothing downloaded), with the demo's tokenizer and text:
 
 - each dtype runs ``train_round`` (load W0 + R, load the global adapter, train, evaluate, save
-  the adapter) in a child process of its own, so the peak RSS is that round's alone;
+  the adapter) in a child process of its own, so its peaks are that round's alone: the working
+  set during the training steps (see ``_Peak`` for why that, and not the load's peak, is the
+  figure to compare), the peak of anonymous memory, and the load's peak (VmHWM);
 - on a GPU (``--device cuda``) it also reports ``torch.cuda.max_memory_allocated``;
 - steps/s counts the optimizer steps only (from the first step's end to the last's).
 
@@ -26,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -73,7 +74,9 @@ def one_round(model: str, dtype: str, device: str, steps: int, batch: int, seq_l
     from chorus_p2p.train.simulate import initial_state
     from chorus_p2p.train.trainer import TrainConfig, train_round
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch, transformers
+    baseline = _proc_status_mb("RssAnon")  # torch and transformers imported, nothing loaded
+    anon = _Peak(("RssAnon",))
+    steps_sampler: list[_Peak] = []
     targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     spec = FederationSpec.build(model, 16, 32.0, targets)
     start = initial_state(spec, "bench", work / "round-0")
@@ -84,14 +87,60 @@ def one_round(model: str, dtype: str, device: str, steps: int, batch: int, seq_l
     config = TrainConfig(steps=steps, batch_size=batch, seq_len=seq_len, lr=2e-4,
                          device=device, compute_dtype=dtype, eval_batches=1)
     started = time.perf_counter()
+    def progress(step: int, loss: float) -> None:
+        steps_at.append(time.perf_counter())
+        if step == 1:  # from here on: the training steps' working set, load behind us
+            steps_sampler.append(_Peak(("RssAnon", "RssFile")))
     result = train_round(model, start, residual, Dataset.load(SHARD), config, work / "client",
-                         progress=lambda step, loss: steps_at.append(time.perf_counter()))
+                         progress=progress)
     wall = time.perf_counter() - started
     rate = (len(steps_at) - 1) / (steps_at[-1] - steps_at[0]) if len(steps_at) > 1 else None
     gpu = (torch.cuda.max_memory_allocated() / 2**20) if device.startswith("cuda") else None
-    return {"dtype": dtype, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "baseline_rss_mb": baseline, "gpu_peak_mb": gpu, "steps_per_s": rate, "round_s": wall,
+    return {"dtype": dtype, "peak_rss_mb": steps_sampler[0].stop(), "peak_anon_mb": anon.stop(),
+            "peak_total_mb": _proc_status_mb("VmHWM"), "baseline_rss_mb": baseline,
+            "gpu_peak_mb": gpu, "steps_per_s": rate, "round_s": wall,
             "train_loss": result.train_loss}
+
+
+def _proc_status_mb(field: str) -> float:
+    """A field of /proc/self/status in MiB. VmHWM (peak RSS) is this process's own: unlike
+    ru_maxrss it does not carry the parent's peak across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _Peak:
+    """The peak of the sum of /proc/self/status ``fields``, sampled every 10 ms.
+
+    Why not simply VmHWM: a float32 model is used in place from the weight file safetensors
+    memory-maps (its pages are RssFile, needed for every step), while a bf16 model is a copy made
+    from those pages at load, after which they are no longer mapped (the kernel drops them when it
+    needs the room). So the load's peak counts the float32 file in both cases; what a node must
+    keep for training is the working set during the steps: anonymous plus still-mapped file
+    pages, sampled from the first step's end on."""
+
+    def __init__(self, fields: tuple[str, ...]) -> None:
+        import threading
+
+        self.fields = fields
+        self.peak = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _now(self) -> float:
+        return sum(_proc_status_mb(f) for f in self.fields)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._now())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._now())
 
 
 def main() -> int:
@@ -135,24 +184,28 @@ def main() -> int:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
             results[dtype] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {'dtype':<9} {'peak RSS':>10} {'(libs)':>8} {'GPU peak':>10} {'steps/s':>8} "
-          f"{'round':>7}  loss")
+    print(f"  {'dtype':<9} {'training':>10} {'(libs)':>8} {'anon':>9} {'load peak':>10} "
+          f"{'GPU peak':>10} {'steps/s':>8} {'round':>6}  loss")
     for dtype, r in results.items():
         gpu = "-" if r["gpu_peak_mb"] is None else f"{r['gpu_peak_mb']:.0f} MB"
         rate = "-" if r["steps_per_s"] is None else f"{r['steps_per_s']:.3f}"
         print(f"  {dtype:<9} {r['peak_rss_mb']:>7.0f} MB {r['baseline_rss_mb']:>5.0f} MB "
-              f"{gpu:>10} {rate:>8} {r['round_s']:>5.0f} s  {r['train_loss']:.3f}")
+              f"{r['peak_anon_mb']:>6.0f} MB {r['peak_total_mb']:>7.0f} MB {gpu:>10} {rate:>8} "
+              f"{r['round_s']:>4.0f} s  {r['train_loss']:.3f}")
+    print("  (training: peak working set during the steps, anonymous + mapped weight pages; "
+          "anon: peak anonymous memory of the round; load peak: VmHWM, counting the float32 "
+          "weight file mapped while a bf16 copy is made)")
     gpu = args.device.startswith("cuda")
     key = "gpu_peak_mb" if gpu else "peak_rss_mb"
     ratio = results["bfloat16"][key] / results["float32"][key]
-    print(f"  bf16 / float32 peak ({'GPU' if gpu else 'RSS'}): {ratio:.2f}x   "
+    print(f"  bf16 / float32 peak ({'GPU' if gpu else 'training working set'}): {ratio:.2f}x   "
           f"target <= 0.6x: {'met' if ratio <= 0.6 else 'NOT met'}")
-    # What the model costs beyond the libraries (torch and transformers themselves, ~0.5 GB of
-    # RSS, do not grow with the model): the planning table scales only that part.
+    # What the model costs beyond the libraries (torch and transformers themselves do not grow
+    # with the model): the planning table scales only that part.
     per_param = {d: (r[key] - (0 if gpu else r["baseline_rss_mb"])) * 2**20 / params
                  for d, r in results.items()}
     print("  planning (measured bytes per parameter beyond the libraries x parameters; same "
-          "batch and sequence; " + ("GPU memory" if gpu else "host RSS") + "):")
+          "batch and sequence; " + ("GPU memory" if gpu else "host working set") + "):")
     print(f"  {'model':<10} " + " ".join(f"{d:>10}" for d in per_param))
     for billions in (1.1, 3.2, 8.0):
         print(f"  {billions:>4.1f}B      " + " ".join(
