@@ -33,21 +33,38 @@ def dense_state(root: Path, spec: FederationSpec) -> dict[str, torch.Tensor]:
     return {prefix: delta.clone() for prefix, delta in store.read(store.round)}
 
 
+def moved_federation(tmp_path: Path, model: Path) -> tuple[Path, Path]:
+    """What README's move from nodes to Flower produces: a node's latest global adapter and a
+    base with its R folded in (`pull --cumulative`, then `fold`). Here R is one round of two
+    random clients, so the run starts from a non-zero R and a trained-looking adapter."""
+    from chorus_p2p.lora.aggregate import aggregate_adapters
+    from chorus_p2p.lora.residual import RESIDUAL_FILE
+    from chorus_p2p.tiny import write_random_update
+
+    spec = FederationSpec.build(str(model), 8, 16.0, TARGETS)
+    updates = [str(write_random_update(tmp_path / f"node-update-{i}.safetensors", spec, i))
+               for i in range(2)]
+    aggregate_adapters(updates, tmp_path / "node-global", rank=8, settings=spec.settings)
+    fold_base(model, tmp_path / "node-global" / RESIDUAL_FILE, tmp_path / "base+R-of-nodes")
+    return tmp_path / "base+R-of-nodes", tmp_path / "node-global"
+
+
 def test_exact_lora_in_a_real_flower_run(tmp_path, tiny_lm_dir):
     work = tmp_path / "work"
+    base, adapter = moved_federation(tmp_path, tiny_lm_dir)
     with LocalFlower(3, workdir=tmp_path / "flower") as flower:
-        flower.run(EXAMPLE, {"num-server-rounds": 3, "steps": 3, "model": str(tiny_lm_dir),
-                             "workdir": str(work), "keep-updates": True,
-                             "target-modules": ",".join(TARGETS)}, timeout=800)
+        flower.run(EXAMPLE, {"num-server-rounds": 3, "steps": 3, "model": str(base),
+                             "initial-adapter": str(adapter), "workdir": str(work),
+                             "keep-updates": True, "target-modules": ",".join(TARGETS)},
+                   timeout=800)
     server = next(work.glob("server-run-*"))
     result = json.loads((server / "result.json").read_text())
     assert sorted(result["train"], key=int) == ["1", "2", "3"]
     assert all(m["train-loss"] > 0 for m in result["train"].values())
     assert sorted(result["server_evaluate"], key=int) == ["1", "2", "3"]
 
-    spec = FederationSpec.build(str(tiny_lm_dir), 8, 16.0, TARGETS)
+    spec = FederationSpec.build(str(base), 8, 16.0, TARGETS)
     # W0 + R after rounds 2 and 3, from the rounds' D's as the server kept them
-    base = tiny_lm_dir
     for number in (1, 2, 3):
         fold_base(base, server / "deltas" / f"round-{number}.safetensors",
                   tmp_path / f"base+R{number}")
@@ -64,6 +81,13 @@ def test_exact_lora_in_a_real_flower_run(tmp_path, tiny_lm_dir):
     worst = max(float((got[k].double() - mean[k]).norm() / mean[k].norm())
                 for k in mean if any(t in k for t in TARGETS))
     assert worst <= 1e-5, worst
+    # Round 1 trained from the moved federation's adapter (not PEFT's init, whose B is zero)
+    from safetensors.torch import load_file
+    start = load_file(str(adapter / "adapter_model.safetensors"))
+    for update in (server / "rounds" / "round-1" / "updates").iterdir():
+        trained = load_file(str(update / "adapter_model.safetensors"))
+        for key in (k for k in start if "lora_B" in k):
+            assert (trained[key] - start[key]).norm() < 0.5 * start[key].norm(), key
     # Every client folded the same D's into its own R: byte-identical to the server's
     theirs = dense_state(server / "state", spec)
     clients = sorted((work / "clients").glob("run-*/node-*/state"))

@@ -106,7 +106,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     fold.add_argument("--base", required=True, metavar="MODEL_DIR_OR_SAFETENSORS",
                       help="the base model folder or one .safetensors file")
     fold.add_argument("--residual", required=True, metavar="FILE",
-                      help="residual.safetensors from aggregate or pull --residual")
+                      help="a round's residual.safetensors (aggregate, pull --residual) or a "
+                      "node's dense R (cumulative.safetensors from pull --cumulative)")
     fold.add_argument("--out", required=True, metavar="OUT", help="where the folded copy goes")
     fold.add_argument("--force", action="store_true", help="replace OUT if it exists")
     fold.add_argument("--json", action="store_true", help="machine-readable output")

@@ -80,9 +80,13 @@ class ExactLoRA(FedAvg):
         self._last_bytes: dict[int, int] = {}
 
     # -- what the server starts from ------------------------------------------------------------
-    def initial_arrays(self, federation: str = "flower") -> ArrayRecord:
-        """Round 0's adapter (PEFT's init, seeded by the federation's name), or the resumed
-        state's latest global adapter."""
+    def initial_arrays(self, federation: str = "flower",
+                       adapter_dir: str | Path | None = None) -> ArrayRecord:
+        """Round 0's adapter: PEFT's init seeded by the federation's name; or ``adapter_dir``
+        (a PEFT folder: a federation moved here from chorus-p2p nodes starts from its latest
+        global adapter, on a base with its ``R`` folded in); or a resumed state's latest."""
+        if adapter_dir is not None:
+            return adapter_record(_load(Path(adapter_dir) / ADAPTER_FILE))
         if self.offset:
             return adapter_record(_load(self.rounds / f"round-{self.offset}" / ADAPTER_FILE))
         return adapter_record(self.spec.initial_adapter(federation))

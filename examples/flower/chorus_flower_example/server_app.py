@@ -29,14 +29,16 @@ def main(grid: Grid, context: Context) -> None:
                          aggregation=str(config.get("aggregation", "fedex")),
                          min_train_nodes=clients, min_evaluate_nodes=clients,
                          min_available_nodes=clients,
-                         keep_updates=bool(config.get("keep-updates", False)))
+                         keep_updates=bool(config.get("keep-updates", False)),
+                         checkpoint_every=int(config.get("checkpoint-every", 1)))
     train_config = ConfigRecord({
         "model": model, "rank": rank, "alpha": alpha, "target-modules": ",".join(spec.target_modules),
         "steps": int(config.get("steps", 8)), "lr": float(config.get("lr", 1e-3)),
         "batch-size": int(config.get("batch-size", 8)), "workdir": str(root)})
     held_out = [Dataset.load(p) for p in shard_paths()]
     result = strategy.start(
-        grid=grid, initial_arrays=strategy.initial_arrays(f"flower-{context.run_id}"),
+        grid=grid, initial_arrays=strategy.initial_arrays(
+            f"flower-{context.run_id}", str(config.get("initial-adapter") or "") or None),
         num_rounds=int(config.get("num-server-rounds", 3)), train_config=train_config,
         evaluate_config=ConfigRecord(dict(train_config)),
         evaluate_fn=strategy.evaluate_fn(model, held_out, TrainConfig()))
