@@ -38,12 +38,11 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity  # noqa: internal; builds Messages offline
 
 from chorus_p2p.flower import ExactLoRA
+from chorus_p2p.flower.inprocess import PreparedGrid
 from chorus_p2p.flower.records import adapter_record
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.fold import iter_deltas
@@ -51,53 +50,6 @@ from chorus_p2p.lora.residual import RESIDUAL_FILE
 from chorus_p2p.node.spec import FederationSpec
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-class PreparedGrid(Grid):
-    """Answers every message in-process with the client's prepared adapter (and counts bytes)."""
-
-    def __init__(self, replies: list[RecordDict]):
-        self.replies = replies
-        self.node_ids = list(range(1, len(replies) + 1))
-        self.sent_bytes: list[int] = []
-        self._answers: dict[str, Message] = {}
-        self._run = None
-
-    def set_run(self, run_id: int) -> None:
-        self._run = run_id
-
-    @property
-    def run(self):
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-    def push_messages(self, messages):
-        ids = []
-        for number, message in enumerate(messages):
-            self.sent_bytes.append(sum(r.count_bytes() for r in
-                                       message.content.array_records.values()))
-            message_id = f"m{time.perf_counter_ns()}-{number}"
-            message.metadata.__dict__["_message_id"] = message_id
-            node = message.metadata.dst_node_id
-            content = (self.replies[node - 1] if message.metadata.message_type == "train"
-                       else RecordDict({"metrics": MetricRecord({"num-examples": 1})}))
-            reply = Message(content=content, reply_to=message)
-            reply.metadata.__dict__["_src_node_id"] = node
-            self._answers[message_id] = reply
-            ids.append(message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._answers.pop(i) for i in list(message_ids) if i in self._answers]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(list(messages)))
 
 
 class Timed:
@@ -155,7 +107,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.layers = 512, 2
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     work = Path(tempfile.mkdtemp(prefix="chorus-vs-flower-"))
     model = build_model(work / "model", args.hidden, args.layers)
     spec = FederationSpec.build(str(model), args.rank, 2.0 * args.rank, TARGETS)
@@ -172,7 +123,7 @@ def main() -> None:
     rows = []
 
     # 1. Flower's FedAvg on the LoRA arrays
-    grid = PreparedGrid(replies)
+    grid = PreparedGrid(args.clients, lambda i, message: replies[i])
     fedavg = FedAvg(fraction_evaluate=0.0, min_train_nodes=args.clients,
                     min_available_nodes=args.clients)
     timed = Timed(fedavg)
@@ -184,7 +135,7 @@ def main() -> None:
                  statistics.median(timed.seconds), grid.sent_bytes[-1]))
 
     # 2. ExactLoRA inside Flower: the adapter's product plus D equals the mean
-    grid = PreparedGrid(replies)
+    grid = PreparedGrid(args.clients, lambda i, message: replies[i])
     exact = ExactLoRA(spec, work / "exact", aggregation="fedex", fraction_evaluate=0.0,
                       min_train_nodes=args.clients, min_available_nodes=args.clients)
     timed = Timed(exact)

@@ -142,3 +142,55 @@ def test_a_client_folds_the_deltas_it_lacks_and_refuses_a_gap(tmp_path, tiny_bas
     with pytest.raises(StateGap, match="spec differs"):
         client._catch_up(fresh, state_of((0, 2), "0" * 16), tmp_path / "scratch")
     assert fresh.round == 0  # refused before anything was applied
+
+
+def test_a_bad_client_reply_is_left_out_not_fatal(tmp_path, tiny_base):
+    """A NaN adapter, one of the wrong rank and a zero weight are each left out with the
+    reason (the checks a node makes at upload); the round aggregates the good ones exactly and
+    the run goes on. Through Flower's Strategy.start with a grid that answers in-process."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from chorus_p2p.flower import ExactLoRA
+    from chorus_p2p.flower.inprocess import PreparedGrid
+    from chorus_p2p.flower.records import adapter_record
+    from chorus_p2p.lora.fold import iter_deltas
+
+    spec = FederationSpec.build(str(tiny_base), 4, 8.0, TARGETS)
+    gen = torch.Generator().manual_seed(5)
+
+    def adapter(rank=4, poison=False):
+        tensors = {}
+        for prefix, (d_out, d_in) in spec.modules.items():
+            tensors[f"{prefix}.lora_A.weight"] = 0.1 * torch.randn(rank, d_in, generator=gen)
+            tensors[f"{prefix}.lora_B.weight"] = 0.1 * torch.randn(d_out, rank, generator=gen)
+        if poison:
+            next(iter(tensors.values()))[0, 0] = float("nan")
+        return tensors
+
+    good = [adapter(), adapter()]
+    replies = [(good[0], 30), (adapter(poison=True), 10), (good[1], 10), (adapter(rank=2), 10),
+               (adapter(), 0)]
+
+    def reply(i, message):
+        tensors, examples = replies[i]
+        return RecordDict({"arrays": adapter_record(tensors),
+                           "metrics": MetricRecord({"num-examples": examples})})
+    strategy = ExactLoRA(spec, tmp_path / "server", fraction_evaluate=0.0, min_train_nodes=5,
+                         min_available_nodes=5)
+    result = strategy.start(PreparedGrid(5, reply), strategy.initial_arrays("t"), num_rounds=2)
+    reasons = strategy.excluded[1]
+    assert len(reasons) == 3 and len(strategy.excluded[2]) == 3
+    assert any("node 2: non_finite" in r for r in reasons)
+    assert any("node 4: wrong_shape" in r for r in reasons)
+    assert any("node 5: bad_request" in r for r in reasons)
+    # round 2: the exact weighted mean (3:1) of the two good clients' products
+    state = result.arrays.to_torch_state_dict()
+    delta = dict(iter_deltas(strategy.deltas / "round-2.safetensors"))
+    for prefix in spec.modules:
+        mean = sum(w * spec.scale * (t[f"{prefix}.lora_B.weight"].double() @
+                                     t[f"{prefix}.lora_A.weight"].double())
+                   for w, t in zip((0.75, 0.25), good))
+        got = spec.scale * (state[f"{prefix}.lora_B.weight"].double() @
+                            state[f"{prefix}.lora_A.weight"].double()) + delta[prefix].double()
+        assert float((got - mean).norm() / mean.norm()) <= 1e-5, prefix
+    assert strategy.state.round == 2 and result.train_metrics_clientapp[2]["excluded"] == 3

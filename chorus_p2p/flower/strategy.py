@@ -29,7 +29,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Callable
 
@@ -40,10 +40,11 @@ from flwr.supercore import log
 
 from chorus_p2p.flower.records import (STATE_KEY, STATE_ROUND_METRIC, add_delta, adapter_record,
                                        write_adapter_file, write_adapter_folder)
+from chorus_p2p.errors import AdapterError
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 from chorus_p2p.lora.residual import RESIDUAL_FILE
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.node.spec import FederationSpec, UpdateRejected
 from chorus_p2p.state.store import StateStore
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -77,7 +78,7 @@ class ExactLoRA(FedAvg):
                                 checkpoint_every=checkpoint_every, transposed=spec.transposed)
         self.offset = self.state.round  # a resumed run's round 1 is the state's round + 1
         self._node_round: dict[int, int] = {}  # what each node's R has reached, from replies
-        self._last_bytes: dict[int, int] = {}
+        self.excluded: dict[int, list[str]] = {}  # round -> clients left out, and why
 
     # -- what the server starts from ------------------------------------------------------------
     def initial_arrays(self, federation: str = "flower",
@@ -123,31 +124,49 @@ class ExactLoRA(FedAvg):
                 add_delta(content, number, path)
         content[STATE_KEY] = ConfigRecord({"from-round": have, "to-round": self.state.round,
                                            "spec": self.spec.fingerprint()})
-        self._last_bytes[node] = sum(r.count_bytes() for r in content.array_records.values())
         return Message(content=content, message_type=message.metadata.message_type,
                        dst_node_id=node)
 
     # -- aggregate: exact, then R += D --------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        # Checked one by one below (a bad reply is left out, as a node refuses a bad upload),
+        # not all-or-nothing as FedAvg's consistency check would.
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
             return None, None
         number = self.state.round + 1
-        contents = [m.content for m in valid]
+        out = self.rounds / f"round-{number}"
         with tempfile.TemporaryDirectory(dir=self.workdir, prefix=".aggregate-") as scratch:
-            paths, weights, labels = [], [], []
+            accepted, paths, weights, labels = [], [], [], []
             for message in valid:
-                node = message.metadata.src_node_id
-                record = message.content.array_records[self.arrayrecord_key]
-                paths.append(str(write_adapter_file(record, Path(scratch) / f"{node}.safetensors")))
-                metrics = next(iter(message.content.metric_records.values()))
-                weights.append(float(metrics[self.weighted_by_key]))
-                labels.append(f"node {node}")
-            out = self.rounds / f"round-{number}"
+                label = f"node {message.metadata.src_node_id}"
+                path = Path(scratch) / f"{message.metadata.src_node_id}.safetensors"
+                try:  # the checks a node makes at upload: shapes, rank, NaN/Inf, absurd norms
+                    record = message.content.array_records[self.arrayrecord_key]
+                    write_adapter_file(record, path)
+                    self.spec.validate_update(path)
+                    metrics = next(iter(message.content.metric_records.values()))
+                    weight = float(metrics[self.weighted_by_key])
+                    if not weight > 0:
+                        raise UpdateRejected("bad_request", f"{self.weighted_by_key} = {weight}")
+                except (UpdateRejected, AdapterError, KeyError, ValueError, TypeError) as exc:
+                    reason = f"{label}: {getattr(exc, 'code', 'bad_reply')}: {exc}"
+                    log(WARNING, "round %d: leaving out %s", number, reason)
+                    self.excluded.setdefault(number, []).append(reason)
+                    continue
+                accepted.append(message)
+                paths.append(str(path))
+                weights.append(weight)
+                labels.append(label)
+            if not accepted:
+                log(WARNING, "round %d: no usable adapter; the global model stays", number)
+                return None, None
+            replied, valid = valid, accepted
             report = aggregate_adapters(paths, out, strategy=self.aggregation, weights=weights,
                                         rank=self.spec.rank, settings=self.spec.settings,
                                         labels=labels, force=True)
+        contents = [m.content for m in valid]
         if self.keep_updates:  # an audit trail: each client's adapter, as a PEFT folder
             for message, label in zip(valid, labels):
                 write_adapter_folder(message.content.array_records[self.arrayrecord_key],
@@ -160,12 +179,13 @@ class ExactLoRA(FedAvg):
         self.state.apply(number, delta)
         if self.state.checkpoint_due():
             self.state.checkpoint()
-        for message in valid:  # they folded every D up to the round before this one
+        for message in replied:  # they folded every D up to the round before this one
             self._node_round[message.metadata.src_node_id] = number - 1
         log(INFO, "exact %s aggregation of %d adapters in %.1f ms; R now at round %d",
             self.aggregation, len(valid), report.seconds * 1000, number)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         metrics["aggregation-ms"] = round(report.seconds * 1000, 3)
+        metrics["excluded"] = len(self.excluded.get(number, []))
         if self.aggregation != "fedavg":
             metrics["residual-energy"] = float(report.residual_energy)
         return adapter_record(_load(out / ADAPTER_FILE)), metrics
@@ -177,10 +197,6 @@ class ExactLoRA(FedAvg):
             if not message.has_error():
                 self._node_round[message.metadata.src_node_id] = self.state.round
         return super().aggregate_evaluate(server_round, replies)
-
-    def bytes_sent(self) -> dict[int, int]:
-        """Bytes of arrays in the last message to each node (adapter plus deltas)."""
-        return dict(self._last_bytes)
 
     def evaluate_fn(self, model_path: str | Path, datasets, config
                     ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
