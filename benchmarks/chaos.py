@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -71,11 +72,20 @@ def main() -> int:
             try:
                 report = asyncio.run(chaos.run(args.minutes * 60))
             except AssertionError as exc:
+                report = None
+                failure = f"FAIL: {exc}"
+            if report is None or not report.ok:
+                # keep what a post-mortem needs: every node's data dir and log, and the ops
                 chaos.save_logs()
                 kept = Path(tempfile.mkdtemp(prefix="chorus-chaos-failed-"))
                 shutil.copytree(root, kept, dirs_exist_ok=True)
-                print(f"FAIL: {exc}\nnode data dirs and logs kept in {kept}", file=sys.stderr)
-                return 1
+                if report is None:
+                    print(f"{failure}\nnode data dirs and logs kept in {kept}", file=sys.stderr)
+                    return 1
+                lost = [vars(op) for op in report.lost + report.duplicated
+                        + report.refused_but_counted]
+                (kept / "violations.json").write_text(json.dumps(lost, indent=1, default=str))
+                print(f"violations ({len(lost)}) and node data dirs kept in {kept}")
         print(f"finished in {(time.monotonic() - started) / 60:.1f} min")
     r = report
     print(f"  operations            {r.operations}")

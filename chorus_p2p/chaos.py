@@ -46,6 +46,7 @@ class Op:
     outcome: str = "info"
     round: int | None = None
     code: str | None = None
+    at: float = 0.0  # wall clock when the answer came (to find it in the nodes' logs)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class Chaos:
                 op.outcome = "fail" if exc.code in DEFINITE_FAILURES else "info"
             except (NodeUnreachable, OSError, asyncio.TimeoutError):
                 op.outcome = "info"
+            op.at = time.time()
             path.unlink(missing_ok=True)
             await asyncio.sleep(self.rng.uniform(0.05, 0.4))
 

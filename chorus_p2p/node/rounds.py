@@ -114,6 +114,7 @@ class RoundManager:
         self.quorum_fresh: Callable[[], bool] = lambda: True
         self.keep_rounds: int | None = None  # set by the node: its retention window
         self._recovering: int | None = None
+        self._recover_next_open: int | None = None  # the term whose first opened round to recover
         self.diverged: dict[str, Any] | None = None
         self.on_history_replaced: Callable[[], None] = lambda: None
         self.state_hint: Callable[[], dict[str, Any]] = lambda: {}
@@ -177,6 +178,10 @@ class RoundManager:
         latest = self.ledger.latest_round()
         assert latest is not None
         state = latest["state"]
+        # The round after our latest may be live elsewhere: the previous coordinator may have
+        # opened it and acknowledged updates (held by a majority, not necessarily by us) before
+        # we heard of it. So the first round we open is recovered like an in-flight one.
+        self._recover_next_open = term if state in (COMMITTED, PROPOSED) else None
         if state in (OPEN, COLLECTING, AGGREGATING) and self.quorum() > 1:
             self._recovering = latest["round"]
             self.ledger.set_round_state(latest["round"], COLLECTING if state == AGGREGATING
@@ -287,9 +292,22 @@ class RoundManager:
         self.ledger.insert_round(row)
         event_id = self.ledger.add_event("round_opened", row["round"], {"trained_from": committed})
         self._publish_opened(row, event_id)
-        self._arm_deadline(row)
+        self._arm_or_recover(row)
         self.notify_followers()
         return row
+
+    def _arm_or_recover(self, row: dict[str, Any]) -> None:
+        """A freshly opened round gets its deadline; the first one a new coordinator opens is
+        first recovered from a majority (see :meth:`lead`), and gets its deadline after."""
+        term = self.leading_term
+        if self._recover_next_open is not None and self._recover_next_open == term \
+                and self.quorum() > 1:
+            self._recover_next_open = None
+            self._recovering = row["round"]
+            self._spawn(self._recover(row["round"], term, OPEN))
+            return
+        self._recover_next_open = None
+        self._arm_deadline(row)
 
     def _publish_opened(self, row: dict[str, Any], event_id: int | None) -> None:
         self.bus.publish("round_opened", row["round"], {"trained_from": row["trained_from"],
@@ -565,7 +583,7 @@ class RoundManager:
             event_id = self.ledger.add_event("round_opened", next_row["round"],
                                              {"trained_from": round_no})
             self._publish_opened(next_row, event_id)
-            self._arm_deadline(next_row)
+            self._arm_or_recover(next_row)
         self.notify_followers()
 
     def _aggregate_blocking(self, round_no: int, updates: list[dict[str, Any]],
