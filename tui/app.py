@@ -13,6 +13,7 @@ from typing import Any
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Markdown, Static, TabbedContent, TabPane
@@ -142,7 +143,10 @@ class ChorusApp(App[None]):
 
     # -- rendering ---------------------------------------------------------------------------------
     def render_all(self) -> None:
-        banner = self.query_one("#banner", Static)
+        try:
+            banner = self.query_one("#banner", Static)
+        except NoMatches:  # the app is closing: a last timer tick after the widgets went
+            return
         quiet = self.state.quiet_for()
         if self.client is not None and not self.state.connected:
             banner.update(f"node unreachable at {self.url}: {self.state.error or 'connecting'}"
