@@ -62,7 +62,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "fold": [("fold an aggregation's residual into a copy of the base model",
               "chorus-node fold --base ./llama --residual global/residual.safetensors "
               "--out ./llama-folded")],
-    "demo": [("the 3-node federation on the tiny model (about a minute on 2 cores)",
+    "demo": [("the 3-node federation on the tiny model (about 30 s on 2 cores)",
               "chorus-node demo"),
              ("the exactness check through PEFT, as JSON", "chorus-node demo --exactness --json")],
     "make-tiny-model": [("a tiny Llama + tokenizer to try things with, offline",
