@@ -340,3 +340,42 @@ def _spy(publish, seen: list):
             seen.append(data or {})
         return publish(kind, round_no, data, **kwargs)
     return wrapper
+
+
+def test_of_two_updates_from_one_client_the_later_terms_wins(tmp_path):
+    """The 30-minute chaos run's find: a client's first update to a round had an unknown outcome
+    (its coordinator lost the role before acknowledging), its second, different one was
+    acknowledged by the next coordinator; a later coordinator still holding the first kept it
+    and followers dropped the acknowledged one. The update accepted in the later term wins:
+    a follower keeps it (and hands it on) however the coordinator's list reads, and gives way
+    only to a later term's."""
+    from chorus_p2p.node.ledger import Ledger
+    from chorus_p2p.node.rounds import _takes_over
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    record = {"round": 1, "term": 5, "coordinator": "c", "state": "collecting",
+              "strategy": "fedex", "config": {}, "trained_from": 0, "opened_at": 0.0,
+              "deadline_at": 0.0}
+
+    def update(sha: str, term: int | None) -> dict:
+        return {"round": 1, "node_id": "alice", "blob_sha": sha * 64, "examples": 1,
+                "trained_from": 0, "size": 1, "norm": 1.0, "received_at": 0.0, "term": term}
+    try:
+        acknowledged, unknown = update("b", 4), update("a", 3)
+        ledger.mirror_round(record, [acknowledged], 0)
+        # the coordinator's list carries the earlier term's update: ours stays, to hand on
+        extras = ledger.mirror_round(record, [unknown], 0)
+        assert [u["blob_sha"] for u in extras] == [acknowledged["blob_sha"]]
+        assert ledger.update(1, "alice")["blob_sha"] == acknowledged["blob_sha"]
+        # and the coordinator, recovering, takes it over its own earlier one (not the reverse)
+        assert _takes_over(unknown, acknowledged) and not _takes_over(acknowledged, unknown)
+        assert not _takes_over(acknowledged, acknowledged)
+        # a later term's different update does replace ours, recorded, never silently
+        newer = update("c", 6)
+        assert ledger.mirror_round(record, [newer], 0) == []
+        assert ledger.update(1, "alice")["blob_sha"] == newer["blob_sha"]
+        dropped = list(ledger.db.query("select blob_sha, reason from dropped_updates"))
+        assert dropped == [{"blob_sha": acknowledged["blob_sha"],
+                            "reason": "the coordinator holds a different update from this client"}]
+    finally:
+        ledger.close()

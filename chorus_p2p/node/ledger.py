@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Round states, in order. A round only moves forward.
 OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
@@ -93,8 +93,15 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db["members"].add_column("verified", int)  # NULL: admitted by 0.1, which checked nothing more
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """The term an update was accepted in: of two different updates from one client for one
+    round, the later term's is the one that may have been acknowledged (see mirror_round)."""
+    db["updates"].add_column("term", int)  # NULL: accepted before 6, treated as term 0
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4, 5: _migration_5}
+    1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4, 5: _migration_5,
+    6: _migration_6}
 LOG_GENESIS = "chorus-p2p/log/v1"
 # What a round's log hash covers: everything that determines the federation's state after it
 # (the adapter and the residual, by hash). The state fingerprint is derived from those and is
@@ -229,14 +236,23 @@ class Ledger:
                     self._drop(self.updates(other["round"]),
                                f"round {other['round']} was superseded by the coordinator's")
                     self.db.execute("delete from rounds where round = ?", [other["round"]])
-            theirs = {u["node_id"]: u["blob_sha"] for u in updates}
+            theirs = {u["node_id"]: u for u in updates}
             mine = self.updates(number)
-            self._drop([u for u in mine if theirs.get(u["node_id"], u["blob_sha"]) != u["blob_sha"]],
+            # A different update from the same client: the one accepted in the later term wins.
+            # Ours from a later term may have been acknowledged (a coordinator that recovered the
+            # round from a majority accepted it), theirs from an earlier one cannot have been:
+            # keep ours and hand it to the coordinator instead of dropping it.
+            later = {u["node_id"] for u in mine if u["node_id"] in theirs
+                     and theirs[u["node_id"]]["blob_sha"] != u["blob_sha"]
+                     and (u.get("term") or 0) > (theirs[u["node_id"]].get("term") or 0)}
+            self._drop([u for u in mine if u["node_id"] in theirs and u["node_id"] not in later
+                        and theirs[u["node_id"]]["blob_sha"] != u["blob_sha"]],
                        "the coordinator holds a different update from this client")
             self.db["rounds"].upsert(_encode_round(record), pk="round")
             for update in updates:
-                self.db["updates"].upsert(update, pk=("round", "node_id"))
-        return [u for u in mine if u["node_id"] not in theirs]
+                if update["node_id"] not in later:
+                    self.db["updates"].upsert(update, pk=("round", "node_id"))
+        return [u for u in mine if u["node_id"] not in theirs or u["node_id"] in later]
 
     def archive_rounds_after(self, number: int) -> int:
         """Move every round after ``number`` (and its updates) to ``rounds_archive``: how an admin
@@ -253,6 +269,11 @@ class Ledger:
             self.db.execute("delete from updates where round > ?", [number])
             self.db.execute("delete from rounds where round > ?", [number])
         return moved
+
+    def drop_updates(self, rows: list[dict[str, Any]], reason: str) -> None:
+        """Move updates to ``dropped_updates`` with the reason (one transaction)."""
+        with self.db.atomic():
+            self._drop(rows, reason)
 
     def _drop(self, rows: list[dict[str, Any]], reason: str) -> None:
         for row in rows:

@@ -51,7 +51,7 @@ RESULT_KEYS = ("adapter_sha", "adapter_config_sha", "residual_sha")
 # further behind, one checkpoint is cheaper than the residuals since (each D is up to ~1/8 of R).
 REPLAY_RATHER_THAN_FETCH = 2
 UPDATE_KEYS = ("round", "node_id", "blob_sha", "examples", "trained_from", "size", "norm",
-               "received_at", "eval_loss", "train_loss", "status", "reason")
+               "received_at", "eval_loss", "train_loss", "status", "reason", "term")
 
 
 @dataclass
@@ -257,16 +257,18 @@ class RoundManager:
                     or update.get("round") != round_no
                     or update.get("trained_from") != row["trained_from"]):
                 return False
-            existing = self.ledger.update(round_no, update["node_id"])
-            if existing is not None:
+            if not _takes_over(self.ledger.update(round_no, update["node_id"]), update):
                 return False
         if not self.blobs.has(update["blob_sha"]):
             await fetch_blob(update["blob_sha"])
         async with self.lock:
             row = self.ledger.round(round_no)
-            if (self.ledger.update(round_no, update["node_id"]) is not None
-                    or row["state"] not in (OPEN, COLLECTING)):
+            existing = self.ledger.update(round_no, update["node_id"])
+            if not _takes_over(existing, update) or row["state"] not in (OPEN, COLLECTING):
                 return False
+            if existing is not None:  # ours is from an earlier term: it was never acknowledged
+                self.ledger.drop_updates([existing], "a different update from this client was "
+                                         f"accepted in a later term ({update.get('term')})")
             record = {k: update.get(k) for k in UPDATE_KEYS if k not in ("status", "reason")}
             self.ledger.add_update(record, {"node_id": update["node_id"],
                                             "sha256": update["blob_sha"],
@@ -383,7 +385,7 @@ class RoundManager:
                 await asyncio.to_thread(self.blobs.adopt, temp_path, sha)
                 record = {"round": round_no, "node_id": node_id, "blob_sha": sha,
                           "examples": examples, "trained_from": trained_from, "size": size,
-                          "norm": norm, "received_at": time.time(),
+                          "norm": norm, "received_at": time.time(), "term": self.leading_term,
                           "eval_loss": (losses or {}).get("eval_loss"),
                           "train_loss": (losses or {}).get("train_loss")}
                 details = {"node_id": node_id, "sha256": sha, "examples": examples}
@@ -835,6 +837,16 @@ class RoundManager:
             await asyncio.wait(pending, timeout=60)
         for task in list(self._tasks):
             task.cancel()
+
+
+def _takes_over(existing: dict[str, Any] | None, update: dict[str, Any]) -> bool:
+    """Whether a member's ``update`` belongs in our live round: we hold none from that client,
+    or a different one accepted in an earlier term (which cannot have been acknowledged: the
+    later term's coordinator recovered the round from a majority before accepting)."""
+    if existing is None:
+        return True
+    return (existing["blob_sha"] != update.get("blob_sha")
+            and (update.get("term") or 0) > (existing.get("term") or 0))
 
 
 def _commit_id(row: dict[str, Any] | None) -> str | None:
