@@ -76,9 +76,15 @@ def main() -> int:
                 failure = f"FAIL: {exc}"
             if report is None or not report.ok:
                 # keep what a post-mortem needs: every node's data dir and log, and the ops
+                if report is None:
+                    print(failure, file=sys.stderr)
                 chaos.save_logs()
                 kept = Path(tempfile.mkdtemp(prefix="chorus-chaos-failed-"))
-                shutil.copytree(root, kept, dirs_exist_ok=True)
+                try:  # the nodes still run: a blob collected mid-copy is not worth the post-mortem
+                    shutil.copytree(root, kept, dirs_exist_ok=True)
+                except shutil.Error as exc:
+                    print(f"(copied with {len(exc.args[0])} file(s) gone mid-copy)",
+                          file=sys.stderr)
                 if report is None:
                     print(f"{failure}\nnode data dirs and logs kept in {kept}", file=sys.stderr)
                     return 1
