@@ -53,15 +53,19 @@ class ExactLoRAClient:
             if state.checkpoint_due():
                 state.checkpoint()
 
+    def _global_model(self, state: StateStore, message: Message, scratch: Path) -> Path:
+        """Fold the message's new D's into our R; the global adapter as a PEFT folder."""
+        self._catch_up(state, message.content, scratch)
+        return write_adapter_folder(message.content.array_records["arrays"], scratch / "global",
+                                    self.spec.adapter_config())
+
     def train(self, message: Message, context: Context, data: Dataset,
               config: TrainConfig) -> Message:
         """Fold the new D's, train the global adapter on ``data``, reply with it."""
         state = self._state(context)
         with tempfile.TemporaryDirectory(dir=state.root, prefix=".train-") as tmp:
             scratch = Path(tmp)
-            self._catch_up(state, message.content, scratch)
-            global_dir = write_adapter_folder(message.content.array_records["arrays"],
-                                              scratch / "global", self.spec.adapter_config())
+            global_dir = self._global_model(state, message, scratch)
             result = train_round(self.model_path, global_dir, state.read(state.round), data,
                                  config, scratch / "trained")
             from safetensors.torch import load_file
@@ -80,10 +84,7 @@ class ExactLoRAClient:
         """Held-out loss of the exact global model on this node's data."""
         state = self._state(context)
         with tempfile.TemporaryDirectory(dir=state.root, prefix=".eval-") as tmp:
-            scratch = Path(tmp)
-            self._catch_up(state, message.content, scratch)
-            global_dir = write_adapter_folder(message.content.array_records["arrays"],
-                                              scratch / "global", self.spec.adapter_config())
+            global_dir = self._global_model(state, message, Path(tmp))
             loss = eval_global(self.model_path, global_dir, state.read(state.round), [data],
                                config)[data.name]
         content = RecordDict({"metrics": MetricRecord({

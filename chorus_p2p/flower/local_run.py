@@ -25,19 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from chorus_p2p.netlab import free_loopback_ports
+
 FINISHED = "Strategy execution finished"
 CONNECTION = "local"
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _tool(name: str) -> str:
@@ -76,7 +67,7 @@ class LocalFlower:
     def __enter__(self) -> "LocalFlower":
         self.logs.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
-        ports = _free_ports(1 + self.nodes)
+        ports = free_loopback_ports(1 + self.nodes)
         self.port = ports[0]
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
