@@ -107,6 +107,8 @@ def main() -> int:
     print(f"  committed rounds that changed  {len(r.changed_rounds)}   (must be 0)")
     print(f"  same history everywhere {r.histories_agree}; byte-identical state "
           f"{r.states_agree}; commits after healing {r.new_round_after_healing}")
+    if r.liveness_detail:
+        print(f"  why no commit after healing: {r.liveness_detail}")
     print("verdict: " + ("PASS" if r.ok else "FAIL"))
     return 0 if r.ok else 1
 

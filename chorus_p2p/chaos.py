@@ -64,6 +64,7 @@ class Report:
     states_agree: bool = False
     committed_rounds: int = 0
     new_round_after_healing: bool = False
+    liveness_detail: str = ""  # why no round committed after healing, when none did
 
     @property
     def ok(self) -> bool:
@@ -80,7 +81,8 @@ class Report:
                 f"{len(self.refused_but_counted)}, committed rounds changed "
                 f"{len(self.changed_rounds)}; histories agree {self.histories_agree}, states "
                 f"agree {self.states_agree}, commits after healing "
-                f"{self.new_round_after_healing}")
+                f"{self.new_round_after_healing}"
+                + (f" ({self.liveness_detail})" if self.liveness_detail else ""))
 
 
 class Chaos:
@@ -381,23 +383,33 @@ class Chaos:
         raise RuntimeError(f"round {number}: still rate limited after 60 s")
 
     async def _commits_again(self, leader: int) -> bool:
-        """The federation is not stuck: fresh updates make a new round commit."""
+        """The federation is not stuck: fresh updates make a new round commit.
+
+        The round may close as soon as it holds `min_updates` (its deadline can pass while
+        the checker reads history), so a later submit refused as `round_closed` is expected
+        and ends the submitting, not the check. Any other refusal is a liveness failure,
+        kept with its reason in the report."""
         st = await self._wait(lambda: self._open_round(leader), 30, "a round to open")
-        if not st or not st["current_round"]:
-            return False
         number = st["current_round"]["round"]
+        sent = 0
         for k in range(max(2, st["current_round"]["expected"])):
             path = self.write_update(self._tmp / f"final-{k}.safetensors", 10_000 + k)
             async with self.client(leader, f"final{k}", timeout=30.0) as c:
                 try:
                     await c._submit_here(path, number, 1, st["current_round"]["trained_from"], {})
-                except NodeError:
+                    sent += 1
+                except NodeError as exc:
+                    if getattr(exc, "code", None) == "round_closed" and sent:
+                        break
+                    self.report.liveness_detail = f"submit {k} to round {number}: {exc}"
                     return False
+
         async def committed():
             async with self.client(leader, "checker", timeout=5.0) as c:
                 return (await c.round(number))["state"] == "committed" or None
         try:
             await self._wait(committed, 60, f"round {number} to commit")
-        except AssertionError:
+        except AssertionError as exc:
+            self.report.liveness_detail = f"{exc} after {sent} update(s)"
             return False
         return True
