@@ -1,4 +1,4 @@
-"""Training memory: one round in float32 vs bfloat16 on the same model, data and batch.
+"""Training memory: one round in float32 vs bfloat16 (and 4/8-bit) on the same model and batch.
 
 A lab GPU has 16-24 GB; a 7-8B model's float32 weights alone are 32 GB. The federation's state
 stays exact in float32 whatever a client computes with, so clients may train on a bf16 copy of
@@ -10,6 +10,9 @@ stays exact in float32 whatever a client computes with, so clients may train on 
   set during the training steps (see ``_Peak`` for why that, and not the load's peak, is the
   figure to compare), the peak of anonymous memory, and the load's peak (VmHWM);
 - on a GPU (``--device cuda``) it also reports ``torch.cuda.max_memory_allocated``;
+- with bitsandbytes installed, ``--options float32,bfloat16,4bit,8bit`` adds QLoRA rows (a
+  bf16-computing base quantized to NF4 or int8; bitsandbytes' CPU kernels are slow, so on the
+  CPU their steps/s says little about a GPU's);
 - steps/s counts the optimizer steps only (from the first step's end to the last's).
 
 Target: bf16 peak <= 0.6x the float32 peak on the same round. It ends with a planning table
@@ -20,6 +23,7 @@ Usage::
     python benchmarks/train_memory.py                   # CPU, ~1.1B, a few minutes on 2 cores
     python benchmarks/train_memory.py --layers 4        # a smaller model, quicker
     python benchmarks/train_memory.py --device cuda --steps 10
+    python benchmarks/train_memory.py --options float32,bfloat16,4bit
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ def build_model(folder: Path, layers: int, hidden: int, intermediate: int) -> in
     return params
 
 
+OPTIONS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
+           "4bit": ("bfloat16", "4bit"), "8bit": ("bfloat16", "8bit")}
+
+
 def one_round(model: str, dtype: str, device: str, steps: int, batch: int, seq_len: int,
               work: Path) -> dict:
     """In this (child) process: a round with a non-zero R, as a node trains it."""
@@ -85,7 +93,8 @@ def one_round(model: str, dtype: str, device: str, steps: int, batch: int, seq_l
     residual = work / "g1" / "residual.safetensors"
     steps_at: list[float] = []
     config = TrainConfig(steps=steps, batch_size=batch, seq_len=seq_len, lr=2e-4,
-                         device=device, compute_dtype=dtype, eval_batches=1)
+                         device=device, compute_dtype=OPTIONS[dtype][0],
+                         quantize=OPTIONS[dtype][1], eval_batches=1)
     started = time.perf_counter()
     def progress(step: int, loss: float) -> None:
         steps_at.append(time.perf_counter())
@@ -152,6 +161,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--options", default="float32,bfloat16",
+                        help=f"comma-separated, from {', '.join(OPTIONS)} (default: float32,"
+                             "bfloat16; the first is the ratio's reference)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,7 +184,7 @@ def main() -> int:
         print(f"  model: {params / 1e9:.2f}B parameters ({args.layers} layers, hidden "
               f"{args.hidden}), built in {time.perf_counter() - started:.0f}s")
         results = {}
-        for dtype in ("float32", "bfloat16"):
+        for dtype in args.options.split(","):
             work = root / f"work-{dtype}"
             work.mkdir()
             done = subprocess.run([sys.executable, __file__, "--child", str(root / "model"),
@@ -184,7 +196,7 @@ def main() -> int:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
             results[dtype] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {'dtype':<9} {'training':>10} {'(libs)':>8} {'anon':>9} {'load peak':>10} "
+    print(f"  {'option':<9} {'training':>10} {'(libs)':>8} {'anon':>9} {'load peak':>10} "
           f"{'GPU peak':>10} {'steps/s':>8} {'round':>6}  loss")
     for dtype, r in results.items():
         gpu = "-" if r["gpu_peak_mb"] is None else f"{r['gpu_peak_mb']:.0f} MB"
@@ -197,9 +209,13 @@ def main() -> int:
           "weight file mapped while a bf16 copy is made)")
     gpu = args.device.startswith("cuda")
     key = "gpu_peak_mb" if gpu else "peak_rss_mb"
-    ratio = results["bfloat16"][key] / results["float32"][key]
-    print(f"  bf16 / float32 peak ({'GPU' if gpu else 'training working set'}): {ratio:.2f}x   "
-          f"target <= 0.6x: {'met' if ratio <= 0.6 else 'NOT met'}")
+    reference = next(iter(results))
+    for option in list(results)[1:]:
+        ratio = results[option][key] / results[reference][key]
+        target = (f"   target <= 0.6x: {'met' if ratio <= 0.6 else 'NOT met'}"
+                  if (reference, option) == ("float32", "bfloat16") else "")
+        print(f"  {option} / {reference} peak ({'GPU' if gpu else 'training working set'}): "
+              f"{ratio:.3f}x{target}")
     # What the model costs beyond the libraries (torch and transformers themselves do not grow
     # with the model): the planning table scales only that part.
     per_param = {d: (r[key] - (0 if gpu else r["baseline_rss_mb"])) * 2**20 / params

@@ -290,6 +290,86 @@ def test_bf16_training_keeps_the_federation_exact(tmp_path, tiny_lm, shards):
     assert worst <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def tiny_lm_64(tmp_path_factory):
+    """Widths that are multiples of 64, as in real models: bitsandbytes quantizes in blocks of
+    64, and its CPU kernels refuse other widths."""
+    return build_tiny_lm(tmp_path_factory.mktemp("lm64") / "tiny-llama", SHARDS, hidden=128,
+                         pretrain_steps=5, log=lambda m: None)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_qlora_training_keeps_the_federation_exact(tmp_path, tiny_lm_64, shards, kind):
+    """--load-in-4bit/8bit (bitsandbytes, here on the CPU): the quantized training copy is
+    W0 + R quantized once, bit for bit what transformers makes of a checkpoint with R folded in,
+    and the clients' float32 adapters still aggregate to the exact mean through PEFT."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from chorus_p2p.lora.fold import iter_deltas
+    from chorus_p2p.lora.quantized import dequantized
+    from chorus_p2p.tiny import make_client_adapter
+    from chorus_p2p.train.quantize import quantization_config
+    from chorus_p2p.train.trainer import load_base
+
+    # a first round with updates large enough to move quantized weights (2 trained steps would
+    # not: R would round away, and the check below would prove nothing)
+    movers = [make_client_adapter(tiny_lm_64, tmp_path / f"m{i}", seed=i, rank=4, alpha=8.0,
+                                  target_modules=TARGETS, spread=0.2) for i in range(3)]
+    aggregate_adapters([str(m) for m in movers], tmp_path / "g1", rank=4)
+    residual = tmp_path / "g1" / RESIDUAL_FILE
+    fold_base(tiny_lm_64, residual, tmp_path / "base+R1")
+
+    def quantized_load(folder):
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, device_map={"": "cpu"},
+            quantization_config=quantization_config(kind, torch.float32))
+    ours, _ = load_base(tiny_lm_64, residual, quantize=kind)
+    folded, bare = quantized_load(tmp_path / "base+R1"), quantized_load(tiny_lm_64)
+    moved = 0
+    for prefix, _delta in iter_deltas(residual):
+        name = prefix.removeprefix("base_model.model.")
+        got = dequantized(ours.get_submodule(name))
+        assert torch.equal(got, dequantized(folded.get_submodule(name))), name
+        moved += not torch.equal(got, dequantized(bare.get_submodule(name)))
+    assert moved == len(TARGETS) * 2  # every targeted layer of both blocks carries R
+    del ours, folded, bare
+
+    config = dict(quantize=kind, steps=2, batch_size=4, grad_accum=2)
+    second = [train_round(tiny_lm_64, tmp_path / "g1", residual, d,
+                          TrainConfig(seed=i, **config), tmp_path / f"c{i}").adapter_dir
+              for i, d in enumerate(shards)]
+    for d in second:  # the update is a plain float32 PEFT adapter
+        assert {t.dtype for t in load_file(str(d / "adapter_model.safetensors")).values()} \
+            == {torch.float32}
+    aggregate_adapters([str(c) for c in second], tmp_path / "g2", rank=4, weights=[1, 2, 3])
+    fold_base(tmp_path / "base+R1", tmp_path / "g2" / RESIDUAL_FILE, tmp_path / "base+R2")
+    got = merged_state(tmp_path / "base+R2", tmp_path / "g2")
+    mean = weighted_mean_state([merged_state(tmp_path / "base+R1", c) for c in second],
+                               [1, 2, 3])
+    worst = max(float((got[k].double() - mean[k]).norm() / mean[k].norm())
+                for k in mean if any(t in k for t in TARGETS))
+    assert worst <= 1e-5
+
+
+def test_quantized_training_without_bitsandbytes_says_how_to_get_it(tmp_path, tiny_lm,
+                                                                     monkeypatch):
+    import importlib.util
+
+    from chorus_p2p.errors import UsageError
+    from chorus_p2p.train.quantize import require_bitsandbytes
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(UsageError, match=r"chorus-p2p\[qlora\]"):
+        require_bitsandbytes("4bit")
+    out = subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", "train", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert "--load-in-4bit" in out.stdout and "--load-in-8bit" in out.stdout
+
+
 def test_datasets_as_lab_users_have_them(tmp_path, monkeypatch):
     """JSON, CSV, a custom text field, Parquet and save_to_disk folders (built here, offline)."""
     import csv

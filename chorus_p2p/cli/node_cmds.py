@@ -162,7 +162,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "dataset", "steps",
                                            "lr", "batch_size", "device", "keep_rounds",
                                            "checkpoint_every", "compute_dtype", "grad_accum",
-                                           "max_seq_len", "gradient_checkpointing",
+                                           "max_seq_len", "gradient_checkpointing", "quantize",
                                            "text_field", "dataset_split", "dataset_config")}
     flags["peers"] = args.peer
     flags["interfaces"] = args.interface

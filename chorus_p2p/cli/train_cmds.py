@@ -19,10 +19,15 @@ from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 def _train_config(args: argparse.Namespace):
     from chorus_p2p.train.trainer import TrainConfig
 
+    if args.quantize:
+        from chorus_p2p.train.quantize import require_bitsandbytes
+
+        require_bitsandbytes(args.quantize)  # before any model loads
     return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                        device=args.device, compute_dtype=args.compute_dtype,
                        grad_accum=args.grad_accum, seq_len=args.max_seq_len,
-                       gradient_checkpointing=args.gradient_checkpointing)
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       quantize=args.quantize)
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:

@@ -41,6 +41,13 @@ def add_precision_options(parser: argparse.ArgumentParser, defaults: bool = True
                         help="dtype of the frozen base while training: auto (default) is "
                              "bfloat16 on a CUDA GPU that supports it, float32 elsewhere. The "
                              "adapter trains in float32 and the federation stays exact")
+    quantize = parser.add_mutually_exclusive_group()
+    for bits in ("4bit", "8bit"):
+        quantize.add_argument(f"--load-in-{bits}", dest="quantize", action="store_const",
+                              const=bits, default=None,
+                              help=f"quantize the frozen base to {bits} with bitsandbytes "
+                                   "(QLoRA; the 'qlora' extra): W0 + R is quantized once, the "
+                                   "adapter trains in float32 and the federation stays exact")
     parser.add_argument("--grad-accum", type=positive_int, default=default(1), metavar="N",
                         help="micro-batches per optimizer step (default 1): the same effective "
                              "batch in less memory")

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from chorus_p2p.atomic import atomic_output_dir, atomic_output_file
 from chorus_p2p.errors import AdapterError
+from chorus_p2p.lora import quantized
 from chorus_p2p.lora.config import module_name_from_prefix
 from chorus_p2p.lora.residual import FactoredResidual, ResidualFile
 
@@ -168,6 +169,10 @@ def fold_into_model(model: torch.nn.Module, residual: ResidualInput,
                                "the embeddings too, which no client's model did. Untie them "
                                "(tie_word_embeddings=False) or do not target lm_head",
                                source="model", module=name)
+        if quantized.is_quantized(module):
+            _fold_quantized(module, name, delta, original)
+            changed.append(name)
+            continue
         if placement(weight.shape, *delta.shape, stored_transposed(module), source="model",
                      prefix=prefix):
             delta = delta.T
@@ -182,6 +187,19 @@ def fold_into_model(model: torch.nn.Module, residual: ResidualInput,
         weight.copy_((source + delta.to(weight.device)).to(weight.dtype))
         changed.append(name)
     return changed
+
+
+def _fold_quantized(module: torch.nn.Module, name: str, delta: torch.Tensor,
+                    original: Callable[[str], torch.Tensor | None] | None) -> None:
+    """``W0 + R`` quantized once (a QLoRA training copy); bitsandbytes Linears only."""
+    shape = quantized.logical_shape(module)
+    placement(shape, *delta.shape, False, source="model", prefix=name)  # Linear: out x in
+    stored = original(name + ".weight") if original is not None else None
+    if stored is None or tuple(stored.shape) != shape:
+        log.warning("folding into the quantized %s: the stored float weight is not readable, so "
+                    "R is added to the dequantized one (rounded twice)", name)
+        stored = quantized.dequantized(module).cpu()
+    quantized.requantize(module, stored + delta.to(stored.device))
 
 
 def layer_orientations(base: Path, prefixes: list[str]) -> dict[str, bool | None]:

@@ -204,7 +204,8 @@ class Node:
                 steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
                 device=settings.device, compute_dtype=settings.compute_dtype,
                 grad_accum=settings.grad_accum, seq_len=settings.max_seq_len,
-                gradient_checkpointing=settings.gradient_checkpointing), dp,
+                gradient_checkpointing=settings.gradient_checkpointing,
+                quantize=settings.quantize), dp,
                 DatasetOptions(settings.text_field, settings.dataset_split,
                                settings.dataset_config))
         self.guard = ConnectionGuard(settings.header_timeout, settings.max_connections)

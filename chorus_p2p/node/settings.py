@@ -72,6 +72,7 @@ class NodeSettings:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_seq_len: int = 64  # tokens per training sequence (the tiny demo's; real models: 512+)
     gradient_checkpointing: bool = False  # recompute activations: less GPU memory
+    quantize: str | None = None  # "4bit"/"8bit": a bitsandbytes-quantized base (QLoRA)
     text_field: str | None = None  # the dataset field holding the text (default: text/instruction)
     dataset_split: str = "train"  # for save_to_disk DatasetDicts and hub datasets
     dataset_config: str | None = None  # a hub dataset's configuration name
@@ -124,7 +125,7 @@ _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": s
           "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,
           "batch_size": int, "device": str, "keep_rounds": "keep_rounds",
           "compute_dtype": str, "grad_accum": int, "max_seq_len": int,
-          "gradient_checkpointing": bool, "text_field": str, "dataset_split": str,
+          "gradient_checkpointing": bool, "quantize": str, "text_field": str, "dataset_split": str,
           "dataset_config": str,
           "checkpoint_every": int}
 
@@ -165,6 +166,10 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
     if settings.compute_dtype not in COMPUTE_DTYPE_NAMES:
         raise UsageError(f"compute_dtype {settings.compute_dtype!r}: one of "
                          f"{', '.join(COMPUTE_DTYPE_NAMES)}")
+    if settings.quantize is not None and settings.train:
+        from chorus_p2p.train.quantize import require_bitsandbytes
+
+        require_bitsandbytes(settings.quantize)
     for name in ("grad_accum", "max_seq_len"):
         if getattr(settings, name) < 1:
             raise UsageError(f"{name} must be at least 1")

@@ -39,6 +39,9 @@ class TrainConfig:
     compute_dtype: str = "auto"
     grad_accum: int = 1  # micro-batches of batch_size per optimizer step
     gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+    # "4bit" (QLoRA's NF4) or "8bit": the frozen base quantized by bitsandbytes (W0 + R,
+    # quantized once); None keeps it in compute_dtype.
+    quantize: str | None = None
 
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -79,26 +82,36 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def load_base(model_path: str | Path, residual: ResidualInput | None = None,
               device: str = "cpu", task_type: str = "CAUSAL_LM",
-              compute_dtype: torch.dtype = torch.float32):
-    """Base model with ``R`` folded in, then moved to ``device``.
+              compute_dtype: torch.dtype = torch.float32, quantize: str | None = None):
+    """Base model with ``R`` folded in, on ``device``.
 
     ``residual`` is a residual or state file, or a node's state reader (one module at a time).
     The fold happens on the CPU in float32, module by module, before the move, so the result is
     the same bits on every device. In float32 that is the exact ``W0 + R``; in a lower
     ``compute_dtype`` (training only) the model loads in that dtype (one copy of the model in
     memory) and each targeted weight becomes ``W0 + R`` (formed in float32 from the stored
-    ``W0``) rounded once.
+    ``W0``) rounded once. With ``quantize`` ("4bit"/"8bit", training only) bitsandbytes loads
+    the model quantized straight onto ``device``, and each targeted weight is replaced by
+    ``W0 + R`` quantized once.
     """
     from chorus_p2p.exactness import auto_class
 
-    model = auto_class(task_type).from_pretrained(model_path, dtype=compute_dtype)
+    target = resolve_device(device)
+    if quantize is None:
+        model = auto_class(task_type).from_pretrained(model_path, dtype=compute_dtype)
+    else:
+        from chorus_p2p.train.quantize import quantization_config
+
+        model = auto_class(task_type).from_pretrained(
+            model_path, dtype=compute_dtype, device_map={"": str(target)},
+            quantization_config=quantization_config(quantize, compute_dtype))
     tokenizer = _tokenizer(model_path)
     if residual is not None:
         original = None
-        if compute_dtype != torch.float32:
+        if compute_dtype != torch.float32 or quantize is not None:
             original = _original_weights(model_path)
         fold_into_model(model, residual, original)
-    return model.to(resolve_device(device)), tokenizer
+    return (model if quantize is not None else model.to(target)), tokenizer
 
 
 def _original_weights(model_path: str | Path) -> OriginalWeights | None:
@@ -140,13 +153,18 @@ def _tokenizer(model_path: str | Path):
 def load_global_model(model_path: str | Path, adapter_dir: str | Path,
                       residual: ResidualInput | None = None, trainable: bool = False,
                       device: str = "cpu", task_type: str = "CAUSAL_LM",
-                      compute_dtype: torch.dtype = torch.float32):
+                      compute_dtype: torch.dtype = torch.float32, quantize: str | None = None):
     """``W0 + R + adapter`` as a PEFT model (trainable for a client, frozen for evaluation).
 
     The adapter is float32 whatever the base's compute dtype (PEFT's autocast of adapters)."""
     from peft import PeftModel
 
-    model, tokenizer = load_base(model_path, residual, device, task_type, compute_dtype)
+    model, tokenizer = load_base(model_path, residual, device, task_type, compute_dtype,
+                                 quantize)
+    if quantize is not None and trainable:
+        from chorus_p2p.train.quantize import prepare_for_training
+
+        model = prepare_for_training(model)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable,
                                            autocast_adapter_dtype=True)
     return peft_model, tokenizer
@@ -175,7 +193,8 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual: Resid
     torch.manual_seed(config.seed)
     dtype = resolve_compute_dtype(config.compute_dtype, resolve_device(config.device))
     model, tokenizer = load_global_model(model_path, adapter_dir, residual, trainable=True,
-                                         device=config.device, compute_dtype=dtype)
+                                         device=config.device, compute_dtype=dtype,
+                                         quantize=config.quantize)
     if config.gradient_checkpointing:
         inner = model.base_model.model
         if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x
