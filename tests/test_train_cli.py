@@ -59,3 +59,22 @@ def test_simulate_command(tmp_path, tiny_lm_dir):
     assert "simulating 4 clients x 1 rounds with fedex-svd" in done.stdout
     assert "simulating 4 clients x 1 rounds with fedavg" in done.stdout
     assert (tmp_path / "sim.png").stat().st_size > 1000
+
+
+def test_quantized_training_flags(tmp_path, tiny_lm_dir):
+    """--load-in-8bit trains (bitsandbytes on the CPU); --load-in-4bit on a toy width that the
+    CPU kernels cannot pack stops with a one-line reason, not a reshape traceback mid-round."""
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    done = cli("simulate", "--clients", "2", "--rounds", "1", "--steps", "1", "--model",
+               str(tiny_lm_dir), "--load-in-8bit")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "round 1" in done.stdout
+    done = cli("simulate", "--clients", "2", "--rounds", "1", "--steps", "1", "--model",
+               str(tiny_lm_dir), "--load-in-4bit")
+    assert done.returncode == 2 and "multiples of 64" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    done = cli("train", "--load-in-4bit", "--load-in-8bit", "--node", "http://127.0.0.1:9",
+               "--model", str(tiny_lm_dir), "--dataset", str(SHARD))
+    assert done.returncode == 2 and "not allowed with" in done.stderr

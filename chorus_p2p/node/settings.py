@@ -166,10 +166,13 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
     if settings.compute_dtype not in COMPUTE_DTYPE_NAMES:
         raise UsageError(f"compute_dtype {settings.compute_dtype!r}: one of "
                          f"{', '.join(COMPUTE_DTYPE_NAMES)}")
-    if settings.quantize is not None and settings.train:
-        from chorus_p2p.train.quantize import require_bitsandbytes
+    if settings.quantize is not None:
+        from chorus_p2p.train.quantize import QUANTIZE_KINDS, require_bitsandbytes
 
-        require_bitsandbytes(settings.quantize)
+        if settings.quantize not in QUANTIZE_KINDS:
+            raise UsageError(f"quantize {settings.quantize!r}: one of {', '.join(QUANTIZE_KINDS)}")
+        if settings.train:
+            require_bitsandbytes(settings.quantize)
     for name in ("grad_accum", "max_seq_len"):
         if getattr(settings, name) < 1:
             raise UsageError(f"{name} must be at least 1")

@@ -44,6 +44,20 @@ def quantization_config(kind: str, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def check_cpu_widths(model) -> None:
+    """bitsandbytes' CPU 4-bit kernels pack weights in blocks of 64 input features, and a layer
+    of another width fails mid-round with a reshape error (at evaluation). Every real model's
+    widths are multiples of 64; a toy model's may not be, so say so before training."""
+    from chorus_p2p.lora.quantized import is_quantized
+
+    odd = sorted({m.in_features for m in model.modules()
+                  if hasattr(m, "weight") and is_quantized(m) and m.in_features % 64})
+    if odd:
+        raise UsageError(f"--load-in-4bit on the CPU: bitsandbytes needs layer widths that are "
+                         f"multiples of 64, and this model has {', '.join(map(str, odd))}; "
+                         "use --load-in-8bit or --compute-dtype, or a GPU")
+
+
 def prepare_for_training(model):
     """PEFT's k-bit preparation: norms and the untargeted float weights to float32 for stable
     training, input gradients on (needed with a frozen quantized stack). Gradient checkpointing

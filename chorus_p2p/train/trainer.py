@@ -105,6 +105,10 @@ def load_base(model_path: str | Path, residual: ResidualInput | None = None,
         model = auto_class(task_type).from_pretrained(
             model_path, dtype=compute_dtype, device_map={"": str(target)},
             quantization_config=quantization_config(quantize, compute_dtype))
+        if quantize == "4bit" and target.type == "cpu":
+            from chorus_p2p.train.quantize import check_cpu_widths
+
+            check_cpu_widths(model)
     tokenizer = _tokenizer(model_path)
     if residual is not None:
         original = None
