@@ -119,7 +119,10 @@ class StateKeeper:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the node up; say what is wrong, retry on next wake
-                log.exception("state update failed")
+                if isinstance(exc, StateError):  # expected while no coordinator can help
+                    log.warning("state update waits: %s; retrying", exc)
+                else:
+                    log.exception("state update failed")
                 self.node.bus.publish("state_stalled", self.store.round,
                                       {"error": f"{exc.__class__.__name__}: {exc}"},
                                       level="warning")
