@@ -96,16 +96,20 @@ def one_round(model: str, dtype: str, device: str, steps: int, batch: int, seq_l
                          device=device, compute_dtype=OPTIONS[dtype][0],
                          quantize=OPTIONS[dtype][1], eval_batches=1)
     started = time.perf_counter()
+    during_steps: list[float] = []
+
     def progress(step: int, loss: float) -> None:
         steps_at.append(time.perf_counter())
         if step == 1:  # from here on: the training steps' working set, load behind us
             steps_sampler.append(_Peak(("RssAnon", "RssFile")))
+        if step == steps:  # and up to here: evaluation is another pass (bitsandbytes' CPU
+            during_steps.append(steps_sampler[0].stop())  # kernels repack weights for it)
     result = train_round(model, start, residual, Dataset.load(SHARD), config, work / "client",
                          progress=progress)
     wall = time.perf_counter() - started
     rate = (len(steps_at) - 1) / (steps_at[-1] - steps_at[0]) if len(steps_at) > 1 else None
     gpu = (torch.cuda.max_memory_allocated() / 2**20) if device.startswith("cuda") else None
-    return {"dtype": dtype, "peak_rss_mb": steps_sampler[0].stop(), "peak_anon_mb": anon.stop(),
+    return {"dtype": dtype, "peak_rss_mb": during_steps[0], "peak_anon_mb": anon.stop(),
             "peak_total_mb": _proc_status_mb("VmHWM"), "baseline_rss_mb": baseline,
             "gpu_peak_mb": gpu, "steps_per_s": rate, "round_s": wall,
             "train_loss": result.train_loss}
