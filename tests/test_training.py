@@ -298,11 +298,14 @@ def tiny_lm_64(tmp_path_factory):
                          pretrain_steps=5, log=lambda m: None)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("kind", ["4bit", "8bit"])
-def test_qlora_training_keeps_the_federation_exact(tmp_path, tiny_lm_64, shards, kind):
-    """--load-in-4bit/8bit (bitsandbytes, here on the CPU): the quantized training copy is
-    W0 + R quantized once, bit for bit what transformers makes of a checkpoint with R folded in,
-    and the clients' float32 adapters still aggregate to the exact mean through PEFT."""
+def test_qlora_training_keeps_the_federation_exact(tmp_path, tiny_lm_64, shards, kind, device):
+    """--load-in-4bit/8bit (bitsandbytes; on the CPU here, on CUDA where there is one): the
+    quantized training copy is W0 + R quantized once, bit for bit what transformers makes of a
+    checkpoint with R folded in, and the clients' float32 adapters still aggregate to the exact
+    mean through PEFT."""
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -323,9 +326,9 @@ def test_qlora_training_keeps_the_federation_exact(tmp_path, tiny_lm_64, shards,
 
     def quantized_load(folder):
         return AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, device_map={"": "cpu"},
+            folder, dtype=torch.float32, device_map={"": device},
             quantization_config=quantization_config(kind, torch.float32))
-    ours, _ = load_base(tiny_lm_64, residual, quantize=kind)
+    ours, _ = load_base(tiny_lm_64, residual, device=device, quantize=kind)
     folded, bare = quantized_load(tmp_path / "base+R1"), quantized_load(tiny_lm_64)
     moved = 0
     for prefix, _delta in iter_deltas(residual):
@@ -336,7 +339,7 @@ def test_qlora_training_keeps_the_federation_exact(tmp_path, tiny_lm_64, shards,
     assert moved == len(TARGETS) * 2  # every targeted layer of both blocks carries R
     del ours, folded, bare
 
-    config = dict(quantize=kind, steps=2, batch_size=4, grad_accum=2)
+    config = dict(quantize=kind, steps=2, batch_size=4, grad_accum=2, device=device)
     second = [train_round(tiny_lm_64, tmp_path / "g1", residual, d,
                           TrainConfig(seed=i, **config), tmp_path / f"c{i}").adapter_dir
               for i, d in enumerate(shards)]
