@@ -67,6 +67,10 @@ def test_settings_flags_then_env_then_toml(tmp_path):
         resolve_settings({"data_dir": str(tmp_path)}, {"CHORUS_STRATEGY": "median"})
     with pytest.raises(UsageError, match="not a valid int"):
         resolve_settings({"data_dir": str(tmp_path)}, {"CHORUS_MIN_UPDATES": "many"})
+    (data / "config.toml").write_text('quantize = "4bit"\n')
+    assert resolve_settings({"data_dir": str(data)}, {}).quantize == "4bit"
+    with pytest.raises(UsageError, match="one of 4bit, 8bit"):
+        resolve_settings({"data_dir": str(tmp_path)}, {"CHORUS_QUANTIZE": "3bit"})
 
 
 def test_up_refuses_a_different_federation_spec(tmp_path, tiny_base, capsys):

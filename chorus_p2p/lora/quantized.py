@@ -11,8 +11,15 @@ from __future__ import annotations
 import torch
 
 
+FOUR_BIT, EIGHT_BIT = "Params4bit", "Int8Params"  # bitsandbytes' weight classes, by name
+
+
+def _kind(module: torch.nn.Module) -> str:
+    return type(getattr(module, "weight", None)).__name__
+
+
 def is_quantized(module: torch.nn.Module) -> bool:
-    return type(module.weight).__name__ in ("Params4bit", "Int8Params")
+    return _kind(module) in (FOUR_BIT, EIGHT_BIT)
 
 
 def logical_shape(module: torch.nn.Module) -> tuple[int, int]:
@@ -26,11 +33,11 @@ def dequantized(module: torch.nn.Module) -> torch.Tensor:
     from peft.utils.integrations import dequantize_bnb_weight
 
     weight = module.weight
-    state = getattr(module, "state", None) if type(weight).__name__ == "Int8Params" \
-        else weight.quant_state
-    if state is not None and getattr(state, "SCB", False) is None:
-        state.SCB = weight.SCB
-    return dequantize_bnb_weight(weight, state=state).to(torch.float32)
+    if _kind(module) == FOUR_BIT:
+        return dequantize_bnb_weight(weight, state=weight.quant_state).to(torch.float32)
+    if module.state.SCB is None:  # moved to the layer's state by its first forward, or not
+        module.state.SCB = weight.SCB
+    return dequantize_bnb_weight(weight, state=module.state).to(torch.float32)
 
 
 @torch.no_grad()
@@ -41,14 +48,13 @@ def requantize(module: torch.nn.Module, value: torch.Tensor) -> None:
     import bitsandbytes as bnb
 
     weight = module.weight
-    device = weight.device
-    if type(weight).__name__ == "Params4bit":
+    if _kind(module) == FOUR_BIT:
         module.weight = bnb.nn.Params4bit(
             value.to("cpu", weight.quant_state.dtype), requires_grad=False,
             blocksize=weight.blocksize, compress_statistics=weight.compress_statistics,
             quant_type=weight.quant_type, quant_storage=weight.quant_storage,
-            module=module).to(device)
+            module=module).to(weight.device)
         return
     module.weight = bnb.nn.Int8Params(value.to("cpu", torch.float16), requires_grad=False,
-                                      has_fp16_weights=weight.has_fp16_weights).to(device)
+                                      has_fp16_weights=weight.has_fp16_weights).to(weight.device)
     module.state.CB = module.state.SCB = None  # the next forward takes the new weight's

@@ -167,12 +167,9 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         raise UsageError(f"compute_dtype {settings.compute_dtype!r}: one of "
                          f"{', '.join(COMPUTE_DTYPE_NAMES)}")
     if settings.quantize is not None:
-        from chorus_p2p.train.quantize import QUANTIZE_KINDS, require_bitsandbytes
+        from chorus_p2p.train.quantize import check_kind, require_bitsandbytes
 
-        if settings.quantize not in QUANTIZE_KINDS:
-            raise UsageError(f"quantize {settings.quantize!r}: one of {', '.join(QUANTIZE_KINDS)}")
-        if settings.train:
-            require_bitsandbytes(settings.quantize)
+        (require_bitsandbytes if settings.train else check_kind)(settings.quantize)
     for name in ("grad_accum", "max_seq_len"):
         if getattr(settings, name) < 1:
             raise UsageError(f"{name} must be at least 1")

@@ -22,10 +22,14 @@ from chorus_p2p.errors import UsageError
 QUANTIZE_KINDS = ("4bit", "8bit")
 
 
-def require_bitsandbytes(kind: str) -> None:
-    """Refuse up front, with the fix, rather than fail inside transformers mid-load."""
+def check_kind(kind: str) -> None:
     if kind not in QUANTIZE_KINDS:
         raise UsageError(f"quantize {kind!r}: one of {', '.join(QUANTIZE_KINDS)}")
+
+
+def require_bitsandbytes(kind: str) -> None:
+    """Refuse up front, with the fix, rather than fail inside transformers mid-load."""
+    check_kind(kind)
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError(f"--load-in-{kind} needs bitsandbytes: pip install "
                          "'chorus-p2p[qlora]' (or train with --compute-dtype bfloat16)")
@@ -51,7 +55,7 @@ def check_cpu_widths(model) -> None:
     from chorus_p2p.lora.quantized import is_quantized
 
     odd = sorted({m.in_features for m in model.modules()
-                  if hasattr(m, "weight") and is_quantized(m) and m.in_features % 64})
+                  if is_quantized(m) and m.in_features % 64})
     if odd:
         raise UsageError(f"--load-in-4bit on the CPU: bitsandbytes needs layer widths that are "
                          f"multiples of 64, and this model has {', '.join(map(str, odd))}; "
