@@ -157,7 +157,7 @@ class Federation:
     def settings(self, i: int):
         peers = tuple(f"127.0.0.1:{p}" for j, p in enumerate(self.ports) if j != i)
         return node_settings(self.tmp_path / f"n{i}", self.tiny_base, port=self.ports[i],
-                             peers=peers, election_timeout=0.4, **self.overrides)
+                             peers=peers, **{"election_timeout": 0.4, **self.overrides})
 
     async def start(self, i: int) -> Node:
         node = Node(self.settings(i))

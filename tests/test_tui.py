@@ -252,8 +252,14 @@ async def test_attach_shows_recent_events_and_a_frozen_node_is_stale_within_3s(t
 
 
 async def test_admin_keys_follow_the_coordinator(tmp_path, tiny_base):
-    """Attached to a follower, the admin's pause reaches the coordinator (forwarded)."""
-    fed = Federation(tmp_path, tiny_base, 2)
+    """Attached to a follower, the admin's pause reaches the coordinator (forwarded).
+
+    The nodes share the event loop with the app here, so a render that holds the loop delays
+    heartbeats: at the usual test timeout of 0.4 s, CI load once made the coordinator step
+    down (CheckQuorum) right after its election, and the follower the app was attached to
+    became the coordinator. A lab's election timeout is seconds; 2 s keeps this test on the
+    case it is about."""
+    fed = Federation(tmp_path, tiny_base, 2, election_timeout=2.0)
     try:
         leader = await fed.start_all()
         follower = next(n for n in fed.nodes.values() if n is not leader)
