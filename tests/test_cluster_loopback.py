@@ -273,3 +273,26 @@ async def test_a_newcomer_counts_members_that_left_before_it_joined(federation):
     leader.cluster.peers[stranger] = Peer(stranger, "http://127.0.0.1:9", status="pending")
     leader.cluster.on_leave({"node_id": stranger})
     assert leader.cluster.peers[stranger].status == "pending" and leader.cluster.quorum() == 3
+
+
+async def test_a_pause_outlives_its_coordinator(federation):
+    """An admin's pause is the federation's, not one machine's: followers learn it from the
+    heartbeat, so a coordinator that dies while paused leaves a successor that finishes the
+    round in flight and opens no new one, and a resume on the successor reaches everyone."""
+    fed = federation(3)
+    leader = await fed.start_all()
+    await run_round(fed, leader, 1)
+    await wait_for(lambda: (leader.ledger.round(2) or {}).get("state") == "open")
+    async with admin_client(leader) as admin:
+        assert (await admin.pause())["paused"] is True
+    await wait_for(lambda: all(n.rounds.paused for n in fed.nodes.values()), timeout=10)
+    await fed.crash(next(i for i, n in fed.nodes.items() if n is leader))
+    successor = await fed.one_coordinator()
+    assert successor.rounds.paused
+    await run_round(fed, successor, 2)  # the round in flight at the pause still finishes
+    await asyncio.sleep(1.5)  # several heartbeats: time enough to open a round, if it would
+    assert successor.rounds.paused and successor.ledger.latest_round()["round"] == 2
+    async with admin_client(successor) as admin:
+        assert (await admin.resume())["paused"] is False
+    await wait_for(lambda: not any(n.rounds.paused for n in fed.nodes.values()), timeout=10)
+    await wait_for(lambda: successor.ledger.latest_round()["round"] == 3, timeout=10)

@@ -803,6 +803,9 @@ class Cluster:
                 peer.status = "lost"
             elif member.get("status") == "dormant" and peer.status != "dormant":
                 peer.status = "dormant"
+        paused = body.get("paused")
+        if isinstance(paused, bool) and paused != self.node.rounds.paused:
+            self.node.rounds.set_paused(paused)  # the coordinator's word: a successor keeps it
         self._sync_body = body  # only the newest heartbeat matters; older ones are dropped
         if self._sync_worker is None or self._sync_worker.done():
             self._sync_worker = self._spawn(self._sync_loop())

@@ -640,12 +640,14 @@ class RoundManager:
 
     # -- replication: coordinator side ----------------------------------------------------------
     def replication_payload(self) -> dict[str, Any]:
-        """What a heartbeat carries: the commit point, a pending proposal, the live round."""
+        """What a heartbeat carries: the commit point, a pending proposal, the live round, and
+        whether an admin paused the federation (so the pause outlives this coordinator)."""
         committed = self.ledger.latest_committed()
         latest = self.ledger.latest_round()
         payload: dict[str, Any] = {"commit": committed["round"] if committed else 0,
                                    "commit_id": _commit_id(committed),
-                                   "proposal": None, "current": None, "state": self.state_hint()}
+                                   "proposal": None, "current": None, "state": self.state_hint(),
+                                   "paused": self.paused}
         if latest is not None and latest["state"] != COMMITTED:
             # A proposal travels with its updates: a follower that becomes coordinator before
             # the commit must be able to re-propose it with its full record.
