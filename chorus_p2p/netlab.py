@@ -2,9 +2,13 @@
 that lives in a namespace of its own. Nothing touches the host's real interfaces:
 
 - LAN: node ``i`` has ``lan0`` = 10.X.0.(10+i)/24 on the bridge; mDNS runs only there.
-- Control: each node also has a point-to-point veth to the host namespace (10.X.(100+i).0/30),
-  created by the test, so the test process can call the node's API while its LAN link is down.
-  No multicast is ever sent on it (the node's zeroconf binds the LAN address only).
+- Control: each node also has a veth to the host namespace, created by the test, so the test
+  process can call the node's API while its LAN link is down. The node's end is unnumbered: its
+  control address 10.X.(100+i).2 sits on the namespace's ``lo`` with a host route over the veth.
+  So even a node run the default way (mDNS on all interfaces, no ``--interface``) multicasts only
+  on the LAN and on its own namespace's loopback, never toward the host namespace.
+- The LAN is the namespace's default route, as on a lab machine (and the bridge namespace has no
+  uplink, so nothing leaves the lab).
 
 Everything is torn down on exit, including when a test fails.
 """
@@ -63,14 +67,16 @@ class NodeProc:
     """``chorus-node up --headless`` inside a namespace; stdout JSON lines collected in a thread."""
 
     def __init__(self, lab: "NetLab", index: int, data_dir: Path, model: Path,
-                 extra: list[str], env: dict[str, str] | None = None):
+                 extra: list[str], env: dict[str, str] | None = None, bind_lan: bool = True):
+        """``bind_lan=False`` runs ``up`` as README tells a lab to: no ``--interface``, so
+        zeroconf binds every interface of the namespace."""
         self.lab, self.index, self.data_dir = lab, index, data_dir
         self.lan_ip = lab.lan_ip(index)
         self.url = f"http://{lab.ctl_ip(index)}:{NODE_PORT}"
+        interface = ["--interface", self.lan_ip] if bind_lan else []
         cmd = ["ip", "netns", "exec", lab.ns(index), sys.executable, "-m", "chorus_p2p.cli.main",
-               "up", "--headless", "--host", "0.0.0.0", "--port", str(NODE_PORT),
-               "--interface", self.lan_ip, "--data-dir", str(data_dir), "--model", str(model),
-               *extra]
+               "up", "--headless", "--host", "0.0.0.0", "--port", str(NODE_PORT), *interface,
+               "--data-dir", str(data_dir), "--model", str(model), *extra]
         self.events: list[dict[str, Any]] = []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env={**os.environ, **(env or {})},
@@ -155,13 +161,18 @@ class NetLab:
         _ip("link", "set", "lan0", "up", netns=ns)
         _ip("link", "set", f"p{i}", "master", "br0", netns=self.bridge_ns)
         _ip("link", "set", f"p{i}", "up", netns=self.bridge_ns)
+        _ip("route", "add", "default", "dev", "lan0", netns=ns)
         # Control: ctl0 in the node, c<tag><i> in the host namespace (made by us, unicast only).
+        # ctl0 has no address (see the module docstring): zeroconf, which lists interface
+        # addresses, cannot choose it.
         host_if = f"c{self.tag}{i}"
+        host_ip = f"10.{self.net}.{100 + i}.1"
         _ip("link", "add", "ctl0", "netns", ns, "type", "veth", "peer", "name", host_if)
-        _ip("addr", "add", f"10.{self.net}.{100 + i}.1/30", "dev", host_if)
+        _ip("addr", "add", f"{host_ip}/30", "dev", host_if)
         _ip("link", "set", host_if, "up")
-        _ip("addr", "add", f"{self.ctl_ip(i)}/30", "dev", "ctl0", netns=ns)
+        _ip("addr", "add", f"{self.ctl_ip(i)}/32", "dev", "lo", netns=ns)
         _ip("link", "set", "ctl0", "up", netns=ns)
+        _ip("route", "add", f"{host_ip}/32", "dev", "ctl0", "src", self.ctl_ip(i), netns=ns)
         # Multicast leaves only through the LAN, never the control link.
         _ip("route", "add", "224.0.0.0/4", "dev", "lan0", netns=ns)
 
@@ -198,9 +209,34 @@ class NetLab:
         for i in range(self.size):
             self.link(i, True)
 
+    def shape(self, i: int, rate_mbit: float, delay_ms: float = 0.0, mtu: int | None = None) -> str:
+        """Shape node i's LAN link both ways, as Wi-Fi or a busy switch would. netem gives rate
+        and delay; a kernel without sch_netem gets htb's rate alone. ``mtu`` splits every body
+        into more TCP segments. Returns what was applied, for the test's report."""
+        if mtu is not None:
+            _ip("link", "set", "lan0", "mtu", str(mtu), netns=self.ns(i))
+            _ip("link", "set", f"p{i}", "mtu", str(mtu), netns=self.bridge_ns)
+        applied = []
+        for ns, dev in ((self.ns(i), "lan0"), (self.bridge_ns, f"p{i}")):
+            netem = subprocess.run(
+                ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "netem",
+                 "delay", f"{delay_ms}ms", "rate", f"{rate_mbit}mbit"],
+                capture_output=True, text=True, timeout=20)
+            if netem.returncode == 0:
+                applied.append(f"netem {delay_ms}ms {rate_mbit}mbit")
+                continue
+            for cmd in (["qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb",
+                         "default", "1"],
+                        ["class", "replace", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
+                         "rate", f"{rate_mbit}mbit"]):
+                subprocess.run(["ip", "netns", "exec", ns, "tc", *cmd], check=True,
+                               capture_output=True, text=True, timeout=20)
+            applied.append(f"htb {rate_mbit}mbit (no netem in this kernel: no delay)")
+        return "; ".join(sorted(set(applied))) + (f"; mtu {mtu}" if mtu else "")
+
     def start(self, i: int, data_dir: Path, model: Path, extra: list[str] | None = None,
-              env: dict[str, str] | None = None) -> NodeProc:
-        proc = NodeProc(self, i, data_dir, model, extra or [], env)
+              env: dict[str, str] | None = None, bind_lan: bool = True) -> NodeProc:
+        proc = NodeProc(self, i, data_dir, model, extra or [], env, bind_lan)
         self.procs.append(proc)
         return proc
 

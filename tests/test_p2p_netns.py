@@ -6,6 +6,7 @@ Every wait is bounded; the lab is torn down even when an assertion fails.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -264,3 +265,27 @@ def one_coordinator_among(procs, secret):
         leaders = [i for i, s in st.items() if s["role"] == "coordinator" and s["quorum"]]
         return next(p for p in procs if p.index == leaders[0]) if len(leaders) == 1 else None
     return wait_until(check, 60, "a coordinator among the majority", lab=procs[0].lab)
+
+
+def test_default_up_over_a_shaped_link_finds_peers_and_runs_rounds(tmp_path, tiny_base, spec):
+    """Issue 20 #1 and #2: `up` as README runs it on a lab machine (mDNS on every interface, no
+    --interface) starts, finds its peers over mDNS and runs rounds, while one node sits behind a
+    slow link whose small MTU splits every peer message into many TCP segments."""
+    identity = make_dirs(tmp_path, 3)
+    secret = identity.secret
+    with NetLab(3) as lab:
+        shaping = lab.shape(2, rate_mbit=20, delay_ms=5, mtu=576)
+        procs = [lab.start(i, tmp_path / f"d{i}", tiny_base, NODE_ARGS, bind_lan=False)
+                 for i in range(3)]
+        leader = one_coordinator(procs, secret, members=3)
+        for proc in procs:  # the default path: zeroconf on all interfaces, and nothing crashed
+            assert proc.proc.poll() is None, proc.describe()
+            assert not [e for e in proc.events if "Traceback" in json.dumps(e)], proc.describe()
+        for number in (1, 2, 3):
+            run_round(leader, procs, secret, spec, tmp_path, number)
+        h = histories(procs, secret)
+        assert len({tuple(rows) for rows in h.values()}) == 1 and len(h[0]) == 4, shaping
+        for proc in procs:  # no peer message was refused as split or mismatched
+            refused = [e for e in proc.events if e.get("event") == "request_refused"
+                       and e["data"].get("error") == "body_mismatch"]
+            assert refused == [], (shaping, refused)

@@ -13,7 +13,7 @@ import logging
 import socket
 from typing import Callable
 
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 log = logging.getLogger("chorus_p2p.discovery")
@@ -43,10 +43,13 @@ class Discovery:
         return []  # zeroconf fills in every interface's address
 
     async def start(self) -> None:
-        self._zc = AsyncZeroconf(interfaces=self.interfaces or "all", ip_version=IPVersion.V4Only)
+        # InterfaceChoice.All, never the string "all": zeroconf >= 0.132 refuses strings, and
+        # this is the path every lab machine runs (no --interface).
+        self._zc = AsyncZeroconf(interfaces=list(self.interfaces) if self.interfaces
+                                 else InterfaceChoice.All, ip_version=IPVersion.V4Only)
         name = f"chorus-{self.node_id[:16]}.{SERVICE_TYPE}"
         kwargs = {"addresses": self._addresses()} if self.interfaces else {
-            "parsed_addresses": _all_local_ipv4()}
+            "parsed_addresses": local_ipv4_addresses() or ["127.0.0.1"]}
         self._info = AsyncServiceInfo(
             SERVICE_TYPE, name, port=self.port, server=f"chorus-{self.node_id[:16]}.local.",
             properties={"federation": self.federation, "node_id": self.node_id,
@@ -102,8 +105,8 @@ class Discovery:
             self._zc = None
 
 
-def _all_local_ipv4() -> list[str]:
+def local_ipv4_addresses() -> list[str]:
     """Non-loopback IPv4 addresses of this host, for the advertisement on all interfaces."""
     from zeroconf import get_all_addresses
 
-    return [a for a in get_all_addresses() if not a.startswith("127.")] or ["127.0.0.1"]
+    return [a for a in get_all_addresses() if not a.startswith("127.")]
