@@ -170,3 +170,30 @@ async def test_kill_right_after_commit_keeps_the_round(data_dir, tiny_base, spec
     assert blob_files(data_dir) == blobs_before  # nothing recomputed, nothing lost
     ledger = assert_consistent(data_dir)
     assert len(ledger.updates(1)) == 2
+
+
+async def test_sigterm_stops_quickly_while_a_dashboard_watches(data_dir, tiny_base):
+    """Issue 20 #4: an event-stream subscriber (the TUI) held SIGTERM for ~33 s. The node now
+    closes every stream with 1001 (going away) as it stops, and the subscriber sees the close."""
+    import time
+
+    proc = NodeProcess(data_dir, tiny_base)
+    url = proc.start()
+    closed = asyncio.Event()
+
+    async def watch():
+        async with client(url, data_dir, "tui") as c:
+            async for _ in c.events(tail=10):
+                pass
+        closed.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.sleep(1.0)  # attached and idle, as a dashboard is most of the time
+        started = time.monotonic()
+        code = await asyncio.to_thread(proc.terminate)
+        took = time.monotonic() - started
+        await asyncio.wait_for(closed.wait(), 10)
+    finally:
+        watcher.cancel()
+    assert code == 0 and took < 10, (code, took)

@@ -34,9 +34,15 @@ def recorded_level(kind: str) -> str:
     return RECORDED_LEVELS.get(kind, "info")
 
 
+# Put in every subscriber's queue when the node stops: the stream handler closes its WebSocket
+# (1001 "going away") at once instead of holding the shutdown for as long as a dashboard stays.
+CLOSING = None
+
+
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue] = set()
+        self.closed = False
         self._budget: dict[tuple[str, Any], list[float]] = {}  # key -> [window start, count]
 
     def _should_log(self, kind: str, data: dict[str, Any]) -> bool:
@@ -64,15 +70,27 @@ class EventBus:
                     kind, extra={"event": event})
         for queue in list(self._subscribers):
             try:
+                if queue.qsize() >= QUEUE_LIMIT:
+                    raise asyncio.QueueFull
                 queue.put_nowait(event)
             except asyncio.QueueFull:
                 self._subscribers.discard(queue)
         return event
 
     def subscribe(self) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue(QUEUE_LIMIT)
-        self._subscribers.add(queue)
+        queue: asyncio.Queue = asyncio.Queue(QUEUE_LIMIT + 1)  # + 1: room for CLOSING
+        if self.closed:
+            queue.put_nowait(CLOSING)
+        else:
+            self._subscribers.add(queue)
         return queue
+
+    def close(self) -> None:
+        """Tell every stream the node is stopping (see CLOSING); later subscribers hear it too."""
+        self.closed = True
+        for queue in list(self._subscribers):
+            queue.put_nowait(CLOSING)
+        self._subscribers.clear()
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self._subscribers.discard(queue)

@@ -325,6 +325,7 @@ class Node:
         if self.discovery is not None:
             await self.discovery.stop()  # mDNS goodbye
         await self.cluster.stop()  # hand over the coordinator role, tell peers we leave
+        self.bus.close()  # event streams (a TUI) would otherwise hold the shutdown ~30 s
         if self._runner is not None:
             await self._runner.shutdown()  # stop accepting; let in-flight requests finish
         await self.rounds.stop()
@@ -356,7 +357,11 @@ def _primary_ipv4() -> str:
         probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routing lookup only
         return probe.getsockname()[0]
     except OSError:
-        return "127.0.0.1"
+        # No default route (an isolated lab network): any LAN address beats 127.0.0.1, which
+        # would tell every peer to call itself.
+        from chorus_p2p.node.discovery import local_ipv4_addresses
+
+        return (local_ipv4_addresses() or ["127.0.0.1"])[0]
     finally:
         probe.close()
 
