@@ -19,14 +19,14 @@ import tarfile
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from chorus_p2p import __version__
 from chorus_p2p.node import admin
 from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers, verify_identity
 from chorus_p2p.node.blobs import BlobError, is_sha256
 from chorus_p2p.node.guard import guard_middleware
-from chorus_p2p.node.events import recorded_level
+from chorus_p2p.node.events import CLOSING, recorded_level
 from chorus_p2p.node.ledger import round_record
 from chorus_p2p.node.peers import H_RESPONSE_SIG, response_signature
 from chorus_p2p.node.ratelimit import RateLimited
@@ -52,7 +52,7 @@ STATUS_FOR_CODE = {
     "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
     "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409, "already_counted": 409,
     "not_durable": 503, "no_quorum": 503, "history_diverged": 409, "not_diverged": 409,
-    "update_too_large": 422,
+    "update_too_large": 422, "ill_conditioned": 422,
     "busy": 409, "coordinator_unreachable": 503, "coordinator_error": 502,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
@@ -195,11 +195,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def read_json_body(request: web.Request) -> Any:
-    """Read a small JSON body, checking it against the signed hash."""
+    """Read a small JSON body, checking it against the signed hash.
+
+    ``StreamReader.read(n)`` returns whatever is buffered, which on a real link is often only
+    the first TCP segment: the body is read until EOF (or past the limit), all within one
+    deadline, so a split or slow body is neither refused nor allowed to hang past the timeout.
+    """
     if request.content_length and request.content_length > JSON_BODY_LIMIT:
         raise ApiError("too_large", f"JSON bodies are limited to {JSON_BODY_LIMIT} bytes")
     try:
-        body = await asyncio.wait_for(request.content.read(JSON_BODY_LIMIT + 1),
+        body = await asyncio.wait_for(_read_until_eof(request.content, JSON_BODY_LIMIT + 1),
                                       JSON_BODY_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise ApiError("upload_timeout", f"the JSON body did not arrive within "
@@ -210,10 +215,30 @@ async def read_json_body(request: web.Request) -> Any:
         raise ApiError("body_mismatch", "body does not match its signed sha256")
     if not body:
         return {}
+    return parse_json(body)
+
+
+def parse_json(body: bytes | str) -> Any:
+    """``json.loads`` whose every failure is the caller's: a body nested thousands deep makes
+    the parser recurse past Python's limit, which is a malformed request, not a node bug."""
     try:
         return json.loads(body)
-    except ValueError as exc:
-        raise ApiError("bad_request", f"malformed JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ApiError("bad_request", f"malformed JSON: {reason}") from None
+
+
+async def _read_until_eof(stream: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``stream``, however many segments they arrive in."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 MAX_INT_PARAM = 2**62  # SQLite integers are 64-bit; anything larger is a bad request, not a 500
@@ -556,8 +581,12 @@ async def events(request: web.Request) -> web.StreamResponse:
                     break
                 reader = asyncio.ensure_future(ws.receive())
                 continue
-            await ws.send_json(getter.result())
-            if not node.bus.is_subscribed(queue):
+            event = getter.result()
+            if event is CLOSING:
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down")
+                break
+            await ws.send_json(event)
+            if not node.bus.is_subscribed(queue) and not node.bus.closed:
                 await ws.close(message=b"event queue overflowed; reconnect with ?since=")
                 break
         reader.cancel()
