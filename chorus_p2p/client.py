@@ -338,9 +338,9 @@ class AsyncNodeClient:
         partial folder behind, and an existing one is untouched). "latest" is resolved once,
         so every file is of the same round even if another commits meanwhile.
         """
-        data, headers = await self._request("GET", f"/v1/rounds/{round or 'latest'}/adapter",
-                                            raw=True)
-        number = headers.get("X-Chorus-Round") or round or "latest"
+        wanted = "latest" if round is None else round  # round 0 is a round, not "latest"
+        data, headers = await self._request("GET", f"/v1/rounds/{wanted}/adapter", raw=True)
+        number = headers.get("X-Chorus-Round") or wanted
         with atomic_output_dir(out_dir, force=force) as scratch:
             _safe_extract(data, scratch)
             actual = _sha256_file(scratch / "adapter_model.safetensors")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 
 import aiohttp
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from chorus_p2p.client import (AsyncNodeClient, AuthenticationError, ConflictError, NodeClient,
-                               NotFoundError, RejectedError)
+from chorus_p2p.client import (PROVENANCE_FILE, AsyncNodeClient, AuthenticationError,
+                               ConflictError, NodeClient, NotFoundError, RejectedError)
 from chorus_p2p.exactness import merged_state, weighted_mean_state
 from chorus_p2p.lora.fold import fold_base
 from chorus_p2p.node.auth import H_ADMIN, request_key, sign_headers
@@ -384,3 +385,20 @@ async def test_an_exclusion_stays_recorded_when_the_round_aggregates_later(tmp_p
         assert node.ledger.round(1)["metrics"]["nodes"] == ["small"]
     finally:
         await node.stop()
+
+
+async def test_pull_round_zero_is_round_zero_not_the_latest(node, tmp_path):
+    """Issue 20 #8: `round or 'latest'` made round 0 mean "latest" once round 1 existed."""
+    for i in range(2):
+        async with client_for(node, f"client{i}") as c:
+            await c.submit(write_update(tmp_path / f"u{i}.safetensors", node.spec, 70 + i),
+                           examples=1)
+    await committed(node, 1)
+    async with client_for(node) as c:
+        zero = await c.pull(tmp_path / "r0", round=0)
+        latest = await c.pull(tmp_path / "latest")
+    sha = lambda p: hashlib.sha256((p / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert sha(zero) == node.ledger.round(0)["adapter_sha"]
+    assert sha(latest) == node.ledger.round(1)["adapter_sha"] != sha(zero)
+    rounds = [json.loads((p / PROVENANCE_FILE).read_text())["round"] for p in (zero, latest)]
+    assert rounds == [0, 1]
