@@ -414,3 +414,97 @@ async def test_a_full_disk_refuses_writes_with_507_and_reads_go_on(tmp_path, tin
             await node.stop()
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+# -- issue 20 #5: factors that cancel, and factors in a hostile gauge -----------------------------
+def cancelling(path: Path, size: float, honest: Path | None = None, seed: int = 0) -> Path:
+    """In every module A[0] = A[1] = a*size, B[:, 0] = b*size, B[:, 1] = -b*size: B A is
+    exactly 0 (or ``honest``'s product, the stealth variant), whatever ``size`` is."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(honest)) if honest is not None else None
+    out = {}
+    for key, value in load_file(str(path)).items():
+        base = tensors[key].clone() if tensors is not None else torch.zeros_like(value)
+        if "lora_A" in key:
+            row = torch.randn(value.shape[1], generator=g) * size
+            base[0], base[1] = row, row
+        else:
+            col = torch.randn(value.shape[0], generator=g) * size
+            base[:, 0], base[:, 1] = col, -col
+        out[key] = base
+    save_file(out, str(path))
+    return path
+
+
+@pytest.mark.parametrize("size", [1e30, 1e15, 1e8])
+async def test_an_update_whose_factors_cancel_is_refused_and_changes_nothing(
+        tmp_path, tiny_base, size):
+    """Its product is 0, so the old product-norm check passed it, and then (fedex-svd, 1e30) a
+    failed SVD got two honest updates excluded, (1e15) a zero adapter committed, (1e8) the
+    result was off by 6.7e11. The stealth variant carries an honest product beside the pair."""
+    node = await start_node(tmp_path / "n", tiny_base)
+    try:
+        before = node.ledger.snapshot()
+        blobs = blob_files(tmp_path / "n")
+        honest = write_update(tmp_path / "h.safetensors", node.spec, 5)
+        for name, source in (("zero", None), ("stealth", honest)):
+            bomb = cancelling(write_update(tmp_path / f"{name}.safetensors", node.spec, 6),
+                              size, source)
+            async with client(node, f"mallory-{name}") as c:
+                with pytest.raises(RejectedError) as refused:
+                    await c.submit(bomb, examples=1)
+            assert (refused.value.status, refused.value.code) == (422, "ill_conditioned")
+            assert "cancel" in str(refused.value)
+        assert node.ledger.snapshot() == before and blob_files(tmp_path / "n") == blobs
+    finally:
+        await node.stop()
+
+
+@pytest.mark.parametrize("strategy", ["fedex-svd", "fedavg"])
+async def test_factor_size_carries_no_meaning_a_regauged_update_aggregates_as_its_product(
+        tmp_path, tiny_base, strategy):
+    """B * 1e6 with A / 1e6 is the same update: a node aggregates every update in the form its
+    product decides, so fedavg's factor means are not dominated by one client's gauge and the
+    exact strategies stay exact (through PEFT) with it in the round."""
+    from chorus_p2p.exactness import compare_to_mean, merged_state, weighted_mean_state
+    from chorus_p2p.lora.fold import fold_base
+
+    node = await start_node(tmp_path / "n", tiny_base, min_updates=3, strategy=strategy)
+    try:
+        paths = [write_update(tmp_path / f"u{i}.safetensors", node.spec, 20 + i)
+                 for i in range(3)]
+        gauge = {k: v * (1e6 if "lora_B" in k else 1e-6)
+                 for k, v in load_file(str(paths[2])).items()}
+        save_file(gauge, str(paths[2]))
+        for i, path in enumerate(paths):
+            async with client(node, f"c{i}") as c:
+                await c.submit(path, examples=i + 1)
+        await wait_for(lambda: node.ledger.round(1)["state"] == "committed")
+        assert sorted(node.ledger.round(1)["metrics"]["nodes"]) == ["c0", "c1", "c2"]
+        async with client(node, "reader") as c:
+            pulled = await c.pull(tmp_path / "global")
+            if strategy != "fedavg":
+                await c.download("cumulative", 1, tmp_path / "R.safetensors")
+        if strategy == "fedavg":
+            tensors = load_file(str(pulled / "adapter_model.safetensors"))
+            biggest = max(float(v.abs().max()) for v in tensors.values())
+            honest = max(float(v.abs().max()) for p in paths[:2]
+                         for v in load_file(str(p)).values())
+            assert torch.isfinite(torch.tensor(biggest)) and biggest < 10 * honest
+            return
+        fold_base(tiny_base, tmp_path / "R.safetensors", tmp_path / "base+R")
+        folders = []
+        for i, path in enumerate(paths):
+            folder = tmp_path / f"client{i}"
+            folder.mkdir()
+            (folder / "adapter_config.json").write_bytes((pulled / "adapter_config.json")
+                                                         .read_bytes())
+            (folder / "adapter_model.safetensors").write_bytes(path.read_bytes())
+            folders.append(folder)
+        mean = weighted_mean_state([merged_state(tiny_base, f) for f in folders], [1, 2, 3])
+        result = merged_state(tmp_path / "base+R", pulled)
+        targets = [k for k in mean if any(t in k for t in ("q_proj", "v_proj"))]
+        worst, key = compare_to_mean(result, mean, targets)
+        assert worst < 1e-5, (key, worst)
+    finally:
+        await node.stop()

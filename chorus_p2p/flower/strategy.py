@@ -165,7 +165,7 @@ class ExactLoRA(FedAvg):
             replied, valid = valid, accepted
             report = aggregate_adapters(paths, out, strategy=self.aggregation, weights=weights,
                                         rank=self.spec.rank, settings=self.spec.settings,
-                                        labels=labels, force=True)
+                                        labels=labels, force=True, canonical=True)
         contents = [m.content for m in valid]
         if self.keep_updates:  # an audit trail: each client's adapter, as a PEFT folder
             for message, label in zip(valid, labels):

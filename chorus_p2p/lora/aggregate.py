@@ -22,10 +22,12 @@ from chorus_p2p.atomic import atomic_output_dir
 from chorus_p2p.errors import AdapterError, UsageError
 from chorus_p2p.lora.adapter_io import (
     AdapterSource,
+    LoraFactors,
     factor_keys,
     open_adapters,
     write_adapter,
 )
+from chorus_p2p.lora.canonical import canonical_factors
 from chorus_p2p.lora.config import LoraSettings, lora_scale, module_name_from_prefix
 from chorus_p2p.lora.residual import LEFT_SUFFIX, RESIDUAL_FILE, RESIDUAL_METADATA, RIGHT_SUFFIX
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
@@ -176,18 +178,27 @@ def residual_orientation(source: AdapterSource, modules: Sequence[str]) -> dict[
                                                    if source.shapes[p].kind == "embedding"))}
 
 
+def _cast(factors: LoraFactors, dtype: torch.dtype) -> LoraFactors:
+    return LoraFactors(A=factors.A.to(dtype), B=factors.B.to(dtype), scale=factors.scale)
+
+
 def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                        strategy: str = DEFAULT_STRATEGY, weights: Sequence[float] | None = None,
                        rank: int | None = None, force: bool = False,
                        dtype: torch.dtype = torch.float32, settings: LoraSettings | None = None,
                        labels: Sequence[str] | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> AggregationReport:
+                       progress: Callable[[int, int], None] | None = None,
+                       canonical: bool = False) -> AggregationReport:
     """Aggregate ``paths`` (PEFT folders or bare safetensors) into ``out_dir``.
 
     ``settings`` replaces every client's own adapter config (a node's stored uploads are bare
     safetensors trained under the federation's settings); ``labels`` names clients in errors.
     Writes ``adapter_config.json``, ``adapter_model.safetensors``, ``residual.safetensors`` (not
     for ``fedavg``) and ``aggregation.json``. Either all of them appear or none does.
+
+    ``canonical``: aggregate each client's factors in the form its product decides
+    (:mod:`chorus_p2p.lora.canonical`), as a node does with untrusted uploads. Products, and so
+    every exact result, are the same; only factor averages (fedavg, fedex's adapter) see it.
     """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -207,7 +218,11 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
             for done, prefix in enumerate(modules):
                 if progress is not None:
                     progress(done, len(modules))
-                clients = [s.factors(prefix, dtype) for s in sources]
+                if canonical:
+                    clients = [_cast(canonical_factors(s.factors(prefix, torch.float64))[0],
+                                     dtype) for s in sources]
+                else:
+                    clients = [s.factors(prefix, dtype) for s in sources]
                 result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],
                                           plan.scale(prefix))
                 key_a, key_b = factor_keys(prefix, kinds[prefix])

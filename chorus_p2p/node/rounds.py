@@ -531,7 +531,9 @@ class RoundManager:
                                                  previous)
                 fields["metrics"]["excluded"] = sorted(excluded)
             except Exception as exc:
-                culprit = _culprit(exc, kept)
+                culprit = _named_culprit(exc, kept)
+                if culprit is None and _numerical(exc) and len(kept) > 1:
+                    culprit = await asyncio.to_thread(self._culprit_by_effect, kept)
                 if culprit is None:  # a bug or a disk problem: keep the round, say why
                     log.exception("aggregation of round %d failed", round_no)
                     self.bus.publish("aggregation_failed", round_no, {"error": str(exc)},
@@ -588,6 +590,28 @@ class RoundManager:
             self._arm_or_recover(next_row)
         self.notify_followers()
 
+    def _culprit_by_effect(self, updates: list[dict[str, Any]]) -> str | None:
+        """The one update without which the round aggregates (leave-one-out, in a worker
+        thread). Its size proves nothing: "largest norm" once blamed an honest update for a
+        hostile one whose factors cancel. None when no single update is to blame."""
+        for suspect in updates:
+            rest = [u for u in updates if u is not suspect]
+            scratch = Path(tempfile.mkdtemp(dir=self.blobs.tmp))
+            try:
+                aggregate_adapters(
+                    [str(self.blobs.verified_path(u["blob_sha"])) for u in rest],
+                    scratch / "out", strategy=self.policy.strategy,
+                    weights=[u["examples"] for u in rest], rank=self.spec.rank,
+                    settings=self.spec.settings, labels=[u["node_id"] for u in rest],
+                    canonical=True)
+            except Exception as exc:  # still failing: not (only) this one
+                log.info("leaving out %s does not help: %s", suspect["node_id"], exc)
+                continue
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return suspect["node_id"]
+        return None
+
     def _aggregate_blocking(self, round_no: int, updates: list[dict[str, Any]],
                             previous: dict[str, Any]) -> dict[str, Any]:
         """Runs in a worker thread: touches blobs and files only, never the ledger."""
@@ -606,7 +630,8 @@ class RoundManager:
             report = aggregate_adapters(
                 paths, scratch / "out", strategy=self.policy.strategy,
                 weights=[u["examples"] for u in updates], rank=self.spec.rank,
-                settings=self.spec.settings, labels=[u["node_id"] for u in updates])
+                settings=self.spec.settings, labels=[u["node_id"] for u in updates],
+                canonical=True)
             # Results are moved into the blob store, not copied (scratch is on the same disk).
             adapter_sha = self.blobs.put_file(scratch / "out" / "adapter_model.safetensors",
                                               move=True)
@@ -866,17 +891,17 @@ def _check_chain(previous: dict[str, Any] | None, row: dict[str, Any]) -> None:
                          f"{previous['round']}'s: refusing it")
 
 
-def _culprit(exc: Exception, updates: list[dict[str, Any]]) -> str | None:
-    """The update an aggregation error comes from: the one it names (adapter errors carry the
-    client as their source), else, for numerical failures (non-finite values, a failed SVD),
-    the update with the largest norm. None for anything else (a bug, a full disk)."""
+def _named_culprit(exc: Exception, updates: list[dict[str, Any]]) -> str | None:
+    """The update an aggregation error names (adapter errors carry the client as source)."""
     source = getattr(exc, "source", None)
     if source and any(u["node_id"] == source for u in updates):
         return source
+    return None
+
+
+def _numerical(exc: Exception) -> bool:
+    """Whether an aggregation error is arithmetic (non-finite values, a failed SVD), which
+    some update's numbers can cause, rather than a bug or a full disk."""
     text = str(exc).lower()
-    numeric = isinstance(exc, (torch.linalg.LinAlgError, ArithmeticError)) or any(
+    return isinstance(exc, (torch.linalg.LinAlgError, ArithmeticError)) or any(
         word in text for word in ("finite", "nan", "inf", "svd", "converge", "overflow"))
-    if not numeric or len(updates) < 1:
-        return None
-    return max(updates, key=lambda u: (u.get("norm") if u.get("norm") is not None
-                                        else float("inf")))["node_id"]

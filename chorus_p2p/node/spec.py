@@ -19,7 +19,7 @@ import torch
 from chorus_p2p.errors import AdapterError, UsageError
 from chorus_p2p.lora.adapter_io import EMBEDDING, AdapterSource, factor_keys
 from chorus_p2p.lora.config import PEFT_PREFIX, LoraSettings, module_name_from_prefix
-from chorus_p2p.lora.lowrank import frobenius_norm_of_product
+from chorus_p2p.lora.canonical import MAX_FACTOR_CANCELLATION, canonical_factors, cancellation
 
 HEADER_SLACK = 1 << 20  # room for the safetensors JSON header
 # No honest update changes a model's weights by more than this (Frobenius norm over all modules;
@@ -226,8 +226,8 @@ class FederationSpec:
         """Check an uploaded safetensors adapter against this federation; return the norm of
         the weight change it applies, ``sqrt(sum over modules ||s B A||_F^2)`` (never dense).
 
-        Raises :class:`UpdateRejected` with ``bad_adapter`` (unreadable), ``wrong_shape`` or
-        ``non_finite``.
+        Raises :class:`UpdateRejected` with ``bad_adapter`` (unreadable), ``wrong_shape``,
+        ``non_finite``, ``ill_conditioned`` (factors that cancel) or ``update_too_large``.
         """
         try:
             source = AdapterSource(path, label="update", settings=self.settings)
@@ -260,14 +260,22 @@ class FederationSpec:
                         f" for {shape.d_out}x{shape.d_in}; this federation expects rank "
                         f"{self.rank} for {d_out}x{d_in}"))
                 try:
-                    factors = source.factors(prefix)
+                    factors = source.factors(prefix, torch.float64)
                 except AdapterError as exc:
                     code = "non_finite" if "NaN" in exc.detail else "bad_adapter"
                     raise UpdateRejected(code, f"module {exc.module}: {exc.detail}") from exc
-                # float64: an update scaled by 1e30 has a finite float64 norm, where float32
-                # would overflow to inf and slip past every bound.
-                total += frobenius_norm_of_product(factors.B.double() * factors.scale,
-                                                   factors.A.double()) ** 2
+                # The norm of the product as the canonical form holds it, in float64: that form
+                # is what the node aggregates, so factors that cancel (B A = 0 from factors of
+                # 1e30) cannot pass a bound here and then break the arithmetic there.
+                norm = canonical_factors(factors)[1]
+                ratio = cancellation(factors, norm)
+                if not ratio <= MAX_FACTOR_CANCELLATION:
+                    raise UpdateRejected("ill_conditioned", (
+                        f"module {module_name_from_prefix(prefix)}: the factors are "
+                        f"{ratio:.2g} times larger than their product (||s B|| ||A|| vs "
+                        f"||s B A||; honest training stays near sqrt(rank)): they cancel, and "
+                        "their product would be rounding noise"))
+                total += norm ** 2
         norm = math.sqrt(total)
         if not norm < MAX_PLAUSIBLE_NORM:
             raise UpdateRejected("update_too_large", (
