@@ -109,14 +109,22 @@ class Cluster:
         self._transfer = False  # the next election is a handover (timeout-now): no pre-vote
         self._handed_off: dict[tuple[int, str, str], float] = {}
         self._rediscover_at = 0.0
+        self._heal_at = 0.0
+        self._healing: asyncio.Task | None = None
         self._rediscover_every = 2.0
         self._waiting_logged = 0.0
         # Only a founder (the node that ran `init --federation`, or one started with
         # --bootstrap) may create a federation's first history; a joiner waits until it has
         # reached a node that is part of the federation, and remembers that it has.
         # (a ledger rebuilt by `doctor --repair` never founds: its history is out there)
-        self.founder = bool(node.identity.founder or node.settings.bootstrap) and \
-            node.ledger.get_meta("rebuild") != "1"
+        # (--bootstrap overrides that: a repaired one-node federation has no one to ask)
+        rebuilding = node.ledger.get_meta("rebuild") == "1"
+        self.founder = bool(node.identity.founder and not rebuilding) or \
+            bool(node.settings.bootstrap)
+        if rebuilding and node.settings.bootstrap:
+            log.warning("--bootstrap: founding from this node's own (repaired) ledger instead "
+                        "of catching the history up from the federation")
+            node.ledger.db.execute("delete from meta where key = 'rebuild'")
         committed = node.ledger.latest_committed()
         self.joined = (self.founder or node.ledger.get_meta("joined") == "1"
                        or (committed is not None and committed["round"] > 0))
@@ -508,6 +516,7 @@ class Cluster:
             now = time.monotonic()
             self._check_lost()
             self._maybe_rediscover(now)
+            self._maybe_heal_blobs(now)
             if self.role == COORDINATOR:
                 if woke or now >= next_beat:
                     next_beat = now + self.timing.heartbeat_s
@@ -559,6 +568,32 @@ class Cluster:
         for peer in list(self.peers.values()):  # known addresses, once more
             if peer.status == "lost":
                 self.consider(peer.url)
+
+    def _maybe_heal_blobs(self, now: float) -> None:
+        """Fetch back blobs ``doctor`` recorded as lost, from any member that holds them."""
+        if now < self._heal_at or (self._healing is not None and not self._healing.done()):
+            return
+        self._heal_at = now + 5.0
+        if self.node.ledger.lost_blobs():
+            self._healing = self._spawn(self._heal_lost_blobs())
+
+    async def _heal_lost_blobs(self) -> None:
+        kept, _ = self.node.ledger.blob_references()
+        needed = kept | self.node.ledger.kept_aside_blobs()
+        for sha in self.node.ledger.lost_blobs():
+            if sha not in needed:  # its rounds were pruned since: nothing needs it any more
+                self.node.ledger.found_blob(sha)
+                continue
+            for peer in [p for p in self.peers.values() if p.status == "live"]:
+                try:
+                    await self._fetch_blob_from(peer.url, sha)
+                except PeerError as exc:
+                    log.debug("lost blob %s not from %s: %s", sha[:12], peer.node_id[:12], exc)
+                    continue
+                break
+            if self.node.blobs.has(sha):
+                self.node.ledger.found_blob(sha)
+                self.node.bus.publish("blob_recovered", None, {"sha256": sha})
 
     # -- coordinator side ------------------------------------------------------------------------
     async def _become_coordinator(self, term: int) -> None:

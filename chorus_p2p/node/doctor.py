@@ -8,14 +8,18 @@ checkpoint hash).
 With ``--repair`` (the node must be stopped), nothing that still holds information is deleted:
 
 - a ledger that is missing, empty or corrupt is moved aside (``ledger.sqlite.damaged-<time>``)
-  and replaced by a fresh one marked *rebuild*: at the next ``up`` the node does not start a
-  history of its own (even if it founded the federation) but catches the federation's history
-  up from its members, re-using the blobs it still has;
-- a blob whose bytes no longer match its name is moved to ``blobs/quarantine/``; the rounds that
-  name it are marked pruned (their record stays) so they are not served, and the state rebuilds
-  or fetches what it needs at the next start;
+  and replaced by a fresh one into which every row that can still be read is copied (rounds,
+  updates, members, terms and votes, the privacy budget...). It is marked *rebuild*: at the next
+  ``up`` the node catches the federation's history up from its members rather than founding one
+  of its own, unless it is started with ``--bootstrap`` (a one-node federation has no one to
+  ask), re-using the blobs it still has;
+- a blob whose bytes no longer match its name is moved to ``blobs/quarantine/``, and it and any
+  missing blob are recorded as *lost*: the rows that name them stay as they are (a damaged
+  client update of a committed round costs that file, not the round), and the running node
+  fetches each lost blob back from a peer that holds it;
 - a checkpoint whose hash does not match is removed (the node rebuilds one from the log);
-- blobs that no round names are deleted.
+- blobs that no row names at all (no round, update, dropped update or archived round), and
+  that are older than the GC's grace period, are deleted.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from chorus_p2p.node.blobs import BlobStore, sha256_file
 from chorus_p2p.node.ledger import SCHEMA_VERSION, Ledger
 from chorus_p2p.node.lock import DataDirBusy, DataDirLock
+from chorus_p2p.node.retention import ORPHAN_GRACE_S, orphan_blobs
 
 LEDGER_FILE = "ledger.sqlite"
 REBUILD_META = "rebuild"
@@ -148,58 +153,115 @@ def _check_ledger(data_dir: Path, report: Report, repair: bool) -> None:
             old.rename(data_dir / f"{LEDGER_FILE}{suffix}.damaged-{stamp}")
     ledger = Ledger(path)
     try:
+        salvaged = salvage_rows(data_dir / f"{LEDGER_FILE}.damaged-{stamp}", ledger)
         ledger.set_meta(REBUILD_META, "1")
     finally:
         ledger.close()
-    finding.repaired = (f"moved to {LEDGER_FILE}.damaged-{stamp}; a fresh ledger catches the "
-                        "history up from the federation at the next `up` (give it --peer or "
-                        "mDNS); the blobs here are re-used")
+    kept = ", ".join(f"{n} {table}" for table, n in salvaged.items() if n) or "no rows"
+    finding.repaired = (f"moved to {LEDGER_FILE}.damaged-{stamp}; {kept} salvaged into a fresh "
+                        "ledger, which catches the history up from the federation at the next "
+                        "`up` (give it --peer or mDNS; a one-node federation: --bootstrap); the "
+                        "blobs here are re-used")
+
+
+# Tables copied from a damaged ledger, in dependency order; meta last, so the fresh ledger's
+# own schema_version stays.
+SALVAGED_TABLES = ("members", "terms", "votes", "rounds", "updates", "dropped_updates",
+                   "rounds_archive", "lost_blobs", "events", "nonces", "meta")
+
+
+def salvage_rows(damaged: Path, ledger: Ledger) -> dict[str, int]:
+    """Copy every row of ``damaged`` that SQLite can still read into ``ledger``.
+
+    Rows are read by rowid ranges, so one bad page costs the rows on it, not the table; a
+    table that cannot be read at all is skipped. Columns the fresh schema lacks are dropped.
+    Returns rows copied per table."""
+    copied: dict[str, int] = {}
+    if not damaged.is_file() or damaged.stat().st_size == 0:
+        return copied
+    try:
+        source = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
+    except sqlite3.DatabaseError:
+        return copied
+    source.row_factory = sqlite3.Row
+    try:
+        for table in SALVAGED_TABLES:
+            if not ledger.db[table].exists():
+                continue
+            columns = set(ledger.db[table].columns_dict)
+            rows = _readable_rows(source, table)
+            rows = [{k: v for k, v in row.items() if k in columns} for row in rows]
+            if table == "meta":
+                rows = [r for r in rows if r.get("key") != "schema_version"]
+            pk = ledger.db[table].pks
+            if rows and pk == ["rowid"]:
+                ledger.db[table].insert_all(rows)
+            elif rows:
+                ledger.db[table].upsert_all(rows, pk=pk)
+            copied[table] = len(rows)
+    finally:
+        source.close()
+    return copied
+
+
+def _readable_rows(source: sqlite3.Connection, table: str, step: int = 256) -> list[dict]:
+    try:
+        top = source.execute(f"select max(rowid) from [{table}]").fetchone()[0] or 0
+    except sqlite3.DatabaseError:
+        top = 1 << 20  # the index page is gone: walk a generous range
+    rows: list[dict] = []
+    for start in range(0, top + 1, step):
+        try:
+            batch = source.execute(f"select rowid as _rowid, * from [{table}] where rowid "
+                                   "between ? and ?", [start, start + step - 1]).fetchall()
+        except sqlite3.DatabaseError:
+            batch = []
+            for rowid in range(start, start + step):  # the bad page: row by row
+                try:
+                    batch += source.execute(f"select rowid as _rowid, * from [{table}] where "
+                                            "rowid = ?", [rowid]).fetchall()
+                except sqlite3.DatabaseError:
+                    continue
+        rows.extend({k: r[k] for k in r.keys() if k != "_rowid"} for r in batch)
+    return rows
 
 
 def _check_blobs(data_dir: Path, report: Report, repair: bool) -> None:
     ledger = Ledger(data_dir / LEDGER_FILE)
     blobs = BlobStore(data_dir / "blobs")
     try:
-        kept, pruned = ledger.blob_references()
+        kept, _ = ledger.blob_references()
+        already_lost = set(ledger.lost_blobs())
         missing, corrupt = [], []
-        for sha in sorted(kept):
+        for sha in sorted(kept - already_lost):
             path = blobs.path(sha)
             if not path.is_file():
                 missing.append(sha)
             elif sha256_file(path) != sha:
                 corrupt.append(sha)
-        named = kept | pruned
         rebuilding = ledger.get_meta(REBUILD_META) == "1"
         # While the ledger is rebuilt from the federation, unnamed blobs are kept: the history
-        # on its way names them again.
-        orphans = [] if rebuilding else [p for p in blobs.root.glob("??/*") if p.name not in named]
+        # on its way names them again. Otherwise only blobs no row names, past the GC's grace.
+        orphans = set() if rebuilding else orphan_blobs(blobs, ledger.named_blobs(), ORPHAN_GRACE_S)
         ok = not corrupt and not missing
+        lost_note = f"; {len(already_lost)} lost, awaiting a peer" if already_lost else ""
         finding = report.add("blobs", ok, f"{len(kept)} named by kept rounds: {len(missing)} "
-                             f"missing, {len(corrupt)} corrupt; {len(orphans)} named by no round")
+                             f"missing, {len(corrupt)} corrupt; {len(orphans)} named by no row"
+                             + lost_note)
         if repair and (corrupt or orphans or missing):
             quarantine = blobs.root / "quarantine"
             quarantine.mkdir(exist_ok=True)
             for sha in corrupt:
                 shutil.move(str(blobs.path(sha)), quarantine / sha)
-            rounds = _rounds_naming(ledger, set(corrupt) | set(missing))
-            ledger.set_pruned(rounds)
-            for path in orphans:
-                path.unlink(missing_ok=True)
-            finding.repaired = (f"{len(corrupt)} quarantined, rounds {rounds or 'none'} marked "
-                                f"pruned, {len(orphans)} unnamed blob(s) deleted")
+            ledger.mark_lost({**{sha: "missing" for sha in missing},
+                              **{sha: "damaged (quarantined)" for sha in corrupt}})
+            for sha in orphans:
+                blobs.path(sha).unlink(missing_ok=True)
+            finding.repaired = (f"{len(corrupt)} quarantined, {len(corrupt) + len(missing)} "
+                                "recorded lost (the node fetches them from a peer; no round "
+                                f"is touched), {len(orphans)} unnamed blob(s) deleted")
     finally:
         ledger.close()
-
-
-def _rounds_naming(ledger: Ledger, shas: set[str]) -> list[int]:
-    rounds = set()
-    for row in ledger.list_rounds(limit=1 << 30):
-        if {row.get(k) for k in ("adapter_sha", "adapter_config_sha", "residual_sha")} & shas:
-            rounds.add(row["round"])
-    for sha in shas:
-        rounds.update(r["round"] for r in ledger.db.query(
-            "select round from updates where blob_sha = ?", [sha]))
-    return sorted(rounds)
 
 
 def _check_state(data_dir: Path, report: Report, repair: bool) -> None:

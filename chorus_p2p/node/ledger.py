@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Round states, in order. A round only moves forward.
 OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
@@ -99,9 +99,17 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     db["updates"].add_column("term", int)  # NULL: accepted before 6, treated as term 0
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """Blobs this node lost (damaged or missing, found by ``doctor``): the rows that name them
+    stay as they are, and the node fetches the bytes back from a peer. Marking their rounds
+    pruned instead let the next GC delete every other file of those rounds."""
+    db["lost_blobs"].create({"sha": str, "lost_at": float, "reason": str}, pk="sha",
+                            if_not_exists=True)
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4, 5: _migration_5,
-    6: _migration_6}
+    6: _migration_6, 7: _migration_7}
 LOG_GENESIS = "chorus-p2p/log/v1"
 # What a round's log hash covers: everything that determines the federation's state after it
 # (the adapter and the residual, by hash). The state fingerprint is derived from those and is
@@ -328,6 +336,40 @@ class Ledger:
 
         kept = shas("pruned_at is null")
         return kept, shas("pruned_at is not null") - kept
+
+    def named_blobs(self) -> set[str]:
+        """Every blob any row names: rounds (pruned or not), their updates, dropped updates and
+        archived rounds. A repair may delete a blob only if it is not in here."""
+        kept, pruned = self.blob_references()
+        return kept | pruned | self.kept_aside_blobs()
+
+    def kept_aside_blobs(self) -> set[str]:
+        """Blobs of dropped updates (until their round is pruned) and of archived (diverged)
+        rounds: kept as evidence, so neither GC nor a repair deletes them."""
+        named = {r["blob_sha"] for r in self.db.query(
+            "select blob_sha from dropped_updates where round >= ?",
+            [self.first_retained_round()])}
+        for row in self.db.query("select record from rounds_archive"):
+            record = json.loads(row["record"])
+            named.update(record.get(k) for k in ("adapter_sha", "adapter_config_sha",
+                                                 "residual_sha", "cumulative_sha"))
+            named.update(u.get("blob_sha") for u in record.get("updates") or [])
+        named.discard(None)
+        return named
+
+    def mark_lost(self, shas: dict[str, str]) -> None:
+        """Record blobs this node no longer holds intact (sha -> why); see migration 7."""
+        now = time.time()
+        with self.db.atomic():
+            for sha, reason in shas.items():
+                self.db["lost_blobs"].upsert({"sha": sha, "lost_at": now, "reason": reason},
+                                             pk="sha")
+
+    def lost_blobs(self) -> list[str]:
+        return [r["sha"] for r in self.db.query("select sha from lost_blobs order by lost_at")]
+
+    def found_blob(self, sha: str) -> None:
+        self.db.execute("delete from lost_blobs where sha = ?", [sha])
 
     def delete_rounds_after(self, number: int) -> None:
         """Drop uncommitted rounds past ``number`` (a new coordinator's history wins); their

@@ -77,7 +77,7 @@ def _delete(blobs: BlobStore, shas: set[str]) -> tuple[int, int]:
     return deleted, freed
 
 
-def _orphans(blobs: BlobStore, named: set[str], grace_s: float) -> set[str]:
+def orphan_blobs(blobs: BlobStore, named: set[str], grace_s: float) -> set[str]:
     cutoff = time.time() - grace_s
     found = set()
     for path in blobs.root.glob("??/*"):
@@ -112,13 +112,14 @@ class Retention:
             if upto is not None:
                 report.pruned_rounds = self.ledger.mark_pruned(upto)
             kept, candidates = self.ledger.blob_references()
+            aside = self.ledger.kept_aside_blobs()
             # A ledger being rebuilt (doctor --repair) does not name its blobs yet: keep them.
             rebuilding = self.ledger.get_meta("rebuild") == "1"
             orphans = set() if rebuilding else await asyncio.to_thread(
-                _orphans, self.blobs, kept | candidates, grace_s)
+                orphan_blobs, self.blobs, kept | candidates | aside, grace_s)
             report.orphans = len(orphans)
             report.deleted_blobs, report.freed_bytes = await asyncio.to_thread(
-                _delete, self.blobs, candidates | orphans)
+                _delete, self.blobs, (candidates | orphans) - aside)
         if report.pruned_rounds or report.deleted_blobs:
             log.info("gc: pruned %d round(s), deleted %d blob(s), freed %.1f MB",
                      len(report.pruned_rounds), report.deleted_blobs, report.freed_bytes / 1e6)
