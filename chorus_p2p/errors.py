@@ -21,6 +21,14 @@ class UsageError(ChorusError):
     code = "usage"
 
 
+class Refused(ChorusError):
+    """The command was well formed but cannot run on this data: the data dir is in use by
+    another node, or its ledger is damaged (README: a refusal is always exit code 3)."""
+
+    exit_code = 3
+    code = "refused"
+
+
 class AdapterError(ChorusError):
     """An adapter (or residual/base file) is unreadable, malformed or inconsistent.
 

@@ -70,10 +70,16 @@ async def test_an_update_far_beyond_the_federation_scale_is_left_out_and_the_rou
             await a.submit(write_update(tmp_path / "a2.safetensors", node.spec, 3), examples=1)
             big = scaled(write_update(tmp_path / "b2.safetensors", node.spec, 4), 1e4)
             await b.submit(big, examples=1)  # plausible alone, 10^4 x the usual: left out
+        # Issue 20 #15: the update the filters will leave out does not close the round.
+        await asyncio.sleep(0.5)
+        assert node.ledger.round(2)["state"] == "collecting"
+        async with client(node, "c") as c:
+            await c.submit(write_update(tmp_path / "c2.safetensors", node.spec, 5), examples=1)
         await wait_for(lambda: node.ledger.round(2)["state"] == "committed")
         rows = {u["node_id"]: u for u in node.ledger.updates(2)}
         assert rows["b"]["status"] == "excluded" and "times the federation" in rows["b"]["reason"]
-        assert node.ledger.round(2)["metrics"]["nodes"] == ["a"]
+        assert node.ledger.round(2)["metrics"]["nodes"] == ["a", "c"]
+        assert node.ledger.round(2)["metrics"]["excluded"] == ["b"]
     finally:
         await node.stop()
 
@@ -294,7 +300,7 @@ async def test_a_damaged_ledger_is_refused_at_start_and_doctor_rebuilds_it(tmp_p
                                str(data), "--model", str(tiny_base), "--rank", "4", "--alpha",
                                "8", "--target-modules", "q_proj,v_proj", "--no-mdns",
                                "--port", "0"], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2
+        assert proc.returncode == 3
         assert len(proc.stderr.strip().splitlines()) == 1 and "doctor" in proc.stderr
         assert blob_files(data) == blobs  # nothing was changed
         ledger.write_bytes(saved)
@@ -322,7 +328,7 @@ def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path, tiny_base):
                                  "--alpha", "8", "--target-modules", "q_proj,v_proj",
                                  "--no-mdns", "--port", "0"], capture_output=True, text=True,
                                 timeout=60)
-        assert second.returncode == 2
+        assert second.returncode == 3  # a refusal (README's exit codes), not a usage error
         assert f"PID {first.proc.pid}" in second.stderr
     finally:
         first.terminate()

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chorus_p2p.client import (PROVENANCE_FILE, AsyncNodeClient, AuthenticationError,
-                               ConflictError, NodeClient, NotFoundError, RejectedError)
+                               ConflictError, NodeClient, NodeError, NotFoundError,
+                               RejectedError)
 from chorus_p2p.exactness import merged_state, weighted_mean_state
 from chorus_p2p.lora.fold import fold_base
 from chorus_p2p.node.auth import H_ADMIN, request_key, sign_headers
@@ -402,3 +403,60 @@ async def test_pull_round_zero_is_round_zero_not_the_latest(node, tmp_path):
     assert sha(latest) == node.ledger.round(1)["adapter_sha"] != sha(zero)
     rounds = [json.loads((p / PROVENANCE_FILE).read_text())["round"] for p in (zero, latest)]
     assert rounds == [0, 1]
+
+
+async def test_an_admin_exclusion_is_in_the_metrics_and_a_resend_says_excluded(tmp_path,
+                                                                              tiny_base):
+    """Issue 20 #15: `metrics.excluded` missed admin exclusions, and re-sending an excluded
+    update answered `duplicate, durable` without a word about it."""
+    node = await start_node(tmp_path / "n", tiny_base, min_updates=3)
+    try:
+        paths = {cid: write_update(tmp_path / f"{cid}.safetensors", node.spec, 80 + k)
+                 for k, cid in enumerate("abcd")}
+        for cid in "ab":
+            async with client_for(node, cid) as c:
+                await c.submit(paths[cid], examples=1)
+        async with client_for(node, "admin") as c:
+            await c.exclude_update("b", reason="poisoned shard")
+        async with client_for(node, "b") as c:
+            again = await c.submit(paths["b"], examples=1)
+        assert again["duplicate"] and again["status"] == "excluded"
+        assert again["reason"] == "poisoned shard"
+        for cid in "cd":
+            async with client_for(node, cid) as c:
+                await c.submit(paths[cid], examples=1)
+        await committed(node, 1)
+        metrics = node.ledger.round(1)["metrics"]
+        assert metrics["excluded"] == ["b"] and sorted(metrics["nodes"]) == ["a", "c", "d"]
+    finally:
+        await node.stop()
+
+
+async def test_out_of_file_descriptors_is_a_503_not_an_io_error(node, tmp_path, monkeypatch):
+    """Issue 20 #15: 1100 slow uploads at `ulimit -n 1024` answered 500 "I/O error"."""
+    import errno
+
+    def no_descriptors(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(node.blobs, "new_temp", no_descriptors)
+    async with client_for(node) as c:
+        with pytest.raises(NodeError) as refused:
+            await c.submit(write_update(tmp_path / "u.safetensors", node.spec, 1), examples=1)
+    assert (refused.value.status, refused.value.code) == (503, "overloaded")
+    assert node.ledger.count_updates(1) == 0
+
+
+def test_a_dropped_update_is_logged_not_only_streamed(tmp_path, caplog):
+    """Issue 20 #15: `update_dropped` reached the event stream but not the node's log."""
+    from chorus_p2p.node.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        with caplog.at_level("WARNING", logger="chorus_p2p.ledger"):
+            ledger.drop_updates([{"round": 3, "node_id": "carol", "blob_sha": "ab" * 32}],
+                                "round 3 was superseded")
+        assert any("carol" in r.getMessage() and "superseded" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        ledger.close()

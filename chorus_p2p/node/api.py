@@ -52,7 +52,7 @@ STATUS_FOR_CODE = {
     "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
     "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409, "already_counted": 409,
     "not_durable": 503, "no_quorum": 503, "history_diverged": 409, "not_diverged": 409,
-    "update_too_large": 422, "ill_conditioned": 422,
+    "update_too_large": 422, "ill_conditioned": 422, "overloaded": 503,
     "busy": 409, "coordinator_unreachable": 503, "coordinator_error": 502,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
@@ -120,6 +120,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.info("caller went away during %s %s", request.method, request.path)
         return error_response("bad_request", "connection lost before the request was read")
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            log.warning("out of file descriptors handling %s %s", request.method, request.path)
+            return error_response("overloaded", "the node has too many open files right now; "
+                                  "nothing was recorded, retry shortly")
         if exc.errno == errno.ENOSPC:
             log.error("disk full while handling %s %s", request.method, request.path)
             return error_response("insufficient_storage", "the node's disk is full; nothing was "
@@ -406,7 +410,11 @@ async def submit_update(request: web.Request) -> web.Response:
         raise
     body = {"round": accepted.round, "node_id": accepted.node_id, "sha256": accepted.blob_sha,
             "duplicate": accepted.duplicate, "durable": True, "replicas": accepted.replicas,
-            "members": accepted.members}
+            "members": accepted.members, "status": "accepted"}
+    recorded = node.ledger.update(accepted.round, accepted.node_id)
+    if recorded is not None and recorded.get("status") == "excluded":
+        # A re-send of an update that was left out: durable, but it will not count.
+        body.update(status="excluded", reason=recorded.get("reason"))
     return web.json_response(body, status=200 if accepted.duplicate else 201)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import sqlite_utils
+
+log = logging.getLogger("chorus_p2p.ledger")
 
 SCHEMA_VERSION = 7
 
@@ -293,6 +296,8 @@ class Ledger:
                             [row["round"], row["node_id"]])
             self._insert_event("update_dropped", row["round"], {
                 "node_id": row["node_id"], "sha256": row["blob_sha"], "reason": reason})
+            log.warning("round %d: update from %s dropped (kept in dropped_updates): %s",
+                        row["round"], row["node_id"], reason)
 
     # -- retention --------------------------------------------------------------------------
     def mark_pruned(self, upto: int) -> list[int]:

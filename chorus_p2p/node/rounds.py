@@ -454,7 +454,11 @@ class RoundManager:
             if term is None or row is None or row["state"] not in (OPEN, COLLECTING) \
                     or self._recovering == round_no:
                 return False
-            count = len(self.ledger.eligible_updates(round_no))
+            # Count what aggregation would keep: an update the robust filters are going to
+            # leave out must not be what closes the round.
+            eligible = self.ledger.eligible_updates(round_no)
+            count = len(eligible) - len(filter_updates(
+                eligible, self.policy.filters, self.ledger.recent_norm_median(round_no)))
             deadline_passed = deadline_passed or time.time() >= (row["deadline_at"] or 0)
             ready = count >= self.policy.min_updates and (
                 count >= self.expected_participants(round_no) or deadline_passed)
@@ -529,7 +533,10 @@ class RoundManager:
             try:
                 fields = await asyncio.to_thread(self._aggregate_blocking, round_no, kept,
                                                  previous)
-                fields["metrics"]["excluded"] = sorted(excluded)
+                # Every update left out, by the filters, by an admin or for breaking the math.
+                fields["metrics"]["excluded"] = sorted(
+                    u["node_id"] for u in self.ledger.updates(round_no)
+                    if u.get("status") == "excluded")
             except Exception as exc:
                 culprit = _named_culprit(exc, kept)
                 if culprit is None and _numerical(exc) and len(kept) > 1:

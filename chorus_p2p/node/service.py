@@ -22,7 +22,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from chorus_p2p import __version__
-from chorus_p2p.errors import UsageError
+from chorus_p2p.errors import Refused, UsageError
 from chorus_p2p.node.api import build_app
 from chorus_p2p.node.auth import NonceCache, request_key
 from chorus_p2p.node.blobs import BlobStore
@@ -134,11 +134,11 @@ class Node:
         try:
             self.lock.acquire()
         except DataDirBusy as exc:
-            raise UsageError(str(exc)) from exc
+            raise Refused(str(exc)) from exc
         problem = ledger_problem(self.data_dir)
         if problem is not None:
             self.lock.release()
-            raise UsageError(f"{self.data_dir}: {problem}; nothing was changed. Run `chorus-node "
+            raise Refused(f"{self.data_dir}: {problem}; nothing was changed. Run `chorus-node "
                              f"doctor --data-dir {self.data_dir}` (with --repair it rebuilds the "
                              "history from the federation, re-using the blobs here)")
         try:
