@@ -480,11 +480,15 @@ class Ledger:
             row["addresses"] = json.dumps(row["addresses"])
         self.db["members"].upsert(row, pk="node_id")
 
-    def mark_excluded(self, number: int, excluded: dict[str, str]) -> None:
-        """Record the robust filters' verdicts: every other update of the round is accepted."""
+    def mark_excluded(self, number: int, excluded: dict[str, str], *,
+                      others_accepted: bool = True) -> None:
+        """Record the robust filters' verdicts; with ``others_accepted`` (at aggregation),
+        every other update of the round is accepted."""
         with self.db.atomic():
-            self.db.execute("update updates set status = 'accepted', reason = null where round = ? "
-                            "and (status is null or status != 'excluded')", [number])
+            if others_accepted:
+                self.db.execute("update updates set status = 'accepted', reason = null where "
+                                "round = ? and (status is null or status != 'excluded')",
+                                [number])
             for node_id, reason in excluded.items():
                 self.db.execute("update updates set status = 'excluded', reason = ? where round = ? "
                                 "and node_id = ?", [reason, number, node_id])

@@ -52,18 +52,7 @@ def filter_updates(updates: list[dict[str, Any]], policy: FilterPolicy,
 
     ``reference`` is the federation's scale: the median norm of recently accepted updates
     (None before there is any history)."""
-    excluded: dict[str, str] = {}
-    for u in updates:
-        norm = _norm(u)
-        if math.isinf(norm):
-            excluded[u["node_id"]] = "the update's norm is unknown or infinite"
-        elif policy.max_norm is not None and norm > policy.max_norm:
-            excluded[u["node_id"]] = (f"update norm {norm:.4g} exceeds the bound "
-                                      f"{policy.max_norm:.4g}")
-        elif policy.max_ratio is not None and reference and norm > policy.max_ratio * reference:
-            excluded[u["node_id"]] = (f"update norm {norm:.4g} is {norm / reference:.3g} times "
-                                      f"the federation's recent median {reference:.4g} (limit "
-                                      f"{policy.max_ratio:g}x, --max-update-ratio)")
+    excluded = bound_exclusions(updates, policy, reference)
     remaining = [u for u in updates if u["node_id"] not in excluded]
     if policy.mad_k is not None and len(remaining) >= 3:
         norms = [u["norm"] for u in remaining]
@@ -76,4 +65,23 @@ def filter_updates(updates: list[dict[str, Any]], policy: FilterPolicy,
                     excluded[u["node_id"]] = (f"outlier: norm {u['norm']:.4g} is {score:.1f} MADs "
                                               f"from the median {median:.4g} (limit "
                                               f"{policy.mad_k:g})")
+    return excluded
+
+
+def bound_exclusions(updates: list[dict[str, Any]], policy: FilterPolicy,
+                     reference: float | None = None) -> dict[str, str]:
+    """The exclusions each update earns on its own (unknown norm, the norm bound, the scale
+    bound): decided as soon as the update arrives. Outliers need the round's whole set."""
+    excluded: dict[str, str] = {}
+    for u in updates:
+        norm = _norm(u)
+        if math.isinf(norm):
+            excluded[u["node_id"]] = "the update's norm is unknown or infinite"
+        elif policy.max_norm is not None and norm > policy.max_norm:
+            excluded[u["node_id"]] = (f"update norm {norm:.4g} exceeds the bound "
+                                      f"{policy.max_norm:.4g}")
+        elif policy.max_ratio is not None and reference and norm > policy.max_ratio * reference:
+            excluded[u["node_id"]] = (f"update norm {norm:.4g} is {norm / reference:.3g} times "
+                                      f"the federation's recent median {reference:.4g} (limit "
+                                      f"{policy.max_ratio:g}x, --max-update-ratio)")
     return excluded

@@ -38,7 +38,7 @@ from chorus_p2p.node.blobs import BlobError, BlobStore
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.ledger import (AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED, Ledger,
                                     chain_hash, round_record)
-from chorus_p2p.node.robust import FilterPolicy, filter_updates
+from chorus_p2p.node.robust import FilterPolicy, bound_exclusions, filter_updates
 from chorus_p2p.node.spec import FederationSpec, UpdateRejected
 from chorus_p2p.state import sketch as sketches
 
@@ -457,8 +457,13 @@ class RoundManager:
             # Count what aggregation would keep: an update the robust filters are going to
             # leave out must not be what closes the round.
             eligible = self.ledger.eligible_updates(round_no)
-            count = len(eligible) - len(filter_updates(
-                eligible, self.policy.filters, self.ledger.recent_norm_median(round_no)))
+            reference = self.ledger.recent_norm_median(round_no)
+            bounded = bound_exclusions(eligible, self.policy.filters, reference)
+            if bounded:  # decided now, so the client learns it now (status, events)
+                self._record_exclusions(round_no, bounded, others_accepted=False)
+                eligible = [u for u in eligible if u["node_id"] not in bounded]
+            count = len(eligible) - len(filter_updates(eligible, self.policy.filters,
+                                                       reference))
             deadline_passed = deadline_passed or time.time() >= (row["deadline_at"] or 0)
             ready = count >= self.policy.min_updates and (
                 count >= self.expected_participants(round_no) or deadline_passed)
@@ -516,10 +521,7 @@ class RoundManager:
                                   self.ledger.recent_norm_median(round_no))
         fields = None
         while fields is None:
-            self.ledger.mark_excluded(round_no, excluded)
-            for node_id, reason in excluded.items():
-                self.bus.publish("update_excluded", round_no,
-                                 {"node_id": node_id, "reason": reason}, level="warning")
+            self._record_exclusions(round_no, excluded)
             kept = [u for u in updates if u["node_id"] not in excluded]
             if not kept:
                 # Nothing acceptable: keep collecting (excluded updates no longer count).
@@ -596,6 +598,13 @@ class RoundManager:
             self._publish_opened(next_row, event_id)
             self._arm_or_recover(next_row)
         self.notify_followers()
+
+    def _record_exclusions(self, round_no: int, excluded: dict[str, str], *,
+                           others_accepted: bool = True) -> None:
+        self.ledger.mark_excluded(round_no, excluded, others_accepted=others_accepted)
+        for node_id, reason in excluded.items():
+            self.bus.publish("update_excluded", round_no,
+                             {"node_id": node_id, "reason": reason}, level="warning")
 
     def _culprit_by_effect(self, updates: list[dict[str, Any]]) -> str | None:
         """The one update without which the round aggregates (leave-one-out, in a worker
