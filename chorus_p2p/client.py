@@ -153,6 +153,7 @@ class AsyncNodeClient:
         self.admin_token = admin_token
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
         self.node_id = node_id
+        self._destination: str | None = node_id  # the node id writes are signed for
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -187,8 +188,16 @@ class AsyncNodeClient:
             self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
         return self._session
 
-    def _headers(self, method: str, path_qs: str, body_sha: str, admin: bool) -> dict[str, str]:
-        headers = sign_headers(self._key, method, path_qs, self.client_id, body_sha)
+    async def _destination_id(self) -> str:
+        """The node's id, which every write is signed for, so that a write captured on its
+        way here is refused by any other node of the federation (learned once, unsigned)."""
+        if self._destination is None:
+            self._destination = str((await self.health()).get("node_id") or "")
+        return self._destination
+
+    def _headers(self, method: str, path_qs: str, body_sha: str, admin: bool,
+                 to: str | None = None) -> dict[str, str]:
+        headers = sign_headers(self._key, method, path_qs, self.client_id, body_sha, to=to)
         if admin:
             if not self.admin_token:
                 raise MissingAdminToken("this action needs the node's admin token: run it on "
@@ -203,17 +212,18 @@ class AsyncNodeClient:
         path_qs = path + ("?" + urlencode(params) if params else "")
         data: Any = None
         headers: dict[str, str]
+        to = None if method in ("GET", "HEAD") else await self._destination_id()
         if file_body is not None:
             body_sha = await asyncio.to_thread(_sha256_file, file_body)
-            headers = self._headers(method, path_qs, body_sha, admin)
+            headers = self._headers(method, path_qs, body_sha, admin, to)
             headers["Content-Type"] = "application/octet-stream"
             data = open(file_body, "rb")  # streamed by aiohttp, closed below
         elif json_body is not None:
             data = json.dumps(json_body).encode()
-            headers = self._headers(method, path_qs, hashlib.sha256(data).hexdigest(), admin)
+            headers = self._headers(method, path_qs, hashlib.sha256(data).hexdigest(), admin, to)
             headers["Content-Type"] = "application/json"
         else:
-            headers = self._headers(method, path_qs, EMPTY_SHA256, admin)
+            headers = self._headers(method, path_qs, EMPTY_SHA256, admin, to)
         try:
             async with self._http().request(method, self.url + path_qs, data=data,
                                             headers=headers) as response:

@@ -248,6 +248,35 @@ async def test_a_request_captured_for_one_node_is_refused_by_another(tmp_path, t
         await first.stop()
 
 
+async def test_a_client_write_captured_for_one_node_is_refused_by_another(tmp_path, tiny_base):
+    """Issue 20 #14: client requests were bound to no node, so a submit captured on its way to
+    node A replayed on node B (every node keeps its own nonces). The SDK now signs the node id
+    GET /v1/health names, and a node refuses writes signed for no node or for another."""
+    first = await start_node(tmp_path / "a", tiny_base)
+    init_data_dir(tmp_path / "b", join_token=first.identity.join_token())
+    second = await start_node(tmp_path / "b", tiny_base, peers=(first.url.split("//")[1],))
+    try:
+        update = write_update(tmp_path / "u.safetensors", first.spec, 3).read_bytes()
+        path = "/v1/rounds/1/updates?examples=1&trained_from=0"
+        key = request_key(first.identity.secret)
+        captured = sign_headers(key, "POST", path, "alice", hashlib.sha256(update).hexdigest(),
+                                to=first.node_id)
+        unbound = sign_headers(key, "POST", path, "alice", hashlib.sha256(update).hexdigest())
+        async with aiohttp.ClientSession() as session:
+            for target, headers in ((second, captured), (first, unbound)):
+                async with session.post(target.url + path, data=update, headers={
+                        **headers, "Content-Type": "application/octet-stream"}) as r:
+                    assert r.status == 401 and (await r.json())["error"] == "wrong_destination"
+            async with session.get(first.url + "/v1/health") as r:
+                assert (await r.json())["node_id"] == first.node_id
+        assert second.ledger.count_updates() == 0 and first.ledger.count_updates() == 0
+        async with client(first, "alice") as c:  # the SDK binds its writes by itself
+            assert (await c.submit(tmp_path / "u.safetensors", examples=1))["round"] == 1
+    finally:
+        await second.stop()
+        await first.stop()
+
+
 async def test_rate_limits_hold_per_address_whatever_the_caller_id(tmp_path, tiny_base):
     node = await start_node(tmp_path / "n", tiny_base, rate_limit=5.0)
     key = request_key(node.identity.secret)
@@ -346,7 +375,7 @@ async def test_absurd_numbers_get_400_and_leave_no_trace(tmp_path, tiny_base):
             for path in (f"/v1/rounds/1/updates?examples={10**30}&trained_from=0",
                          "/v1/rounds/1/updates?examples=1&trained_from=-1"):
                 headers = sign_headers(key, "POST", path, "mallory",
-                                       hashlib.sha256(body).hexdigest())
+                                       hashlib.sha256(body).hexdigest(), to=node.node_id)
                 async with session.post(node.url + path, data=body, headers={
                         **headers, "Content-Type": "application/octet-stream"}) as r:
                     assert r.status == 400, await r.text()

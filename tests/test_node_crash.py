@@ -63,7 +63,8 @@ async def test_kill_during_upload_loses_nothing(data_dir, tiny_base, spec, tmp_p
             await c.submit(write_update(tmp_path / "e.safetensors", spec, 7), examples=2)
         key = request_key(load_identity(data_dir).secret)
         path = "/v1/rounds/1/updates?examples=3&trained_from=0"
-        headers = sign_headers(key, "POST", path, "slow", hashlib.sha256(update).hexdigest())
+        headers = sign_headers(key, "POST", path, "slow", hashlib.sha256(update).hexdigest(),
+                               to=load_identity(data_dir).node_id)
         headers["Content-Type"] = "application/octet-stream"
         headers["Content-Length"] = str(len(update))
         killed = asyncio.Event()

@@ -22,7 +22,7 @@ EXCLUDE_PATH = "/v1/admin/rounds/1/updates/nobody/exclude"
 def signed_request(node, body: bytes, path: str = EXCLUDE_PATH) -> tuple[bytes, bytes]:
     """The head and body of an admin POST, signed as the CLI signs it."""
     headers = sign_headers(node.request_key, "POST", path, "wire-test",
-                           hashlib.sha256(body).hexdigest())
+                           hashlib.sha256(body).hexdigest(), to=node.node_id)
     headers[H_ADMIN] = node.identity.admin_token
     host, port = node.address
     head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",

@@ -170,6 +170,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             and not verified.to:
         raise AuthFailure("wrong_destination", "peer calls must name the node they are for "
                           "(X-Chorus-To)")
+    if request.method not in ("GET", "HEAD") and request.path != "/v1/peer/hello" \
+            and not verified.to:
+        # A write captured on its way to one node must not replay on another (each node has
+        # its own nonce journal): it names its destination, which the signature covers.
+        raise AuthFailure("wrong_destination", "writes must name the node they are for "
+                          "(X-Chorus-To, from GET /v1/health's node_id); upgrade the client")
     if request.path.startswith("/v1/peer/"):
         verify_identity(request.headers, request.method, request.path_qs)
         open_to_all = request.path in ("/v1/peer/hello", "/v1/peer/append", "/v1/peer/vote",
@@ -297,7 +303,9 @@ def _round_number(request: web.Request) -> int:
 
 # -- handlers ---------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True, "version": __version__, "api": API_VERSION})
+    """Unauthenticated. The node id is public (mDNS carries it too): clients sign writes for it."""
+    return web.json_response({"ok": True, "version": __version__, "api": API_VERSION,
+                              "node_id": _node(request).node_id})
 
 
 async def status(request: web.Request) -> web.Response:
