@@ -16,9 +16,10 @@ process, for ``--seconds`` (30):
 It prints p50/p99 of ``/v1/health`` and ``/v1/status``, how many honest submits were
 acknowledged (201 with ``durable``), what the hostile clients got, and the node's RSS at start,
 peak and end. Targets: health p99 < 100 ms, every honest submit acknowledged, RSS flat.
-The node runs with ``--rate-limit 1000`` (per caller; 4000/s per address): this driver sends all
-its honest traffic from one address (127.0.0.1), which a real lab does not; the hostile clients
-come from 127.0.0.2.
+The node runs at its default rate limits (100/s per caller, 400/s per address for authenticated
+requests, and a separate 400/s per address for refused ones): this driver sends all its honest
+traffic from one address (127.0.0.1), which a real lab does not; the hostile clients come from
+127.0.0.2. ``--hostile-scale 2`` doubles them.
 
 Usage::
 
@@ -161,13 +162,13 @@ class Load:
                     self.count("gzip bomb dropped")
                 await asyncio.sleep(0.1)
 
-    async def run(self, submitters: int, readers: int) -> None:
+    async def run(self, submitters: int, readers: int, hostile_scale: int = 1) -> None:
         bomb = gzip.compress(b"\0" * (64 << 20))
         tasks = [asyncio.ensure_future(self.probe())]
         tasks += [asyncio.ensure_future(self.reader(k)) for k in range(readers)]
-        tasks += [asyncio.ensure_future(self.flood()) for _ in range(20)]
-        tasks += [asyncio.ensure_future(self.slowloris()) for _ in range(20)]
-        tasks += [asyncio.ensure_future(self.bomber(bomb)) for _ in range(10)]
+        tasks += [asyncio.ensure_future(self.flood()) for _ in range(20 * hostile_scale)]
+        tasks += [asyncio.ensure_future(self.slowloris()) for _ in range(20 * hostile_scale)]
+        tasks += [asyncio.ensure_future(self.bomber(bomb)) for _ in range(10 * hostile_scale)]
         honest = [asyncio.ensure_future(self.submitter(k)) for k in range(submitters)]
         await asyncio.sleep(self.seconds)
         await asyncio.gather(*honest)
@@ -182,9 +183,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--submitters", type=int, default=100)
     parser.add_argument("--readers", type=int, default=200)
+    parser.add_argument("--hostile-scale", type=int, default=1,
+                        help="multiply the 50 hostile clients (2: 100 of them)")
     args = parser.parse_args()
     quiet_transformers()
-    print(f"load: {args.submitters} submitters + {args.readers} readers + 50 hostile, "
+    print(f"load: {args.submitters} submitters + {args.readers} readers + "
+          f"{50 * args.hostile_scale} hostile, default rate limits, "
           f"{args.seconds:g} s; {platform.machine()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="chorus-load-") as tmp:
@@ -196,7 +200,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "chorus_p2p.cli.main", "up", "--headless", "--no-mdns",
                "--port", "0", "--data-dir", str(data), "--model", str(model), "--rank",
                str(RANK), "--alpha", str(ALPHA), "--target-modules", ",".join(TARGETS),
-               "--min-updates", str(args.submitters + 1), "--rate-limit", "1000"]
+               "--min-updates", str(args.submitters + 1)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         url = None
         for line in proc.stdout:
@@ -214,7 +218,7 @@ def main() -> int:
         threading.Thread(target=sample, daemon=True).start()
         load = Load(url, load_identity(data).secret, spec, root, args.seconds)
         try:
-            asyncio.run(load.run(args.submitters, args.readers))
+            asyncio.run(load.run(args.submitters, args.readers, args.hostile_scale))
             time.sleep(2.0)
             rss.append(rss_mb(proc.pid))
         finally:

@@ -208,13 +208,13 @@ async def test_forged_hellos_and_appends_from_fresh_keys_change_nothing(tmp_path
                 key = Ed25519PrivateKey.generate()
                 me = node_id_for(key.public_key().public_bytes(serialization.Encoding.Raw,
                                                                serialization.PublicFormat.Raw))
-                body = json.dumps({"node_id": me, "url": f"http://203.0.113.{i + 1}:8470",
+                body = json.dumps({"node_id": me, "url": f"http://127.0.0.{i + 2}:9",
                                    "federation": node.identity.federation,
                                    "fingerprint": node.spec.fingerprint()}).encode()
                 async with session.post(node.url + "/v1/peer/hello", data=body,
                                         headers=_forged(node, "/v1/peer/hello", body, key)) as r:
                     assert r.status == 200  # it may say hello; it is not a voter until reached
-                append = json.dumps({"term": 99, "coordinator": me, "url": "http://203.0.113.9:1",
+                append = json.dumps({"term": 99, "coordinator": me, "url": "http://127.0.0.9:9",
                                      "commit": 0, "proposal": None, "current": None}).encode()
                 async with session.post(node.url + "/v1/peer/append", data=append,
                                         headers=_forged(node, "/v1/peer/append", append, key)) as r:
@@ -224,6 +224,54 @@ async def test_forged_hellos_and_appends_from_fresh_keys_change_nothing(tmp_path
         async with client(node, "a") as c:  # the federation goes on
             await c.submit(write_update(tmp_path / "u.safetensors", node.spec, 5), examples=1)
         await wait_for(lambda: node.ledger.round(1)["state"] == "committed")
+    finally:
+        await node.stop()
+
+
+async def test_a_hello_listing_thousands_of_members_costs_a_bounded_effort(tmp_path, tiny_base):
+    """Issue 20 #11: one signed hello listing 3000 made-up member URLs drove the node to 100%
+    CPU for good, POSTing every second to each (a reflector). A member list is followed only
+    from a peer this node reached itself, at most 64 new addresses per hello, each tried a
+    few times."""
+    import json
+    import statistics
+
+    from chorus_p2p.node.cluster import MAX_MEMBERS_FOLLOWED, SECOND_HAND_ATTEMPTS
+
+    node = await start_node(tmp_path / "n", tiny_base)
+    try:
+        key = Ed25519PrivateKey.generate()
+        public = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                               serialization.PublicFormat.Raw)
+        me = node_id_for(public)
+        members = [{"node_id": f"{i:032x}", "url": f"http://127.0.0.1:{20000 + i}",
+                    "status": "live"} for i in range(3000)]
+        hello = {"node_id": me, "url": "http://127.0.0.3:9", "federation":
+                 node.identity.federation, "fingerprint": node.spec.fingerprint(),
+                 "public_key": public.hex(), "members": members}
+        body = json.dumps(hello).encode()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(node.url + "/v1/peer/hello", data=body,
+                                    headers=_forged(node, "/v1/peer/hello", body, key)) as r:
+                assert r.status == 200
+        await asyncio.sleep(0.5)
+        assert len(node.cluster._pending_urls) <= 1  # only the hello back to the sender
+        # The same list from a peer this node did reach: 64 addresses, a few tries each.
+        node.cluster.accept_hello({**hello, "url": "http://127.0.0.4:9"}, "http://127.0.0.4:9",
+                                  verified=True)
+        assert len(node.cluster._pending_urls) <= MAX_MEMBERS_FOLLOWED + 2
+        timings = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(20):
+                started = time.perf_counter()
+                async with session.get(node.url + "/v1/health") as r:
+                    assert r.status == 200
+                timings.append(time.perf_counter() - started)
+                await asyncio.sleep(0.05)
+        assert statistics.median(timings) < 0.1
+        retry = node.cluster.timing.hello_retry_s
+        await wait_for(lambda: len(node.cluster._pending_urls) <= 2,
+                       timeout=SECOND_HAND_ATTEMPTS * retry * 5 + 30)
     finally:
         await node.stop()
 
@@ -288,6 +336,29 @@ async def test_rate_limits_hold_per_address_whatever_the_caller_id(tmp_path, tin
                         key, "GET", "/v1/status", f"sock-puppet-{i}")) as r:
                     codes.append(r.status)
         assert 429 in codes and codes.count(200) <= 45
+    finally:
+        await node.stop()
+
+
+async def test_an_unauthenticated_flood_does_not_spend_honest_callers_budget(tmp_path,
+                                                                             tiny_base):
+    """Issue 20 #13: the per-address limit ran before authentication, so a flood of bad
+    requests from a host got that host's honest clients 429s."""
+    node = await start_node(tmp_path / "n", tiny_base, rate_limit=5.0)
+    key = request_key(node.identity.secret)
+    try:
+        async with aiohttp.ClientSession() as session:
+            flood = []
+            for _ in range(120):  # 3x the address burst of 40, no credentials
+                async with session.get(node.url + "/v1/status") as r:
+                    flood.append(r.status)
+            assert set(flood) == {401, 429} and flood.count(429) >= 60
+            honest = []
+            for i in range(8):  # the same address, authenticated, within one caller's burst
+                async with session.get(node.url + "/v1/status", headers=sign_headers(
+                        key, "GET", "/v1/status", "alice")) as r:
+                    honest.append(r.status)
+        assert honest == [200] * 8
     finally:
         await node.stop()
 

@@ -149,9 +149,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.path == "/v1/health" or not request.path.startswith("/v1/"):
         return await handler(request)
     node = _node(request)
-    node.address_limiter.check(f"address {request.remote}")
-    verified = verify_headers(node.request_key, request.method, request.path_qs, request.headers,
-                              node.nonces)
+    address = f"address {request.remote}"
+    try:
+        verified = verify_headers(node.request_key, request.method, request.path_qs,
+                                  request.headers, node.nonces)
+    except AuthFailure:
+        node.refusal_limiter.check(address)  # strangers spend their own budget, not ours
+        raise
+    node.rate_limiter.check(verified.node)
+    node.address_limiter.check(address)
     recorded = node.nonce_journal.add(verified.nonce, time.time())
     if request.method not in ("GET", "HEAD"):
         # A write runs only once its nonce is durable (shared fsyncs: group commit), so it can
@@ -183,7 +189,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if not open_to_all and not node.cluster.is_known(verified.node):
             raise ApiError("not_member", f"{verified.node[:12]} is not a member of this "
                            "federation")
-    node.rate_limiter.check(verified.node)
     if request.path.startswith("/v1/admin/") and not check_admin(node.identity.admin_token,
                                                                    request.headers):
         raise ApiError("forbidden", "this action needs the node's admin token "

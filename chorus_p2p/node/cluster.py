@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chorus_p2p.cluster")
 
+# Bounds on what one hello can make this node do (a member list is another node's word).
+MAX_MEMBERS_FOLLOWED = 64  # new addresses tried per hello
+MAX_PENDING_HELLOS = 256  # addresses being tried at once
+SECOND_HAND_ATTEMPTS = 5  # tries for an address only a member list names
+
 FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
 # Members in these states do not vote or count toward a majority ("dormant": unseen for
 # --member-timeout; it counts again the moment it is back). A member that *left* (stopped
@@ -434,20 +439,34 @@ class Cluster:
         return task
 
     # -- discovery hand-off ------------------------------------------------------------------------
-    def consider(self, url: str) -> None:
-        """A possible peer at ``url`` (from mDNS or --peer): verify it with a signed hello."""
+    def consider(self, url: str, *, second_hand: bool = False) -> None:
+        """A possible peer at ``url`` (from mDNS or --peer): verify it with a signed hello.
+
+        ``second_hand``: named only in another member's list, which nobody here vouches for:
+        tried a few times, not forever (a hello listing thousands of made-up URLs must not
+        turn this node into a reflector or keep it busy for good)."""
         url = url.rstrip("/")
         if self.node.address and url == self.node.url or url in self._pending_urls:
             return
+        if len(self._pending_urls) >= MAX_PENDING_HELLOS:
+            log.warning("not trying %s: %d addresses are being tried already", url,
+                        len(self._pending_urls))
+            return
         self._pending_urls.add(url)
-        self._spawn(self._hello_loop(url))
+        self._spawn(self._hello_loop(url, SECOND_HAND_ATTEMPTS if second_hand else None))
 
-    async def _hello_loop(self, url: str) -> None:
+    async def _hello_loop(self, url: str, attempts: int | None = None) -> None:
+        failures = 0
         try:
             while not self._stopping:
                 try:
                     info = await self.client.call(url, "POST", "/v1/peer/hello", self.hello_body())
                 except PeerError as exc:
+                    failures += 1
+                    if attempts is not None and failures >= attempts:
+                        log.info("giving up on %s after %d tries (named by a member list "
+                                 "only): %s", url, failures, exc)
+                        return
                     if exc.code == "spec_mismatch" and not self.joined:
                         # A node that never took part refuses to start a federation of its own
                         # beside the one its token names: stop, and say why.
@@ -493,10 +512,14 @@ class Cluster:
                 self.mark_joined()  # we reached the federation itself, not another newcomer
             if not peer.verified and peer.url:
                 self.consider(peer.url)  # say hello back: a member is one we reached ourselves
-        for member in info.get("members", []):
-            if member["node_id"] not in self.peers and member["node_id"] != self.node.node_id \
-                    and member.get("url") and member.get("status") != "left":
-                self.consider(member["url"])
+        # Follow a member list only from a peer we reached ourselves, and only so far.
+        if peer is not None and peer.verified:
+            fresh = [m for m in info.get("members", [])
+                     if isinstance(m, dict) and m.get("node_id") not in self.peers
+                     and m.get("node_id") != self.node.node_id and isinstance(m.get("url"), str)
+                     and m.get("status") != "left"]
+            for member in fresh[:MAX_MEMBERS_FOLLOWED]:
+                self.consider(member["url"], second_hand=True)
         self._wake.set()
 
     # -- the clock -----------------------------------------------------------------------------------

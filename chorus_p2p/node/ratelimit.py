@@ -1,6 +1,7 @@
 """Per-caller token buckets, so one noisy or hostile peer cannot starve the rest.
 
-Applied after authentication (an outsider is refused by the HMAC check before it costs a bucket).
+Applied after authentication (an outsider is refused by the HMAC check before it costs a bucket;
+refused requests spend a per-address budget of their own).
 The default, 100 requests per second with bursts of 200 per caller, is far above what a node or
 client needs (heartbeats are 4 per second) and far below what would hurt the node.
 """

@@ -166,9 +166,13 @@ class Node:
         since = time.time() - self.nonces.window
         # (0.1 kept nonces in the ledger; a data dir upgraded within the window has some there)
         self.nonces.load(self.nonce_journal.recent(since) + self.ledger.recent_nonces(since))
+        # Budgets are charged after authentication, so what strangers send never spends an
+        # honest caller's: per caller id; per source address for authenticated requests (a
+        # token holder cannot dodge its limit with a new id per request); and a separate
+        # per-address budget for refused requests (past it, 429 instead of 401).
         self.rate_limiter = RateLimiter(settings.rate_limit, 2 * settings.rate_limit)
-        # Per source address too: a caller cannot dodge its limit with a new id per request.
         self.address_limiter = RateLimiter(4 * settings.rate_limit, 8 * settings.rate_limit)
+        self.refusal_limiter = RateLimiter(4 * settings.rate_limit, 8 * settings.rate_limit)
         self.bus = EventBus()
         self.policy = RoundPolicy(settings.strategy, settings.min_updates, settings.round_deadline,
                                   FilterPolicy(settings.max_update_norm, settings.outlier_mad,
