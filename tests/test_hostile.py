@@ -84,6 +84,33 @@ async def test_an_update_far_beyond_the_federation_scale_is_left_out_and_the_rou
         await node.stop()
 
 
+async def test_made_up_client_ids_cannot_turn_the_scale_bound_against_honest_clients(
+        tmp_path, tiny_base):
+    """Issue 20 #12: five ~1e-6-norm updates under made-up ids in round 1 made both honest
+    round-2 updates look 1e6 times "the recent median", and they were left out. Each round is
+    one vote on the federation's scale, and a client's own history counts too."""
+    node = await start_node(tmp_path / "n", tiny_base, min_updates=7)
+    try:
+        for k, cid in enumerate(["alice", "bob"] + [f"sybil{i}" for i in range(5)]):
+            tiny = cid.startswith("sybil")
+            path = write_update(tmp_path / f"1{cid}.safetensors", node.spec, k,
+                                scale=0.05 * (1e-6 if tiny else 1.0))
+            async with client(node, cid) as c:
+                await c.submit(path, examples=1)
+        await wait_for(lambda: node.ledger.round(1)["state"] == "committed")
+        for k, cid in enumerate(("alice", "bob")):
+            async with client(node, cid) as c:
+                await c.submit(write_update(tmp_path / f"2{cid}.safetensors", node.spec, 10 + k),
+                               examples=1)
+        async with client(node, "admin", admin_token=node.identity.admin_token) as c:
+            await c.close_round()  # the sybils do not come back; close with what is there
+        await wait_for(lambda: node.ledger.round(2)["state"] == "committed")
+        assert sorted(node.ledger.round(2)["metrics"]["nodes"]) == ["alice", "bob"]
+        assert node.ledger.round(2)["metrics"]["excluded"] == []
+    finally:
+        await node.stop()
+
+
 async def test_an_update_that_breaks_aggregation_is_left_out_and_an_admin_can_exclude(
         tmp_path, tiny_base):
     node = await start_node(tmp_path / "n", tiny_base, min_updates=3)

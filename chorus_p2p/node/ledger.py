@@ -121,6 +121,12 @@ CHAINED_FIELDS = ("round", "trained_from", "strategy", "adapter_sha", "adapter_c
                   "residual_sha")
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def chain_hash(previous: str | None, row: dict[str, Any]) -> str:
     """``sha256(previous log hash || the round's result)``: one value names a whole history, so
     two nodes agree on every committed round iff they agree on the latest one's hash."""
@@ -439,17 +445,33 @@ class Ledger:
         return list(self.db.query("select * from dropped_updates order by dropped_at"))
 
     def recent_norm_median(self, before: int, rounds: int = 5) -> float | None:
-        """The federation's scale: the median norm of the updates accepted in the last
-        ``rounds`` committed rounds before ``before`` (None before any history)."""
-        norms = sorted(r["norm"] for r in self.db.query(
-            "select u.norm from updates u join rounds r using (round) where r.state = ? and "
-            "r.round < ? and r.round >= ? - ? and u.norm is not null and "
-            "(u.status is null or u.status = 'accepted')", [COMMITTED, before, before, rounds]))
-        norms = [n for n in norms if n > 0]
-        if not norms:
-            return None
-        middle = len(norms) // 2
-        return norms[middle] if len(norms) % 2 else (norms[middle - 1] + norms[middle]) / 2
+        """The federation's scale: the median, over the last ``rounds`` committed rounds before
+        ``before``, of each round's median accepted norm (None before any history). One vote
+        per round, so client ids made up in one round cannot set the scale of the others."""
+        per_round: dict[int, list[float]] = {}
+        for r in self.db.query(
+                "select u.round, u.norm from updates u join rounds r using (round) where "
+                "r.state = ? and r.round < ? and r.round >= ? - ? and u.norm > 0 and "
+                "(u.status is null or u.status = 'accepted')", [COMMITTED, before, before, rounds]):
+            per_round.setdefault(r["round"], []).append(r["norm"])
+        medians = [_median(norms) for norms in per_round.values()]
+        return _median(medians) if medians else None
+
+    def recent_own_norms(self, before: int, node_ids: list[str], rounds: int = 5
+                         ) -> dict[str, float]:
+        """Each client's own median accepted norm over the last ``rounds`` committed rounds: a
+        scale others cannot steer (see robust.bound_exclusions)."""
+        if not node_ids:
+            return {}
+        marks = ",".join("?" * len(node_ids))
+        own: dict[str, list[float]] = {}
+        for r in self.db.query(
+                "select u.node_id, u.norm from updates u join rounds r using (round) where "
+                f"r.state = ? and r.round < ? and r.round >= ? - ? and u.node_id in ({marks}) "
+                "and u.norm > 0 and (u.status is null or u.status = 'accepted')",
+                [COMMITTED, before, before, rounds, *node_ids]):
+            own.setdefault(r["node_id"], []).append(r["norm"])
+        return {node_id: _median(norms) for node_id, norms in own.items()}
 
     def exclude_update(self, number: int, node_id: str, reason: str) -> bool:
         with self.db.atomic():

@@ -1,9 +1,12 @@
 """Robust aggregation filters, applied by the coordinator before it aggregates.
 
 - **Scale bound** (default, ``--max-update-ratio R``, 100): an update whose weight change
-  ``||s B A||`` (over all modules, float64) is more than ``R`` times the median norm of the
-  updates accepted in the last rounds is left out: a client that scales its adapter by 1e30
-  cannot wedge the round. (Uploads beyond any plausible norm are refused outright.)
+  ``||s B A||`` (over all modules, float64) is more than ``R`` times the federation's scale is
+  left out: a client that scales its adapter by 1e30 cannot wedge the round. The scale is the
+  larger of the federation's (the median of the last rounds' median norms, one vote per round)
+  and the client's own recent median: made-up client ids with tiny updates cannot turn the bound
+  against a client whose own history shows its size. (Uploads beyond any plausible norm are
+  refused outright.)
 - **Norm bound** (``--max-update-norm``): an update whose weight change exceeds the bound is
   left out.
 - **Outlier rejection** (``--outlier-mad K``): with at least 3 updates, one whose norm is more than
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MAD_TO_SIGMA = 1.4826
@@ -46,13 +49,22 @@ def _norm(update: dict[str, Any]) -> float:
     return math.inf if norm is None or not math.isfinite(norm) else float(norm)
 
 
-def filter_updates(updates: list[dict[str, Any]], policy: FilterPolicy,
-                   reference: float | None = None) -> dict[str, str]:
-    """Return ``{node_id: reason}`` for updates to leave out (possibly all of them).
+@dataclass(frozen=True)
+class Scale:
+    """What "large" means for an update: the federation's recent scale (None before any
+    history) and each client's own recent median norm."""
 
-    ``reference`` is the federation's scale: the median norm of recently accepted updates
-    (None before there is any history)."""
-    excluded = bound_exclusions(updates, policy, reference)
+    federation: float | None = None
+    own: dict[str, float] = field(default_factory=dict)
+
+    def for_client(self, node_id: str) -> float | None:
+        return max(self.federation or 0.0, self.own.get(node_id, 0.0)) or None
+
+
+def filter_updates(updates: list[dict[str, Any]], policy: FilterPolicy,
+                   scale: Scale | None = None) -> dict[str, str]:
+    """Return ``{node_id: reason}`` for updates to leave out (possibly all of them)."""
+    excluded = bound_exclusions(updates, policy, scale)
     remaining = [u for u in updates if u["node_id"] not in excluded]
     if policy.mad_k is not None and len(remaining) >= 3:
         norms = [u["norm"] for u in remaining]
@@ -69,12 +81,13 @@ def filter_updates(updates: list[dict[str, Any]], policy: FilterPolicy,
 
 
 def bound_exclusions(updates: list[dict[str, Any]], policy: FilterPolicy,
-                     reference: float | None = None) -> dict[str, str]:
+                     scale: Scale | None = None) -> dict[str, str]:
     """The exclusions each update earns on its own (unknown norm, the norm bound, the scale
     bound): decided as soon as the update arrives. Outliers need the round's whole set."""
     excluded: dict[str, str] = {}
     for u in updates:
         norm = _norm(u)
+        reference = (scale or Scale()).for_client(u["node_id"])
         if math.isinf(norm):
             excluded[u["node_id"]] = "the update's norm is unknown or infinite"
         elif policy.max_norm is not None and norm > policy.max_norm:
@@ -82,6 +95,6 @@ def bound_exclusions(updates: list[dict[str, Any]], policy: FilterPolicy,
                                       f"{policy.max_norm:.4g}")
         elif policy.max_ratio is not None and reference and norm > policy.max_ratio * reference:
             excluded[u["node_id"]] = (f"update norm {norm:.4g} is {norm / reference:.3g} times "
-                                      f"the federation's recent median {reference:.4g} (limit "
+                                      f"the federation's recent scale {reference:.4g} (limit "
                                       f"{policy.max_ratio:g}x, --max-update-ratio)")
     return excluded

@@ -38,7 +38,7 @@ from chorus_p2p.node.blobs import BlobError, BlobStore
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.ledger import (AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED, Ledger,
                                     chain_hash, round_record)
-from chorus_p2p.node.robust import FilterPolicy, bound_exclusions, filter_updates
+from chorus_p2p.node.robust import FilterPolicy, Scale, bound_exclusions, filter_updates
 from chorus_p2p.node.spec import FederationSpec, UpdateRejected
 from chorus_p2p.state import sketch as sketches
 
@@ -457,7 +457,7 @@ class RoundManager:
             # Count what aggregation would keep: an update the robust filters are going to
             # leave out must not be what closes the round.
             eligible = self.ledger.eligible_updates(round_no)
-            reference = self.ledger.recent_norm_median(round_no)
+            reference = self._scale(round_no, eligible)
             bounded = bound_exclusions(eligible, self.policy.filters, reference)
             if bounded:  # decided now, so the client learns it now (status, events)
                 self._record_exclusions(round_no, bounded, others_accepted=False)
@@ -517,8 +517,7 @@ class RoundManager:
         updates = self.ledger.eligible_updates(round_no)
         previous = self.ledger.latest_committed()
         assert previous is not None
-        excluded = filter_updates(updates, self.policy.filters,
-                                  self.ledger.recent_norm_median(round_no))
+        excluded = filter_updates(updates, self.policy.filters, self._scale(round_no, updates))
         fields = None
         while fields is None:
             self._record_exclusions(round_no, excluded)
@@ -598,6 +597,10 @@ class RoundManager:
             self._publish_opened(next_row, event_id)
             self._arm_or_recover(next_row)
         self.notify_followers()
+
+    def _scale(self, round_no: int, updates: list[dict[str, Any]]) -> Scale:
+        return Scale(self.ledger.recent_norm_median(round_no), self.ledger.recent_own_norms(
+            round_no, [u["node_id"] for u in updates]))
 
     def _record_exclusions(self, round_no: int, excluded: dict[str, str], *,
                            others_accepted: bool = True) -> None:
