@@ -461,3 +461,37 @@ def test_a_dropped_update_is_logged_not_only_streamed(tmp_path, caplog):
                    for r in caplog.records)
     finally:
         ledger.close()
+
+
+async def test_concurrent_cumulative_requests_share_one_build_and_leave_no_files(node,
+                                                                                 tmp_path):
+    """Issue 20 #7: each request built (and held) its own dense copy of R: 20 concurrent
+    requests held 1 GB, and refused ones left 0-byte temp files."""
+    for i in range(2):
+        async with client_for(node, f"client{i}") as c:
+            await c.submit(write_update(tmp_path / f"u{i}.safetensors", node.spec, 90 + i),
+                           examples=1)
+    await committed(node, 1)
+    builds = []
+    reader = node.state.reader
+
+    async def counting_reader(round_no, timeout=600.0):
+        builds.append(round_no)
+        return await reader(round_no, timeout)
+
+    node.state.reader = counting_reader
+    temp_before = set(node.blobs.tmp.iterdir())
+
+    async def fetch(k):
+        async with client_for(node, f"reader{k}") as c:
+            return await c.download("cumulative", 1, tmp_path / f"R{k}.safetensors")
+
+    paths = await asyncio.gather(*(fetch(k) for k in range(20)))
+    assert builds == [1]
+    assert len({p.read_bytes() for p in paths}) == 1
+    async with client_for(node) as c:
+        with pytest.raises(NotFoundError):
+            await c.download("cumulative", 7, tmp_path / "missing.safetensors")
+    assert set(node.blobs.tmp.iterdir()) == temp_before
+    assert [p.name for p in (node.data_dir / "cache" / "cumulative").iterdir()] == [
+        "R-00000001.state"]

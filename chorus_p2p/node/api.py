@@ -506,32 +506,20 @@ async def cumulative_state(request: web.Request) -> web.StreamResponse:
 
     node = _node(request)
     row = _committed_round(request, files=False)
-    try:
+
+    async def build(path) -> int:
         reader = await node.state.reader(row["round"], timeout=60.0)
-        out, temp = node.blobs.new_temp(".state")
-        out.close()
-        size = await asyncio.to_thread(reader.write, temp)
+        return await asyncio.to_thread(reader.write, path)
+
+    try:
+        path = await node.cumulative.get(row["round"], build)
     except StateError as exc:
         code = "pruned" if "no longer" in str(exc) or "needs the residuals" in str(exc) else \
             "state_unavailable"
         raise ApiError(code, f"R after round {row['round']}: {exc}")
-    return await _stream_and_delete(request, temp, size, {"X-Chorus-Round": str(row["round"])})
-
-
-async def _stream_and_delete(request: web.Request, path, size: int,
-                             headers: dict[str, str]) -> web.StreamResponse:
-    handle = open(path, "rb")
-    path.unlink()  # the open handle keeps the bytes until we are done
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
-                                           "Content-Length": str(size), **headers})
-    try:
-        await response.prepare(request)
-        while chunk := await asyncio.to_thread(handle.read, 1 << 20):
-            await response.write(chunk)
-        await response.write_eof()
-    finally:
-        handle.close()
-    return response
+    # Served from disk with sendfile: a slow reader holds a file handle, not a copy of R.
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
+                                           "X-Chorus-Round": str(row["round"])})
 
 
 async def state_info(request: web.Request) -> web.Response:

@@ -33,6 +33,7 @@ from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.guard import ConnectionGuard
 from chorus_p2p.node.identity import load_identity
 from chorus_p2p.node.ledger import Ledger
+from chorus_p2p.node.cumulative import CumulativeFiles
 from chorus_p2p.node.lock import DataDirBusy, DataDirLock
 from chorus_p2p.node.nonces import NONCE_FILE, NonceJournal
 from chorus_p2p.node.ratelimit import RateLimiter
@@ -186,6 +187,7 @@ class Node:
         self.retention = Retention(self.ledger, self.blobs, settings.keep_rounds, self.bus,
                                    self.rounds.lock)
         self.state = StateKeeper(self, self.state_store)
+        self.cumulative = CumulativeFiles(self.data_dir / "cache" / "cumulative")
         self.rounds.on_committed = self.state.wake
         self.rounds.on_history_replaced = self.state.history_replaced
         self.rounds.keep_rounds = settings.keep_rounds
@@ -331,7 +333,8 @@ class Node:
         await self.cluster.stop()  # hand over the coordinator role, tell peers we leave
         self.bus.close()  # event streams (a TUI) would otherwise hold the shutdown ~30 s
         if self._runner is not None:
-            await self._runner.shutdown()  # stop accepting; let in-flight requests finish
+            await self._runner.shutdown()
+        self.cumulative.close()  # stop accepting; let in-flight requests finish
         await self.rounds.stop()
         await self.state.stop()
         await self.guard.stop()
