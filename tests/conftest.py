@@ -16,6 +16,18 @@ from chorus_p2p.tiny import make_client_adapter, quiet_transformers, save_tiny_m
 quiet_transformers()
 
 
+@pytest.fixture(autouse=True)
+def _node_logging_restored():
+    """A test that runs `up` in this process configures the node's logging (its own handler,
+    no propagation): put it back, so a later test's caplog still sees the node's records."""
+    import logging
+
+    logger = logging.getLogger("chorus_p2p")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base", seed=0)

@@ -132,6 +132,7 @@ def admin_client(node) -> AsyncNodeClient:
 
 async def test_admin_actions_on_a_follower_run_on_the_coordinator(federation):
     fed = federation(3)
+    fed.grant_admin()  # the founder trusts every operator here with its admin key
     leader = await fed.start_all()
     follower = next(n for n in fed.nodes.values() if n is not leader)
     async with admin_client(follower) as admin:
@@ -152,6 +153,7 @@ async def test_no_remote_admin_coordinator_refuses_forwarded_actions(federation)
     from chorus_p2p.client import NodeError
 
     fed = federation(2, remote_admin=False)
+    fed.grant_admin()
     leader = await fed.start_all()
     follower = next(n for n in fed.nodes.values() if n is not leader)
     before = leader.ledger.snapshot()["rounds"]
@@ -164,8 +166,72 @@ async def test_no_remote_admin_coordinator_refuses_forwarded_actions(federation)
         assert (await admin.pause())["paused"] is True
 
 
+async def test_a_token_holder_is_not_an_admin_anywhere(federation):
+    """Issue 20 #9: a join-token holder's node forwarded pause, exclude and close-round through
+    /v1/peer/admin with its own data dir's admin token, and the coordinator ran them. Now a
+    federation-wide action needs the federation admin key (the founder's), on the follower
+    that forwards and on a coordinator acting for its own admin."""
+    from chorus_p2p.client import NodeError
+    from chorus_p2p.node import admin as admin_actions
+
+    fed = federation(2)
+    leader = await fed.start_all()
+    holder = next(n for n in fed.nodes.values() if not n.identity.founder)
+    founder = next(n for n in fed.nodes.values() if n.identity.founder)
+    assert holder.identity.admin_key is None and founder.identity.admin_key is not None
+    async with admin_client(holder) as admin:
+        for action in (admin.pause(), admin.close_round(), admin.exclude_update("x", round=1),
+                       admin.remove_member(founder.node_id)):
+            with pytest.raises(NodeError) as refused:
+                await action
+            assert refused.value.status == 403 and "admin key" in refused.value.message
+    # Forged at the peer channel itself: no proof, or the holder's own key, is refused.
+    if leader is founder:
+        for proof in (None, {"ts": 0, "sig": "00" * 64}):
+            with pytest.raises(Exception) as refused:
+                await admin_actions.on_peer_admin(leader, holder.node_id,
+                                                  {"action": "pause", "args": {},
+                                                   "proof": proof})
+            assert getattr(refused.value, "code", None) == "forbidden"
+    assert not leader.rounds.paused and leader.ledger.latest_round()["state"] == "open"
+    async with admin_client(founder) as admin:  # the founder's admin can, wherever it leads
+        assert (await admin.pause())["paused"] is True
+    await wait_for(lambda: leader.rounds.paused, timeout=10)
+
+
+async def test_approval_is_the_federations_policy_not_one_nodes_flag(federation):
+    """Issue 20 #10: with --approve-joins on the founder alone, two token holders that joined
+    with --peer elected one of themselves within 4 s, never approved, and the founder lost its
+    quorum. The policy now travels in the join token: every node holds a peer it hears of as
+    pending unless the founder (named by the token) or the coordinator's list vouches for it."""
+    from chorus_p2p.node.identity import init_data_dir
+
+    fed = federation(3)  # none of them runs with --approve-joins: the token decides
+    founder = init_data_dir(fed.tmp_path / "n0", "looplab", admission="approval", force=True)
+    token = founder.join_token()
+    for i in (1, 2):
+        joined = init_data_dir(fed.tmp_path / f"n{i}", join_token=token, force=True)
+        assert joined.admission == "approval" and joined.founder_id == founder.node_id
+    nodes = [await fed.start(i) for i in range(3)]
+    await asyncio.sleep(4.0)
+    first = nodes[0]
+    assert first.cluster.role == "coordinator" and first.cluster.quorum() == 1
+    for holder in nodes[1:]:
+        assert holder.cluster.role != "coordinator"
+        assert first.cluster.peers[holder.node_id].status == "pending"
+        assert holder.node_id not in first.cluster.voting_members()
+    async with admin_client(first) as admin:  # the founder keeps its quorum: it decides
+        assert (await admin.decide_member(nodes[2].node_id, False))["status"] == "rejected"
+        await admin.decide_member(nodes[1].node_id, True)
+    leader = await wait_for(lambda: next((n for n in nodes[:2] if n.cluster.role ==
+                                          "coordinator" and n.cluster.quorum() == 2), None),
+                            timeout=15)
+    assert nodes[2].node_id not in leader.cluster.voting_members()
+
+
 async def test_approve_joins_keeps_a_newcomer_pending_until_approved(federation):
     fed = federation(3, approve_joins=True)
+    fed.grant_admin(1)
     await fed.start(0)
     leader = await fed.one_coordinator()
     newcomer = await fed.start(1)
@@ -280,6 +346,7 @@ async def test_a_pause_outlives_its_coordinator(federation):
     heartbeat, so a coordinator that dies while paused leaves a successor that finishes the
     round in flight and opens no new one, and a resume on the successor reaches everyone."""
     fed = federation(3)
+    fed.grant_admin()  # whoever succeeds the coordinator, its operator may resume
     leader = await fed.start_all()
     await run_round(fed, leader, 1)
     await wait_for(lambda: (leader.ledger.round(2) or {}).get("state") == "open")

@@ -260,6 +260,7 @@ async def test_admin_keys_follow_the_coordinator(tmp_path, tiny_base):
     became the coordinator. A lab's election timeout is seconds; 2 s keeps this test on the
     case it is about."""
     fed = Federation(tmp_path, tiny_base, 2, election_timeout=2.0)
+    fed.grant_admin()  # the follower's operator holds the federation admin key
     try:
         leader = await fed.start_all()
         follower = next(n for n in fed.nodes.values() if n is not leader)

@@ -132,7 +132,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     join = _join_token(args) if (args.join or args.join_file) else None
     identity = init_data_dir(_data_dir(args), args.federation, join_token=join,
-                             force=args.force)
+                             force=args.force,
+                             admission="approval" if args.approve_joins else "open")
     if args.json:
         _print_json({"node_id": identity.node_id, "federation": identity.federation,
                      "data_dir": str(identity.data_dir), "join_token": identity.join_token()})
@@ -450,6 +451,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                       "('-': stdin)")
     init.add_argument("--data-dir", help=f"default $CHORUS_DATA_DIR or {DEFAULT_DATA_DIR}")
     init.add_argument("--force", action="store_true", help="replace an existing identity")
+    init.add_argument("--approve-joins", action="store_true",
+                      help="new federation: every node holds a newcomer as pending until an "
+                           "admin approves it (the join token carries this policy)")
     init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(handler=_cmd_init)
 

@@ -3,14 +3,22 @@
 An admin holds the admin token of *their* node. Closing a round, pausing, admitting a member or
 excluding an update are decisions of the coordinator, which moves between nodes at every
 election. So a follower that receives such an action from its own admin forwards it to the
-coordinator over the signed peer channel (``/v1/peer/admin``), and the coordinator runs it for
-any verified voting member, unless it was started with ``--no-remote-admin``. The forward is
-logged and published as an event on both sides, so the federation sees who did what.
+coordinator over the signed peer channel (``/v1/peer/admin``). The forward is logged and
+published as an event on both sides, so the federation sees who did what.
+
+Membership is not authority: a token holder can run a node and holds that node's admin token.
+So a federation-wide action runs only where the originating node holds the federation's admin
+key (``federation-admin.key``, the founder's, copied by the founder to whom it trusts): a
+forward carries a signature by that key over the action, the coordinator it is for, the
+forwarding node and the time, and the coordinator checks it against the admin public key every
+member has from its join token. A federation made before admin keys keeps the old rule (any
+verified voting member), and ``--no-remote-admin`` still refuses every forward.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -55,6 +63,54 @@ async def run_here(node: "Node", action: str, args: dict[str, Any]) -> dict[str,
                          f"{', '.join(ACTIONS)}")
 
 
+PROOF_MAX_AGE_S = 120.0
+
+
+def require_admin_key(node: "Node") -> None:
+    """Federation-wide actions originate only on a node that holds the admin key."""
+    if not node.identity.is_admin:
+        raise UpdateRejected("forbidden", "this node holds no federation admin key "
+                             "(federation-admin.key): membership does not make an admin. Run the "
+                             "action on the founder's node, or have the founder copy its "
+                             "federation-admin.key into this data dir (mode 0600)")
+
+
+def _proof_message(action: str, args: dict[str, Any], coordinator: str, by: str,
+                   ts: float) -> bytes:
+    return json.dumps({"action": action, "args": args, "to": coordinator, "by": by, "ts": ts},
+                      sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_proof(node: "Node", action: str, args: dict[str, Any], coordinator: str
+               ) -> dict[str, Any] | None:
+    key = node.identity.admin_key
+    if key is None:
+        return None
+    ts = time.time()
+    return {"ts": ts, "sig": key.sign(_proof_message(action, args, coordinator, node.node_id,
+                                                     ts)).hex()}
+
+
+def check_proof(node: "Node", caller: str, action: str, args: dict[str, Any],
+                proof: Any) -> None:
+    """A forwarded action is the admin's if the admin key signed it, for us, from ``caller``."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    public = node.identity.admin_public_key
+    if public is None:
+        return  # a federation made before admin keys: membership is the rule there
+    try:
+        ts = float(proof["ts"])
+        Ed25519PublicKey.from_public_bytes(public).verify(
+            bytes.fromhex(proof["sig"]), _proof_message(action, args, node.node_id, caller, ts))
+    except (InvalidSignature, KeyError, TypeError, ValueError):
+        raise UpdateRejected("forbidden", "a forwarded admin action needs the federation admin "
+                             "key's signature; the forwarding node holds no admin key")
+    if abs(time.time() - ts) > PROOF_MAX_AGE_S:
+        raise UpdateRejected("forbidden", "the admin signature is too old (check the clocks)")
+
+
 async def run_on_coordinator(node: "Node", action: str, args: dict[str, Any]) -> dict[str, Any]:
     """Run it here if this node coordinates, else forward it to the coordinator.
 
@@ -62,6 +118,7 @@ async def run_on_coordinator(node: "Node", action: str, args: dict[str, Any]) ->
     node we forwarded to answers that it no longer coordinates, we wait, for at most two election
     timeouts, for the federation to name another one and forward once more, so an admin's
     "pause" does not fail just because it raced an election."""
+    require_admin_key(node)
     tried: set[str] = set()
     for _attempt in range(2):
         try:
@@ -96,7 +153,9 @@ async def _forward(node: "Node", coordinator: str, url: str, action: str,
     log.info("admin %s forwarded to the coordinator %s", action, coordinator[:12])
     try:
         result = await node.cluster.client.call(url, "POST", "/v1/peer/admin",
-                                                {"action": action, "args": args},
+                                                {"action": action, "args": args,
+                                                 "proof": sign_proof(node, action, args,
+                                                                     coordinator)},
                                                 timeout=FORWARD_TIMEOUT_S,
                                                 expect_node=coordinator)
     except PeerError as exc:
@@ -128,6 +187,7 @@ async def on_peer_admin(node: "Node", caller: str, body: Any) -> dict[str, Any]:
         raise UpdateRejected("forbidden", "only a verified voting member may forward admin "
                              "actions")
     action, args = body["action"], body.get("args", {})
+    check_proof(node, caller, action, args, body.get("proof"))
     result = await run_here(node, action, args)
     log.warning("admin %s run for member %s (forwarded by its node)", action, caller[:12])
     node.bus.publish("remote_admin", None, {"action": action, "by": caller}, level="warning")

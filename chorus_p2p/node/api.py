@@ -720,6 +720,7 @@ async def admin_decide_member(request: web.Request) -> web.Response:
     decision = request.match_info["decision"]
     node = _node(request)
     if decision == "remove":
+        admin.require_admin_key(node)
         force = isinstance(body, dict) and body.get("force") is True
         return web.json_response(await node.cluster.remove(request.match_info["node_id"], force))
     if decision not in ("approve", "reject"):
@@ -765,7 +766,8 @@ async def admin_join_token(request: web.Request) -> web.Response:
     if not _is_loopback(request.remote):
         raise ApiError("forbidden", "the join token is handed out only to callers on the node's "
                        "own machine (it contains the federation secret)")
-    return web.json_response({"join_token": node.identity.join_token(),
+    admission = "approval" if node.cluster.approve_joins else None  # the policy travels too
+    return web.json_response({"join_token": node.identity.join_token(admission),
                               "federation": node.identity.federation})
 
 

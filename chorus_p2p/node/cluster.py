@@ -93,7 +93,9 @@ class Cluster:
         self.static_peers = [p if p.startswith("http") else f"{self.scheme}://{p}"
                              for p in static_peers or []]
         self.discovery_enabled = discovery_enabled
-        self.approve_joins = approve_joins
+        # The federation's policy (from the join token) or this node's flag: either holds
+        # newcomers as pending.
+        self.approve_joins = approve_joins or node.identity.admission == "approval"
         self.client = PeerClient(node.request_key, node.node_id, timeout=max(
             0.5, self.timing.election_min_s * 0.8), private_key=node.identity.private_key,
             ssl_context=node.client_ssl)
@@ -212,9 +214,13 @@ class Cluster:
             # node it hears of directly until an admin approves it; one the coordinator lists
             # as a member was approved there already. A node that is itself new trusts the
             # federation it is joining: approval is the incumbents' decision.
-            vouched = info.get("status") in VOUCHED and not direct
-            established = self.established()
-            status = "pending" if self.approve_joins and established and not vouched else "live"
+            # When the join token carries the policy, a node that is new itself holds peers as
+            # pending too (two newcomers must not make a majority of their own); the founder
+            # the token names, and members the coordinator lists, are vouched for.
+            vouched = (info.get("status") in VOUCHED and not direct) or \
+                node_id == self.node.identity.founder_id
+            bound = self.established() or self.node.identity.admission == "approval"
+            status = "pending" if self.approve_joins and bound and not vouched else "live"
             peer = self.peers[node_id] = Peer(node_id, url, status=status)
         if peer.status not in DECIDED:  # only an admin's decision moves those
             if direct and peer.status == "left":

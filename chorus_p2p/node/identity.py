@@ -6,9 +6,14 @@ Layout (all secrets mode 0600):
   sha256(public key), hex, so it cannot be chosen and cannot collide by accident.
 - ``federation.json``: federation name and secret (the secret authenticates every peer request).
 - ``admin.token``: the local admin token, for the CLI and TUI on this machine.
+- ``federation-admin.key`` (the founder's, and any data dir the founder copies it to): the
+  federation's admin key (Ed25519). Federation-wide admin actions (close a round, pause, approve,
+  exclude, remove) run only for a node that holds it; the join token carries only its public
+  half, so holding the token (membership) never makes anyone an admin.
 
-The join token that ``init`` prints is ``chorus1.<base64url(json)>`` carrying the federation name and
-secret: another machine passes it to ``init --join`` / ``up --join`` to become part of it.
+The join token that ``init`` prints is ``chorus1.<base64url(json)>`` carrying the federation name,
+secret and admin public key: another machine passes it to ``init --join`` / ``up --join`` to
+become part of it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from chorus_p2p.errors import ChorusError, UsageError
 IDENTITY_FILE = "identity.key"
 FEDERATION_FILE = "federation.json"
 ADMIN_TOKEN_FILE = "admin.token"
+FEDERATION_ADMIN_KEY_FILE = "federation-admin.key"
 JOIN_PREFIX = "chorus1."
 
 
@@ -49,6 +55,15 @@ class NodeIdentity:
     admin_token: str
     private_key: Ed25519PrivateKey
     founder: bool = False  # ran `init --federation`: may create the federation's first history
+    # The federation's admin key: public half from the join token (None: a federation made
+    # before admin keys, where any member's admin may act), private half where granted.
+    admin_public_key: bytes | None = None
+    admin_key: Ed25519PrivateKey | None = None
+    # The federation's admission policy and its founder, as the join token carries them:
+    # "approval" makes every node hold a node it hears of as pending until an admin approves
+    # it (unless the founder or the coordinator's member list vouches for it).
+    admission: str = "open"
+    founder_id: str | None = None
 
     @property
     def public_key_bytes(self) -> bytes:
@@ -59,14 +74,46 @@ class NodeIdentity:
     def node_id(self) -> str:
         return node_id_for(self.public_key_bytes)
 
-    def join_token(self) -> str:
-        return encode_join_token(self.federation, self.secret)
+    def join_token(self, admission: str | None = None) -> str:
+        return encode_join_token(self.federation, self.secret, self.admin_public_key,
+                                 admission or self.admission,
+                                 self.node_id if self.founder else self.founder_id)
+
+    @property
+    def is_admin(self) -> bool:
+        """May originate federation-wide admin actions (see FEDERATION_ADMIN_KEY_FILE)."""
+        return self.admin_public_key is None or self.admin_key is not None
 
 
-def encode_join_token(federation: str, secret: bytes) -> str:
-    payload = json.dumps({"f": federation, "s": base64.urlsafe_b64encode(secret).decode()},
-                         separators=(",", ":")).encode()
+ADMISSIONS = ("open", "approval")
+
+
+def encode_join_token(federation: str, secret: bytes, admin_public_key: bytes | None = None,
+                      admission: str = "open", founder_id: str | None = None) -> str:
+    fields = {"f": federation, "s": base64.urlsafe_b64encode(secret).decode()}
+    if admin_public_key is not None:
+        fields["k"] = admin_public_key.hex()
+    if admission != "open":
+        fields["p"] = admission
+    if founder_id:
+        fields["r"] = founder_id
+    payload = json.dumps(fields, separators=(",", ":")).encode()
     return JOIN_PREFIX + base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+
+def join_token_extras(token: str) -> tuple[bytes | None, str, str | None]:
+    """(admin public key, admission policy, founder node id) from a join token; a token made
+    before these existed gives (None, "open", None)."""
+    body = token.strip()[len(JOIN_PREFIX):]
+    try:
+        data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        admission = str(data.get("p") or "open")
+        if admission not in ADMISSIONS:
+            raise ValueError(admission)
+        return (bytes.fromhex(data["k"]) if data.get("k") else None, admission,
+                str(data["r"]) if data.get("r") else None)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"join token is damaged ({exc.__class__.__name__})") from exc
 
 
 def decode_join_token(token: str) -> tuple[str, bytes]:
@@ -99,14 +146,20 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def init_data_dir(data_dir: str | os.PathLike, federation: str | None = None, *,
-                  join_token: str | None = None, force: bool = False) -> NodeIdentity:
+                  join_token: str | None = None, force: bool = False,
+                  admission: str = "open") -> NodeIdentity:
     """Create identity and credentials. Refuses to overwrite an identity unless ``force``."""
     data_dir = Path(data_dir)
     if (data_dir / IDENTITY_FILE).exists() and not force:
         raise IdentityError(f"{data_dir}: already holds a node identity (use --force to replace "
                             "it; the old node id is then gone for good)")
+    admin_key = None
+    founder_id = None
+    if admission not in ADMISSIONS:
+        raise UsageError(f"admission must be one of {', '.join(ADMISSIONS)}")
     if join_token:
         joined_name, secret = decode_join_token(join_token)
+        admin_public, admission, founder_id = join_token_extras(join_token)
         if federation and federation != joined_name:
             raise UsageError(f"--federation {federation!r} differs from the join token's "
                              f"federation {joined_name!r}")
@@ -115,14 +168,19 @@ def init_data_dir(data_dir: str | os.PathLike, federation: str | None = None, *,
         if not federation:
             raise UsageError("give --federation NAME (or --join TOKEN to join an existing one)")
         secret = secrets.token_bytes(32)
+        admin_key = Ed25519PrivateKey.generate()
+        admin_public = _raw_public(admin_key)
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     key = Ed25519PrivateKey.generate()
-    _write_private(data_dir / IDENTITY_FILE, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_private(data_dir / IDENTITY_FILE, _pem(key))
+    if admin_key is not None:
+        _write_private(data_dir / FEDERATION_ADMIN_KEY_FILE, _pem(admin_key))
     _write_private(data_dir / FEDERATION_FILE, json.dumps(
         {"federation": federation, "secret": base64.b64encode(secret).decode(),
-         "founder": not join_token}).encode())
+         "founder": not join_token,
+         "admin_public_key": admin_public.hex() if admin_public else None,
+         "admission": admission, "founder_id": founder_id}).encode())
     _write_private(data_dir / ADMIN_TOKEN_FILE, secrets.token_urlsafe(32).encode())
     return load_identity(data_dir)
 
@@ -140,6 +198,36 @@ def load_identity(data_dir: str | os.PathLike) -> NodeIdentity:
         raise IdentityError(f"{data_dir}: identity files are damaged ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise IdentityError(f"{data_dir}/{IDENTITY_FILE}: not an Ed25519 key")
+    admin_public = bytes.fromhex(fed["admin_public_key"]) if fed.get("admin_public_key") \
+        else None
     return NodeIdentity(data_dir=data_dir, federation=fed["federation"],
                         secret=base64.b64decode(fed["secret"]), admin_token=admin, private_key=key,
-                        founder=bool(fed.get("founder", False)))
+                        founder=bool(fed.get("founder", False)), admin_public_key=admin_public,
+                        admin_key=_load_admin_key(data_dir, admin_public),
+                        admission=fed.get("admission") or "open",
+                        founder_id=fed.get("founder_id"))
+
+
+def _load_admin_key(data_dir: Path, admin_public: bytes | None) -> Ed25519PrivateKey | None:
+    path = data_dir / FEDERATION_ADMIN_KEY_FILE
+    if not path.exists():
+        return None
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+    except ValueError as exc:
+        raise IdentityError(f"{path}: damaged ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey) or admin_public is None \
+            or _raw_public(key) != admin_public:
+        raise IdentityError(f"{path}: this is not the admin key of this data dir's federation "
+                            "(copy the founder's federation-admin.key, mode 0600)")
+    return key
+
+
+def _raw_public(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
+
+
+def _pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
