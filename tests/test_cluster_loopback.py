@@ -363,3 +363,50 @@ async def test_a_pause_outlives_its_coordinator(federation):
         assert (await admin.resume())["paused"] is False
     await wait_for(lambda: not any(n.rounds.paused for n in fed.nodes.values()), timeout=10)
     await wait_for(lambda: successor.ledger.latest_round()["round"] == 3, timeout=10)
+
+
+async def test_a_removed_node_that_comes_back_stops_with_the_reason(federation):
+    """Issue 20 #3: a removed node that came back sat at `follower, NO QUORUM` and said nothing
+    of its removal. Its hello is now refused as `removed`, and it stops (exit code 3)."""
+    fed = federation(3)
+    leader = await fed.start_all()
+    await run_round(fed, leader, 1)
+    gone = next(i for i, n in fed.nodes.items() if n is not leader)
+    gone_id = fed.nodes[gone].node_id
+    await fed.stop(gone)
+    async with admin_client(leader) as admin:
+        assert (await admin.remove_member(gone_id))["status"] == "removed"
+    back = await fed.start(gone)
+    await wait_for(lambda: back.fatal_reason is not None, timeout=20)
+    assert back.exit_code == 3 and "removed this node" in back.fatal_reason
+
+
+async def test_forced_removals_on_both_sides_are_reported_as_a_split(federation):
+    """Issue 20 #3: `remove --force` on both sides of a partitioned 2-node federation made two
+    coordinators with two histories, and nothing was reported after the link came back."""
+    fed = federation(2)
+    fed.grant_admin()
+    leader = await fed.start_all()
+    await run_round(fed, leader, 1)
+    ids = {i: n.node_id for i, n in fed.nodes.items()}
+    await fed.crash(1)  # side A: node 1 looks dead (a partition says no goodbye)
+    await wait_for(lambda: fed.nodes[0].cluster.role != "coordinator", timeout=15)
+    async with admin_client(fed.nodes[0]) as admin:  # its operator forces it out
+        assert (await admin.remove_member(ids[1], force=True))["forced"] is True
+    await wait_for(lambda: fed.nodes[0].cluster.role == "coordinator", timeout=15)
+    await run_round(fed, fed.nodes[0], 2, clients=("a2", "b2"))
+    await fed.crash(0)  # side B, the other way round
+    await fed.start(1)
+    await asyncio.sleep(1.0)  # it finds no majority (node 0 is unreachable)
+    assert fed.nodes[1].cluster.role != "coordinator"
+    async with admin_client(fed.nodes[1]) as admin:
+        assert (await admin.remove_member(ids[0], force=True))["forced"] is True
+    await wait_for(lambda: fed.nodes[1].cluster.role == "coordinator", timeout=15)
+    await run_round(fed, fed.nodes[1], 2, clients=("c2", "d2"), seed=50)
+    await fed.start(0)  # the link is back: both sides see each other
+    await wait_for(lambda: all(n.cluster.split for n in fed.nodes.values()), timeout=30)
+    for i, node in fed.nodes.items():
+        split = node.status()["split"]
+        assert split["peer"] == ids[1 - i] and split["theirs"]["round"] == 2
+        assert split["ours"]["log_hash"] != split["theirs"]["log_hash"]
+        assert node.fatal_reason is None

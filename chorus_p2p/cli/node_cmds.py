@@ -193,6 +193,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"node        {status['node_id']}  ({status['role']}, term {status['term']}, "
           f"{'quorum' if status['quorum'] else 'NO QUORUM'})")
+    diverged = status.get("history_diverged")
+    if diverged:
+        print(f"DIVERGED    our committed history ends at round {diverged['ours']['round']} "
+              f"({str(diverged['ours']['log_hash'])[:12]}), the coordinator's at round "
+              f"{diverged['theirs']['round']} ({str(diverged['theirs']['log_hash'])[:12]}); "
+              "`chorus-node resolve` adopts the coordinator's (ours is archived, not deleted)")
+    split = status.get("split")
+    if split:
+        print(f"SPLIT       this node and {split['peer'][:12]} removed each other (remove --force "
+              f"on both sides); ours ends at round {split['ours']['round']}, theirs at round "
+              f"{split['theirs'].get('round')}. Keep one history: stop the other node and "
+              "re-join it with a new --data-dir")
     print(f"federation  {status['federation']}  ({status['counts']['members']} members, "
           f"{status['counts']['rounds']} rounds, {status['counts']['updates']} updates)")
     current = status["current_round"]
@@ -409,6 +421,11 @@ def _cmd_remove(args: argparse.Namespace) -> int:
     else:
         note = " (forced: on this node only)" if result.get("forced") else ""
         print(f"{result['node_id']}: removed{note}")
+    if result.get("forced"):
+        print("warning: removed without a majority. If that node is alive on the other side of a "
+              "partition and someone removes this one there, the federation becomes two with two "
+              "histories; both nodes report the split (status: SPLIT) when they meet again",
+              file=sys.stderr)
     return 0
 
 

@@ -52,7 +52,7 @@ STATUS_FOR_CODE = {
     "round_closed": 409, "update_conflict": 409, "stale_base": 409, "no_updates": 409,
     "not_coordinator": 409, "spec_mismatch": 409, "not_pending": 409, "already_counted": 409,
     "not_durable": 503, "no_quorum": 503, "history_diverged": 409, "not_diverged": 409,
-    "update_too_large": 422, "ill_conditioned": 422, "overloaded": 503,
+    "update_too_large": 422, "ill_conditioned": 422, "overloaded": 503, "removed": 403,
     "busy": 409, "coordinator_unreachable": 503, "coordinator_error": 502,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,

@@ -118,6 +118,7 @@ class Cluster:
         self._rediscover_at = 0.0
         self._heal_at = 0.0
         self._healing: asyncio.Task | None = None
+        self.split: dict[str, Any] | None = None  # see _on_removed_refusal
         self._rediscover_every = 2.0
         self._waiting_logged = 0.0
         # Only a founder (the node that ran `init --federation`, or one started with
@@ -469,6 +470,8 @@ class Cluster:
                     info = await self.client.call(url, "POST", "/v1/peer/hello", self.hello_body())
                 except PeerError as exc:
                     failures += 1
+                    if exc.code == "removed" and self._on_removed_refusal(url, exc):
+                        return
                     if attempts is not None and failures >= attempts:
                         log.info("giving up on %s after %d tries (named by a member list "
                                  "only): %s", url, failures, exc)
@@ -500,6 +503,35 @@ class Cluster:
                 return
         finally:
             self._pending_urls.discard(url)
+
+    def head(self) -> dict[str, Any]:
+        """This node's committed head: what two sides of a split compare."""
+        committed = self.node.ledger.latest_committed()
+        return {"round": committed["round"] if committed else 0,
+                "log_hash": committed.get("log_hash") if committed else None,
+                "node_id": self.node.node_id, "role": self.role, "term": self.term}
+
+    def _on_removed_refusal(self, url: str, exc: PeerError) -> bool:
+        """A member says an admin removed us. If we removed it too (``remove --force`` on both
+        sides of a partition), the federation is split: report both heads and keep trying.
+        Otherwise we were removed: stop with the reason. Returns whether to stop trying."""
+        refuser = str(exc.details.get("node_id") or "")
+        ours = self.peers.get(refuser)
+        if ours is not None and ours.status == "removed":
+            theirs = exc.details.get("head") or {}
+            split = {"peer": refuser, "url": url, "ours": self.head(), "theirs": theirs}
+            if self.split is None or self.split.get("theirs") != theirs:
+                log.error("federation split: %s and this node removed each other (remove "
+                          "--force on both sides); ours ends at round %s, theirs at round %s. "
+                          "Keep one side's history: stop the other and re-join it with a new "
+                          "--data-dir", refuser[:12], split["ours"]["round"], theirs.get("round"))
+                self.node.bus.publish("federation_split", None, split, level="error")
+            self.split = split
+            return False
+        self.node.fatal(f"an admin removed this node from federation "
+                        f"{self.node.identity.federation!r} (as {refuser[:12] or url} says); "
+                        "start it again only with a new --data-dir and a join token")
+        return True
 
     def hello_body(self) -> dict[str, Any]:
         return {"node_id": self.node.node_id, "url": self.node.url,
@@ -585,7 +617,10 @@ class Cluster:
         discovery = getattr(self.node, "discovery", None)
         if discovery is None or now < self._rediscover_at:
             return
-        missing = not self.joined or any(p.status == "lost" for p in self.peers.values()) \
+        # A complete one-node federation looks too: another one of the same federation (a
+        # --bootstrap split) must meet it once the link is back, not only after a restart.
+        alone = not self.voters()
+        missing = not self.joined or alone or any(p.status == "lost" for p in self.peers.values()) \
             or (self.role != COORDINATOR and self.coordinator is None)
         if not missing:
             self._rediscover_every = 2.0
@@ -1039,6 +1074,11 @@ class Cluster:
         known = self.peers.get(body.get("node_id", ""))
         if known is not None and known.status == "rejected":
             raise UpdateRejected("forbidden", "an admin rejected this node's admission")
+        if known is not None and known.status == "removed":
+            # Said, not silent: the caller learns it was removed (and stops), or, if it
+            # removed us too, that the federation is split (both report it).
+            raise UpdateRejected("removed", "an admin removed this node from the federation",
+                                 extra={"node_id": self.node.node_id, "head": self.head()})
         if body.get("fingerprint") != self.node.spec.fingerprint():
             raise UpdateRejected("spec_mismatch", "this federation trains different modules, "
                                  "rank or alpha; check --rank/--alpha/--target-modules/--model")
@@ -1068,4 +1108,5 @@ class Cluster:
     def status_json(self) -> dict[str, Any]:
         return {"role": self.role, "term": self.term, "coordinator": self.coordinator,
                 "coordinator_url": self.coordinator_url, "quorum": self.has_quorum(),
-                "quorum_size": self.quorum(), "voting_members": len(self.voting_members())}
+                "quorum_size": self.quorum(), "voting_members": len(self.voting_members()),
+                "split": self.split}

@@ -29,10 +29,12 @@ def response_signature(key: bytes, nonce: str, body: bytes) -> str:
 
 
 class PeerError(Exception):
-    def __init__(self, message: str, status: int = 0, code: str = "peer_error"):
+    def __init__(self, message: str, status: int = 0, code: str = "peer_error",
+                 details: dict[str, Any] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.details = details or {}  # a signed refusal's other fields
 
 
 class PeerClient:
@@ -91,7 +93,8 @@ class PeerClient:
                 if response.status >= 400:
                     code = (payload or {}).get("error", "http_error")
                     raise PeerError(f"{url}: {(payload or {}).get('message', response.reason)}",
-                                    response.status, code)
+                                    response.status, code,
+                                    payload if isinstance(payload, dict) else None)
                 return payload
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise PeerError(f"{url}: {exc.__class__.__name__}: {exc}") from exc

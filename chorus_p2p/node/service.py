@@ -217,6 +217,7 @@ class Node:
         self.guard = ConnectionGuard(settings.header_timeout, settings.max_connections)
         self.started_at = time.time()
         self.exit_code = 0
+        self.fatal_reason: str | None = None
         self.on_fatal: Callable[[], None] = lambda: None  # run_node: stop the process
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
@@ -271,6 +272,7 @@ class Node:
         return {
             "node_id": self.node_id, "federation": self.identity.federation, "url": self.url,
             "version": __version__, **cluster, "paused": self.rounds.paused,
+            "history_diverged": self.rounds.diverged,
             "current_round": current_json,
             "latest_committed": None if committed is None else {
                 "round": committed["round"], "adapter_sha": committed["adapter_sha"],
