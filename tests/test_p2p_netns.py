@@ -289,3 +289,37 @@ def test_default_up_over_a_shaped_link_finds_peers_and_runs_rounds(tmp_path, tin
             refused = [e for e in proc.events if e.get("event") == "request_refused"
                        and e["data"].get("error") == "body_mismatch"]
             assert refused == [], (shaping, refused)
+
+
+def test_two_bootstrapped_halves_meet_once_the_link_is_back(tmp_path, tiny_base, spec):
+    """Issue 20 #3: after a --bootstrap split, two complete one-node federations did not meet
+    for minutes after link-up (a one-node federation stopped browsing). They now keep
+    re-querying mDNS, meet, and the one that follows reports history_diverged with both heads."""
+    identity = make_dirs(tmp_path, 2)
+    secret = identity.secret
+    args = [*NODE_ARGS[:-2], "--min-updates", "1", "--bootstrap"]
+    with NetLab(2) as lab:
+        lab.link(1, up=False)
+        procs = [lab.start(i, tmp_path / f"d{i}", tiny_base, args, bind_lan=False)
+                 for i in range(2)]
+        launched = time.monotonic()
+        for proc in procs:
+            wait_until(lambda p=proc: statuses([p], secret)[p.index]["role"] == "coordinator",
+                       60, f"node {proc.index} to lead alone", lab=lab)
+            with client(proc, secret, f"c{proc.index}") as c:
+                c.submit(write_update(tmp_path / f"half{proc.index}.safetensors", spec,
+                                      40 + proc.index), examples=1)
+        for proc in procs:
+            wait_until(lambda p=proc: max(r[0] for r in histories([p], secret)[p.index]) == 1, 30,
+                       f"node {proc.index}'s own round 1", lab=lab)
+        # Down long enough that mDNS browsers have backed off to queries a minute apart: the
+        # halves must not wait for the next one.
+        time.sleep(max(0.0, 40.0 - (time.monotonic() - launched)))
+        lab.link(1, up=True)
+        started = time.monotonic()
+
+        def reported():
+            st = statuses(procs, secret)
+            return any(s.get("history_diverged") for s in st.values())
+        wait_until(reported, 60, "the halves to meet and report the divergence", lab=lab)
+        assert time.monotonic() - started < 20
