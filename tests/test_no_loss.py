@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from chorus_p2p.client import AsyncNodeClient, ConflictError, NodeClient, NodeError
 from chorus_p2p.netlab import free_loopback_ports
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.node.identity import FEDERATION_ADMIN_KEY_FILE, init_data_dir
 from chorus_p2p.node.spec import FederationSpec
 
 from nodeutil import (ALPHA, RANK, TARGETS, Federation, NodeProcess, history, run_round,
@@ -40,6 +41,9 @@ class Processes:
         first = init_data_dir(tmp_path / "p0", "procs")
         for i in range(1, n):
             init_data_dir(tmp_path / f"p{i}", join_token=first.join_token())
+            # the operator closes rounds from whichever node leads: it holds the admin key
+            shutil.copy2(tmp_path / "p0" / FEDERATION_ADMIN_KEY_FILE,
+                         tmp_path / f"p{i}" / FEDERATION_ADMIN_KEY_FILE)
         self.secret = first.secret
         self.dirs = [tmp_path / f"p{i}" for i in range(n)]
         self.model, self.extra = model, extra or []
@@ -206,6 +210,7 @@ async def test_a_joiner_that_reaches_no_member_waits_and_makes_no_history(tmp_pa
 # -- 4. a two-node federation goes on after one machine dies --------------------------------
 async def test_two_nodes_remove_the_dead_one_and_go_on(tmp_path, tiny_base):
     fed = Federation(tmp_path, tiny_base, 2, min_updates=1)
+    fed.grant_admin()  # the survivor's operator may remove the dead one
     try:
         await fed.start(0)
         await fed.start(1)
@@ -233,6 +238,7 @@ async def test_two_nodes_remove_the_dead_one_and_go_on(tmp_path, tiny_base):
 
 async def test_the_coordinator_removes_a_dead_follower_with_a_majority(tmp_path, tiny_base):
     fed = Federation(tmp_path, tiny_base, 3, min_updates=1)
+    fed.grant_admin()
     try:
         for i in range(3):
             await fed.start(i)
