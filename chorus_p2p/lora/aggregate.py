@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from chorus_p2p.lora.adapter_io import (
     open_adapters,
     write_adapter,
 )
-from chorus_p2p.lora.canonical import canonical_factors
+from chorus_p2p.lora.canonical import cancellation, canonical_factors, row_scale
 from chorus_p2p.lora.config import LoraSettings, lora_scale, module_name_from_prefix
 from chorus_p2p.lora.residual import LEFT_SUFFIX, RESIDUAL_FILE, RESIDUAL_METADATA, RIGHT_SUFFIX
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
@@ -182,6 +183,36 @@ def _cast(factors: LoraFactors, dtype: torch.dtype) -> LoraFactors:
     return LoraFactors(A=factors.A.to(dtype), B=factors.B.to(dtype), scale=factors.scale)
 
 
+# A client's factors are "in gauge" when A's row scale is within this factor of the clients'
+# median and its factors cancel no more than honest training does (sqrt(rank) times A's
+# conditioning is typical; 1e3 leaves room and keeps float32 arithmetic exact to ~1e-4 of it).
+GAUGE_SPREAD = 100.0
+GAUGE_CANCELLATION = 1e3
+
+
+def _untrusted_factors(sources: Sequence[AdapterSource], prefix: str, strategy: str,
+                       dtype: torch.dtype) -> list[LoraFactors]:
+    """Each client's factors for one module as a node aggregates them (see canonical.py).
+
+    fedex-svd's result depends on the products alone (and on A's row scale, which the
+    canonical form keeps at the clients' median), so every update takes its canonical form:
+    nothing an update's factors do beyond its product reaches the arithmetic. fedavg and
+    fedex's adapter average the factors themselves, and honest clients' factors share a gauge
+    (they trained from the same global adapter): those stay as trained, and only an update
+    out of that gauge (rescaled, or cancelling) is replaced by its canonical form."""
+    raw = [s.factors(prefix, torch.float64) for s in sources]
+    scale = statistics.median(row_scale(f) for f in raw)
+    out = []
+    for factors in raw:
+        canonical, norm = canonical_factors(factors, scale)
+        own = row_scale(factors)
+        in_gauge = scale > 0 and scale / GAUGE_SPREAD <= own <= scale * GAUGE_SPREAD and \
+            cancellation(factors, norm) <= GAUGE_CANCELLATION
+        keep = factors if strategy != "fedex-svd" and in_gauge else canonical
+        out.append(_cast(keep, dtype))
+    return out
+
+
 def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                        strategy: str = DEFAULT_STRATEGY, weights: Sequence[float] | None = None,
                        rank: int | None = None, force: bool = False,
@@ -219,8 +250,7 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                 if progress is not None:
                     progress(done, len(modules))
                 if canonical:
-                    clients = [_cast(canonical_factors(s.factors(prefix, torch.float64))[0],
-                                     dtype) for s in sources]
+                    clients = _untrusted_factors(sources, prefix, strategy, dtype)
                 else:
                     clients = [s.factors(prefix, dtype) for s in sources]
                 result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],

@@ -6,12 +6,16 @@ about what an update does. A hostile update uses that freedom: ``B[:, 0] = b 1e3
 product passes, while the factors wreck float32 aggregation (a failed SVD, a zero global
 adapter, NaN logits under fedavg). A node therefore aggregates every update in the one form its
 product decides: ``s B' A' = U diag(S) Vh`` (thin SVD, computed in float64 through two thin QRs,
-never densely) with ``B' = U sqrt(S / s)`` and ``A' = sqrt(S / s) Vh``. Then a zero product is a
-zero update, ``||s B'||_F = ||A'||_F``, and the factors are as large as the product and no larger.
+never densely). Then a zero product is a zero update, and the factors are as large as the
+product and no larger.
 
-Signs are fixed (each column of ``U`` has its largest entry positive), so two clients whose
-products are close get close factors, which is what averaging factors (fedavg, fedex's adapter)
-needs.
+How the product is split is the same convention fedex-svd uses for its output: ``A' = c Vh``
+(orthonormal rows at a row scale ``c``, which the aggregation takes as the median of the clients'
+own row scales, so no one client sets it) and ``B' = U diag(S) / (s c)``; LoRA trains from that
+shape as from its own initialisation (``A`` at its scale, ``B`` carrying the update). Without a
+row scale (the upload check) the split is balanced, ``sqrt(S / s)`` on each side. Signs are fixed
+(each column of ``U`` has its largest entry positive), so two clients whose products are close
+get close factors, which is what averaging factors (fedavg, fedex's adapter) needs.
 """
 
 from __future__ import annotations
@@ -38,9 +42,16 @@ def cancellation(factors: LoraFactors, product_norm: float) -> float:
     return size / product_norm if product_norm > 0 else float("inf")
 
 
-def canonical_factors(factors: LoraFactors) -> tuple[LoraFactors, float]:
-    """The balanced, sign-fixed factorization of ``factors``' product (float64), and the
-    product's Frobenius norm ``||s B A||_F`` as that factorization holds it.
+def row_scale(factors: LoraFactors) -> float:
+    """RMS row norm of ``A``: the scale LoRA's ``A`` lives at (its initialisation's)."""
+    return float(torch.linalg.vector_norm(factors.A.double())) / max(factors.rank, 1) ** 0.5
+
+
+def canonical_factors(factors: LoraFactors, row_scale: float | None = None
+                      ) -> tuple[LoraFactors, float]:
+    """The sign-fixed factorization of ``factors``' product (float64) with ``A``'s rows at
+    ``row_scale`` (balanced without one), and the product's Frobenius norm ``||s B A||_F`` as
+    that factorization holds it.
 
     The norm is read off the same SVD that makes the factors, so the bound a node checks at
     upload is a bound on exactly what it aggregates (a Gram-matrix formula can cancel to 0
@@ -49,7 +60,11 @@ def canonical_factors(factors: LoraFactors) -> tuple[LoraFactors, float]:
     rank = factors.rank
     svd = thin_svd_of_product(factors.B.double() * factors.scale, factors.A.double())
     keep = min(rank, svd.S.numel())
-    left, right = svd.balanced_factors(0, keep, factors.scale)
+    if row_scale is not None and row_scale > 0 and torch.isfinite(torch.tensor(row_scale)):
+        left = svd.U[:, :keep] * (svd.S[:keep] / (factors.scale * row_scale))
+        right = svd.Vh[:keep] * row_scale
+    else:
+        left, right = svd.balanced_factors(0, keep, factors.scale)
     # Fix each direction's sign by its largest entry in U (ties: the first such entry).
     pivot = left.abs().argmax(dim=0)
     signs = torch.sign(left[pivot, torch.arange(keep)])
