@@ -285,7 +285,8 @@ def child_main(spec_json: str) -> None:
     floor_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     report = aggregate_adapters(spec["paths"], spec["out_dir"], strategy=STRATEGY,
-                                weights=spec["weights"], rank=spec["rank"])
+                                weights=spec["weights"], rank=spec["rank"],
+                                canonical=spec.get("canonical", False))
     wall = time.perf_counter() - start
     print(json.dumps({"wall_seconds": wall, "report_seconds": report.seconds,
                       "floor_maxrss_kb": floor_kb, "hwm_kb": _vm_hwm_kb(),
@@ -329,9 +330,12 @@ class FileRunReport:
     modules: int
 
 
-def run_file_aggregation(paths: Sequence[Path], out_dir: Path, cfg: Config) -> FileRunReport:
+def run_file_aggregation(paths: Sequence[Path], out_dir: Path, cfg: Config,
+                         canonical: bool = False) -> FileRunReport:
+    """``canonical``: as a node aggregates untrusted uploads (a gauge check of every update, the
+    canonical form for one out of gauge; these honest clients are all in gauge)."""
     spec = {"paths": [str(p) for p in paths], "out_dir": str(out_dir),
-            "weights": example_counts(cfg.clients), "rank": cfg.rank}
+            "weights": example_counts(cfg.clients), "rank": cfg.rank, "canonical": canonical}
     worker = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _LAUNCHER, *worker], stdout=subprocess.PIPE,
@@ -462,6 +466,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         hwm = "n/a" if run.hwm_rss_bytes is None else f"{run.hwm_rss_bytes / MB:.1f} MB"
         print(f"  child peak RSS {run.peak_rss_bytes / MB:.1f} MB (RUSAGE_CHILDREN; its own VmHWM "
               f"{hwm}); after imports, before aggregating: {run.floor_rss_bytes / MB:.1f} MB")
+        node_run = run_file_aggregation(paths, root / "global-node", cfg, canonical=True)
+        print(f"  as a node aggregates untrusted uploads (gauge check of every update): read+compute "
+              f"{node_run.report_seconds:.2f} s vs {run.report_seconds:.2f} s, "
+              f"{node_run.report_seconds / run.report_seconds:.2f}x; peak RSS "
+              f"{node_run.peak_rss_bytes / MB:.1f} MB")
         print()
 
         groups = residual_bytes(out_dir / RESIDUAL_FILE, cfg.layers)

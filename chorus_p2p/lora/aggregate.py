@@ -28,7 +28,7 @@ from chorus_p2p.lora.adapter_io import (
     open_adapters,
     write_adapter,
 )
-from chorus_p2p.lora.canonical import cancellation, canonical_factors, row_scale
+from chorus_p2p.lora.canonical import canonical_factors
 from chorus_p2p.lora.config import LoraSettings, lora_scale, module_name_from_prefix
 from chorus_p2p.lora.residual import LEFT_SUFFIX, RESIDUAL_FILE, RESIDUAL_METADATA, RIGHT_SUFFIX
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
@@ -190,27 +190,41 @@ GAUGE_SPREAD = 100.0
 GAUGE_CANCELLATION = 1e3
 
 
-def _untrusted_factors(sources: Sequence[AdapterSource], prefix: str, strategy: str,
-                       dtype: torch.dtype) -> list[LoraFactors]:
+def _untrusted_factors(sources: Sequence[AdapterSource], prefix: str, dtype: torch.dtype
+                       ) -> list[LoraFactors]:
     """Each client's factors for one module as a node aggregates them (see canonical.py).
 
-    fedex-svd's result depends on the products alone (and on A's row scale, which the
-    canonical form keeps at the clients' median), so every update takes its canonical form:
-    nothing an update's factors do beyond its product reaches the arithmetic. fedavg and
-    fedex's adapter average the factors themselves, and honest clients' factors share a gauge
-    (they trained from the same global adapter): those stay as trained, and only an update
-    out of that gauge (rescaled, or cancelling) is replaced by its canonical form."""
-    raw = [s.factors(prefix, torch.float64) for s in sources]
-    scale = statistics.median(row_scale(f) for f in raw)
+    Honest clients' factors share a gauge (they trained from the same global adapter): those
+    are aggregated as trained, and only an update out of that gauge (A's row scale more than
+    100x off the clients' median, or factors that cancel more than 1e3 x) is replaced by its
+    canonical form, whose product is the same. The check costs two r x r Gram matrices per
+    client; rounding can only make factors look more cancelling than they are, so an error in
+    it canonicalizes an honest update (harmless: its product is kept), never passes a hostile
+    one."""
+    raw = [s.factors(prefix, dtype) for s in sources]
+    grams = [_gauge(f) for f in raw]
+    scale = statistics.median(g[0] for g in grams)
     out = []
-    for factors in raw:
-        canonical, norm = canonical_factors(factors, scale)
-        own = row_scale(factors)
+    for factors, (own, cancels) in zip(raw, grams):
         in_gauge = scale > 0 and scale / GAUGE_SPREAD <= own <= scale * GAUGE_SPREAD and \
-            cancellation(factors, norm) <= GAUGE_CANCELLATION
-        keep = factors if strategy != "fedex-svd" and in_gauge else canonical
-        out.append(_cast(keep, dtype))
+            cancels <= GAUGE_CANCELLATION
+        if not in_gauge:
+            exact = LoraFactors(A=factors.A.double(), B=factors.B.double(), scale=factors.scale)
+            factors = _cast(canonical_factors(exact, scale)[0], dtype)
+        out.append(factors)
     return out
+
+
+def _gauge(factors: LoraFactors) -> tuple[float, float]:
+    """(A's RMS row norm, ||sB|| ||A|| / ||sBA||) from the two r x r Gram matrices."""
+    left = factors.B * factors.scale
+    gram_b, gram_a = left.T @ left, factors.A @ factors.A.T
+    size = float(torch.trace(gram_b)) * float(torch.trace(gram_a))
+    product = float((gram_b * gram_a).sum())
+    rows = math.sqrt(max(float(torch.trace(gram_a)), 0.0) / max(factors.rank, 1))
+    if size == 0.0:
+        return rows, 0.0
+    return rows, math.sqrt(size / product) if product > 0 else math.inf
 
 
 def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
@@ -250,7 +264,7 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                 if progress is not None:
                     progress(done, len(modules))
                 if canonical:
-                    clients = _untrusted_factors(sources, prefix, strategy, dtype)
+                    clients = _untrusted_factors(sources, prefix, dtype)
                 else:
                     clients = [s.factors(prefix, dtype) for s in sources]
                 result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],
