@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -157,6 +158,9 @@ class Participant:
                           "dp_epsilon": self.budget.record()})
         else:
             shutil.copyfile(out / "adapter_model.safetensors", update)
+        # The outbox holds what is sent (fsynced): the trained adapter itself, pre-noise under
+        # DP, is no longer needed, and must not stay on disk.
+        shutil.rmtree(out, ignore_errors=True)
         (self.outbox / f"round-{number}.json").write_text(json.dumps(entry))
         public = {k: v for k, v in entry.items() if k != "dp_raw_norm"}  # pre-noise: private
         self.node.bus.publish("training_finished", number, {"node_id": self.node.node_id,
@@ -164,19 +168,18 @@ class Participant:
         return entry
 
     def _privatize(self, start_dir: Path, trained_dir: Path, update: Path) -> float:
-        """Clip and noise this round's change before it is written where it can leave."""
-        import secrets
-
-        import torch
+        """Clip and noise this round's change before it is written where it can leave (the
+        noise comes from the OS's CSPRNG: see privacy.secure_normal)."""
         from safetensors.torch import load_file, save_file
 
         assert self.budget is not None
         start = load_file(str(start_dir / "adapter_model.safetensors"))
         trained = load_file(str(trained_dir / "adapter_model.safetensors"))
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
-        noisy, raw_norm = privatize(start, trained, self.budget.config, generator)
+        noisy, raw_norm = privatize(start, trained, self.budget.config)
         tmp = update.with_suffix(".partial")
         save_file(noisy, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb+") as fh:  # durable before the raw adapter is deleted
+            os.fsync(fh.fileno())
         tmp.replace(update)
         return raw_norm
 

@@ -21,7 +21,9 @@ while DP is on.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -89,19 +91,50 @@ class PrivacyBudget:
         return eps
 
 
+class NonFiniteUpdate(ValueError):
+    """The trained adapter holds NaN or Inf: it cannot be clipped, so it is never released."""
+
+
+def secure_normal(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Standard normal float64 samples from the operating system's CSPRNG (``os.urandom``).
+
+    The noise is the privacy: whoever can reproduce it subtracts it. torch's CPU generator keeps
+    32 bits of its seed (seeds ``s`` and ``s + 2**32`` give the same noise), so a token holder
+    could search the seed of a published update in CPU-hours. Here every draw is 2 x 64 fresh
+    bits from the kernel's CSPRNG, turned into normals by Box-Muller; nothing is seeded."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.zeros(shape, dtype=torch.float64)
+    words = torch.frombuffer(bytearray(os.urandom(16 * count)), dtype=torch.int64)
+    # 53 random bits per uniform, in (0, 1]: log() never sees 0.
+    uniform = ((words & ((1 << 53) - 1)).to(torch.float64) + 1.0) / float(1 << 53)
+    u1, u2 = uniform[:count], uniform[count:]
+    normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return normal.reshape(shape)
+
+
 def privatize(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
-              config: DPConfig, generator: torch.Generator | None = None
+              config: DPConfig, noise: Callable[[torch.Size], torch.Tensor] = secure_normal
               ) -> tuple[dict[str, torch.Tensor], float]:
-    """``start + clip(trained - start) + N(0, (noise * clip)^2)``; returns it and the raw norm."""
+    """``start + clip(trained - start) + N(0, (noise * clip)^2)``; returns it and the raw norm.
+
+    ``noise`` draws standard normals; the default is the CSPRNG (tests may pass a seeded one to
+    check the arithmetic, never the node). A non-finite change is refused: ``min(1, C / nan)``
+    is 1, so it would leave unclipped."""
     keys = sorted(trained)
     if set(keys) != set(start):
         raise ValueError("the trained adapter and the global adapter have different tensors")
     deltas = {k: trained[k].double() - start[k].double() for k in keys}
+    bad = [k for k, d in deltas.items() if not bool(torch.isfinite(d).all())]
+    if bad:
+        raise NonFiniteUpdate(f"the trained adapter holds NaN or Inf in {bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; it "
+                              "cannot be clipped, so it is not released (nothing was sent)")
     norm = math.sqrt(sum(float((d * d).sum()) for d in deltas.values()))
     factor = min(1.0, config.clip / norm) if norm > 0 else 1.0
     sigma = config.noise_multiplier * config.clip
     out = {}
     for k in keys:
-        noise = torch.randn(deltas[k].shape, generator=generator, dtype=torch.float64) * sigma
-        out[k] = (start[k].double() + deltas[k] * factor + noise).to(trained[k].dtype)
+        out[k] = (start[k].double() + deltas[k] * factor + noise(deltas[k].shape) * sigma
+                  ).to(trained[k].dtype)
     return out, norm
