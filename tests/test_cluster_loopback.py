@@ -410,3 +410,26 @@ async def test_forced_removals_on_both_sides_are_reported_as_a_split(federation)
         assert split["peer"] == ids[1 - i] and split["theirs"]["round"] == 2
         assert split["ours"]["log_hash"] != split["theirs"]["log_hash"]
         assert node.fatal_reason is None
+
+
+async def test_a_member_whose_budget_is_spent_is_not_waited_for(federation):
+    """Issue 26 #7: a node out of privacy budget sends nothing, and the next round waited its
+    full deadline for it (forever, with fewer than min_updates left). Its heartbeat answers now
+    say it abstains, and the round closes once the others have sent."""
+    fed = federation(3, min_updates=3)
+    leader = await fed.start_all()
+    nodes = list(fed.nodes.values())
+    ids = [n.node_id for n in nodes]
+    await run_round(fed, leader, 1, clients=tuple(ids))  # every node took part (as trainers do)
+    spent = next(n for n in nodes if n is not leader)
+    spent.abstaining = True  # what its participant sets once the budget refuses
+    await wait_for(lambda: spent.node_id in leader.cluster.abstaining(), timeout=10)
+    others = [i for i in ids if i != spent.node_id]
+    await run_round(fed, leader, 2, clients=tuple(others))  # deadline 600 s: not waited for
+    assert sorted(leader.ledger.round(2)["metrics"]["nodes"]) == sorted(others)
+    # Down to one participant (min_updates 3): the round still closes on what remains.
+    other_follower = next(n for n in nodes if n is not leader and n is not spent)
+    other_follower.abstaining = True
+    await wait_for(lambda: other_follower.node_id in leader.cluster.abstaining(), timeout=10)
+    await run_round(fed, leader, 3, clients=(leader.node_id,))
+    assert leader.ledger.round(3)["metrics"]["nodes"] == [leader.node_id]

@@ -75,6 +75,29 @@ def test_accountant_composes_rounds():
     assert epsilon_after(0, config) == 0.0
 
 
+def test_the_budget_composes_each_round_at_the_settings_it_was_released_under():
+    """Issue 26 #3: only a round count was kept, so 10 rounds at z = 0.5 (epsilon 48.8) showed
+    as 8.08 after a restart with --dp-noise 2, and another round was allowed."""
+    meta = _Meta()
+    loud = DPConfig(epsilon=1000.0, noise_multiplier=0.5)
+    budget = PrivacyBudget(meta, loud)
+    for number in range(1, 11):
+        budget.record(number)
+    spent = epsilon_after(10, loud)
+    assert spent == pytest.approx(48.8, abs=0.1) and budget.spent == pytest.approx(spent)
+    restarted = PrivacyBudget(meta, DPConfig(epsilon=40.0, noise_multiplier=2.0))
+    assert restarted.spent == pytest.approx(spent)  # the past is not re-priced
+    with pytest.raises(BudgetExhausted, match="What was spent stays spent"):
+        restarted.check()
+    # With room left, a round at z = 2 costs what the accountant says for the mix.
+    roomy = PrivacyBudget(meta, DPConfig(epsilon=60.0, noise_multiplier=2.0))
+    from chorus_p2p.train.privacy import epsilon_of
+
+    assert roomy.check() == pytest.approx(epsilon_of([0.5] * 10 + [2.0], 1e-5))
+    assert spent < roomy.record(11) < epsilon_after(11, loud)
+    assert [r["noise"] for r in roomy.releases()] == [0.5] * 10 + [2.0]
+
+
 class _Meta:
     def __init__(self):
         self.values = {}
@@ -113,6 +136,7 @@ async def test_training_node_stops_submitting_when_the_budget_is_spent(tmp_path,
         update = node.ledger.updates(1)[0]
         assert update["eval_loss"] is None  # no side channel while DP is on
         assert node.ledger.updates(2) == []  # round 2 opened; this node refused to submit
+        assert node.abstaining  # and says so in its heartbeat answers (issue 26 #7)
         # Issue 26 #8: the pre-noise adapter does not outlive its noised update.
         assert not list((tmp_path / "node" / "work").glob("client-*"))
     finally:

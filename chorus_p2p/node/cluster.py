@@ -152,6 +152,11 @@ class Cluster:
                     m["node_id"], url, m["name"] or "", m["public_key"] or "",
                     time.monotonic(), status, verified=m.get("verified") in (None, 1))
 
+    def abstaining(self) -> set[str]:
+        """Members (this node included) that said they take no part in rounds any more."""
+        out = {p.node_id for p in self.peers.values() if p.extra.get("abstaining")}
+        return out | ({self.node.node_id} if self.node.abstaining else set())
+
     def voters(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.status not in NOT_COUNTED and p.verified]
 
@@ -384,6 +389,7 @@ class Cluster:
         rounds = self.node.rounds
         rounds.quorum = self.quorum
         rounds.voting_members = self.voting_members
+        rounds.abstaining = self.abstaining
         rounds.notify_followers = self._wake.set
         rounds.coordinator_hint = lambda: {"coordinator": self.coordinator,
                                            "coordinator_url": self.coordinator_url}
@@ -721,6 +727,15 @@ class Cluster:
             return False
         if not reply.get("ok"):
             return False
+        abstaining = reply.get("abstaining") is True
+        if abstaining != peer.extra.get("abstaining", False):
+            peer.extra["abstaining"] = abstaining
+            if abstaining:
+                log.warning("member %s takes no part in rounds any more (privacy budget spent); "
+                            "rounds stop waiting for it", peer.node_id[:12])
+                self.node.bus.publish("member_abstaining", None, {"node_id": peer.node_id},
+                                      level="warning")
+            self._spawn(self.node.rounds.reconsider())
         ack = reply.get("ack")
         if isinstance(ack, dict) and isinstance(ack.get("round"), int):
             peer.extra["ack_round"] = ack["round"]
@@ -909,7 +924,7 @@ class Cluster:
         if self._sync_worker is None or self._sync_worker.done():
             self._sync_worker = self._spawn(self._sync_loop())
         return {"term": self.term, "ok": True, "node_id": self.node.node_id,
-                "ack": self.node.rounds.ack_state()}
+                "ack": self.node.rounds.ack_state(), "abstaining": self.node.abstaining}
 
     async def on_hold(self, body: dict[str, Any]) -> dict[str, Any]:
         """The coordinator wants to acknowledge an update: store its live round's updates

@@ -102,6 +102,7 @@ class RoundManager:
         # Set by the cluster: how many members make a majority, who to tell, where the leader is.
         self.quorum: Callable[[], int] = lambda: 1
         self.voting_members: Callable[[], list[str]] = lambda: [node_id]
+        self.abstaining: Callable[[], set[str]] = lambda: set()
         self.notify_followers: Callable[[], None] = lambda: None
         self.coordinator_hint: Callable[[], dict[str, Any]] = lambda: {}
         # Set by the node: wake the state keeper when rounds commit; what our state offers peers.
@@ -442,9 +443,28 @@ class RoundManager:
         return {"round": round_no, "node_id": node_id, "status": "excluded", "reason": reason}
 
     def expected_participants(self, round_no: int) -> int:
-        """Wait for everyone who took part last round, or ``min_updates`` in the first round."""
-        previous = self.ledger.count_updates(round_no - 1) if round_no > 1 else 0
-        return max(self.policy.min_updates, previous)
+        """Wait for everyone who took part last round, or ``min_updates`` in the first round,
+        less the members that said they take no part any more (a spent privacy budget)."""
+        return self._participation(round_no)[1]
+
+    def _participation(self, round_no: int) -> tuple[int, int]:
+        """(updates needed at least, updates to wait for before the deadline)."""
+        previous = {u["node_id"] for u in self.ledger.updates(round_no - 1)} \
+            if round_no > 1 else set()
+        gone = previous & self.abstaining()
+        if not gone:
+            return self.policy.min_updates, max(self.policy.min_updates, len(previous))
+        # Without the abstainers the round may never reach min_updates: it closes once every
+        # remaining participant has sent (at least one update), instead of waiting forever.
+        active = len(previous - gone)
+        needed = min(self.policy.min_updates, max(active, 1))
+        return needed, max(needed, active)
+
+    async def reconsider(self) -> None:
+        """Participation changed: the collecting round may be complete now."""
+        latest = self.ledger.latest_round()
+        if self.is_coordinator and latest is not None and latest["state"] in (OPEN, COLLECTING):
+            await self._maybe_close(latest["round"])
 
     async def _maybe_close(self, round_no: int, *, deadline_passed: bool = False,
                            force: bool = False) -> bool:
@@ -465,14 +485,14 @@ class RoundManager:
             count = len(eligible) - len(filter_updates(eligible, self.policy.filters,
                                                        reference))
             deadline_passed = deadline_passed or time.time() >= (row["deadline_at"] or 0)
-            ready = count >= self.policy.min_updates and (
-                count >= self.expected_participants(round_no) or deadline_passed)
+            needed, expected = self._participation(round_no)
+            ready = count >= needed and (count >= expected or deadline_passed)
             if force:
                 ready = count >= 1
             if not ready:
-                if deadline_passed and count < self.policy.min_updates:
+                if deadline_passed and count < needed:
                     self.bus.publish("deadline_passed", round_no,
-                                     {"count": count, "min_updates": self.policy.min_updates},
+                                     {"count": count, "min_updates": needed},
                                      level="warning")
                 return False
             self.ledger.set_round_state(round_no, AGGREGATING, aggregating_at=time.time())

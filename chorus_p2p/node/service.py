@@ -218,6 +218,9 @@ class Node:
         self.started_at = time.time()
         self.exit_code = 0
         self.fatal_reason: str | None = None
+        # This node takes no part in rounds any more (its privacy budget is spent): heartbeat
+        # answers say so, and the coordinator stops waiting for it.
+        self.abstaining = False
         self.on_fatal: Callable[[], None] = lambda: None  # run_node: stop the process
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None

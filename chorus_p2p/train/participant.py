@@ -112,6 +112,7 @@ class Participant:
                 try:
                     self.budget.check()
                 except BudgetExhausted as exc:
+                    self.node.abstaining = True  # the federation stops waiting for us
                     if not self._budget_reported:  # say it once, loudly; then stay quiet
                         self._budget_reported = True
                         log.warning("%s", exc)
@@ -155,7 +156,7 @@ class Participant:
         if self.budget is not None:
             raw_norm = await asyncio.to_thread(self._privatize, adapter_dir, out, update)
             entry.update({"train_loss": None, "eval_loss": None, "dp_raw_norm": raw_norm,
-                          "dp_epsilon": self.budget.record()})
+                          "dp_epsilon": self.budget.record(number)})
         else:
             shutil.copyfile(out / "adapter_model.safetensors", update)
         # The outbox holds what is sent (fsynced): the trained adapter itself, pre-noise under

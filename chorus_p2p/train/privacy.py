@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,47 +48,95 @@ class DPConfig:
 
 def epsilon_after(rounds: int, config: DPConfig) -> float:
     """Epsilon (at ``config.delta``) after ``rounds`` Gaussian releases, by the RDP accountant."""
-    if rounds <= 0:
+    return epsilon_of([config.noise_multiplier] * max(rounds, 0), config.delta)
+
+
+def epsilon_of(noise_multipliers: list[float], delta: float) -> float:
+    """Epsilon at ``delta`` after one Gaussian release per noise multiplier, composed by the
+    RDP accountant: rounds released under different settings each count at their own price."""
+    if not noise_multipliers:
         return 0.0
     from dp_accounting import dp_event, rdp
 
     accountant = rdp.RdpAccountant()
-    accountant.compose(dp_event.GaussianDpEvent(config.noise_multiplier), rounds)
-    return float(accountant.get_epsilon(config.delta))
+    for z, count in sorted(_counts(noise_multipliers).items()):
+        accountant.compose(dp_event.GaussianDpEvent(z), count)
+    return float(accountant.get_epsilon(delta))
+
+
+def _counts(values: list[float]) -> dict[float, int]:
+    out: dict[float, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
 
 
 class PrivacyBudget:
-    """Rounds already released, persisted in the ledger's meta table."""
+    """Every release this node made, with the settings it was made under, persisted in the
+    ledger's meta table (``dp_releases``: a JSON list of {round, noise, clip, delta}).
+
+    The spent epsilon composes those releases as they were made: a restart with a larger
+    ``--dp-noise`` makes the *next* rounds cheaper, never the past ones (only a round count was
+    kept before, and past rounds were re-priced with today's settings: 10 rounds at z = 0.5,
+    epsilon 48.8, showed as 8.08 after a restart with z = 2). It is reported at the smallest
+    delta any release or the current setting used, the conservative side."""
 
     def __init__(self, ledger, config: DPConfig):
         self.ledger = ledger
         self.config = config
 
+    def releases(self) -> list[dict[str, float]]:
+        import json
+
+        recorded = json.loads(self.ledger.get_meta("dp_releases", "[]") or "[]")
+        legacy = int(self.ledger.get_meta("dp_rounds", "0") or 0) - len(recorded)
+        if legacy > 0:  # counted before per-round settings were kept: their noise is unknown,
+            # priced at today's (README says so)
+            recorded = [{"round": None, "noise": self.config.noise_multiplier,
+                         "clip": self.config.clip, "delta": self.config.delta}] * legacy + recorded
+        return recorded
+
     @property
     def rounds(self) -> int:
-        return int(self.ledger.get_meta("dp_rounds", "0"))
+        return len(self.releases())
+
+    def _delta(self, releases: list[dict[str, float]]) -> float:
+        return min([self.config.delta, *(float(r["delta"]) for r in releases)])
+
+    def _epsilon(self, releases: list[dict[str, float]]) -> float:
+        return epsilon_of([float(r["noise"]) for r in releases], self._delta(releases))
 
     @property
     def spent(self) -> float:
-        return epsilon_after(self.rounds, self.config)
+        return self._epsilon(self.releases())
 
     def check(self) -> float:
-        """Epsilon after one more release; raises if that is past the budget."""
-        after = epsilon_after(self.rounds + 1, self.config)
+        """Epsilon after one more release at today's settings; raises past the budget."""
+        releases = self.releases()
+        after = self._epsilon([*releases, self._next()])
         if after > self.config.epsilon:
             raise BudgetExhausted(
-                f"privacy budget exhausted: {self.rounds} round(s) spent epsilon "
-                f"{self.spent:.3f}; one more would make it {after:.3f} > the budget "
-                f"{self.config.epsilon:g} (delta {self.config.delta:g}, noise multiplier "
-                f"{self.config.noise_multiplier:g}). This node will not submit again; raise "
-                f"--dp-epsilon or --dp-noise to continue, knowing what that means")
+                f"privacy budget exhausted: {len(releases)} round(s) spent epsilon "
+                f"{self._epsilon(releases):.3f}; one more at noise multiplier "
+                f"{self.config.noise_multiplier:g} would make it {after:.3f} > the budget "
+                f"{self.config.epsilon:g} (delta {self._delta(releases):g}; the unit: this "
+                "node's whole dataset, add/remove). This node will not submit again. What was "
+                "spent stays spent: a larger --dp-noise only makes future rounds cheaper")
         return after
 
-    def record(self) -> float:
-        rounds = self.rounds + 1
-        self.ledger.set_meta("dp_rounds", str(rounds))
-        eps = epsilon_after(rounds, self.config)
-        self.ledger.set_meta("dp_epsilon", f"{eps:.6f}")
+    def _next(self) -> dict[str, float]:
+        return {"noise": self.config.noise_multiplier, "clip": self.config.clip,
+                "delta": self.config.delta}
+
+    def record(self, round_no: int | None = None) -> float:
+        import json
+
+        releases = [*self.releases(), {**self._next(), "round": round_no}]
+        eps = self._epsilon(releases)
+        with self.ledger.db.atomic() if hasattr(self.ledger, "db") else nullcontext():
+            self.ledger.set_meta("dp_releases", json.dumps(releases))
+            self.ledger.set_meta("dp_rounds", str(len(releases)))
+            self.ledger.set_meta("dp_epsilon", f"{eps:.6f}")
         return eps
 
 
