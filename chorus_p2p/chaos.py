@@ -85,6 +85,39 @@ class Report:
                 + (f" ({self.liveness_detail})" if self.liveness_detail else ""))
 
 
+def judge(rep: Report, ops: list[Op], counted: Counter, seen: dict[int, set[str]],
+          histories: dict[int, list[dict[str, Any]]], nodes: int, state_digests: set[str]
+          ) -> Report:
+    """The verdict, from what was observed (pure, so it is tested on injected violations).
+
+    ``ops``: every client operation and its outcome; ``counted``: (client, sha) -> how many
+    committed rounds list it; ``seen``: round -> every result hash any node ever showed for it;
+    ``histories``: node -> its committed rounds, newest first; ``state_digests``: the sha256 of
+    each node's working state."""
+    first = next(iter(histories.values()), [])
+    rep.committed_rounds = max(len(first) - 1, 0)
+    heads = {(rows[0]["round"], rows[0]["log_hash"]) for rows in histories.values() if rows}
+    rep.histories_agree = len(heads) == 1 and len(histories) == nodes
+    rep.states_agree = len(state_digests) == 1
+    rep.changed_rounds = {n: h for n, h in seen.items() if len(h) > 1}
+    for op in ops:
+        n = counted[(op.client, op.sha)]
+        rep.operations += 1
+        if op.outcome == "ok":
+            rep.acknowledged += 1
+            if n == 0:
+                rep.lost.append(op)
+        elif op.outcome == "fail":
+            rep.refused += 1
+            if n:
+                rep.refused_but_counted.append(op)
+        else:
+            rep.unknown += 1
+        if n > 1:
+            rep.duplicated.append(op)
+    return rep
+
+
 class Chaos:
     def __init__(self, lab: NetLab, data_dirs: list[Path], model: Path, node_args: list[str],
                  secret: bytes, write_update, *, seed: int, clients: int = 3):
@@ -335,12 +368,8 @@ class Chaos:
         rep = self.report
         histories = await self._observe()
         first = next(iter(histories.values()))
-        rep.committed_rounds = len(first) - 1
-        heads = {(rows[0]["round"], rows[0]["log_hash"]) for rows in histories.values()}
-        rep.histories_agree = len(heads) == 1 and len(histories) == self.n
         digests = {hashlib.sha256((d / "state" / "working.safetensors").read_bytes()).hexdigest()
                    for d in self.dirs}
-        rep.states_agree = len(digests) == 1
         leader = await self.coordinator()
         counted: Counter = Counter()
         async with self.client(leader, "checker", timeout=20.0) as c:
@@ -349,22 +378,7 @@ class Chaos:
                     continue
                 for update in (await self._round_detail(c, row["round"]))["updates"]:
                     counted[(update["node_id"], update["blob_sha"])] += 1
-        rep.changed_rounds = {n: h for n, h in self.seen.items() if len(h) > 1}
-        for op in self.ops:
-            n = counted[(op.client, op.sha)]
-            rep.operations += 1
-            if op.outcome == "ok":
-                rep.acknowledged += 1
-                if n == 0:
-                    rep.lost.append(op)
-            elif op.outcome == "fail":
-                rep.refused += 1
-                if n:
-                    rep.refused_but_counted.append(op)
-            else:
-                rep.unknown += 1
-            if n > 1:
-                rep.duplicated.append(op)
+        judge(rep, self.ops, counted, self.seen, histories, self.n, digests)
         async with self._admin(leader) as admin:
             await admin.resume()
         rep.new_round_after_healing = await self._commits_again(leader)
