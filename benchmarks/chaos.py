@@ -32,7 +32,7 @@ from pathlib import Path
 
 from chorus_p2p.chaos import Chaos
 from chorus_p2p.netlab import NetLab, namespaces_unavailable
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.node.identity import copy_admin_key, init_data_dir
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.tiny import quiet_transformers, save_tiny_model, write_random_update
 
@@ -62,8 +62,9 @@ def main() -> int:
         model = save_tiny_model(root / "model", seed=0)
         spec = FederationSpec.build(str(model), RANK, ALPHA, TARGETS)
         first = init_data_dir(root / "d0", "chaos")
-        for i in range(1, args.nodes):
+        for i in range(1, args.nodes):  # the checker acts as admin from whichever node leads
             init_data_dir(root / f"d{i}", join_token=first.join_token())
+            copy_admin_key(root / "d0", root / f"d{i}")
         started = time.monotonic()
         with NetLab(args.nodes) as lab:
             chaos = Chaos(lab, [root / f"d{i}" for i in range(args.nodes)], model, NODE_ARGS,

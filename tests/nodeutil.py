@@ -157,13 +157,10 @@ class Federation:
     def grant_admin(self, *indexes: int) -> None:
         """Copy the founder's federation admin key into these nodes' data dirs (default: all),
         as a founder does for the people it trusts; call before starting them."""
-        import shutil
+        from chorus_p2p.node.identity import copy_admin_key
 
-        from chorus_p2p.node.identity import FEDERATION_ADMIN_KEY_FILE
-
-        source = self.tmp_path / "n0" / FEDERATION_ADMIN_KEY_FILE
         for i in indexes or range(1, len(self.ports)):
-            shutil.copy2(source, self.tmp_path / f"n{i}" / FEDERATION_ADMIN_KEY_FILE)
+            copy_admin_key(self.tmp_path / "n0", self.tmp_path / f"n{i}")
 
     def settings(self, i: int):
         peers = tuple(f"127.0.0.1:{p}" for j, p in enumerate(self.ports) if j != i)

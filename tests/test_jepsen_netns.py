@@ -17,7 +17,7 @@ import pytest
 
 from chorus_p2p.chaos import Chaos
 from chorus_p2p.netlab import NetLab, namespaces_unavailable
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.node.identity import copy_admin_key, init_data_dir
 from chorus_p2p.node.spec import FederationSpec
 
 from nodeutil import ALPHA, RANK, TARGETS, write_update
@@ -33,8 +33,9 @@ NODE_ARGS = ["--rank", str(RANK), "--alpha", str(ALPHA), "--target-modules", ","
 def test_no_acknowledged_update_is_lost_under_faults(tmp_path, tiny_base, capsys):
     spec = FederationSpec.build(str(tiny_base), RANK, ALPHA, TARGETS)
     first = init_data_dir(tmp_path / "d0", "jepsen")
-    for i in range(1, 5):
+    for i in range(1, 5):  # the checker pauses and closes rounds from whichever node leads
         init_data_dir(tmp_path / f"d{i}", join_token=first.join_token())
+        copy_admin_key(tmp_path / "d0", tmp_path / f"d{i}")
     seed = int(os.environ.get("CHORUS_CHAOS_SEED", "7"))
     seconds = float(os.environ.get("CHORUS_CHAOS_SECONDS", "60"))
     with NetLab(5) as lab:

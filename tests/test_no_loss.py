@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from chorus_p2p.client import AsyncNodeClient, ConflictError, NodeClient, NodeError
 from chorus_p2p.netlab import free_loopback_ports
-from chorus_p2p.node.identity import FEDERATION_ADMIN_KEY_FILE, init_data_dir
+from chorus_p2p.node.identity import copy_admin_key, init_data_dir
 from chorus_p2p.node.spec import FederationSpec
 
 from nodeutil import (ALPHA, RANK, TARGETS, Federation, NodeProcess, history, run_round,
@@ -42,8 +41,7 @@ class Processes:
         for i in range(1, n):
             init_data_dir(tmp_path / f"p{i}", join_token=first.join_token())
             # the operator closes rounds from whichever node leads: it holds the admin key
-            shutil.copy2(tmp_path / "p0" / FEDERATION_ADMIN_KEY_FILE,
-                         tmp_path / f"p{i}" / FEDERATION_ADMIN_KEY_FILE)
+            copy_admin_key(tmp_path / "p0", tmp_path / f"p{i}")
         self.secret = first.secret
         self.dirs = [tmp_path / f"p{i}" for i in range(n)]
         self.model, self.extra = model, extra or []

@@ -208,6 +208,18 @@ def load_identity(data_dir: str | os.PathLike) -> NodeIdentity:
                         founder_id=fed.get("founder_id"))
 
 
+def copy_admin_key(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Give ``target``'s node the federation admin key from ``source`` (the founder's data
+    dir), as the founder does for an operator it trusts; checked against ``target``'s
+    federation before it is written (0600)."""
+    key = load_identity(source).admin_key
+    if key is None:
+        raise IdentityError(f"{source}: holds no federation admin key")
+    if load_identity(target).admin_public_key != _raw_public(key):
+        raise IdentityError(f"{target}: belongs to another federation")
+    _write_private(Path(target) / FEDERATION_ADMIN_KEY_FILE, _pem(key))
+
+
 def _load_admin_key(data_dir: Path, admin_public: bytes | None) -> Ed25519PrivateKey | None:
     path = data_dir / FEDERATION_ADMIN_KEY_FILE
     if not path.exists():
