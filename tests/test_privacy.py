@@ -121,7 +121,8 @@ def test_budget_refuses_past_epsilon():
         budget.check()
 
 
-async def test_training_node_stops_submitting_when_the_budget_is_spent(tmp_path, tiny_lm_dir):
+async def test_training_node_stops_submitting_when_the_budget_is_spent(tmp_path, tiny_lm_dir,
+                                                                      caplog):
     one_round = epsilon_after(1, DPConfig(1.0, noise_multiplier=1.0))
     two_rounds = epsilon_after(2, DPConfig(1.0, noise_multiplier=1.0))
     node = await start_node(tmp_path / "node", tiny_lm_dir, min_updates=1, train=True,
@@ -141,3 +142,12 @@ async def test_training_node_stops_submitting_when_the_budget_is_spent(tmp_path,
         assert not list((tmp_path / "node" / "work").glob("client-*"))
     finally:
         await node.stop()
+    # Issue 26 #5: restarted without --dp-epsilon, it says loudly that DP is now off.
+    import logging
+
+    with caplog.at_level(logging.ERROR, logger="chorus_p2p"):
+        node = await start_node(tmp_path / "node", tiny_lm_dir, min_updates=1, train=True,
+                                dataset=str(SHARD), steps=2,
+                                target_modules=("q_proj", "v_proj"))
+        await node.stop()
+    assert any("WITHOUT DP" in r.getMessage() for r in caplog.records)

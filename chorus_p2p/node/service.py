@@ -206,6 +206,16 @@ class Node:
 
             dp = None if settings.dp_epsilon is None else DPConfig(
                 settings.dp_epsilon, settings.dp_delta, settings.dp_clip or 1.0, settings.dp_noise)
+            released = int(self.ledger.get_meta("dp_rounds", "0") or 0)
+            if dp is None and released:
+                # Loud: this data dir released DP-noised updates before, and would now send
+                # raw ones; the guarantee stated for its earlier rounds says nothing of these.
+                log.error("this node released %d differentially private update(s) before and is "
+                          "now training WITHOUT DP (no --dp-epsilon): its updates from now on "
+                          "carry no privacy guarantee. Stop it and restart with the same --dp-* "
+                          "settings unless that is what you mean", released)
+                self.bus.publish("dp_disabled", None, {"released_before": released},
+                                 level="error")
             self.participant = Participant(self, settings.dataset or "", TrainConfig(
                 steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
                 device=settings.device, compute_dtype=settings.compute_dtype,
