@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +51,35 @@ def test_train_then_export_from_the_command_line(tmp_path, tiny_lm_dir):
     for name, weight in half.state_dict().items():
         assert weight.dtype == torch.bfloat16
         assert torch.equal(weight, exact[name].to(torch.bfloat16)), name
+
+
+def test_train_goes_on_when_the_federation_closes_its_round_first(tmp_path, tiny_lm_dir):
+    """Issue 22 #3: `train` gave up with exit 3 (round_closed) when the nodes committed its
+    round before its update arrived; it now trains the next round."""
+    from chorus_p2p.client import NodeClient
+    from chorus_p2p.tiny import write_random_update
+
+    with node_in_thread(tmp_path / "node", tiny_lm_dir, min_updates=1,
+                        target_modules=("q_proj", "v_proj")) as node:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chorus_p2p.cli.main", "train", "--node", node.url,
+             "--join", node.identity.join_token(), "--client-id", "laptop", "--model",
+             str(tiny_lm_dir), "--dataset", str(SHARD), "--rounds", "1", "--steps", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # Once `train` has asked for the current round (round 1), another client closes it
+        # (min_updates 1), long before `train` has trained.
+        deadline = time.monotonic() + 120
+        while "laptop" not in node.rate_limiter._buckets and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with NodeClient(node.url, secret=node.identity.secret, client_id="fast") as c:
+            c.submit(write_random_update(tmp_path / "fast.safetensors", node.spec, 1),
+                     round=1, examples=1, trained_from=0)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        assert "round 1 closed before this update arrived" in err
+        assert "round 2: trained 2 steps" in out
+        assert node.ledger.update(2, "laptop")["trained_from"] == 1
 
 
 def test_simulate_command(tmp_path, tiny_lm_dir):

@@ -49,9 +49,14 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_MISSED_ROUNDS = 10  # rounds in a row the federation may close before our update arrives
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    """The participant loop from outside a node: pull, train, submit, wait, repeat."""
+    """The participant loop from outside a node: pull, train, submit, wait, repeat. A round
+    the federation closes before our update arrives is not an error: train the next one."""
     from chorus_p2p.cli.node_cmds import _client
+    from chorus_p2p.client import ConflictError
     from chorus_p2p.node.spec import FederationSpec
     from chorus_p2p.state.store import StateStore
     from chorus_p2p.train.data import Dataset, DatasetOptions
@@ -66,7 +71,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         spec = FederationSpec.from_json(node.federation()["spec"])
         state = StateStore(work / "state", spec.modules, checkpoint_every=1 << 30,
                            transposed=spec.transposed)
-        for done in range(args.rounds):
+        done = missed = 0
+        while done < args.rounds:
             deadline = time.monotonic() + args.wait
             while (current := node.status()["current_round"]) is None:
                 if time.monotonic() > deadline:
@@ -81,9 +87,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 result = train_round(args.model, adapter, state.read(base), dataset, config,
                                      work / f"client-{number}", progress=None if bar is None
                                      else lambda step, loss: bar(step, config.steps))
-            accepted = node.submit(result.adapter_dir, round=number, examples=result.examples,
-                                   trained_from=base, eval_loss=result.eval_loss,
-                                   train_loss=result.train_loss)
+            try:
+                accepted = node.submit(result.adapter_dir, round=number,
+                                       examples=result.examples, trained_from=base,
+                                       eval_loss=result.eval_loss, train_loss=result.train_loss)
+            except ConflictError as exc:
+                # The nodes committed the round first (min_updates met without us): routine in
+                # a federation that does not wait for everyone. Train the next one instead.
+                if exc.code not in ("round_closed", "stale_base") or missed >= MAX_MISSED_ROUNDS:
+                    raise
+                missed += 1
+                print(f"round {number} closed before this update arrived ({exc.code}); "
+                      "training the next round", file=sys.stderr, flush=True)
+                continue
+            missed = 0
+            done += 1
             if args.json:
                 print_json_line({"round": number, "trained_from": base, "steps": config.steps,
                                  "examples": result.examples, "train_loss": result.train_loss,
@@ -92,7 +110,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 print(f"round {number}: trained {config.steps} steps on {result.examples} "
                       f"examples, train loss {result.train_loss:.3f}, eval loss "
                       f"{result.eval_loss:.3f}; submitted", flush=True)
-            if done + 1 < args.rounds:
+            if done < args.rounds:
                 while node.round(number)["state"] != "committed":
                     time.sleep(0.5)
     return 0
