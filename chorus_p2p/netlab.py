@@ -209,10 +209,11 @@ class NetLab:
         for i in range(self.size):
             self.link(i, True)
 
-    def shape(self, i: int, rate_mbit: float, delay_ms: float = 0.0, mtu: int | None = None) -> str:
-        """Shape node i's LAN link both ways, as Wi-Fi or a busy switch would. netem gives rate
-        and delay; a kernel without sch_netem gets htb's rate alone. ``mtu`` splits every body
-        into more TCP segments. Returns what was applied, for the test's report."""
+    def shape(self, i: int, rate_mbit: float, delay_ms: float = 0.0, mtu: int | None = None,
+              loss_pct: float = 0.0) -> str:
+        """Shape node i's LAN link both ways, as Wi-Fi or a busy switch would. netem gives rate,
+        delay and loss; a kernel without sch_netem gets htb's rate alone. ``mtu`` splits every
+        body into more TCP segments. Returns what was applied, for the test's report."""
         if mtu is not None:
             _ip("link", "set", "lan0", "mtu", str(mtu), netns=self.ns(i))
             _ip("link", "set", f"p{i}", "mtu", str(mtu), netns=self.bridge_ns)
@@ -220,10 +221,11 @@ class NetLab:
         for ns, dev in ((self.ns(i), "lan0"), (self.bridge_ns, f"p{i}")):
             netem = subprocess.run(
                 ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "netem",
-                 "delay", f"{delay_ms}ms", "rate", f"{rate_mbit}mbit"],
+                 "delay", f"{delay_ms}ms", "rate", f"{rate_mbit}mbit",
+                 *(["loss", f"{loss_pct}%"] if loss_pct else [])],
                 capture_output=True, text=True, timeout=20)
             if netem.returncode == 0:
-                applied.append(f"netem {delay_ms}ms {rate_mbit}mbit")
+                applied.append(f"netem {delay_ms}ms {rate_mbit}mbit loss {loss_pct}%")
                 continue
             for cmd in (["qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb",
                          "default", "1"],
@@ -231,7 +233,7 @@ class NetLab:
                          "rate", f"{rate_mbit}mbit"]):
                 subprocess.run(["ip", "netns", "exec", ns, "tc", *cmd], check=True,
                                capture_output=True, text=True, timeout=20)
-            applied.append(f"htb {rate_mbit}mbit (no netem in this kernel: no delay)")
+            applied.append(f"htb {rate_mbit}mbit (no netem in this kernel: no delay, no loss)")
         return "; ".join(sorted(set(applied))) + (f"; mtu {mtu}" if mtu else "")
 
     def start(self, i: int, data_dir: Path, model: Path, extra: list[str] | None = None,

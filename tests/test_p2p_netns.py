@@ -270,11 +270,12 @@ def one_coordinator_among(procs, secret):
 def test_default_up_over_a_shaped_link_finds_peers_and_runs_rounds(tmp_path, tiny_base, spec):
     """Issue 20 #1 and #2: `up` as README runs it on a lab machine (mDNS on every interface, no
     --interface) starts, finds its peers over mDNS and runs rounds, while one node sits behind a
-    slow link whose small MTU splits every peer message into many TCP segments."""
+    slow link whose small MTU splits every peer message into many TCP segments (with 5 ms
+    delay and 1% loss where the kernel has sch_netem; this machine's has htb's rate only)."""
     identity = make_dirs(tmp_path, 3)
     secret = identity.secret
     with NetLab(3) as lab:
-        shaping = lab.shape(2, rate_mbit=20, delay_ms=5, mtu=576)
+        shaping = lab.shape(2, rate_mbit=20, delay_ms=5, mtu=576, loss_pct=1.0)
         procs = [lab.start(i, tmp_path / f"d{i}", tiny_base, NODE_ARGS, bind_lan=False)
                  for i in range(3)]
         leader = one_coordinator(procs, secret, members=3)
