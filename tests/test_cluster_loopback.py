@@ -421,15 +421,26 @@ async def test_a_member_whose_budget_is_spent_is_not_waited_for(federation):
     nodes = list(fed.nodes.values())
     ids = [n.node_id for n in nodes]
     await run_round(fed, leader, 1, clients=tuple(ids))  # every node took part (as trainers do)
+    leader.policy.min_updates = 2  # from now on two updates are enough (as after a restart)
     spent = next(n for n in nodes if n is not leader)
     spent.abstaining = True  # what its participant sets once the budget refuses
     await wait_for(lambda: spent.node_id in leader.cluster.abstaining(), timeout=10)
     others = [i for i in ids if i != spent.node_id]
     await run_round(fed, leader, 2, clients=tuple(others))  # deadline 600 s: not waited for
     assert sorted(leader.ledger.round(2)["metrics"]["nodes"]) == sorted(others)
-    # Down to one participant (min_updates 3): the round still closes on what remains.
+    # min_updates (2) stays the floor (a round of one update would publish it): down to one
+    # participant, the round waits and says why, for an admin to decide.
     other_follower = next(n for n in nodes if n is not leader and n is not spent)
+    events = leader.bus.subscribe()
     other_follower.abstaining = True
     await wait_for(lambda: other_follower.node_id in leader.cluster.abstaining(), timeout=10)
-    await run_round(fed, leader, 3, clients=(leader.node_id,))
-    assert leader.ledger.round(3)["metrics"]["nodes"] == [leader.node_id]
+    async with fed.client(leader, leader.node_id) as c:
+        await c.submit(write_update(fed.tmp_path / "alone.safetensors", leader.spec, 77))
+    seen: list[str] = []
+
+    def short() -> bool:
+        while not events.empty():
+            seen.append(events.get_nowait()["kind"])
+        return "participants_short" in seen
+    await wait_for(short, timeout=10)
+    assert leader.ledger.round(3)["state"] == "collecting"

@@ -37,7 +37,7 @@ log = logging.getLogger("chorus_p2p.cluster")
 
 # Bounds on what one hello can make this node do (a member list is another node's word).
 MAX_MEMBERS_FOLLOWED = 64  # new addresses tried per hello
-MAX_PENDING_HELLOS = 256  # addresses being tried at once
+MAX_PENDING_HELLOS = 256  # second-hand addresses being tried at once
 SECOND_HAND_ATTEMPTS = 5  # tries for an address only a member list names
 
 FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
@@ -111,6 +111,7 @@ class Cluster:
         self._stopping = False
         self._wake = asyncio.Event()
         self._pending_urls: set[str] = set()
+        self._second_hand: set[str] = set()  # pending URLs only a member list names
         self._sync_body: dict[str, Any] | None = None
         self._sync_worker: asyncio.Task | None = None
         self._transfer = False  # the next election is a handover (timeout-now): no pre-vote
@@ -119,6 +120,7 @@ class Cluster:
         self._heal_at = 0.0
         self._healing: asyncio.Task | None = None
         self.split: dict[str, Any] | None = None  # see _on_removed_refusal
+        self._removed_by: set[str] = set()  # members that refused our hello as removed
         self._rediscover_every = 2.0
         self._waiting_logged = 0.0
         # Only a founder (the node that ran `init --federation`, or one started with
@@ -459,16 +461,22 @@ class Cluster:
         tried a few times, not forever (a hello listing thousands of made-up URLs must not
         turn this node into a reflector or keep it busy for good)."""
         url = url.rstrip("/")
-        if self.node.address and url == self.node.url or url in self._pending_urls:
+        if self.node.address and url == self.node.url:
             return
-        if len(self._pending_urls) >= MAX_PENDING_HELLOS:
-            log.warning("not trying %s: %d addresses are being tried already", url,
-                        len(self._pending_urls))
+        if url in self._pending_urls:
+            if not second_hand:
+                self._second_hand.discard(url)  # someone vouches for it now: no more bound
+            return
+        if second_hand and len(self._second_hand) >= MAX_PENDING_HELLOS:
+            log.warning("not trying %s: %d addresses named only by member lists are being "
+                        "tried already", url, len(self._second_hand))
             return
         self._pending_urls.add(url)
-        self._spawn(self._hello_loop(url, SECOND_HAND_ATTEMPTS if second_hand else None))
+        if second_hand:
+            self._second_hand.add(url)
+        self._spawn(self._hello_loop(url))
 
-    async def _hello_loop(self, url: str, attempts: int | None = None) -> None:
+    async def _hello_loop(self, url: str) -> None:
         failures = 0
         try:
             while not self._stopping:
@@ -478,7 +486,7 @@ class Cluster:
                     failures += 1
                     if exc.code == "removed" and self._on_removed_refusal(url, exc):
                         return
-                    if attempts is not None and failures >= attempts:
+                    if url in self._second_hand and failures >= SECOND_HAND_ATTEMPTS:
                         log.info("giving up on %s after %d tries (named by a member list "
                                  "only): %s", url, failures, exc)
                         return
@@ -509,6 +517,7 @@ class Cluster:
                 return
         finally:
             self._pending_urls.discard(url)
+            self._second_hand.discard(url)
 
     def head(self) -> dict[str, Any]:
         """This node's committed head: what two sides of a split compare."""
@@ -534,8 +543,20 @@ class Cluster:
                 self.node.bus.publish("federation_split", None, split, level="error")
             self.split = split
             return False
+        # One member's word is not enough (a token holder can answer anything, and a minority
+        # can force a removal): stop only once a majority of our voting members say so.
+        voters = {p.node_id for p in self.voters()}
+        if refuser in voters:
+            self._removed_by.add(refuser)
+        if len(self._removed_by & voters) < self.quorum():
+            log.warning("%s says an admin removed this node from the federation; %d of the %d "
+                        "needed members agree so far", refuser[:12] or url,
+                        len(self._removed_by & voters), self.quorum())
+            self.node.bus.publish("removal_reported", None, {"by": refuser, "url": url},
+                                  level="warning")
+            return False
         self.node.fatal(f"an admin removed this node from federation "
-                        f"{self.node.identity.federation!r} (as {refuser[:12] or url} says); "
+                        f"{self.node.identity.federation!r} (a majority of its members say so); "
                         "start it again only with a new --data-dir and a join token")
         return True
 
