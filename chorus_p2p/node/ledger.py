@@ -459,8 +459,9 @@ class Ledger:
 
     def recent_own_norms(self, before: int, node_ids: list[str], rounds: int = 5
                          ) -> dict[str, float]:
-        """Each client's own median accepted norm over the last ``rounds`` committed rounds: a
-        scale others cannot steer (see robust.bound_exclusions)."""
+        """Each client's own smallest accepted norm over the last ``rounds`` committed rounds:
+        a scale others cannot steer (see robust.bound_exclusions). The smallest, not the median,
+        so a client cannot raise its own bound by 100x a round: at most 100x per ``rounds``."""
         if not node_ids:
             return {}
         marks = ",".join("?" * len(node_ids))
@@ -471,7 +472,7 @@ class Ledger:
                 "and u.norm > 0 and (u.status is null or u.status = 'accepted')",
                 [COMMITTED, before, before, rounds, *node_ids]):
             own.setdefault(r["node_id"], []).append(r["norm"])
-        return {node_id: _median(norms) for node_id, norms in own.items()}
+        return {node_id: min(norms) for node_id, norms in own.items()}
 
     def exclude_update(self, number: int, node_id: str, reason: str) -> bool:
         with self.db.atomic():

@@ -4,8 +4,9 @@
   ``||s B A||`` (over all modules, float64) is more than ``R`` times the federation's scale is
   left out: a client that scales its adapter by 1e30 cannot wedge the round. The scale is the
   larger of the federation's (the median of the last rounds' median norms, one vote per round)
-  and the client's own recent median: made-up client ids with tiny updates cannot turn the bound
-  against a client whose own history shows its size. (Uploads beyond any plausible norm are
+  and the client's own smallest norm of the last rounds: made-up client ids with tiny updates
+  cannot turn the bound against a client whose own history shows its size, and a client cannot
+  raise its own bound faster than 100x per 5 rounds. (Uploads beyond any plausible norm are
   refused outright.)
 - **Norm bound** (``--max-update-norm``): an update whose weight change exceeds the bound is
   left out.
@@ -52,7 +53,7 @@ def _norm(update: dict[str, Any]) -> float:
 @dataclass(frozen=True)
 class Scale:
     """What "large" means for an update: the federation's recent scale (None before any
-    history) and each client's own recent median norm."""
+    history) and each client's own smallest recent norm."""
 
     federation: float | None = None
     own: dict[str, float] = field(default_factory=dict)

@@ -103,6 +103,7 @@ class RoundManager:
         self.quorum: Callable[[], int] = lambda: 1
         self.voting_members: Callable[[], list[str]] = lambda: [node_id]
         self.abstaining: Callable[[], set[str]] = lambda: set()
+        self._short_reported: int | None = None
         self.notify_followers: Callable[[], None] = lambda: None
         self.coordinator_hint: Callable[[], dict[str, Any]] = lambda: {}
         # Set by the node: wake the state keeper when rounds commit; what our state offers peers.
@@ -444,7 +445,8 @@ class RoundManager:
 
     def expected_participants(self, round_no: int) -> int:
         """Wait for everyone who took part last round, or ``min_updates`` in the first round,
-        less the members that said they take no part any more (a spent privacy budget)."""
+        less the members that said they take no part any more (a spent privacy budget); never
+        fewer than ``min_updates``, which stays the floor (a round of one update publishes it)."""
         return self._participation(round_no)[1]
 
     def _participation(self, round_no: int) -> tuple[int, int]:
@@ -452,12 +454,15 @@ class RoundManager:
         previous = {u["node_id"] for u in self.ledger.updates(round_no - 1)} \
             if round_no > 1 else set()
         gone = previous & self.abstaining()
+        needed = self.policy.min_updates  # a floor an abstaining member never lowers (privacy)
         if not gone:
-            return self.policy.min_updates, max(self.policy.min_updates, len(previous))
-        # Without the abstainers the round may never reach min_updates: it closes once every
-        # remaining participant has sent (at least one update), instead of waiting forever.
+            return needed, max(needed, len(previous))
         active = len(previous - gone)
-        needed = min(self.policy.min_updates, max(active, 1))
+        if active < needed and self._short_reported != round_no:
+            self._short_reported = round_no  # said once per round; the admin decides
+            self.bus.publish("participants_short", round_no, {
+                "active": active, "min_updates": needed, "abstaining": sorted(gone)},
+                level="warning")
         return needed, max(needed, active)
 
     async def reconsider(self) -> None:
