@@ -494,4 +494,4 @@ async def test_concurrent_cumulative_requests_share_one_build_and_leave_no_files
             await c.download("cumulative", 7, tmp_path / "missing.safetensors")
     assert set(node.blobs.tmp.iterdir()) == temp_before
     assert [p.name for p in (node.data_dir / "cache" / "cumulative").iterdir()] == [
-        "R-00000001.state"]
+        f"R-00000001-{node.ledger.round(1)['log_hash'][:16]}.state"]

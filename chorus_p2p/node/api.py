@@ -512,7 +512,7 @@ async def cumulative_state(request: web.Request) -> web.StreamResponse:
         return await asyncio.to_thread(reader.write, path)
 
     try:
-        path = await node.cumulative.get(row["round"], build)
+        path = await node.cumulative.get(row["round"], row.get("log_hash") or "", build)
     except StateError as exc:
         code = "pruned" if "no longer" in str(exc) or "needs the residuals" in str(exc) else \
             "state_unavailable"

@@ -24,33 +24,41 @@ class CumulativeFiles:
         shutil.rmtree(root, ignore_errors=True)  # left by a previous run: rebuilt on demand
         root.mkdir(parents=True, exist_ok=True)
         self.kept = kept
-        self._files: OrderedDict[int, Path] = OrderedDict()
-        self._building: dict[int, asyncio.Future] = {}
+        # keyed by (round, log hash): after a diverged history is resolved, round n's R is
+        # another one, and the file of the archived history must not be served for it
+        self._files: OrderedDict[tuple[int, str], Path] = OrderedDict()
+        self._building: dict[tuple[int, str], asyncio.Future] = {}
         self._one_build = asyncio.Semaphore(1)  # a build is a full pass over R: one at a time
 
-    async def get(self, round_no: int, build: Callable[[Path], Awaitable[int]]) -> Path:
-        """The file of ``R`` after ``round_no``; ``build(path)`` writes it when none exists.
-        Concurrent callers for the same round share one build (and its failure)."""
-        path = self._files.get(round_no)
+    async def get(self, round_no: int, log_hash: str,
+                  build: Callable[[Path], Awaitable[int]]) -> Path:
+        """The file of ``R`` after ``round_no`` of the history ``log_hash`` names;
+        ``build(path)`` writes it when none exists. Concurrent callers for the same round share
+        one build (and its failure)."""
+        key = (round_no, log_hash)
+        path = self._files.get(key)
         if path is not None and path.exists():
-            self._files.move_to_end(round_no)
+            self._files.move_to_end(key)
             return path
-        pending = self._building.get(round_no)
+        pending = self._building.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._build(round_no, build))
-            self._building[round_no] = pending
-            pending.add_done_callback(lambda _: self._building.pop(round_no, None))
+            pending = asyncio.ensure_future(self._build(key, build))
+            self._building[key] = pending
+            pending.add_done_callback(lambda _: self._building.pop(key, None))
         return await asyncio.shield(pending)
 
-    async def _build(self, round_no: int, build: Callable[[Path], Awaitable[int]]) -> Path:
+    async def _build(self, key: tuple[int, str], build: Callable[[Path], Awaitable[int]]
+                     ) -> Path:
         async with self._one_build:
-            path = self.root / f"R-{round_no:08d}.state"
+            path = self.root / f"R-{key[0]:08d}-{key[1][:16]}.state"
             await build(path)  # writes a partial name and renames: all or nothing
-            self._files[round_no] = path
+            self._files[key] = path
             while len(self._files) > self.kept:
                 _, old = self._files.popitem(last=False)
                 old.unlink(missing_ok=True)
             return path
 
     def close(self) -> None:
+        for pending in self._building.values():
+            pending.cancel()
         shutil.rmtree(self.root, ignore_errors=True)
