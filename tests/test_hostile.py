@@ -641,3 +641,19 @@ async def test_factor_size_carries_no_meaning_a_regauged_update_aggregates_as_it
         assert worst < 1e-5, (key, worst)
     finally:
         await node.stop()
+
+
+async def test_float64_factors_too_large_to_measure_are_refused_not_a_500(tmp_path, tiny_base):
+    """A float64 upload with finite B near 1e307 broke the float64 SVD (LinAlgError): 500."""
+    node = await start_node(tmp_path / "n", tiny_base)
+    try:
+        bomb = write_update(tmp_path / "b.safetensors", node.spec, 3)
+        save_file({k: (v.double() * (5e307 if "lora_B" in k else 1.0))
+                   for k, v in load_file(str(bomb)).items()}, str(bomb))
+        async with client(node) as c:
+            with pytest.raises(RejectedError) as refused:
+                await c.submit(bomb, examples=1)
+        assert refused.value.status == 422
+        assert refused.value.code in ("update_too_large", "ill_conditioned")
+    finally:
+        await node.stop()

@@ -302,3 +302,13 @@ def test_a_hub_id_and_its_local_copy_are_the_same_model(tmp_path, tiny_base, mon
             load_or_create_spec(ledger, settings(changed))
     finally:
         ledger.close()
+
+
+def test_reinit_to_join_another_federation_drops_the_old_admin_key(tmp_path):
+    """A founder's data dir re-initialised with --force --join kept the old federation's admin
+    key, and then would not load at all."""
+    init_data_dir(tmp_path / "mine", "first")
+    other = init_data_dir(tmp_path / "other", "second")
+    joined = init_data_dir(tmp_path / "mine", join_token=other.join_token(), force=True)
+    assert joined.federation == "second" and joined.admin_key is None
+    assert joined.admin_public_key == other.admin_public_key

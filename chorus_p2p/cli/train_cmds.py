@@ -71,16 +71,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         spec = FederationSpec.from_json(node.federation()["spec"])
         state = StateStore(work / "state", spec.modules, checkpoint_every=1 << 30,
                            transposed=spec.transposed)
-        done = missed = 0
+        done = missed = last = 0
         while done < args.rounds:
             deadline = time.monotonic() + args.wait
-            while (current := node.status()["current_round"]) is None:
+            # a round still collecting, after the last one tried (a round that closed without
+            # our update shows as aggregating or proposed for a moment: not that one again)
+            while (current := node.status()["current_round"]) is None or \
+                    current["round"] <= last or current["state"] not in ("open", "collecting"):
                 if time.monotonic() > deadline:
                     print(f"chorus-node: error: no round opened within --wait {args.wait:g}s",
                           file=sys.stderr, flush=True)
                     return 3
                 time.sleep(1.0)
             number, base = current["round"], current["trained_from"]
+            last = number
             adapter = node.pull(work / f"global-{base}", round=base, force=True)
             sync_from_node(node, state, base, work)
             with human_output(args.json), progress_bar(f"round {number}", "steps") as bar:

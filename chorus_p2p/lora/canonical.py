@@ -42,11 +42,6 @@ def cancellation(factors: LoraFactors, product_norm: float) -> float:
     return size / product_norm if product_norm > 0 else float("inf")
 
 
-def row_scale(factors: LoraFactors) -> float:
-    """RMS row norm of ``A``: the scale LoRA's ``A`` lives at (its initialisation's)."""
-    return float(torch.linalg.vector_norm(factors.A.double())) / max(factors.rank, 1) ** 0.5
-
-
 def canonical_factors(factors: LoraFactors, row_scale: float | None = None
                       ) -> tuple[LoraFactors, float]:
     """The sign-fixed factorization of ``factors``' product (float64) with ``A``'s rows at

@@ -149,8 +149,8 @@ def _check_ledger(data_dir: Path, report: Report, repair: bool) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for suffix in ("", "-wal", "-shm"):
         old = data_dir / (LEDGER_FILE + suffix)
-        if old.exists():
-            old.rename(data_dir / f"{LEDGER_FILE}{suffix}.damaged-{stamp}")
+        if old.exists():  # kept as SQLite names them, so the salvage reads the WAL's rows too
+            old.rename(data_dir / f"{LEDGER_FILE}.damaged-{stamp}{suffix}")
     ledger = Ledger(path)
     try:
         salvaged = salvage_rows(data_dir / f"{LEDGER_FILE}.damaged-{stamp}", ledger)
@@ -185,8 +185,13 @@ def salvage_rows(damaged: Path, ledger: Ledger) -> dict[str, int]:
         return copied
     source.row_factory = sqlite3.Row
     try:
+        try:
+            present = {r[0] for r in source.execute(
+                "select name from sqlite_master where type = 'table'")}
+        except sqlite3.DatabaseError:
+            return copied  # not a database at all: nothing to read
         for table in SALVAGED_TABLES:
-            if not ledger.db[table].exists():
+            if table not in present or not ledger.db[table].exists():
                 continue
             columns = set(ledger.db[table].columns_dict)
             rows = _readable_rows(source, table)

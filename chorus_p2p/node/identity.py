@@ -176,6 +176,8 @@ def init_data_dir(data_dir: str | os.PathLike, federation: str | None = None, *,
     _write_private(data_dir / IDENTITY_FILE, _pem(key))
     if admin_key is not None:
         _write_private(data_dir / FEDERATION_ADMIN_KEY_FILE, _pem(admin_key))
+    else:  # a re-init (--force) that joins: an old federation's admin key is not this one's
+        (data_dir / FEDERATION_ADMIN_KEY_FILE).unlink(missing_ok=True)
     _write_private(data_dir / FEDERATION_FILE, json.dumps(
         {"federation": federation, "secret": base64.b64encode(secret).decode(),
          "founder": not join_token,

@@ -267,7 +267,14 @@ class FederationSpec:
                 # The norm of the product as the canonical form holds it, in float64: that form
                 # is what the node aggregates, so factors that cancel (B A = 0 from factors of
                 # 1e30) cannot pass a bound here and then break the arithmetic there.
-                norm = canonical_factors(factors)[1]
+                try:
+                    if not bool(torch.isfinite(factors.B * factors.scale).all()):
+                        raise ArithmeticError("s B overflows float64")
+                    norm = canonical_factors(factors)[1]
+                except (ArithmeticError, RuntimeError) as exc:  # LinAlgError is a RuntimeError
+                    raise UpdateRejected("update_too_large", (
+                        f"module {module_name_from_prefix(prefix)}: the factors are too large "
+                        f"to measure in float64 ({exc}); no training step produces them"))
                 ratio = cancellation(factors, norm)
                 if not ratio <= MAX_FACTOR_CANCELLATION:
                     raise UpdateRejected("ill_conditioned", (
