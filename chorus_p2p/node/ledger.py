@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sqlite3
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -119,12 +120,6 @@ LOG_GENESIS = "chorus-p2p/log/v1"
 # not hashed: a data dir converted from 0.1 computes its first one from its own state.
 CHAINED_FIELDS = ("round", "trained_from", "strategy", "adapter_sha", "adapter_config_sha",
                   "residual_sha")
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def chain_hash(previous: str | None, row: dict[str, Any]) -> str:
@@ -454,8 +449,8 @@ class Ledger:
                 "r.state = ? and r.round < ? and r.round >= ? - ? and u.norm > 0 and "
                 "(u.status is null or u.status = 'accepted')", [COMMITTED, before, before, rounds]):
             per_round.setdefault(r["round"], []).append(r["norm"])
-        medians = [_median(norms) for norms in per_round.values()]
-        return _median(medians) if medians else None
+        medians = [statistics.median(norms) for norms in per_round.values()]
+        return statistics.median(medians) if medians else None
 
     def recent_own_norms(self, before: int, node_ids: list[str], rounds: int = 5
                          ) -> dict[str, float]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -59,16 +60,9 @@ def epsilon_of(noise_multipliers: list[float], delta: float) -> float:
     from dp_accounting import dp_event, rdp
 
     accountant = rdp.RdpAccountant()
-    for z, count in sorted(_counts(noise_multipliers).items()):
+    for z, count in sorted(Counter(noise_multipliers).items()):
         accountant.compose(dp_event.GaussianDpEvent(z), count)
     return float(accountant.get_epsilon(delta))
-
-
-def _counts(values: list[float]) -> dict[float, int]:
-    out: dict[float, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 class PrivacyBudget:
