@@ -96,8 +96,10 @@ def judge(rep: Report, ops: list[Op], counted: Counter, seen: dict[int, set[str]
     each node's working state."""
     first = next(iter(histories.values()), [])
     rep.committed_rounds = max(len(first) - 1, 0)
-    heads = {(rows[0]["round"], rows[0]["log_hash"]) for rows in histories.values() if rows}
-    rep.histories_agree = len(heads) == 1 and len(histories) == nodes
+    # Whole histories, not only heads: a node that lost a middle commit (a stale proposal
+    # written over it) still shows the same head, and its loss must not pass as agreement.
+    whole = {tuple((r["round"], r["log_hash"]) for r in rows) for rows in histories.values()}
+    rep.histories_agree = len(whole) == 1 and len(histories) == nodes
     rep.states_agree = len(state_digests) == 1
     rep.changed_rounds = {n: h for n, h in seen.items() if len(h) > 1}
     for op in ops:

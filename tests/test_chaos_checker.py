@@ -62,6 +62,10 @@ def inject_diverged_history(run):
     run[3][2][0]["log_hash"] = "fork"  # node 2's head differs
 
 
+def inject_lost_middle_commit(run):
+    del run[3][1][1]  # node 1 shows the same head but lacks committed round 1
+
+
 def inject_missing_node(run):
     del run[3][1]  # a node whose history could not be read
 
@@ -74,6 +78,7 @@ def inject_diverged_state(run):
     (inject_lost, "lost"), (inject_double, "duplicated"),
     (inject_refused_counted, "refused_but_counted"), (inject_changed_round, "changed_rounds"),
     (inject_diverged_history, "histories_agree"), (inject_missing_node, "histories_agree"),
+    (inject_lost_middle_commit, "histories_agree"),
     (inject_diverged_state, "states_agree"),
 ])
 def test_each_injected_violation_is_reported(inject, field):

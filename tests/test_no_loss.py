@@ -383,3 +383,58 @@ def test_of_two_updates_from_one_client_the_later_terms_wins(tmp_path):
                             "reason": "the coordinator holds a different update from this client"}]
     finally:
         ledger.close()
+
+
+async def test_a_proposal_fetched_as_follower_never_replaces_the_round_it_then_committed(
+        tmp_path, spec):
+    """The 60 s chaos run's loss (seed 7): node b2b5 followed the term-8 coordinator and began
+    fetching its proposal of round 57; while the fetch waited, b2b5 won term 9, recovered and
+    committed round 57 itself, and then the finished fetch wrote the term-8 proposal over its
+    own commit. Its history then lacked round 57 and the updates counted there looked lost.
+    Here the fetch is held open until this node has led and committed that round."""
+    from chorus_p2p.node.blobs import BlobStore
+    from chorus_p2p.node.events import EventBus
+    from chorus_p2p.node.ledger import COMMITTED, Ledger, PROPOSED, round_record
+    from chorus_p2p.node.rounds import RoundManager, RoundPolicy
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    blobs = BlobStore(tmp_path / "blobs")
+    rounds = RoundManager(ledger, blobs, spec, "race", "b2b5", RoundPolicy(), EventBus())
+    try:
+        base = {"strategy": "fedex", "config": {}, "opened_at": 0.0, "deadline_at": 0.0,
+                "log_hash": None}
+        ledger.insert_round({**base, "round": 1, "term": 1, "coordinator": "x",
+                             "state": COMMITTED, "trained_from": 0, "adapter_sha": "a" * 64})
+        ledger.insert_round({**base, "round": 2, "term": 8, "coordinator": "e642",
+                             "state": "collecting", "trained_from": 1})
+        proposal = {**round_record({**base, "round": 2, "term": 8, "coordinator": "e642",
+                                    "state": PROPOSED, "trained_from": 1,
+                                    "adapter_sha": "b" * 64}), "updates": []}
+        fetching, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_fetch(sha: str) -> None:
+            fetching.set()
+            await release.wait()
+
+        async def no_history(after: int) -> dict:
+            raise AssertionError("the payload's commit is ours: no history to fetch")
+
+        # the coordinator's commit is ours (round 1, no chain hash): only its proposal is new
+        payload = {"commit": 1, "commit_id": None, "proposal": proposal, "current": None}
+        follow = asyncio.create_task(rounds.apply_from_coordinator(payload, slow_fetch,
+                                                                   no_history))
+        await asyncio.wait_for(fetching.wait(), 10)
+        # meanwhile this node leads term 9 and commits round 2 with its own result
+        rounds.leading_term = 9
+        ledger.commit_round(2, {"term": 9, "coordinator": "b2b5", "adapter_sha": "c" * 64,
+                                "committed_at": 1.0}, None, ("round_committed", {}))
+        release.set()
+        await asyncio.wait_for(follow, 10)
+        row = ledger.round(2)
+        assert (row["state"], row["term"], row["adapter_sha"]) == (COMMITTED, 9, "c" * 64)
+        # and the ledger itself refuses a stale mirror of a committed round, whoever calls it
+        rounds.leading_term = None
+        assert ledger.mirror_round(round_record(proposal), [], 1) == []
+        assert ledger.round(2)["state"] == COMMITTED
+    finally:
+        ledger.close()

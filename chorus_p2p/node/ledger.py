@@ -239,9 +239,20 @@ class Ledger:
         ``committed``. Our other uncommitted rounds are superseded (their updates kept in
         ``dropped_updates``); a different update of ours for the same client is dropped the same
         way; our updates the coordinator lacks stay, and are returned so the caller can hand them
-        to the coordinator."""
+        to the coordinator.
+
+        A committed round is never replaced: the caller's ``committed`` was read before it
+        awaited the blobs, and meanwhile this node may have led and committed that very round
+        (the 60 s chaos run's loss: a term-8 proposal overwrote the term-9 commit of round 57).
+        So the newest committed round is read again inside the transaction, and a record at or
+        below it changes nothing."""
         number = record["round"]
         with self.db.atomic():
+            newest = list(self.db.query("select max(round) as n from rounds where state = ?",
+                                        [COMMITTED]))[0]["n"]
+            committed = max(committed, newest if newest is not None else -1)
+            if number <= committed:
+                return []
             for other in self.db.query("select round, trained_from from rounds where round > ? "
                                        "and state != ?", [committed, COMMITTED]):
                 if other["round"] != number or other["trained_from"] != record["trained_from"]:

@@ -751,13 +751,15 @@ class RoundManager:
         differ, we stop following, report both heads (``history_diverged``) and wait for an
         admin to resolve it (``chorus-node resolve``, which archives ours)."""
         async with self._sync_lock:
-            if self.is_coordinator or self.diverged:
+            if self._stopped_following():
                 return
             committed = self.ledger.latest_committed()
             mine = committed["round"] if committed else 0
             if payload["commit"] > mine or (payload["commit"] == mine
                                             and payload.get("commit_id") != _commit_id(committed)):
                 history = await fetch_history(max(0, mine - 1))
+                if self._stopped_following():
+                    return
                 ours = next((r for r in history["rounds"] if r["round"] == mine), None)
                 if mine > 0 and (ours is None or _commit_id(ours) != _commit_id(committed)):
                     self._report_divergence(committed, payload)
@@ -775,11 +777,19 @@ class RoundManager:
                         await fetch_blob(proposal[key])
                 for update in updates:
                     await fetch_blob(update["blob_sha"])
+                if self._stopped_following():
+                    return
                 _check_chain(committed, proposal)
                 self._hand_off(self.ledger.mirror_round(round_record(proposal), updates, mine))
             current = payload.get("current")
             if current and current["round"] > mine:
                 await self._mirror_current(current, mine, fetch_blob)
+
+    def _stopped_following(self) -> bool:
+        """Checked again after every await of the follower's sync: a payload fetched as a
+        follower must not be written once this node leads (it may have committed the round
+        meanwhile) or has reported a divergence."""
+        return self.is_coordinator or bool(self.diverged)
 
     def _report_divergence(self, committed: dict[str, Any], payload: dict[str, Any]) -> None:
         self.diverged = {"ours": {"round": committed["round"], "log_hash": committed["log_hash"]},
@@ -824,6 +834,8 @@ class RoundManager:
         for update in updates:
             if not self.blobs.has(update["blob_sha"]):
                 await fetch_blob(update["blob_sha"])
+        if self._stopped_following():
+            return
         known = self.ledger.round(current["round"])
         self._hand_off(self.ledger.mirror_round(round_record(current), updates, mine))
         if known is None:
@@ -868,6 +880,8 @@ class RoundManager:
                 if update["round"] == row["round"] and row["round"] > max(base, audit_from) \
                         and not self.blobs.has(update["blob_sha"]):
                     await fetch_blob(update["blob_sha"])
+        if self._stopped_following():
+            return
         self.ledger.settle_committed([round_record(r) for r in rounds], updates)
         self.ledger.set_pruned([n for n in without_blobs if not self._holds_round(n)])
         for row in rounds:
