@@ -34,6 +34,15 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def spec(tiny_base):
+    """The federation every node test trains: the tiny model at nodeutil's rank and targets."""
+    from chorus_p2p.node.spec import FederationSpec
+    from nodeutil import ALPHA, RANK, TARGETS
+
+    return FederationSpec.build(str(tiny_base), RANK, ALPHA, TARGETS)
+
+
+@pytest.fixture(scope="session")
 def client_adapters(tiny_base, tmp_path_factory) -> list[Path]:
     """Three clients with different ranks, alphas and one with rsLoRA: the heterogeneous case."""
     root = tmp_path_factory.mktemp("clients")

@@ -194,3 +194,87 @@ def test_a_bad_client_reply_is_left_out_not_fatal(tmp_path, tiny_base):
                             state[f"{prefix}.lora_A.weight"].double()) + delta[prefix].double()
         assert float((got - mean).norm() / mean.norm()) <= 1e-5, prefix
     assert strategy.state.round == 2 and result.train_metrics_clientapp[2]["excluded"] == 3
+
+
+def test_a_dp_policy_on_the_server_refuses_replies_as_a_node_does(tmp_path, tiny_base):
+    """Issue 26 #5 for Flower: with ``dp_policy`` the strategy takes only replies that declare
+    local DP at least that strong and carry the noise they declare, measured from the adapter
+    it sent; a raw reply and a forged declaration are left out with the node's codes."""
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+    from safetensors.torch import load_file
+
+    from chorus_p2p.flower import ExactLoRA
+    from chorus_p2p.flower.inprocess import PreparedGrid
+    from chorus_p2p.flower.records import DP_KEY, adapter_record, write_adapter_file
+    from chorus_p2p.node.dp_policy import DPPolicy, read_declaration
+    from chorus_p2p.tiny import write_random_update
+    from chorus_p2p.train.privacy import BudgetFile, DPConfig, PrivacyBudget, privatize_file
+
+    spec = FederationSpec.build(str(tiny_base), 4, 8.0, TARGETS)
+    config = DPConfig(epsilon=100.0, clip=0.5, noise_multiplier=1.0)
+
+    def reply(i, message):
+        sent = write_adapter_file(message.content.array_records["arrays"],
+                                  tmp_path / f"sent-{i}.safetensors")
+        trained = write_random_update(tmp_path / f"trained-{i}.safetensors", spec, seed=i)
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 10})})
+        if i == 0:  # raw: no declaration
+            content["arrays"] = adapter_record(load_file(str(trained)))
+            return content
+        noised = tmp_path / f"noised-{i}.safetensors"
+        privatize_file(sent, trained, noised, PrivacyBudget(
+            BudgetFile(tmp_path / f"budget-{i}.json"), config))
+        declared = read_declaration(noised)
+        # node 2 declares the noise but sends its raw adapter; nodes 3 and 4 are honest
+        content["arrays"] = adapter_record(load_file(str(trained if i == 1 else noised)))
+        content[DP_KEY] = ConfigRecord(declared)
+        return content
+
+    strategy = ExactLoRA(spec, tmp_path / "server", fraction_evaluate=0.0, min_train_nodes=4,
+                         min_available_nodes=4, dp_policy=DPPolicy(max_epsilon=100.0,
+                                                                   min_noise=1.0))
+    strategy.start(PreparedGrid(4, reply), strategy.initial_arrays("t"), num_rounds=1)
+    reasons = strategy.excluded[1]
+    assert len(reasons) == 2, reasons
+    assert any("node 1: dp_required" in r for r in reasons)
+    assert any("node 2: dp_noise_missing" in r for r in reasons)
+    assert strategy.state.round == 1  # the two honest ones aggregated
+
+
+def test_a_dp_client_trains_and_its_noised_reply_passes_the_servers_policy(tmp_path,
+                                                                         tiny_lm_dir):
+    """``ExactLoRAClient(dp=...)``: real training on the tiny model, the change clipped and
+    noised before it leaves, no losses in the reply, a declaration the strategy's policy
+    accepts (noise measured); two rounds, one budget file that counts both."""
+    from flwr.app import Context, RecordDict
+
+    from chorus_p2p.flower import ExactLoRA, ExactLoRAClient
+    from chorus_p2p.flower.inprocess import PreparedGrid
+    from chorus_p2p.flower.records import DP_KEY
+    from chorus_p2p.node.dp_policy import DPPolicy
+    from chorus_p2p.train.data import Dataset
+    from chorus_p2p.train.privacy import DPConfig
+    from chorus_p2p.train.trainer import TrainConfig
+
+    spec = FederationSpec.build(str(tiny_lm_dir), 4, 8.0, TARGETS)
+    data = Dataset.load(str(Path(__file__).resolve().parents[1] / "examples" / "data" /
+                            "kitchen.jsonl"))
+    clients = [ExactLoRAClient(tiny_lm_dir, spec, tmp_path / f"client-{i}",
+                               dp=DPConfig(epsilon=100.0, clip=0.5, noise_multiplier=1.0))
+               for i in range(2)]
+    replies = []
+
+    def reply(i, message):
+        context = Context(run_id=1, node_id=i + 1, node_config={}, state=RecordDict(),
+                          run_config={})
+        answer = clients[i].train(message, context, data, TrainConfig(steps=2, seed=i))
+        replies.append(answer.content)
+        return answer.content
+
+    strategy = ExactLoRA(spec, tmp_path / "server", fraction_evaluate=0.0, min_train_nodes=2,
+                         min_available_nodes=2,
+                         dp_policy=DPPolicy(max_epsilon=100.0, min_noise=1.0))
+    strategy.start(PreparedGrid(2, reply), strategy.initial_arrays("t"), num_rounds=2)
+    assert strategy.excluded == {} and strategy.state.round == 2
+    assert all("train-loss" not in c["metrics"] for c in replies)
+    assert [int(c.config_records[DP_KEY]["releases"]) for c in replies] == [1, 1, 2, 2]

@@ -220,11 +220,6 @@ def data_dir(tmp_path) -> Path:
     return tmp_path / "d"
 
 
-@pytest.fixture(scope="module")
-def spec(tiny_base):
-    return FederationSpec.build(str(tiny_base), RANK, ALPHA, TARGETS)
-
-
 async def test_kill_during_the_state_update_rebuilds_it_exactly(tmp_path, tiny_base, spec, data_dir):
     proc = NodeProcess(data_dir, tiny_base, env={FAULT_APPLY_DELAY_ENV: "1.0"})
     url = proc.start()

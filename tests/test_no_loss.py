@@ -18,18 +18,12 @@ import pytest
 from chorus_p2p.client import AsyncNodeClient, ConflictError, NodeClient, NodeError
 from chorus_p2p.netlab import free_loopback_ports
 from chorus_p2p.node.identity import copy_admin_key, init_data_dir
-from chorus_p2p.node.spec import FederationSpec
 
 from nodeutil import (ALPHA, RANK, TARGETS, Federation, NodeProcess, history, run_round,
                       start_node, wait_for, write_update)
 
 pytestmark = pytest.mark.timeout(300)
 FAST = ["--election-timeout", "0.5", "--min-updates", "1", "--round-deadline", "600"]
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_base):
-    return FederationSpec.build(str(tiny_base), RANK, ALPHA, TARGETS)
 
 
 class Processes:

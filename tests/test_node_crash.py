@@ -15,7 +15,6 @@ from chorus_p2p.node.blobs import BlobStore, sha256_file
 from chorus_p2p.node.identity import init_data_dir, load_identity
 from chorus_p2p.node.ledger import Ledger
 from chorus_p2p.node.rounds import FAULT_DELAY_ENV
-from chorus_p2p.node.spec import FederationSpec
 
 from nodeutil import ALPHA, RANK, TARGETS, NodeProcess, blob_files, wait_for, write_update
 
@@ -26,11 +25,6 @@ pytestmark = pytest.mark.timeout(300)
 def data_dir(tmp_path):
     init_data_dir(tmp_path / "node", "crashlab")
     return tmp_path / "node"
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_base):
-    return FederationSpec.build(str(tiny_base), RANK, ALPHA, TARGETS)
 
 
 def client(url, data_dir, client_id):

@@ -13,7 +13,6 @@ import pytest
 
 from chorus_p2p.client import ConflictError, NodeClient, NodeError
 from chorus_p2p.node.identity import init_data_dir
-from chorus_p2p.node.spec import FederationSpec
 
 from chorus_p2p.netlab import NetLab, namespaces_unavailable, wait_until
 from nodeutil import ALPHA, RANK, TARGETS, write_update
@@ -23,11 +22,6 @@ pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"virtual LAN unavai
               pytest.mark.timeout(300)]
 NODE_ARGS = ["--rank", str(RANK), "--alpha", str(ALPHA), "--target-modules", ",".join(TARGETS),
              "--election-timeout", "0.5", "--min-updates", "2"]
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_base):
-    return FederationSpec.build(str(tiny_base), RANK, ALPHA, TARGETS)
 
 
 def make_dirs(tmp_path, n: int, name: str = "vlan"):

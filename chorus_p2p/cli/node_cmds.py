@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chorus_p2p.cli.output import print_json
-from chorus_p2p.cli.types import add_dataset_options, add_precision_options
+from chorus_p2p.cli.types import add_dataset_options, add_dp_options, add_precision_options
 from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
 from chorus_p2p.lora.names import STRATEGIES
 from chorus_p2p.node.settings import DEFAULT_DATA_DIR
@@ -130,17 +130,31 @@ def _when(ts: float | None) -> str:
 def _cmd_init(args: argparse.Namespace) -> int:
     from chorus_p2p.node.identity import init_data_dir
 
+    from chorus_p2p.errors import UsageError
+    from chorus_p2p.node.dp_policy import DPPolicy
+
     join = _join_token(args) if (args.join or args.join_file) else None
+    dp_policy = None
+    if args.require_dp:
+        if args.dp_max_epsilon is None:
+            raise UsageError("--require-dp needs --dp-max-epsilon (the most a node may spend)")
+        dp_policy = DPPolicy(args.dp_max_epsilon, args.dp_min_noise, args.dp_max_delta).to_json()
+    elif args.dp_max_epsilon is not None:
+        raise UsageError("--dp-max-epsilon belongs with --require-dp")
     identity = init_data_dir(_data_dir(args), args.federation, join_token=join,
                              force=args.force,
-                             admission="approval" if args.approve_joins else "open")
+                             admission="approval" if args.approve_joins else "open",
+                             dp_policy=dp_policy)
     if args.json:
         _print_json({"node_id": identity.node_id, "federation": identity.federation,
-                     "data_dir": str(identity.data_dir), "join_token": identity.join_token()})
+                     "data_dir": str(identity.data_dir), "join_token": identity.join_token(),
+                     "dp_policy": identity.dp_policy})
         return 0
     print(f"node {identity.node_id} of federation {identity.federation!r} in {identity.data_dir}")
     print("join token (give it to the other machines; it is a secret):")
     print(f"  {identity.join_token()}")
+    if identity.dp_policy:
+        print(DPPolicy.from_json(identity.dp_policy).describe())
     return 0
 
 
@@ -226,6 +240,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
             else "not verified yet")
         print(f"state       R at round {state['round']} ({health}); checkpoint "
               f"{checkpoint['round'] if checkpoint else 'none yet'}")
+    privacy = status.get("privacy") or {}
+    if privacy.get("local"):
+        local = privacy["local"]
+        print(f"privacy     local DP: epsilon {local['epsilon_spent']:.3f} of "
+              f"{local['epsilon_budget']:g} spent at delta {local['delta']:g} over "
+              f"{local['releases']} release(s); unit: {local['unit']}"
+              f"{' (BUDGET SPENT: not submitting)' if local['exhausted'] else ''}")
+    if privacy.get("policy"):
+        policy = privacy["policy"]
+        print(f"dp policy   every update: noise >= {policy['min_noise']:g}, epsilon <= "
+              f"{policy['max_epsilon']:g}, delta <= {policy['max_delta']:g}")
     return 0
 
 
@@ -471,6 +496,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     init.add_argument("--approve-joins", action="store_true",
                       help="new federation: every node holds a newcomer as pending until an "
                            "admin approves it (the join token carries this policy)")
+    init.add_argument("--require-dp", action="store_true",
+                      help="new federation: every update must declare local DP at least as "
+                           "strong as --dp-min-noise/--dp-max-epsilon/--dp-max-delta (the join "
+                           "token carries this policy; nodes refuse raw updates)")
+    init.add_argument("--dp-max-epsilon", type=float, metavar="EPS",
+                      help="with --require-dp: the most epsilon a node may have spent")
+    init.add_argument("--dp-min-noise", type=float, default=1.0, metavar="Z",
+                      help="with --require-dp: the least noise multiplier (default 1.0)")
+    init.add_argument("--dp-max-delta", type=float, default=1e-5, metavar="DELTA",
+                      help="with --require-dp: the largest delta (default 1e-5)")
     init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(handler=_cmd_init)
 
@@ -540,13 +575,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                          "recently accepted ones (default 100; 0 turns it off)")
     up.add_argument("--outlier-mad", type=float, metavar="K",
                     help="robust filter: leave out updates more than K MADs from the median norm")
-    up.add_argument("--dp-epsilon", type=float, metavar="EPS",
-                    help="differential privacy budget for this node's updates (with --train)")
-    up.add_argument("--dp-delta", type=float, metavar="DELTA", help="DP delta (default 1e-5)")
-    up.add_argument("--dp-clip", type=float, metavar="C",
-                    help="L2 bound on each round's update (required with --dp-epsilon)")
-    up.add_argument("--dp-noise", type=float, metavar="SIGMA",
-                    help="Gaussian noise multiplier (default 1.0): noise std = SIGMA * C")
+    add_dp_options(up, defaults=False)
     up.add_argument("--train", action="store_true", default=None,
                     help="train on --dataset every round and submit the update")
     up.add_argument("--dataset", metavar="PATH", help="JSONL/JSON/CSV (text, or instruction/"

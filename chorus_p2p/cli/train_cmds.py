@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -11,8 +12,8 @@ from pathlib import Path
 
 from chorus_p2p.cli.output import human_output, print_json, print_json_line
 from chorus_p2p.cli.progress import progress_bar
-from chorus_p2p.cli.types import (add_dataset_options, add_precision_options, non_negative_int,
-                                  positive_int, round_or_latest)
+from chorus_p2p.cli.types import (add_dataset_options, add_dp_options, add_precision_options,
+                                  non_negative_int, positive_int, round_or_latest)
 from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 
 
@@ -68,7 +69,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     with _client(args) as node, tempfile.TemporaryDirectory(prefix="chorus-train-") as tmp:
         work = Path(tmp)
-        spec = FederationSpec.from_json(node.federation()["spec"])
+        info = node.federation()
+        spec = FederationSpec.from_json(info["spec"])
+        budget = _privacy_budget(args, info)
         state = StateStore(work / "state", spec.modules, checkpoint_every=1 << 30,
                            transposed=spec.transposed)
         done = missed = last = 0
@@ -91,10 +94,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 result = train_round(args.model, adapter, state.read(base), dataset, config,
                                      work / f"client-{number}", progress=None if bar is None
                                      else lambda step, loss: bar(step, config.steps))
+            losses = {"eval_loss": result.eval_loss, "train_loss": result.train_loss}
+            sent: Path = result.adapter_dir
+            if budget is not None:  # what leaves is the noised change; losses stay here
+                from chorus_p2p.train.privacy import BudgetExhausted, privatize_file
+
+                sent = work / f"update-{number}.safetensors"
+                try:
+                    _, spent = privatize_file(adapter / "adapter_model.safetensors",
+                                              result.adapter_dir / "adapter_model.safetensors",
+                                              sent, budget, number)
+                except BudgetExhausted as exc:
+                    print(f"chorus-node: {exc}", file=sys.stderr, flush=True)
+                    return 3
+                losses = {"eval_loss": None, "train_loss": None}
+                print(f"round {number}: local DP epsilon spent {spent:.3f} of "
+                      f"{budget.config.epsilon:g} (delta {budget.config.delta:g}, per this "
+                      "account's data sent to this federation)", file=sys.stderr, flush=True)
             try:
-                accepted = node.submit(result.adapter_dir, round=number,
-                                       examples=result.examples, trained_from=base,
-                                       eval_loss=result.eval_loss, train_loss=result.train_loss)
+                accepted = node.submit(sent, round=number, examples=result.examples,
+                                       trained_from=base, **losses)
             except ConflictError as exc:
                 # The nodes committed the round first (min_updates met without us): routine in
                 # a federation that does not wait for everyone. Train the next one instead.
@@ -113,11 +132,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
             else:
                 print(f"round {number}: trained {config.steps} steps on {result.examples} "
                       f"examples, train loss {result.train_loss:.3f}, eval loss "
-                      f"{result.eval_loss:.3f}; submitted", flush=True)
+                      f"{result.eval_loss:.3f}; submitted"
+                      f"{' (noised: local DP)' if budget is not None else ''}", flush=True)
             if done < args.rounds:
                 while node.round(number)["state"] != "committed":
                     time.sleep(0.5)
     return 0
+
+
+def _privacy_budget(args: argparse.Namespace, info: dict):
+    """The local-DP budget ``train`` spends from, or None. A federation whose policy requires
+    DP gets no raw update from here; a budget file that recorded releases before, used now
+    without DP, gets a loud warning (its earlier guarantee says nothing of raw updates)."""
+    from chorus_p2p.errors import UsageError
+    from chorus_p2p.node.dp_policy import DPPolicy
+    from chorus_p2p.train.privacy import (BudgetFile, DPConfig, PrivacyBudget,
+                                          default_budget_file)
+
+    policy = DPPolicy.from_json(info.get("dp_policy"))
+    path = Path(args.dp_budget_file) if args.dp_budget_file else \
+        default_budget_file(info["federation"])
+    if args.dp_epsilon is None:
+        if policy is not None:
+            raise UsageError(f"this federation requires local DP ({policy.describe()}): give "
+                             "--dp-epsilon, --dp-clip and --dp-noise")
+        released = json.loads(BudgetFile(path).get_meta("dp_releases", "[]") or "[]")
+        if released:
+            print(f"chorus-node: WARNING: {path} records {len(released)} differentially "
+                  "private release(s) to this federation, and this run sends RAW updates (no "
+                  "--dp-epsilon): they carry no privacy guarantee", file=sys.stderr, flush=True)
+        return None
+    if args.dp_clip is None:
+        raise UsageError("--dp-epsilon needs --dp-clip (the L2 bound on each round's change)")
+    try:
+        config = DPConfig(args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_noise)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if policy is not None:
+        policy.check_settings(config.noise_multiplier, config.delta, config.epsilon,
+                              "this run's --dp-* setting")
+    return PrivacyBudget(BudgetFile(path), config)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -214,6 +268,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--json", action="store_true",
                        help="one JSON line per round (JSON Lines), for scripts")
     train.add_argument("--wait", type=float, default=600, help="seconds to wait for a round")
+    add_dp_options(train)
+    train.add_argument("--dp-budget-file", metavar="PATH",
+                       help="where the spent budget is kept across runs (default "
+                            "$XDG_STATE_HOME/chorus-p2p/dp-budget-FEDERATION.json)")
     _training_options(train, 2e-4)
     train.set_defaults(handler=_cmd_train)
 

@@ -70,3 +70,18 @@ def add_dataset_options(parser: argparse.ArgumentParser, defaults: bool = True) 
                              "(default train)")
     parser.add_argument("--dataset-config", metavar="NAME",
                         help="configuration of a hub dataset (datasets.load_dataset's name)")
+
+
+def add_dp_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Local differential privacy, the same flags wherever an update is made (``up --train``,
+    ``train``). ``defaults=False`` leaves unset flags None, for commands whose environment and
+    config file fill them in."""
+    parser.add_argument("--dp-epsilon", type=float, metavar="EPS",
+                        help="local DP: the budget this data may spend, at --dp-delta (the unit:"
+                             " the sender's whole local dataset, add/remove)")
+    parser.add_argument("--dp-delta", type=float, metavar="DELTA",
+                        default=1e-5 if defaults else None, help="DP delta (default 1e-5)")
+    parser.add_argument("--dp-clip", type=float, metavar="C",
+                        help="L2 bound on each round's change (required with --dp-epsilon)")
+    parser.add_argument("--dp-noise", type=float, metavar="Z", default=1.0 if defaults else None,
+                        help="Gaussian noise multiplier (default 1.0): noise std = Z * C")

@@ -12,13 +12,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from chorus_p2p.flower.records import (STATE_KEY, STATE_ROUND_METRIC, adapter_record,
+from chorus_p2p.flower.records import (DP_KEY, STATE_KEY, STATE_ROUND_METRIC, adapter_record,
                                        write_adapter_folder, write_delta)
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.state.store import StateStore
 from chorus_p2p.train.data import Dataset
+from chorus_p2p.train.privacy import DPConfig
 from chorus_p2p.train.trainer import TrainConfig, eval_global, train_round
 
 
@@ -29,10 +30,20 @@ class StateGap(RuntimeError):
 class ExactLoRAClient:
     """Train and evaluate the exact global model on one node's data."""
 
-    def __init__(self, model_path: str | Path, spec: FederationSpec, workdir: str | Path):
+    def __init__(self, model_path: str | Path, spec: FederationSpec, workdir: str | Path, *,
+                 dp: "DPConfig | None" = None, budget_file: str | Path | None = None):
+        """``dp``: release only the clipped and noised change (local DP, the mechanism a node
+        uses), spending from ``budget_file`` (default ``workdir/dp-budget.json``, kept across
+        runs: a new run is not a new budget)."""
         self.model_path = str(model_path)
         self.spec = spec
         self.workdir = Path(workdir)
+        self.budget = None
+        if dp is not None:
+            from chorus_p2p.train.privacy import BudgetFile, PrivacyBudget
+
+            self.budget = PrivacyBudget(BudgetFile(budget_file or self.workdir /
+                                                   "dp-budget.json"), dp)
 
     def _state(self, context: Context) -> StateStore:
         root = self.workdir / f"run-{context.run_id}" / f"node-{context.node_id}"
@@ -70,13 +81,24 @@ class ExactLoRAClient:
                                  config, scratch / "trained")
             from safetensors.torch import load_file
 
-            trained = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
-        content = RecordDict({
-            "arrays": adapter_record(trained),
-            "metrics": MetricRecord({"num-examples": result.examples,
-                                     "train-loss": result.train_loss,
-                                     "eval-loss": result.eval_loss,
-                                     STATE_ROUND_METRIC: state.round})})
+            released = result.adapter_dir / "adapter_model.safetensors"
+            metrics = {"num-examples": result.examples, "train-loss": result.train_loss,
+                       "eval-loss": result.eval_loss, STATE_ROUND_METRIC: state.round}
+            declared = None
+            if self.budget is not None:  # the noised change leaves; the losses stay here
+                from chorus_p2p.node.dp_policy import read_declaration
+                from chorus_p2p.train.privacy import privatize_file
+
+                noised = scratch / "noised.safetensors"
+                privatize_file(global_dir / "adapter_model.safetensors", released, noised,
+                               self.budget)
+                released, declared = noised, read_declaration(noised)
+                del metrics["train-loss"], metrics["eval-loss"]
+            trained = load_file(str(released))
+        content = RecordDict({"arrays": adapter_record(trained),
+                              "metrics": MetricRecord(metrics)})
+        if declared is not None:
+            content[DP_KEY] = ConfigRecord(declared)
         return Message(content=content, reply_to=message)
 
     def evaluate(self, message: Message, context: Context, data: Dataset,

@@ -25,6 +25,7 @@ DELTA_KEY = "chorus.delta.{round}"  # the factored D of one committed round (an 
 DELTA_META_KEY = "chorus.delta-meta.{round}"  # its safetensors metadata (a ConfigRecord)
 STATE_KEY = "chorus.state"  # which rounds this message's deltas cover, and the spec's fingerprint
 STATE_ROUND_METRIC = "chorus-state-round"  # a client's reply: the round its R has reached
+DP_KEY = "chorus.dp"  # a client's reply under local DP: its declaration (dp_policy.MECHANISM, ...)
 
 
 def adapter_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:

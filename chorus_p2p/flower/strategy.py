@@ -38,12 +38,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from chorus_p2p.flower.records import (STATE_KEY, STATE_ROUND_METRIC, add_delta, adapter_record,
+from chorus_p2p.flower.records import (DP_KEY, STATE_KEY, STATE_ROUND_METRIC, add_delta, adapter_record,
                                        write_adapter_file, write_adapter_folder)
 from chorus_p2p.errors import AdapterError
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 from chorus_p2p.lora.residual import RESIDUAL_FILE
+from chorus_p2p.node.dp_policy import DPPolicy, check_declared, check_release, parse_declaration
 from chorus_p2p.node.spec import FederationSpec, UpdateRejected
 from chorus_p2p.state.store import StateStore
 
@@ -56,16 +57,21 @@ class ExactLoRA(FedAvg):
     ``spec`` fixes the base model, rank, alpha and target modules (every client must use the
     same; they check its fingerprint). Weights are the clients' ``num-examples`` (Flower's
     ``weighted_by_key``). ``keep_updates`` also stores each round's client adapters (PEFT
-    folders under ``rounds/round-N/updates``). The other keyword arguments are :class:`FedAvg`'s.
+    folders under ``rounds/round-N/updates``). ``dp_policy`` refuses, as a node does, every
+    reply that does not declare local DP at least that strong or lacks the noise it declares
+    (clients: ``ExactLoRAClient(dp=...)``). The other keyword arguments are :class:`FedAvg`'s.
     """
 
     def __init__(self, spec: FederationSpec, workdir: str | Path, *,
                  aggregation: str = DEFAULT_STRATEGY, checkpoint_every: int = 10,
-                 resume: bool = False, keep_updates: bool = False, **fedavg_options) -> None:
+                 resume: bool = False, keep_updates: bool = False,
+                 dp_policy: DPPolicy | None = None, **fedavg_options) -> None:
         if aggregation not in STRATEGIES:
             raise ValueError(f"unknown aggregation {aggregation!r}; one of {', '.join(STRATEGIES)}")
         super().__init__(**fedavg_options)
         self.spec, self.aggregation, self.keep_updates = spec, aggregation, keep_updates
+        self.dp_policy = dp_policy
+        self._sent: ArrayRecord | None = None  # the adapter this round's clients started from
         self.workdir = Path(workdir)
         if not resume and (self.workdir / "state").exists():
             raise FileExistsError(f"{self.workdir}/state holds an earlier run's R; pass "
@@ -105,6 +111,7 @@ class ExactLoRA(FedAvg):
     # -- configure: the adapter, plus each node's missing D's ----------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._sent = arrays
         return [self._with_state(m) for m in super().configure_train(
             server_round, arrays, config, grid)]
 
@@ -146,6 +153,8 @@ class ExactLoRA(FedAvg):
                     record = message.content.array_records[self.arrayrecord_key]
                     write_adapter_file(record, path)
                     self.spec.validate_update(path)
+                    if self.dp_policy is not None:
+                        self._check_dp(message, path, Path(scratch))
                     metrics = next(iter(message.content.metric_records.values()))
                     weight = float(metrics[self.weighted_by_key])
                     if not weight > 0:
@@ -189,6 +198,16 @@ class ExactLoRA(FedAvg):
         if self.aggregation != "fedavg":
             metrics["residual-energy"] = float(report.residual_energy)
         return adapter_record(_load(out / ADAPTER_FILE)), metrics
+
+    def _check_dp(self, message: Message, path: Path, scratch: Path) -> None:
+        """The federation's DP policy, as a node enforces it: a declared release at least as
+        strong as the policy, carrying the noise it declares (measured from the adapter sent)."""
+        record = message.content.config_records.get(DP_KEY)
+        declared = parse_declaration(dict(record) if record is not None else None)
+        check_declared(self.dp_policy, declared)
+        if self._sent is not None:
+            start = write_adapter_file(self._sent, scratch / "sent.safetensors")
+            check_release(declared, path, start)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -17,6 +17,7 @@ import logging
 import sqlite3
 import tarfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -25,6 +26,7 @@ from chorus_p2p import __version__
 from chorus_p2p.node import admin
 from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers, verify_identity
 from chorus_p2p.node.blobs import BlobError, is_sha256
+from chorus_p2p.node.dp_policy import check_update as check_dp
 from chorus_p2p.node.guard import guard_middleware
 from chorus_p2p.node.events import CLOSING, recorded_level
 from chorus_p2p.node.ledger import round_record
@@ -56,6 +58,7 @@ STATUS_FOR_CODE = {
     "busy": 409, "coordinator_unreachable": 503, "coordinator_error": 502,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
+    "dp_required": 403, "dp_insufficient": 403, "dp_noise_missing": 422,
     "internal": 500,
 }
 
@@ -322,6 +325,7 @@ async def federation(request: web.Request) -> web.Response:
     return web.json_response({"federation": node.identity.federation,
                               "spec": node.spec.to_json(), "fingerprint": node.spec.fingerprint(),
                               "policy": node.policy_json(),
+                              "dp_policy": node.policy_json()["dp_policy"],
                               "adapter_config": node.spec.adapter_config(),
                               "max_update_bytes": node.spec.max_update_bytes()})
 
@@ -416,6 +420,9 @@ async def submit_update(request: web.Request) -> web.Response:
             raise ApiError("body_mismatch", "body does not match its signed sha256 (truncated or "
                            "altered in transit)")
         norm = await asyncio.to_thread(node.spec.validate_update, temp)
+        if node.dp_policy is not None:
+            await asyncio.to_thread(check_dp, node.dp_policy, temp,
+                                    _adapter_path(node, trained_from))
         accepted = await node.rounds.accept(number, caller, temp, digest.hexdigest(), size,
                                             examples, trained_from, norm, losses)
     except BaseException:
@@ -429,6 +436,16 @@ async def submit_update(request: web.Request) -> web.Response:
         # A re-send of an update that was left out: durable, but it will not count.
         body.update(status="excluded", reason=recorded.get("reason"))
     return web.json_response(body, status=200 if accepted.duplicate else 201)
+
+
+def _adapter_path(node: "Node", number: int) -> Path | None:
+    """The committed global adapter of round ``number`` on this node, if it still holds it (an
+    update's DP noise is measured from it)."""
+    row = node.ledger.round(number)
+    if row is None or row["state"] != "committed" or not row.get("adapter_sha") \
+            or not node.blobs.has(row["adapter_sha"]):
+        return None
+    return node.blobs.path(row["adapter_sha"])
 
 
 def _committed_round(request: web.Request, *, files: bool = True) -> dict[str, Any]:

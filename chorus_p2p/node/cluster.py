@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from chorus_p2p.node.dp_policy import policy_json
 from chorus_p2p.node.ledger import round_record
 from chorus_p2p.node.rounds import UPDATE_KEYS
 from chorus_p2p.node.peers import PeerClient, PeerError
@@ -564,6 +565,7 @@ class Cluster:
         return {"node_id": self.node.node_id, "url": self.node.url,
                 "federation": self.node.identity.federation, "name": socket.gethostname(),
                 "fingerprint": self.node.spec.fingerprint(),
+                "dp_policy": policy_json(self.node.dp_policy),
                 "public_key": self.node.identity.public_key_bytes.hex(), "term": self.term,
                 "role": self.role, "coordinator": self.coordinator, "joined": self.joined,
                 "members": self.member_json()}
@@ -1118,6 +1120,13 @@ class Cluster:
         if body.get("fingerprint") != self.node.spec.fingerprint():
             raise UpdateRejected("spec_mismatch", "this federation trains different modules, "
                                  "rank or alpha; check --rank/--alpha/--target-modules/--model")
+        if body.get("dp_policy") != policy_json(self.node.dp_policy):
+            # A token with the DP policy stripped (or another one) makes a node that would
+            # send raw updates: it is not of this federation.
+            raise UpdateRejected("spec_mismatch", f"this federation's DP policy is "
+                                 f"{policy_json(self.node.dp_policy)}, the caller's "
+                                 f"{body.get('dp_policy')}: make its data dir from this "
+                                 "federation's join token")
         self.accept_hello(body, body.get("url"))
         return self.hello_body()
 

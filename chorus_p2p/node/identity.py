@@ -64,6 +64,9 @@ class NodeIdentity:
     # it (unless the founder or the coordinator's member list vouches for it).
     admission: str = "open"
     founder_id: str | None = None
+    # The federation's DP policy (dp_policy.DPPolicy as JSON), as the join token carries it:
+    # None, or every update must declare local DP at least this strong.
+    dp_policy: dict[str, float] | None = None
 
     @property
     def public_key_bytes(self) -> bytes:
@@ -77,7 +80,8 @@ class NodeIdentity:
     def join_token(self, admission: str | None = None) -> str:
         return encode_join_token(self.federation, self.secret, self.admin_public_key,
                                  admission or self.admission,
-                                 self.node_id if self.founder else self.founder_id)
+                                 self.node_id if self.founder else self.founder_id,
+                                 self.dp_policy)
 
     @property
     def is_admin(self) -> bool:
@@ -89,7 +93,8 @@ ADMISSIONS = ("open", "approval")
 
 
 def encode_join_token(federation: str, secret: bytes, admin_public_key: bytes | None = None,
-                      admission: str = "open", founder_id: str | None = None) -> str:
+                      admission: str = "open", founder_id: str | None = None,
+                      dp_policy: dict[str, float] | None = None) -> str:
     fields = {"f": federation, "s": base64.urlsafe_b64encode(secret).decode()}
     if admin_public_key is not None:
         fields["k"] = admin_public_key.hex()
@@ -97,21 +102,27 @@ def encode_join_token(federation: str, secret: bytes, admin_public_key: bytes | 
         fields["p"] = admission
     if founder_id:
         fields["r"] = founder_id
+    if dp_policy:
+        fields["d"] = dp_policy
     payload = json.dumps(fields, separators=(",", ":")).encode()
     return JOIN_PREFIX + base64.urlsafe_b64encode(payload).decode().rstrip("=")
 
 
-def join_token_extras(token: str) -> tuple[bytes | None, str, str | None]:
-    """(admin public key, admission policy, founder node id) from a join token; a token made
-    before these existed gives (None, "open", None)."""
+def join_token_extras(token: str
+                      ) -> tuple[bytes | None, str, str | None, dict[str, float] | None]:
+    """(admin public key, admission policy, founder node id, DP policy) from a join token; a
+    token made before these existed gives (None, "open", None, None)."""
     body = token.strip()[len(JOIN_PREFIX):]
     try:
         data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         admission = str(data.get("p") or "open")
         if admission not in ADMISSIONS:
             raise ValueError(admission)
+        from chorus_p2p.node.dp_policy import DPPolicy, policy_json
+
         return (bytes.fromhex(data["k"]) if data.get("k") else None, admission,
-                str(data["r"]) if data.get("r") else None)
+                str(data["r"]) if data.get("r") else None,
+                policy_json(DPPolicy.from_json(data.get("d"))))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"join token is damaged ({exc.__class__.__name__})") from exc
 
@@ -147,7 +158,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def init_data_dir(data_dir: str | os.PathLike, federation: str | None = None, *,
                   join_token: str | None = None, force: bool = False,
-                  admission: str = "open") -> NodeIdentity:
+                  admission: str = "open", dp_policy: dict[str, float] | None = None
+                  ) -> NodeIdentity:
     """Create identity and credentials. Refuses to overwrite an identity unless ``force``."""
     data_dir = Path(data_dir)
     if (data_dir / IDENTITY_FILE).exists() and not force:
@@ -159,7 +171,10 @@ def init_data_dir(data_dir: str | os.PathLike, federation: str | None = None, *,
         raise UsageError(f"admission must be one of {', '.join(ADMISSIONS)}")
     if join_token:
         joined_name, secret = decode_join_token(join_token)
-        admin_public, admission, founder_id = join_token_extras(join_token)
+        if dp_policy is not None:
+            raise UsageError("the DP policy is the founder's: a joining node takes the join "
+                             "token's (drop --require-dp)")
+        admin_public, admission, founder_id, dp_policy = join_token_extras(join_token)
         if federation and federation != joined_name:
             raise UsageError(f"--federation {federation!r} differs from the join token's "
                              f"federation {joined_name!r}")
@@ -182,7 +197,7 @@ def init_data_dir(data_dir: str | os.PathLike, federation: str | None = None, *,
         {"federation": federation, "secret": base64.b64encode(secret).decode(),
          "founder": not join_token,
          "admin_public_key": admin_public.hex() if admin_public else None,
-         "admission": admission, "founder_id": founder_id}).encode())
+         "admission": admission, "founder_id": founder_id, "dp_policy": dp_policy}).encode())
     _write_private(data_dir / ADMIN_TOKEN_FILE, secrets.token_urlsafe(32).encode())
     return load_identity(data_dir)
 
@@ -207,7 +222,7 @@ def load_identity(data_dir: str | os.PathLike) -> NodeIdentity:
                         founder=bool(fed.get("founder", False)), admin_public_key=admin_public,
                         admin_key=_load_admin_key(data_dir, admin_public),
                         admission=fed.get("admission") or "open",
-                        founder_id=fed.get("founder_id"))
+                        founder_id=fed.get("founder_id"), dp_policy=fed.get("dp_policy"))
 
 
 def copy_admin_key(source: str | os.PathLike, target: str | os.PathLike) -> None:

@@ -43,6 +43,7 @@ from chorus_p2p.node.retention import Retention
 from chorus_p2p.node.rounds import RoundManager, RoundPolicy
 from chorus_p2p.node.model_identity import is_local_model, model_fingerprint
 from chorus_p2p.node.settings import NodeSettings
+from chorus_p2p.node.dp_policy import DPPolicy, policy_json
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.node.state_keeper import StateKeeper
 from chorus_p2p.state.store import StateStore
@@ -80,6 +81,23 @@ def load_or_create_spec(ledger: Ledger, settings: NodeSettings) -> FederationSpe
         raise UsageError(f"this data dir's federation trains {key}={getattr(spec, key)!r}, "
                          f"not {wanted[key]!r}; use a new --data-dir for a different setup")
     return spec
+
+
+def load_dp_policy(ledger: Ledger, identity) -> DPPolicy | None:
+    """The federation's DP policy, from the join token, recorded in the ledger at the first
+    ``up``. A data dir that ran under a policy never runs without it (an identity re-made from
+    a token with the policy stripped is refused here, as its peers refuse it in the hello)."""
+    ours = DPPolicy.from_json(identity.dp_policy)
+    stored = ledger.get_meta("dp_policy")
+    if stored is None:
+        ledger.set_meta("dp_policy", json.dumps(policy_json(ours), sort_keys=True))
+        return ours
+    recorded = DPPolicy.from_json(json.loads(stored))
+    if recorded != ours:
+        raise UsageError(f"this data dir's federation has DP policy "
+                         f"{policy_json(recorded)}, but its identity's join token says "
+                         f"{policy_json(ours)}: a federation's DP policy does not change")
+    return ours
 
 
 def _same_model_elsewhere(ledger: Ledger, spec: FederationSpec, model: str) -> FederationSpec:
@@ -149,6 +167,7 @@ class Node:
             raise
         try:
             self.spec = load_or_create_spec(self.ledger, settings)
+            self.dp_policy = load_dp_policy(self.ledger, self.identity)
         except BaseException:
             self.ledger.close()
             self.lock.release()
@@ -206,6 +225,18 @@ class Node:
 
             dp = None if settings.dp_epsilon is None else DPConfig(
                 settings.dp_epsilon, settings.dp_delta, settings.dp_clip or 1.0, settings.dp_noise)
+            if self.dp_policy is not None:
+                try:
+                    if dp is None:
+                        raise UsageError(f"this federation requires local DP "
+                                         f"({self.dp_policy.describe()}): `up --train` needs "
+                                         "--dp-epsilon, --dp-clip and --dp-noise")
+                    self.dp_policy.check_settings(dp.noise_multiplier, dp.delta, dp.epsilon,
+                                                  "this node's --dp-* setting")
+                except BaseException:
+                    self.ledger.close()
+                    self.lock.release()
+                    raise
             released = int(self.ledger.get_meta("dp_rounds", "0") or 0)
             if dp is None and released:
                 # Loud: this data dir released DP-noised updates before, and would now send
@@ -251,7 +282,8 @@ class Node:
                 "round_deadline": self.policy.deadline_s,
                 "max_update_norm": self.policy.filters.max_norm,
                 "outlier_mad": self.policy.filters.mad_k,
-                "max_update_ratio": self.policy.filters.max_ratio}
+                "max_update_ratio": self.policy.filters.max_ratio,
+                "dp_policy": policy_json(self.dp_policy)}
 
     def fatal(self, reason: str) -> None:
         """Stop this node for a reason the operator must act on (exit code 3)."""
@@ -294,8 +326,24 @@ class Node:
             "counts": {"rounds": self.ledger.count_rounds(), "updates": self.ledger.count_updates(),
                        "members": self.ledger.count_members()},
             "policy": self.policy_json(), "spec_fingerprint": self.spec.fingerprint(),
+            "privacy": self.privacy_json(),
             "uptime_s": round(time.time() - self.started_at, 3),
         }
+
+    def privacy_json(self) -> dict[str, Any]:
+        """The federation's DP policy and this node's own spending, with the unit they are
+        about (an epsilon means nothing without what it protects)."""
+        from chorus_p2p.node.dp_policy import MECHANISM, UNIT
+
+        budget = self.participant.budget if self.participant is not None else None
+        local = None
+        if budget is not None:
+            local = {"mechanism": MECHANISM, "unit": UNIT, "epsilon_spent": round(budget.spent, 6),
+                     "epsilon_budget": budget.config.epsilon, "delta": budget.config.delta,
+                     "noise_multiplier": budget.config.noise_multiplier,
+                     "clip": budget.config.clip, "releases": budget.rounds,
+                     "exhausted": self.abstaining}
+        return {"policy": policy_json(self.dp_policy), "local": local}
 
     async def start(self) -> tuple[str, int]:
         now = time.time()

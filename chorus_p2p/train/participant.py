@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from chorus_p2p.node.state_keeper import StateReader
 from chorus_p2p.train.data import Dataset, DatasetOptions
-from chorus_p2p.train.privacy import BudgetExhausted, DPConfig, PrivacyBudget, privatize
+from chorus_p2p.train.privacy import BudgetExhausted, DPConfig, PrivacyBudget, privatize_file
 from chorus_p2p.train.trainer import TrainConfig, train_round
 
 if TYPE_CHECKING:
@@ -153,10 +152,12 @@ class Participant:
         entry = {"round": number, "trained_from": base, "examples": result.examples,
                  "train_loss": result.train_loss, "eval_loss": result.eval_loss,
                  "seconds": round(result.seconds, 3), "file": update.name}
-        if self.budget is not None:
-            raw_norm = await asyncio.to_thread(self._privatize, adapter_dir, out, update)
+        if self.budget is not None:  # the noise comes from the OS's CSPRNG (secure_normal)
+            raw_norm, epsilon = await asyncio.to_thread(
+                privatize_file, adapter_dir / "adapter_model.safetensors",
+                out / "adapter_model.safetensors", update, self.budget, number)
             entry.update({"train_loss": None, "eval_loss": None, "dp_raw_norm": raw_norm,
-                          "dp_epsilon": self.budget.record(number)})
+                          "dp_epsilon": epsilon})
         else:
             shutil.copyfile(out / "adapter_model.safetensors", update)
         # The outbox holds what is sent (fsynced): the trained adapter itself, pre-noise under
@@ -167,22 +168,6 @@ class Participant:
         self.node.bus.publish("training_finished", number, {"node_id": self.node.node_id,
                                                             **public})
         return entry
-
-    def _privatize(self, start_dir: Path, trained_dir: Path, update: Path) -> float:
-        """Clip and noise this round's change before it is written where it can leave (the
-        noise comes from the OS's CSPRNG: see privacy.secure_normal)."""
-        from safetensors.torch import load_file, save_file
-
-        assert self.budget is not None
-        start = load_file(str(start_dir / "adapter_model.safetensors"))
-        trained = load_file(str(trained_dir / "adapter_model.safetensors"))
-        noisy, raw_norm = privatize(start, trained, self.budget.config)
-        tmp = update.with_suffix(".partial")
-        save_file(noisy, str(tmp), metadata={"format": "pt"})
-        with open(tmp, "rb+") as fh:  # durable before the raw adapter is deleted
-            os.fsync(fh.fileno())
-        tmp.replace(update)
-        return raw_norm
 
     async def _submit(self, number: int, entry: dict[str, Any]) -> None:
         from chorus_p2p.client import AsyncNodeClient, NodeError, NodeUnreachable

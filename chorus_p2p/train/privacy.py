@@ -5,8 +5,9 @@ What is protected: each round, the change a node makes to the global adapter (al
 flattened) is clipped to L2 norm ``clip`` and Gaussian noise of standard deviation
 ``noise_multiplier * clip`` is added to every coordinate *on the node, before the update leaves
 it*. The released update is (epsilon, delta)-DP under add/remove adjacency of the node's whole
-local dataset (the node trained on its data, versus contributed a zero change), the usual
-user-level framing of DP-FedAvg: the change has L2 sensitivity ``clip``. Under
+local dataset (the node trained on its data, versus contributed a zero change): *local* DP at
+the level of a node's whole dataset (not DP-FedAvg, whose noise is added by a trusted server,
+and not record-level DP-SGD): the change has L2 sensitivity ``clip``. Under
 replace-the-dataset adjacency the sensitivity is ``2 * clip``; for that guarantee double
 ``--dp-noise``. Everything computed from the update (the global adapter, R, the merged model)
 inherits the guarantee by post-processing. The accountant composes
@@ -20,12 +21,14 @@ while DP is on.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -181,3 +184,81 @@ def privatize(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
         out[k] = (start[k].double() + deltas[k] * factor + noise(deltas[k].shape) * sigma
                   ).to(trained[k].dtype)
     return out, norm
+
+
+class BudgetFile:
+    """A privacy budget kept outside a node: the same ``dp_releases`` record as a node's ledger,
+    in one JSON file (written whole, fsynced, renamed into place). For ``chorus-node train``,
+    the SDK and the Flower client, whose releases must count against the same budget across
+    runs: a new temp dir must not mean a fresh epsilon."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, str]:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:  # never guess a budget: refuse until someone looks
+            raise BudgetExhausted(f"{self.path}: the privacy budget file is damaged ({exc}); "
+                                  "nothing was released. Restore it from a backup") from exc
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        return self._read().get(key, default)
+
+    def set_meta(self, key: str, value: str) -> None:
+        data = {**self._read(), key: value}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".partial")
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(data, sort_keys=True))
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.path)
+
+
+def default_budget_file(federation: str) -> Path:
+    """Where ``chorus-node train`` keeps its budget: one per federation and user account, so
+    every run that sends this account's data to that federation spends from the same one."""
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in federation)
+    return state / "chorus-p2p" / f"dp-budget-{safe}.json"
+
+
+def declaration(config: DPConfig, epsilon: float, releases: int) -> dict[str, Any]:
+    """What an update tells the federation about its DP (``chorus_dp`` in its header)."""
+    from chorus_p2p.node.dp_policy import MECHANISM, UNIT
+
+    return {"mechanism": MECHANISM, "noise": config.noise_multiplier, "clip": config.clip,
+            "delta": config.delta, "epsilon": round(epsilon, 6), "releases": releases,
+            "unit": UNIT}
+
+
+def privatize_file(start_file: str | os.PathLike, trained_file: str | os.PathLike,
+                   out_file: str | os.PathLike, budget: PrivacyBudget,
+                   round_no: int | None = None) -> tuple[float, float]:
+    """Clip and noise one round's change and write the update that may leave, declaring its
+    DP in the safetensors header; returns (raw norm, epsilon spent including this release).
+
+    The SDK's one call for local DP: ``start_file`` is the global adapter you trained from,
+    ``trained_file`` your trained one. Order matters: the budget is checked, the release is
+    recorded (fsynced) *before* the noised file exists, so a crash can only over-count; the
+    file is fsynced before this returns, so the caller may delete the raw adapter."""
+    from safetensors.torch import load_file, save_file
+
+    from chorus_p2p.node.dp_policy import DECLARATION_KEY
+
+    budget.check()
+    start, trained = load_file(str(start_file)), load_file(str(trained_file))
+    noisy, raw_norm = privatize(start, trained, budget.config)
+    epsilon = budget.record(round_no)
+    out = Path(out_file)
+    tmp = out.with_name(out.name + ".partial")
+    meta = {"format": "pt", DECLARATION_KEY: json.dumps(
+        declaration(budget.config, epsilon, budget.rounds), sort_keys=True)}
+    save_file(noisy, str(tmp), metadata=meta)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(out)
+    return raw_norm, epsilon

@@ -31,7 +31,13 @@ def _setup(message: Message, context: Context) -> tuple[ExactLoRAClient, Dataset
     config = TrainConfig(steps=int(sent["steps"]), lr=float(sent["lr"]),
                          batch_size=int(sent["batch-size"]),
                          seed=int(sent["server-round"]) * 1000 + int(node.get("partition-id", 0)))
-    return ExactLoRAClient(model, spec, workdir), Dataset.load(dataset), config
+    dp = None
+    if float(sent.get("dp-epsilon", 0.0)) > 0:  # local DP: the noised change leaves this node
+        from chorus_p2p.train.privacy import DPConfig
+
+        dp = DPConfig(float(sent["dp-epsilon"]), clip=float(sent["dp-clip"]),
+                      noise_multiplier=float(sent["dp-noise"]))
+    return ExactLoRAClient(model, spec, workdir, dp=dp), Dataset.load(dataset), config
 
 
 @app.train()

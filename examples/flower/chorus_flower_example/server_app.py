@@ -17,6 +17,17 @@ from chorus_p2p.train.trainer import TrainConfig
 app = ServerApp()
 
 
+def _dp_policy(config):
+    """``dp-epsilon > 0``: clients release local-DP updates, and the server refuses any reply
+    that does not (the policy a node federation sets with ``init --require-dp``)."""
+    if float(config.get("dp-epsilon", 0.0)) <= 0:
+        return None
+    from chorus_p2p.node.dp_policy import DPPolicy
+
+    return DPPolicy(max_epsilon=float(config["dp-epsilon"]),
+                    min_noise=float(config.get("dp-noise", 1.0)))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = context.run_config
@@ -30,11 +41,14 @@ def main(grid: Grid, context: Context) -> None:
                          min_train_nodes=clients, min_evaluate_nodes=clients,
                          min_available_nodes=clients,
                          keep_updates=bool(config.get("keep-updates", False)),
-                         checkpoint_every=int(config.get("checkpoint-every", 1)))
+                         checkpoint_every=int(config.get("checkpoint-every", 1)),
+                         dp_policy=_dp_policy(config))
     train_config = ConfigRecord({
         "model": model, "rank": rank, "alpha": alpha, "target-modules": ",".join(spec.target_modules),
         "steps": int(config.get("steps", 8)), "lr": float(config.get("lr", 1e-3)),
-        "batch-size": int(config.get("batch-size", 8)), "workdir": str(root)})
+        "batch-size": int(config.get("batch-size", 8)), "workdir": str(root),
+        "dp-epsilon": float(config.get("dp-epsilon", 0.0)),
+        "dp-clip": float(config.get("dp-clip", 1.0)), "dp-noise": float(config.get("dp-noise", 1.0))})
     held_out = [Dataset.load(p) for p in shard_paths()]
     result = strategy.start(
         grid=grid, initial_arrays=strategy.initial_arrays(
