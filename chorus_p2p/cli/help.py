@@ -71,6 +71,11 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
                "chorus-node train --model ./llama --dataset notes.jsonl --rounds 3")],
     "simulate": [("5 clients x 10 rounds in one process, compared with FedAvg",
                   "chorus-node simulate --clients 5 --rounds 10 --compare")],
+    "eval": [("check an experiment file and its data without training",
+              "chorus-node eval benchmarks/eval.toml --check"),
+             ("run it (reruns skip finished runs), then re-render its reports",
+              "chorus-node eval benchmarks/eval.toml --out ./eval-results && chorus-node eval "
+              "benchmarks/eval.toml --out ./eval-results --report")],
     "export": [("the latest global model as one Hugging Face folder",
                 "chorus-node export --data-dir ~/chorus --out ./merged"),
                ("half the size for serving (bfloat16, rounded once after the exact merge)",

@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from chorus_p2p import __version__
-from chorus_p2p.cli import node_cmds, offline, train_cmds
+from chorus_p2p.cli import eval_cmds, node_cmds, offline, train_cmds
 from chorus_p2p.cli.help import add_examples
 from chorus_p2p.cli.quiet import quiet_third_party
 from chorus_p2p.errors import ChorusError
@@ -27,7 +27,7 @@ EXIT_INTERRUPTED = 130
 
 # Each module adds its sub-commands; a sub-command sets ``handler`` to a callable(args) -> int.
 COMMAND_MODULES: list[Callable[[argparse._SubParsersAction], None]] = [
-    node_cmds.register, offline.register, train_cmds.register]
+    node_cmds.register, offline.register, train_cmds.register, eval_cmds.register]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -7,6 +7,7 @@ fast), and nothing forces the hub offline (``--model org/name`` must still downl
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -22,3 +23,10 @@ def quiet_third_party(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for category in (FutureWarning, UserWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=NOISY_MODULES)
+    # With the qlora extra, bitsandbytes and kernels log (not warn) that a CPU kernel cannot be
+    # fetched offline, on every model load: true, and nothing a user of a LoRA run can act on.
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+NOISY_LOGGERS = ("kernels", "bitsandbytes")

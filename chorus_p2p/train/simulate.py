@@ -20,7 +20,7 @@ from chorus_p2p.lora.residual import RESIDUAL_FILE
 from chorus_p2p.state.store import StateStore
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.train.data import Dataset
-from chorus_p2p.train.trainer import TrainConfig, eval_global, train_round
+from chorus_p2p.train.trainer import TrainConfig, TrainResult, eval_global, train_round
 
 DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -45,6 +45,51 @@ def initial_state(spec: FederationSpec, federation: str, out: Path) -> Path:
     return out
 
 
+@dataclass
+class RoundResult:
+    """What one in-process round produced: the new global adapter, the state after it, each
+    client's training result and the aggregation report."""
+
+    number: int
+    global_dir: Path
+    state: StateStore
+    clients: list[TrainResult]
+    report: object
+
+
+def run_rounds(model_path: str | Path, client_data: Sequence[Dataset], rounds: int,
+               strategy: str, workdir: str | Path, spec: FederationSpec, config: TrainConfig,
+               *, federation: str = "simulation", client_steps: Sequence[int] | None = None,
+               after_round: Callable[[RoundResult], None] | None = None) -> Path:
+    """The rounds a federation runs, in this process: every client trains from ``W0 + R +
+    adapter`` on its own data, the adapters are aggregated as a coordinator does, ``D`` is folded
+    into the dense ``R`` a node keeps. ``simulate`` and ``chorus-node eval`` both run through
+    here, so what they measure is the node's math. Returns the last global adapter."""
+    workdir = Path(workdir)
+    global_dir = initial_state(spec, federation, workdir / "round-0")
+    state = StateStore(workdir / "state", spec.modules, checkpoint_every=rounds + 1,
+                       transposed=spec.transposed)
+    for number in range(1, rounds + 1):
+        results = []
+        for i, data in enumerate(client_data):
+            steps = client_steps[i] if client_steps else config.steps
+            cfg = TrainConfig(**{**asdict(config), "steps": steps,
+                                 "seed": config.seed + 1000 * number + i})
+            results.append(train_round(model_path, global_dir, state.read(number - 1), data, cfg,
+                                       workdir / f"round-{number}" / f"client-{i}",
+                                       progress=_silent))
+        out = workdir / f"round-{number}" / "global"
+        report = aggregate_adapters([str(r.adapter_dir) for r in results], out,
+                                    strategy=strategy, weights=[r.examples for r in results],
+                                    rank=spec.rank if strategy == "fedex-svd" else None)
+        residual = out / RESIDUAL_FILE
+        state.apply(number, residual if residual.exists() else None)
+        global_dir = out
+        if after_round is not None:
+            after_round(RoundResult(number, out, state, results, report))
+    return global_dir
+
+
 def simulate(model_path: str | Path, client_data: Sequence[Dataset], eval_data: Sequence[Dataset],
              rounds: int, strategy: str, workdir: str | Path, *, rank: int = 8,
              alpha: float = 16.0, targets: Sequence[str] = DEMO_TARGETS,
@@ -53,34 +98,21 @@ def simulate(model_path: str | Path, client_data: Sequence[Dataset], eval_data: 
     config = config or TrainConfig()
     workdir = Path(workdir)
     spec = FederationSpec.build(str(model_path), rank, alpha, tuple(targets))
-    global_dir = initial_state(spec, "simulation", workdir / "round-0")
-    # The same state a node keeps: dense R, updated in place with each round's D.
-    state = StateStore(workdir / "state", spec.modules, checkpoint_every=rounds + 1,
-                       transposed=spec.transposed)
     history: list[RoundStats] = []
-    for number in range(1, rounds + 1):
-        client_dirs, weights, losses = [], [], []
-        for i, data in enumerate(client_data):
-            cfg = TrainConfig(**{**asdict(config), "seed": config.seed + 1000 * number + i})
-            result = train_round(model_path, global_dir, state.read(number - 1), data, cfg,
-                                 workdir / f"round-{number}" / f"client-{i}", progress=_silent)
-            client_dirs.append(str(result.adapter_dir))
-            weights.append(result.examples)
-            losses.append(result.train_loss)
-        out = workdir / f"round-{number}" / "global"
-        report = aggregate_adapters(client_dirs, out, strategy=strategy, weights=weights,
-                                    rank=rank if strategy == "fedex-svd" else None)
-        residual = out / RESIDUAL_FILE
-        state.apply(number, residual if residual.exists() else None)
-        global_dir = out
-        stats = RoundStats(number, strategy,
-                           eval_global(model_path, global_dir, state.read(number), list(eval_data),
-                                       config),
-                           round(report.seconds * 1000, 2),
-                           None if strategy == "fedavg" else report.residual_energy, losses)
+
+    def evaluate(done: RoundResult) -> None:
+        stats = RoundStats(done.number, strategy,
+                           eval_global(model_path, done.global_dir, done.state.read(done.number),
+                                       list(eval_data), config),
+                           round(done.report.seconds * 1000, 2),
+                           None if strategy == "fedavg" else done.report.residual_energy,
+                           [r.train_loss for r in done.clients])
         history.append(stats)
         if on_round is not None:
             on_round(stats)
+
+    run_rounds(model_path, client_data, rounds, strategy, workdir, spec, config,
+               after_round=evaluate)
     (workdir / "history.json").write_text(json.dumps([asdict(h) for h in history], indent=2))
     return history
 

@@ -39,12 +39,16 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
 def build_tiny_lm(out: str | Path, data: Sequence[str | Path], *, vocab_size: int = 512,
                   hidden: int = 96, layers: int = 2, pretrain_steps: int = 150, seed: int = 0,
                   log: Callable[[str], None] = print,
-                  progress: Callable[[int, int], None] | None = None) -> Path:
+                  progress: Callable[[int, int], None] | None = None,
+                  vocabulary_only: Sequence[str] = ()) -> Path:
+    """``data`` trains the tokenizer and pretrains the model; ``vocabulary_only`` texts only
+    shape the tokenizer (an evaluation task's words become tokens, but the base never sees the
+    task itself: what LoRA learns is then the federation's doing, not pretraining's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
     texts = [t for path in data for t in load_texts(path)]
-    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer = train_tokenizer([*texts, *vocabulary_only], vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
                          intermediate_size=2 * hidden, num_hidden_layers=layers,
