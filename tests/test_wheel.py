@@ -107,6 +107,10 @@ def test_installed_cli_runs_from_outside_the_checkout(installed):
     assert model.returncode == 0, model.stderr[-3000:]
     assert (installed["cwd"] / "tiny" / "config.json").is_file()
     assert (installed["cwd"] / "tiny" / "tokenizer.json").is_file()
+    experiment = installed["cwd"] / "experiment.toml"
+    experiment.write_text('[experiment]\ntask = "topics"\nclients = 2\nseeds = [0]\n')
+    check = run(installed, installed["cli"], "eval", experiment, "--check")
+    assert check.returncode == 0 and "ok: the experiment" in check.stdout, check.stderr[-3000:]
 
 
 def test_installed_demo_runs_one_round(installed):
