@@ -31,7 +31,8 @@ def tiny_llama_config(vocab_size: int = 512, hidden: int = 64, layers: int = 2):
 
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=256, tie_word_embeddings=False)
+                       max_position_embeddings=256, tie_word_embeddings=False,
+                       chorus_seq_len=64)
 
 
 def build_tiny_model(seed: int = 0, **config_overrides):

@@ -61,7 +61,17 @@ def test_settings_flags_then_env_then_toml(tmp_path):
     s = resolve_settings({"data_dir": str(data)}, env)
     assert s.port == 9100
     (data / "config.toml").write_text("min_update = 3\n")
-    with pytest.raises(UsageError, match="unknown setting"):
+    with pytest.raises(UsageError, match=r"unknown setting\(s\) min_update \(did you mean "
+                                          r"min_updates\?\)"):
+        resolve_settings({"data_dir": str(data)}, {})
+    # Issue 22 #6: the flag spellings work in the file too
+    (data / "config.toml").write_text('no_mdns = true\npeer = "10.0.0.5:8470"\n'
+                                      'interface = ["eth1"]\nsplit = "validation"\n')
+    s = resolve_settings({"data_dir": str(data)}, {})
+    assert (s.mdns, s.peers, s.interfaces, s.dataset_split) == (
+        False, ("10.0.0.5:8470",), ("eth1",), "validation")
+    (data / "config.toml").write_text("no_mdns = true\nmdns = true\n")
+    with pytest.raises(UsageError, match="both no_mdns and mdns"):
         resolve_settings({"data_dir": str(data)}, {})
     with pytest.raises(UsageError, match="not one of"):
         resolve_settings({"data_dir": str(tmp_path)}, {"CHORUS_STRATEGY": "median"})
@@ -197,16 +207,23 @@ def test_admin_capable_callers_prefer_the_data_dir_over_an_exported_token(tmp_pa
     from chorus_p2p.cli.node_cmds import _credential_token
 
     local = init_data_dir(tmp_path / "node", "lab")
-    token = local.join_token()
+    token = init_data_dir(tmp_path / "other", "another-lab").join_token()  # another federation
     monkeypatch.setenv("CHORUS_JOIN_TOKEN", token)
+    monkeypatch.setenv("CHORUS_DATA_DIR", str(tmp_path / "node"))
 
-    def args(data_dir="node", join=None):
-        return argparse.Namespace(data_dir=str(tmp_path / data_dir), join=join, join_file=None)
+    def args(data_dir=None, join=None):
+        return argparse.Namespace(data_dir=data_dir and str(tmp_path / data_dir), join=join,
+                                  join_file=None)
 
     assert _credential_token(args(), admin=True) is None  # the data dir, with admin rights
-    assert _credential_token(args(), admin=False) == token
+    assert _credential_token(args(), admin=False) == token  # both from the environment
     assert _credential_token(args(join=token), admin=True) == token  # explicit wins
     assert _credential_token(args("none"), admin=True) == token  # no local node: the token
+    # Issue 22 #7: a flag beats the environment. An explicit --data-dir that holds a node
+    # signs with its own secret, not with another federation's exported token.
+    assert _credential_token(args("node"), admin=False) is None
+    assert _credential_token(args("node", join=token), admin=False) == token
+    assert local.join_token() != token
 
 
 def test_every_command_has_examples_that_parse_and_every_option_has_help():

@@ -108,3 +108,36 @@ def test_quantized_training_flags(tmp_path, tiny_lm_dir):
     done = cli("train", "--load-in-4bit", "--load-in-8bit", "--node", "http://127.0.0.1:9",
                "--model", str(tiny_lm_dir), "--dataset", str(SHARD))
     assert done.returncode == 2 and "not allowed with" in done.stderr
+
+
+def test_up_train_max_rounds_stops_with_exit_0_and_counts_across_restarts(tmp_path,
+                                                                         tiny_lm_dir):
+    """Issue 22 #9: `up --train` ran forever. With --max-rounds N it leaves once N committed
+    rounds count its update, exit 0; the same command again finds the work done (a restart
+    carries on from where it was, it does not start over)."""
+    from chorus_p2p.node.identity import init_data_dir
+    from chorus_p2p.node.ledger import Ledger
+
+    from nodeutil import NodeProcess
+
+    init_data_dir(tmp_path / "node", "solo")
+    args = ["--train", "--dataset", str(SHARD), "--steps", "2", "--min-updates", "1",
+            "--max-rounds", "2"]
+    node = NodeProcess(tmp_path / "node", tiny_lm_dir, extra=args)
+    node.start()
+    assert node.proc.wait(timeout=240) == 0, node.proc.stderr.read()[-2000:]
+    assert node.events("node_finished")
+    ledger = Ledger(tmp_path / "node" / "ledger.sqlite")
+    try:
+        (me,) = {u["node_id"] for number in (1, 2) for u in ledger.updates(number)}
+        assert ledger.rounds_contributed(me) == 2 and ledger.latest_committed()["round"] == 2
+    finally:
+        ledger.close()
+    again = NodeProcess(tmp_path / "node", tiny_lm_dir, extra=args)
+    again.start()
+    assert again.proc.wait(timeout=120) == 0
+    ledger = Ledger(tmp_path / "node" / "ledger.sqlite")
+    try:
+        assert ledger.latest_committed()["round"] == 2  # it trained no third round
+    finally:
+        ledger.close()

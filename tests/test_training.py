@@ -405,3 +405,15 @@ def test_datasets_as_lab_users_have_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="no such dataset file or folder"):
         load_texts("shards/shard0")
+
+
+def test_the_sequence_length_comes_from_the_model_unless_given(tiny_lm_dir):
+    """Issue 22 #8: a fixed 64 tokens was the tiny model's, and a silent trap for a real one."""
+    from transformers import AutoConfig, GPT2Config, LlamaConfig
+
+    from chorus_p2p.train.trainer import sequence_length
+
+    assert sequence_length(None, AutoConfig.from_pretrained(tiny_lm_dir)) == 64
+    assert sequence_length(None, LlamaConfig(max_position_embeddings=131072)) == 1024
+    assert sequence_length(None, GPT2Config(n_positions=512)) == 512
+    assert sequence_length(300, LlamaConfig(max_position_embeddings=131072)) == 300

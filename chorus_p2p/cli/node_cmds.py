@@ -103,15 +103,21 @@ def _client(args: argparse.Namespace, admin: bool = False):
 def _credential_token(args: argparse.Namespace, admin: bool) -> str | None:
     """The join token to authenticate with, or None to use the local data dir.
 
-    An explicit ``--join``/``--join-file`` always wins. Otherwise a caller that may act as admin
-    (admin commands, the TUI) prefers the local data dir over ``$CHORUS_JOIN_TOKEN``: only the
-    data dir holds the admin token."""
+    A flag beats the environment: an explicit ``--join``/``--join-file`` always wins, and an
+    explicit ``--data-dir`` that holds an identity beats ``$CHORUS_JOIN_TOKEN`` (another
+    federation's token left in the shell signed with the wrong secret: ``bad_signature``).
+    Without either flag, a caller that may act as admin (admin commands, the TUI) prefers the
+    local data dir over ``$CHORUS_JOIN_TOKEN``: only the data dir holds the admin token."""
     from chorus_p2p.node.identity import IDENTITY_FILE
 
     explicit = getattr(args, "join", None) or getattr(args, "join_file", None)
     local = (Path(_data_dir(args)) / IDENTITY_FILE).is_file()
     token = _join_token(args)
-    return token if token and (explicit or not (admin and local)) else None
+    if explicit:
+        return token
+    if local and (admin or getattr(args, "data_dir", None)):
+        return None
+    return token
 
 
 def _data_dir(args: argparse.Namespace) -> str:
@@ -177,7 +183,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "dataset", "steps",
                                            "lr", "batch_size", "device", "keep_rounds",
                                            "checkpoint_every", "compute_dtype", "grad_accum",
-                                           "max_seq_len", "gradient_checkpointing", "quantize",
+                                           "max_seq_len", "max_rounds", "gradient_checkpointing", "quantize",
                                            "text_field", "dataset_split", "dataset_config")}
     flags["peers"] = args.peer
     flags["interfaces"] = args.interface
@@ -578,6 +584,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_dp_options(up, defaults=False)
     up.add_argument("--train", action="store_true", default=None,
                     help="train on --dataset every round and submit the update")
+    up.add_argument("--max-rounds", type=positive_int, metavar="N",
+                    help="with --train: once N committed rounds count this node's update (in "
+                         "total, across restarts), leave the federation and exit 0")
     up.add_argument("--dataset", metavar="PATH", help="JSONL/JSON/CSV (text, or instruction/"
                     "input/output), a folder of .txt files; with the datasets extra also "
                     "Parquet, a save_to_disk folder or a hub id")

@@ -51,9 +51,9 @@ def add_precision_options(parser: argparse.ArgumentParser, defaults: bool = True
     parser.add_argument("--grad-accum", type=positive_int, default=default(1), metavar="N",
                         help="micro-batches per optimizer step (default 1): the same effective "
                              "batch in less memory")
-    parser.add_argument("--max-seq-len", type=positive_int, default=default(64), metavar="TOKENS",
-                        help="tokens per training sequence (default 64, the tiny model's; use "
-                             "512-2048 for real models)")
+    parser.add_argument("--max-seq-len", type=positive_int, default=None, metavar="TOKENS",
+                        help="tokens per training sequence (default: the model's context "
+                             "length, at most 1024; 64 for the tiny model)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         default=default(False),
                         help="recompute activations in the backward pass: much less memory, "

@@ -43,7 +43,7 @@ TASKS = (*BUILT_IN, "lm")
 DEFAULTS: dict[str, Any] = {
     "task": "topics", "data": [], "model": "tiny", "clients": 3, "partition": "iid",
     "dirichlet_alpha": 0.1, "rounds": 5, "local_steps": 60, "lr": 5e-3, "batch_size": 8,
-    "rank": 8, "alpha": 16.0, "max_seq_len": 64, "compute_dtype": "auto", "quantize": "",
+    "rank": 8, "alpha": 16.0, "max_seq_len": 0, "compute_dtype": "auto", "quantize": "",
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                        "down_proj"],
     "strategies": ["local", "centralized", "fedavg", "fedex", "fedex-svd"], "seeds": [0, 1, 2],
@@ -140,7 +140,9 @@ class Experiment:
         for strategy in self.values["strategies"]:
             if strategy not in ALL_STRATEGIES:
                 problems.append(f"strategy {strategy!r}: one of {', '.join(ALL_STRATEGIES)}")
-        for key in ("clients", "rounds", "local_steps", "batch_size", "rank", "max_seq_len"):
+        problems += [f"max_seq_len {v} must be >= 1 (or 0: the model's)"
+                     for v in self._each("max_seq_len") if v < 0]
+        for key in ("clients", "rounds", "local_steps", "batch_size", "rank"):
             problems += [f"{key} {v} must be >= 1" for v in self._each(key) if v < 1]
         for key in ("lr", "alpha", "dirichlet_alpha"):
             problems += [f"{key} {v} must be > 0" for v in self._each(key) if not v > 0]

@@ -78,9 +78,10 @@ class Scorer:
     def __call__(self, model, tokenizer, examples: list[Example]) -> dict[str, float]:
         from chorus_p2p.evaluation import metrics
         from chorus_p2p.train.data import token_blocks
-        from chorus_p2p.train.trainer import evaluate
+        from chorus_p2p.train.trainer import evaluate, sequence_length
 
-        blocks = token_blocks(tokenizer, [e.text for e in examples], self.config.seq_len)
+        blocks = token_blocks(tokenizer, [e.text for e in examples],
+                              sequence_length(self.config.seq_len, model.config))
         loss = evaluate(model, blocks, self.config.batch_size, max_batches=32)
         out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         gold = [e.answer for e in examples]
@@ -127,7 +128,7 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
                        run.seed, s["dirichlet_alpha"], known_labels=labels)
     clients = [_dataset(f"client-{i}", p, h) for i, (p, h) in enumerate(zip(parts, held_parts))]
     config = TrainConfig(steps=s["local_steps"], lr=s["lr"], batch_size=s["batch_size"],
-                         seq_len=s["max_seq_len"], seed=run.seed, device="cpu",
+                         seq_len=s["max_seq_len"] or None, seed=run.seed, device="cpu",
                          compute_dtype=s["compute_dtype"], quantize=s["quantize"] or None)
     spec = FederationSpec.build(model, s["rank"], s["alpha"], tuple(s["target_modules"]))
     score = Scorer(task, config)

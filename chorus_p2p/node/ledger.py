@@ -494,6 +494,13 @@ class Ledger:
             self.db["updates"].insert(row)
             return self._insert_event("update_accepted", row["round"], event)
 
+    def rounds_contributed(self, node_id: str) -> int:
+        """Committed rounds that count an update of ``node_id``."""
+        return list(self.db.query(
+            "select count(*) as n from updates u join rounds r using (round) where "
+            "u.node_id = ? and r.state = ? and (u.status is null or u.status = 'accepted')",
+            [node_id, COMMITTED]))[0]["n"]
+
     # -- members --------------------------------------------------------------------------
     def members(self) -> list[dict[str, Any]]:
         contributed = {r["node_id"]: r["n"] for r in self.db.query(

@@ -254,7 +254,7 @@ class Node:
                 gradient_checkpointing=settings.gradient_checkpointing,
                 quantize=settings.quantize), dp,
                 DatasetOptions(settings.text_field, settings.dataset_split,
-                               settings.dataset_config))
+                               settings.dataset_config), settings.max_rounds)
         self.guard = ConnectionGuard(settings.header_timeout, settings.max_connections)
         self.started_at = time.time()
         self.exit_code = 0
@@ -284,6 +284,15 @@ class Node:
                 "outlier_mad": self.policy.filters.mad_k,
                 "max_update_ratio": self.policy.filters.max_ratio,
                 "dp_policy": policy_json(self.dp_policy)}
+
+    def finish(self, reason: str) -> None:
+        """Stop because the work asked of this node is done (``--max-rounds``): exit 0, leaving
+        the federation as SIGTERM does."""
+        if self.fatal_reason is None and not getattr(self, "_finishing", False):
+            self._finishing = True
+            log.info("done: %s; stopping", reason)
+            self.bus.publish("node_finished", None, {"reason": reason})
+            self.on_fatal()
 
     def fatal(self, reason: str) -> None:
         """Stop this node for a reason the operator must act on (exit code 3)."""

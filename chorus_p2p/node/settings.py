@@ -70,7 +70,8 @@ class NodeSettings:
     device: str = "auto"  # training device: auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:1
     compute_dtype: str = "auto"  # the frozen base's training copy: auto, float32, bfloat16, float16
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_seq_len: int = 64  # tokens per training sequence (the tiny demo's; real models: 512+)
+    max_seq_len: int | None = None  # tokens per sequence; None: the model's (at most 1024)
+    max_rounds: int | None = None  # with --train: stop (exit 0) after this many committed rounds
     gradient_checkpointing: bool = False  # recompute activations: less GPU memory
     quantize: str | None = None  # "4bit"/"8bit": a bitsandbytes-quantized base (QLoRA)
     text_field: str | None = None  # the dataset field holding the text (default: text/instruction)
@@ -124,10 +125,40 @@ _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": s
           "outlier_mad": float, "max_update_ratio": float, "dp_epsilon": float, "dp_delta": float, "dp_clip": float,
           "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,
           "batch_size": int, "device": str, "keep_rounds": "keep_rounds",
-          "compute_dtype": str, "grad_accum": int, "max_seq_len": int,
+          "compute_dtype": str, "grad_accum": int, "max_seq_len": int, "max_rounds": int,
           "gradient_checkpointing": bool, "quantize": str, "text_field": str, "dataset_split": str,
           "dataset_config": str,
           "checkpoint_every": int}
+
+
+# config.toml keys are the flag names with underscores; these flags are spelled otherwise in
+# the file, and their flag spelling is accepted too (no_mdns = true is mdns = false).
+FLAG_SPELLINGS = {"no_mdns": "mdns", "peer": "peers", "interface": "interfaces",
+                  "split": "dataset_split"}
+INVERTED = {"no_mdns"}
+
+
+def _flag_spellings(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    out = dict(values)
+    for flag, key in FLAG_SPELLINGS.items():
+        if flag not in out:
+            continue
+        if key in out:
+            raise UsageError(f"{path}: both {flag} and {key} are set; keep one ({key})")
+        value = out.pop(flag)
+        if flag in INVERTED:
+            value = not _convert(flag, value, bool)
+        elif key in ("peers", "interfaces") and isinstance(value, str):
+            value = [value]
+        out[key] = value
+    return out
+
+
+def _with_hint(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, [*_KINDS, *FLAG_SPELLINGS], n=1)
+    return f"{key} (did you mean {close[0]}?)" if close else key
 
 
 def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None
@@ -141,9 +172,11 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
             file_values = tomllib.loads(config_path.read_text())
         except (tomllib.TOMLDecodeError, OSError) as exc:
             raise UsageError(f"{config_path}: {exc}") from exc
-        unknown = set(file_values) - set(_KINDS)
+        file_values = _flag_spellings(file_values, config_path)
+        unknown = sorted(set(file_values) - set(_KINDS))
         if unknown:
-            raise UsageError(f"{config_path}: unknown setting(s) {', '.join(sorted(unknown))}")
+            raise UsageError(f"{config_path}: unknown setting(s) "
+                             f"{', '.join(_with_hint(k) for k in unknown)}")
     settings = NodeSettings(data_dir=data_dir)
     for f in fields(NodeSettings):
         if f.name in ("sources", "data_dir"):
@@ -170,8 +203,10 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         from chorus_p2p.train.quantize import check_kind, require_bitsandbytes
 
         (require_bitsandbytes if settings.train else check_kind)(settings.quantize)
-    for name in ("grad_accum", "max_seq_len"):
-        if getattr(settings, name) < 1:
+    if settings.max_rounds is not None and not settings.train:
+        raise UsageError("--max-rounds counts this node's own training rounds: add --train")
+    for name in ("grad_accum", "max_seq_len", "max_rounds"):
+        if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise UsageError(f"{name} must be at least 1")
     if settings.min_updates < 1:
         raise UsageError("min_updates must be at least 1")

@@ -58,8 +58,12 @@ def materialize_adapter(row: dict[str, Any], blobs, into: Path) -> Path:
 class Participant:
     def __init__(self, node: "Node", dataset_path: str, config: TrainConfig,
                  dp: "DPConfig | None" = None,
-                 dataset_options: DatasetOptions = DatasetOptions()):
+                 dataset_options: DatasetOptions = DatasetOptions(),
+                 max_rounds: int | None = None):
         self.node = node
+        # Stop once this many committed rounds count our update (in total: a restart goes on
+        # from where it was), then leave the federation and exit 0.
+        self.max_rounds = max_rounds
         self.budget = PrivacyBudget(node.ledger, dp) if dp is not None else None
         self._budget_reported = False
         self.dataset = Dataset.load(dataset_path, options=dataset_options)
@@ -106,6 +110,12 @@ class Participant:
         if base_row is None or base_row["state"] != "committed":
             return
         entry = self._outbox_entry(number)
+        if entry is None and self.max_rounds is not None:
+            done = self.node.ledger.rounds_contributed(self.node.node_id)
+            if done >= self.max_rounds:
+                self.node.finish(f"trained {done} committed round(s) (--max-rounds "
+                                 f"{self.max_rounds})")
+                return  # (rounds run one at a time: the one before this has committed)
         if entry is None:
             if self.budget is not None:
                 try:

@@ -55,7 +55,8 @@ def build_tiny_lm(out: str | Path, data: Sequence[str | Path], *, vocab_size: in
                          num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id,
+                         chorus_seq_len=64)  # what it trains on (trainer.sequence_length)
     model = LlamaForCausalLM(config).to(torch.float32)
     if pretrain_steps:
         started = time.perf_counter()

@@ -30,7 +30,7 @@ class TrainConfig:
     steps: int = 30
     lr: float = 1e-3
     batch_size: int = 8
-    seq_len: int = 64
+    seq_len: int | None = None  # tokens per sequence; None: the model's (see sequence_length)
     seed: int = 0
     eval_batches: int = 8
     device: str = "auto"  # "auto": CUDA if available, then Apple MPS, else CPU
@@ -58,6 +58,24 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+MAX_DEFAULT_SEQ_LEN = 1024  # a default, not a limit: give --max-seq-len for longer
+
+
+def sequence_length(given: int | None, model_config) -> int:
+    """Tokens per training sequence: the one given, else the model's own. A model built by
+    ``make-tiny-model`` says 64 (``chorus_seq_len`` in its config); a real one gets its
+    context length (``max_position_embeddings``) capped at 1024. A fixed 64 was a silent
+    quality trap for a real LLM."""
+    if given:
+        return int(given)
+    own = getattr(model_config, "chorus_seq_len", None)
+    if own:
+        return int(own)
+    context = (getattr(model_config, "max_position_embeddings", None)
+               or getattr(model_config, "n_positions", None) or MAX_DEFAULT_SEQ_LEN)
+    return int(min(context, MAX_DEFAULT_SEQ_LEN))
 
 
 @dataclass
@@ -208,8 +226,9 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual: Resid
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         inner.enable_input_require_grads()
     device = next(model.parameters()).device
-    train_blocks = token_blocks(tokenizer, dataset.train, config.seq_len)
-    eval_blocks = token_blocks(tokenizer, dataset.eval, config.seq_len)
+    seq_len = sequence_length(config.seq_len, model.config)
+    train_blocks = token_blocks(tokenizer, dataset.train, seq_len)
+    eval_blocks = token_blocks(tokenizer, dataset.eval, seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(config.seed)
@@ -242,5 +261,6 @@ def eval_global(model_path: str | Path, adapter_dir: str | Path,
     """Held-out loss of the global model on each dataset (the demo's per-shard figure)."""
     model, tokenizer = load_global_model(model_path, adapter_dir, residual,
                                          device=config.device)
-    return {d.name: evaluate(model, token_blocks(tokenizer, d.eval, config.seq_len),
+    seq_len = sequence_length(config.seq_len, model.config)
+    return {d.name: evaluate(model, token_blocks(tokenizer, d.eval, seq_len),
                              config.batch_size, config.eval_batches) for d in datasets}
