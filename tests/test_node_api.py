@@ -63,6 +63,55 @@ async def test_full_round_trip_is_exact_through_peft(node, tiny_base, tmp_path):
             assert err <= 1e-5, key
 
 
+async def test_every_round_through_the_node_is_the_clients_weighted_mean(node, tiny_base,
+                                                                         tmp_path):
+    """Issue 27 #1: exactness against the clients' own files, not the node's. For rounds
+    t = 1..3, in float64 per module, ``(R_t + s B_t A_t) - R_(t-1)`` equals the weighted mean of
+    that round's client products ``s B_k A_k`` (a wrong residual fails here, where comparing R
+    with the node's own residual blobs passed); at the last round, the same through PEFT's
+    loader: base + R_3 + the global adapter == the weighted mean of the clients' models, each
+    merged on base + R_2."""
+    from chorus_p2p.lora.fold import iter_deltas
+
+    scale = ALPHA / RANK
+    examples = [300, 100]
+    weights = [n / sum(examples) for n in examples]
+    previous_r: dict[str, torch.Tensor] = {}
+    for number in (1, 2, 3):
+        clients = [make_client_adapter(tiny_base, tmp_path / f"r{number}-c{i}",
+                                       seed=100 * number + i, rank=RANK, alpha=ALPHA,
+                                       target_modules=TARGETS) for i in range(2)]
+        for i, (adapter, n) in enumerate(zip(clients, examples)):
+            async with client_for(node, f"client{i}") as c:
+                assert (await c.submit(adapter, examples=n))["round"] == number
+        await committed(node, number)
+        async with client_for(node) as c:
+            out = await c.pull(tmp_path / f"global-{number}")
+            await c.download("cumulative", number, tmp_path / f"R{number}.safetensors")
+        r_now = {p: d.double() for p, d in iter_deltas(tmp_path / f"R{number}.safetensors")}
+        glob = load_file(str(out / "adapter_model.safetensors"))
+        factors = [load_file(str(c / "adapter_model.safetensors")) for c in clients]
+        assert r_now, "no modules in R"
+        for prefix, r in r_now.items():
+            def product(tensors):
+                return scale * (tensors[f"{prefix}.lora_B.weight"].double()
+                                @ tensors[f"{prefix}.lora_A.weight"].double())
+            got = r + product(glob) - previous_r.get(prefix, torch.zeros_like(r))
+            want = sum(w * product(f) for w, f in zip(weights, factors))
+            err = float((got - want).norm() / want.norm())
+            assert err <= 1e-5, (number, prefix, err)
+        if number == 3:
+            fold_base(tiny_base, tmp_path / "R2.safetensors", tmp_path / "base+R2")
+            fold_base(tiny_base, tmp_path / "R3.safetensors", tmp_path / "base+R3")
+            result = merged_state(tmp_path / "base+R3", out)
+            mean = weighted_mean_state([merged_state(tmp_path / "base+R2", c) for c in clients],
+                                       examples)
+            for key in (k for k in mean if any(t in k for t in TARGETS)):
+                err = float((result[key].double() - mean[key]).norm() / mean[key].norm())
+                assert err <= 1e-5, key
+        previous_r = r_now
+
+
 async def _send(node, method, path, *, body=b"", headers=None, secret=None, sign=True,
                 body_sha=None, admin=False, content_type="application/octet-stream"):
     key = request_key(secret or node.identity.secret)
