@@ -141,3 +141,76 @@ def test_up_train_max_rounds_stops_with_exit_0_and_counts_across_restarts(tmp_pa
         assert ledger.latest_committed()["round"] == 2  # it trained no third round
     finally:
         ledger.close()
+
+
+async def test_a_node_evaluates_each_committed_model_and_export_picks_the_best(tmp_path,
+                                                                              tiny_lm_dir):
+    """Issue 21 #5: `up --train --eval-data PATH`: after each commit the node measures the
+    global model (W0 + R + adapter) on its own held-out text, records it per round (the round's
+    record and `rounds --json` show it), and `export --best loss` picks the round it rated
+    best."""
+    import asyncio
+
+    from chorus_p2p.node.identity import init_data_dir
+
+    from nodeutil import start_node, wait_for
+
+    init_data_dir(tmp_path / "node", "evaluating")
+    held_out = Path(__file__).resolve().parents[1] / "examples" / "data" / "weather.jsonl"
+    node = await start_node(tmp_path / "node", tiny_lm_dir, min_updates=1, train=True,
+                            dataset=str(SHARD), steps=3, target_modules=("q_proj", "v_proj"),
+                            eval_data=str(held_out), eval_every=1)
+    try:
+        await wait_for(lambda: len(node.ledger.evaluations()) >= 3, timeout=180)
+        evaluations = node.ledger.evaluations()
+        # the newest committed round each time (one that commits meanwhile is skipped)
+        assert sorted(evaluations)[0] == 1
+        for number, by_node in evaluations.items():
+            metrics = by_node[node.node_id]
+            assert 0 < metrics["loss"] < 20 and metrics["perplexity"] > 1
+            assert node.ledger.round(number)["state"] == "committed"
+        shown = await asyncio.to_thread(cli, "rounds", "--node", node.url, "--join",
+                                        node.identity.join_token(), "--json")
+        assert shown.returncode == 0, shown.stderr
+        listed = {r["round"]: r for r in json.loads(shown.stdout)}
+        assert all(listed[n]["evaluations"][node.node_id] == evaluations[n][node.node_id]
+                   for n in evaluations if n in listed)
+    finally:
+        await node.stop()
+    from chorus_p2p.node.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "node" / "ledger.sqlite")  # every evaluation made before stop
+    try:
+        best = min((m[node.node_id]["loss"], n) for n, m in ledger.evaluations().items()
+                   if node.node_id in m)[1]
+    finally:
+        ledger.close()
+    done = await asyncio.to_thread(cli, "export", "--data-dir", str(tmp_path / "node"),
+                                   "--out", str(tmp_path / "best"), "--best", "loss", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["round"] == best
+
+
+def test_patience_leaves_after_evaluations_without_a_new_best(tmp_path):
+    """`--patience 2`: two evaluations in a row after the best, none better: the node leaves."""
+    from types import SimpleNamespace
+
+    from chorus_p2p.node.ledger import Ledger
+    from chorus_p2p.train.node_eval import NodeEvaluator
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    finished: list[str] = []
+    node = SimpleNamespace(ledger=ledger, node_id="me", finish=finished.append)
+    evaluator = NodeEvaluator.__new__(NodeEvaluator)
+    evaluator.node, evaluator.patience = node, 2
+    try:
+        for number, loss in enumerate((2.0, 1.5, 1.6), start=1):
+            ledger.record_evaluation(number, "me", {"loss": loss})
+            ledger.record_evaluation(number, "someone-else", {"loss": 0.1})  # not ours
+            evaluator._maybe_stop()
+        assert finished == []  # one evaluation since the best
+        ledger.record_evaluation(4, "me", {"loss": 1.55})
+        evaluator._maybe_stop()
+        assert len(finished) == 1 and "best 1.5000 at round 2" in finished[0]
+    finally:
+        ledger.close()

@@ -183,7 +183,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "dataset", "steps",
                                            "lr", "batch_size", "device", "keep_rounds",
                                            "checkpoint_every", "compute_dtype", "grad_accum",
-                                           "max_seq_len", "max_rounds", "gradient_checkpointing", "quantize",
+                                           "max_seq_len", "max_rounds", "eval_data", "eval_every", "patience",
+                                           "gradient_checkpointing", "quantize",
                                            "text_field", "dataset_split", "dataset_config")}
     flags["peers"] = args.peer
     flags["interfaces"] = args.interface
@@ -584,6 +585,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_dp_options(up, defaults=False)
     up.add_argument("--train", action="store_true", default=None,
                     help="train on --dataset every round and submit the update")
+    up.add_argument("--eval-data", metavar="PATH",
+                    help="held-out text (any format --dataset reads): evaluate each committed "
+                         "global model on it; shown per round (rounds, TUI), export --best")
+    up.add_argument("--eval-every", type=positive_int, metavar="N",
+                    help="with --eval-data: every N committed rounds (default 1)")
+    up.add_argument("--patience", type=positive_int, metavar="N",
+                    help="with --eval-data: leave (exit 0) after N evaluations in a row without "
+                         "a new best held-out loss")
     up.add_argument("--max-rounds", type=positive_int, metavar="N",
                     help="with --train: once N committed rounds count this node's update (in "
                          "total, across restarts), leave the federation and exit 0")

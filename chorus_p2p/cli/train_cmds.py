@@ -214,11 +214,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from chorus_p2p.cli.node_cmds import _data_dir
     from chorus_p2p.train.export import export_from_data_dir
 
+    from chorus_p2p.errors import UsageError
+
+    if args.best and args.round not in (None, "latest"):
+        raise UsageError("give --round or --best, not both")
     round_no = None if args.round in (None, "latest") else int(args.round)
     with human_output(args.json), progress_bar("load, merge, save", "steps") as bar:
         out, number = export_from_data_dir(_data_dir(args), args.out, round_no=round_no,
                                            model_path=args.model, force=args.force,
-                                           dtype=args.dtype, progress=bar)
+                                           dtype=args.dtype, progress=bar, best=args.best)
     if args.json:
         print_json({"out": str(out), "round": number, "dtype": args.dtype})
     else:
@@ -293,6 +297,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="write base + R + adapter as one HF model folder")
     export.add_argument("--out", required=True, help="the Hugging Face model folder to write")
     export.add_argument("--round", type=round_or_latest, help="committed round (default: latest)")
+    export.add_argument("--best", metavar="METRIC", choices=("loss", "perplexity"),
+                        help="the round this node's evaluations rate best (up --eval-data): "
+                             "loss or perplexity")
     export.add_argument("--data-dir", help="the node's data dir (default $CHORUS_DATA_DIR or "
                         "./chorus_data)")
     export.add_argument("--model", help="base model (default: the one the federation records)")

@@ -356,8 +356,10 @@ async def rounds_list(request: web.Request) -> web.Response:
     rows = node.ledger.list_rounds(limit=limit, before=before_n)
     next_before = rows[-1]["round"] if len(rows) == limit and rows[-1]["round"] > 0 else None
     # The state fingerprint is for nodes (it grows with the model); GET /v1/rounds/N has it.
+    evaluations = node.ledger.evaluations([r["round"] for r in rows])
     listed = [{**{k: v for k, v in round_record(r).items() if k != "state_sketch"},
-               "pruned": r.get("pruned_at") is not None} for r in rows]
+               "pruned": r.get("pruned_at") is not None,
+               "evaluations": evaluations.get(r["round"], {})} for r in rows]
     return web.json_response({"rounds": listed, "next_before": next_before,
                               "total": node.ledger.count_rounds()})
 
@@ -366,7 +368,8 @@ async def round_detail(request: web.Request) -> web.Response:
     node = _node(request)
     number = _round_number(request)
     stored = node.ledger.round(number)
-    row = {**round_record(stored), "pruned": stored.get("pruned_at") is not None}
+    row = {**round_record(stored), "pruned": stored.get("pruned_at") is not None,
+           "evaluations": node.ledger.evaluations([number]).get(number, {})}
     row["updates"] = [{k: u.get(k) for k in ("node_id", "blob_sha", "examples", "trained_from",
                                              "size", "norm", "received_at", "eval_loss",
                                              "train_loss", "status", "reason")}

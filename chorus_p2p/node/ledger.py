@@ -25,7 +25,7 @@ import sqlite_utils
 
 log = logging.getLogger("chorus_p2p.ledger")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Round states, in order. A round only moves forward.
 OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
@@ -111,9 +111,17 @@ def _migration_7(db: sqlite_utils.Database) -> None:
                             if_not_exists=True)
 
 
+def _migration_8(db: sqlite_utils.Database) -> None:
+    """What a node measured of each committed global model on its own held-out data
+    (``up --eval-data``): per round and node, a JSON of metrics."""
+    db["evaluations"].create({"round": int, "node_id": str, "metrics": str,
+                              "evaluated_at": float}, pk=("round", "node_id"),
+                             if_not_exists=True)
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4, 5: _migration_5,
-    6: _migration_6, 7: _migration_7}
+    6: _migration_6, 7: _migration_7, 8: _migration_8}
 LOG_GENESIS = "chorus-p2p/log/v1"
 # What a round's log hash covers: everything that determines the federation's state after it
 # (the adapter and the residual, by hash). The state fingerprint is derived from those and is
@@ -493,6 +501,22 @@ class Ledger:
         with self.db.atomic():
             self.db["updates"].insert(row)
             return self._insert_event("update_accepted", row["round"], event)
+
+    def record_evaluation(self, number: int, node_id: str, metrics: dict[str, float]) -> None:
+        self.db["evaluations"].upsert({"round": number, "node_id": node_id,
+                                       "metrics": json.dumps(metrics, sort_keys=True),
+                                       "evaluated_at": time.time()}, pk=("round", "node_id"))
+
+    def evaluations(self, rounds: list[int] | None = None) -> dict[int, dict[str, dict]]:
+        """round -> node id -> metrics (every round, or those listed)."""
+        if rounds is not None and not rounds:
+            return {}
+        where, args = ("", []) if rounds is None else (
+            f"where round in ({','.join('?' * len(rounds))})", list(rounds))
+        out: dict[int, dict[str, dict]] = {}
+        for row in self.db.query(f"select * from evaluations {where} order by round", args):
+            out.setdefault(row["round"], {})[row["node_id"]] = json.loads(row["metrics"])
+        return out
 
     def rounds_contributed(self, node_id: str) -> int:
         """Committed rounds that count an update of ``node_id``."""

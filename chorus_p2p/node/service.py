@@ -255,6 +255,17 @@ class Node:
                 quantize=settings.quantize), dp,
                 DatasetOptions(settings.text_field, settings.dataset_split,
                                settings.dataset_config), settings.max_rounds)
+        self.evaluator = None
+        if settings.eval_data:
+            from chorus_p2p.train.data import DatasetOptions
+            from chorus_p2p.train.node_eval import NodeEvaluator
+            from chorus_p2p.train.trainer import TrainConfig
+
+            self.evaluator = NodeEvaluator(self, settings.eval_data, TrainConfig(
+                batch_size=settings.batch_size, device=settings.device,
+                seq_len=settings.max_seq_len), settings.eval_every, settings.patience,
+                DatasetOptions(settings.text_field, settings.dataset_split,
+                               settings.dataset_config))
         self.guard = ConnectionGuard(settings.header_timeout, settings.max_connections)
         self.started_at = time.time()
         self.exit_code = 0
@@ -395,11 +406,15 @@ class Node:
             await self.discovery.start()
         if self.participant is not None:
             self.participant.start()
+        if self.evaluator is not None:
+            self.evaluator.start()
         return self.address
 
     async def stop(self) -> None:
         if self.participant is not None:
             await self.participant.stop()
+        if self.evaluator is not None:
+            await self.evaluator.stop()
         if self.discovery is not None:
             await self.discovery.stop()  # mDNS goodbye
         await self.cluster.stop()  # hand over the coordinator role, tell peers we leave

@@ -72,6 +72,9 @@ class NodeSettings:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_seq_len: int | None = None  # tokens per sequence; None: the model's (at most 1024)
     max_rounds: int | None = None  # with --train: stop (exit 0) after this many committed rounds
+    eval_data: str | None = None  # held-out text: evaluate each committed global model on it
+    eval_every: int = 1  # ... every N committed rounds
+    patience: int | None = None  # with eval_data: leave after N evaluations without a new best
     gradient_checkpointing: bool = False  # recompute activations: less GPU memory
     quantize: str | None = None  # "4bit"/"8bit": a bitsandbytes-quantized base (QLoRA)
     text_field: str | None = None  # the dataset field holding the text (default: text/instruction)
@@ -126,6 +129,7 @@ _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": s
           "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,
           "batch_size": int, "device": str, "keep_rounds": "keep_rounds",
           "compute_dtype": str, "grad_accum": int, "max_seq_len": int, "max_rounds": int,
+          "eval_data": str, "eval_every": int, "patience": int,
           "gradient_checkpointing": bool, "quantize": str, "text_field": str, "dataset_split": str,
           "dataset_config": str,
           "checkpoint_every": int}
@@ -205,7 +209,9 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
         (require_bitsandbytes if settings.train else check_kind)(settings.quantize)
     if settings.max_rounds is not None and not settings.train:
         raise UsageError("--max-rounds counts this node's own training rounds: add --train")
-    for name in ("grad_accum", "max_seq_len", "max_rounds"):
+    if settings.patience is not None and not settings.eval_data:
+        raise UsageError("--patience counts evaluations: add --eval-data PATH")
+    for name in ("grad_accum", "max_seq_len", "max_rounds", "eval_every", "patience"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise UsageError(f"{name} must be at least 1")
     if settings.min_updates < 1:

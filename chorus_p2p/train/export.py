@@ -46,10 +46,33 @@ def export_merged(model_path: str | Path, adapter_dir: str | Path,
     return Path(out)
 
 
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def best_round(ledger, metric: str) -> int:
+    """The committed round whose global model this node's evaluations rate best (``up
+    --eval-data``), among those whose files it still holds."""
+    if metric not in LOWER_IS_BETTER:
+        raise UsageError(f"--best {metric}: one of {', '.join(LOWER_IS_BETTER)}")
+    scored = []
+    for number, by_node in ledger.evaluations().items():
+        row = ledger.round(number)
+        if row is None or row["state"] != "committed" or row.get("pruned_at") is not None:
+            continue
+        values = [m[metric] for m in by_node.values() if metric in m]
+        if values:
+            scored.append((sum(values) / len(values), number))
+    if not scored:
+        raise UsageError("no evaluated round to choose from: run the node with --eval-data PATH "
+                         "(rounds whose files were pruned do not count)")
+    return min(scored)[1]
+
+
 def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int | None = None,
                          model_path: str | None = None, force: bool = False,
                          dtype: str = "float32",
-                         progress: Callable[[int, int], None] | None = None) -> tuple[Path, int]:
+                         progress: Callable[[int, int], None] | None = None,
+                         best: str | None = None) -> tuple[Path, int]:
     """Export a committed round (default: the latest) from a node's data dir.
 
     Reads only immutable files (the state's checkpoint and the residuals after it), so it is
@@ -70,7 +93,9 @@ def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int
     ledger = Ledger(data_dir / LEDGER_FILE)
     blobs = BlobStore(data_dir / BLOB_DIR)
     try:
-        if round_no is None:
+        if best is not None:
+            round_no = best_round(ledger, best)
+        elif round_no is None:
             round_no = ledger.latest_committed()["round"]
         row = ledger.round(round_no)
         if row is None or row["state"] != COMMITTED:
