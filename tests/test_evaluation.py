@@ -122,6 +122,7 @@ partition = "dirichlet"
 rounds = 1
 local_steps = 4
 target_modules = ["q_proj", "v_proj"]
+eval_examples = 40
 strategies = ["local", "centralized", "fedavg", "fedex"]
 seeds = [0, 1]
 """)
@@ -155,12 +156,14 @@ def test_a_two_seed_matrix_runs_end_to_end_resumes_after_kill9_and_reproduces(tm
     assert set(entries) == {"local", "centralized", "fedavg", "fedex"}
     assert entries["fedex"]["vs_fedavg"]["pairs"] == 2
     assert "| centralized |" in (out / "summary.md").read_text()
-    # the same seed on the same machine: the same numbers to the last digit
-    again = tmp_path / "again"
-    redo = _cli("eval", str(config), "--out", str(again))
-    assert redo.returncode == 0, redo.stderr[-3000:]
-    for record in records:
-        twin = json.loads((again / "runs" / f"{record['id']}.json").read_text())
+    # the same seed on the same machine: the same numbers to the last digit (a federated run
+    # and a local one again, in this process, against what the CLI wrote)
+    from chorus_p2p.evaluation.runner import execute
+
+    for run in [r for r in Experiment.load(config).runs() if r.seed == 1
+                and r.strategy in ("fedex", "local")]:
+        twin = execute(run, tmp_path / "again", tmp_path / "models", log=lambda m: None)
+        record = json.loads((out / "runs" / f"{run.run_id}.json").read_text())
         assert twin["final"] == record["final"] and twin["curve"] == record["curve"]
     # the reports re-render from the JSONs alone
     (out / "summary.md").unlink()
@@ -191,3 +194,23 @@ def test_every_shipped_experiment_passes_check(config):
     done = _cli("eval", str(config), "--check")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ok: the experiment and its data are ready" in done.stdout
+
+
+def test_a_local_dp_run_noises_every_release_and_reports_its_epsilon(tmp_path, tiny_lm_dir):
+    """``dp_noise > 0``: each client's release goes through privatize_file (the node's own
+    mechanism) before aggregation; the record states the epsilon the accountant gives for
+    that many releases, and the bounds (which send nothing) carry none."""
+    from chorus_p2p.evaluation.experiment import Experiment
+    from chorus_p2p.evaluation.runner import execute
+    from chorus_p2p.train.privacy import DPConfig, epsilon_after
+
+    experiment = Experiment.from_table({
+        "model": str(tiny_lm_dir), "clients": 2, "rounds": 2, "local_steps": 2,
+        "target_modules": ["q_proj", "v_proj"], "dp_noise": 1.0, "dp_clip": 0.05,
+        "eval_examples": 40,
+        "strategies": ["fedex", "local"], "seeds": [0]})
+    fedex, local = experiment.runs()
+    record = execute(fedex, tmp_path, tmp_path / "models", log=lambda m: None)
+    assert record["dp"]["epsilon"] == pytest.approx(
+        epsilon_after(2, DPConfig(1.0, noise_multiplier=1.0)), rel=1e-6)
+    assert execute(local, tmp_path, tmp_path / "models", log=lambda m: None)["dp"] is None

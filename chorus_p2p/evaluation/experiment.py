@@ -43,17 +43,20 @@ TASKS = (*BUILT_IN, "lm")
 DEFAULTS: dict[str, Any] = {
     "task": "topics", "data": [], "model": "tiny", "clients": 3, "partition": "iid",
     "dirichlet_alpha": 0.1, "rounds": 5, "local_steps": 60, "lr": 5e-3, "batch_size": 8,
-    "rank": 8, "alpha": 16.0, "max_seq_len": 0, "compute_dtype": "auto", "quantize": "",
+    "rank": 8, "alpha": 16.0, "max_seq_len": 0, "dp_noise": 0.0, "dp_clip": 1.0,
+    "dp_delta": 1e-5, "eval_examples": 240, "compute_dtype": "auto", "quantize": "",
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                        "down_proj"],
     "strategies": ["local", "centralized", "fedavg", "fedex", "fedex-svd"], "seeds": [0, 1, 2],
 }
 # Settings a list sweeps (the others are lists by nature: data files, target modules).
 SWEEPABLE = ("task", "model", "clients", "partition", "dirichlet_alpha", "rounds", "local_steps",
-             "lr", "batch_size", "rank", "alpha", "max_seq_len", "compute_dtype", "quantize")
+             "lr", "batch_size", "rank", "alpha", "max_seq_len", "compute_dtype", "quantize",
+             "dp_noise", "dp_clip", "dp_delta", "eval_examples")
 TYPES = {"task": str, "model": str, "clients": int, "partition": str, "dirichlet_alpha": float,
          "rounds": int, "local_steps": int, "lr": float, "batch_size": int, "rank": int,
-         "alpha": float, "max_seq_len": int, "compute_dtype": str, "quantize": str}
+         "alpha": float, "max_seq_len": int, "compute_dtype": str, "quantize": str,
+         "dp_noise": float, "dp_clip": float, "dp_delta": float, "eval_examples": int}
 
 
 @dataclass(frozen=True)
@@ -142,9 +145,11 @@ class Experiment:
                 problems.append(f"strategy {strategy!r}: one of {', '.join(ALL_STRATEGIES)}")
         problems += [f"max_seq_len {v} must be >= 1 (or 0: the model's)"
                      for v in self._each("max_seq_len") if v < 0]
-        for key in ("clients", "rounds", "local_steps", "batch_size", "rank"):
+        for key in ("clients", "rounds", "local_steps", "batch_size", "rank", "eval_examples"):
             problems += [f"{key} {v} must be >= 1" for v in self._each(key) if v < 1]
-        for key in ("lr", "alpha", "dirichlet_alpha"):
+        problems += [f"dp_noise {v} must be >= 0 (0: no DP)" for v in self._each("dp_noise")
+                     if v < 0]
+        for key in ("lr", "alpha", "dirichlet_alpha", "dp_clip"):
             problems += [f"{key} {v} must be > 0" for v in self._each(key) if not v > 0]
         for quantize in self._each("quantize"):
             if quantize not in ("", "4bit", "8bit"):

@@ -87,7 +87,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         entry[f"vs_{against}"] = {"diff": mean_ci(paired), "wins": better,
                                                   "pairs": len(paired)}
             strategies[strategy] = entry
-        out.append({"setting": json.loads(key), "task_kind": kind, "metric": name,
+        dp = next((r.get("dp") for r in rows if r.get("dp")), None)
+        out.append({"setting": json.loads(key), "task_kind": kind, "metric": name, "dp": dp,
                     "higher_is_better": higher, "label_skew": statistics.fmean(
                         r["label_skew"] for r in rows), "strategies": strategies})
     return out
@@ -103,7 +104,11 @@ def markdown(summary: list[dict[str, Any]], title: str) -> str:
         metric = block["metric"]
         lines += [f"## {s['task']}: {s['clients']} clients, {s['partition']}"
                   f"{' alpha ' + str(s['dirichlet_alpha']) if s['partition'] == 'dirichlet' else ''}"
-                  f", rank {s['rank']}, {s['rounds']} rounds x {s['local_steps']} steps",
+                  f", rank {s['rank']}, {s['rounds']} rounds x {s['local_steps']} steps"
+                  + (f", local DP z={block['dp']['noise_multiplier']:g} C="
+                     f"{block['dp']['clip']:g}: epsilon {block['dp']['epsilon']:.2f} at delta "
+                     f"{block['dp']['delta']:g} (federated strategies; the bounds send nothing)"
+                     if block.get("dp") else ""),
                   "",
                   f"Label skew {block['label_skew']:.3f} (mean total variation from the pooled "
                   f"labels). Global {metric} on the shared held-out set, mean ± 95% CI over "

@@ -27,8 +27,9 @@ TINY_PRETRAIN_STEPS = 300  # on the demo shards only: the base never sees a task
 def load_task(settings: dict[str, Any], seed: int) -> Task:
     """The run's task: a built-in generated for this seed, or ``lm`` over the data files (one
     group per file, the held-out split by a hash of each text, as ``Dataset.load`` does)."""
+    held_out = int(settings.get("eval_examples", 240))
     if settings["task"] in BUILT_IN:
-        return BUILT_IN[settings["task"]](seed)
+        return BUILT_IN[settings["task"]](seed, held_out=held_out)
     from chorus_p2p.train.data import Dataset
 
     train, held = [], []
@@ -36,7 +37,7 @@ def load_task(settings: dict[str, Any], seed: int) -> Task:
         data = Dataset.load(path)
         train += [Example("", t, data.name, data.name) for t in data.train]
         held += [Example("", t, data.name, data.name) for t in data.eval]
-    return Task("lm", "lm", train, held)
+    return Task("lm", "lm", train, held[:held_out])
 
 
 def base_model(settings: dict[str, Any], cache: Path, log: Callable[[str], None]) -> str:
@@ -158,6 +159,9 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
                 finals.append((done.global_dir, done.state, index))
         return record
 
+    release, dp = None, None
+    if s["dp_noise"] > 0 and run.strategy not in ("local", "centralized"):
+        release, dp = _local_dp(s, work)  # what leaves a client is noised; bounds send nothing
     strategy = run.strategy
     if strategy == "local":  # each client alone: its own adapter, never aggregated with others
         for i, data in enumerate(clients):
@@ -169,7 +173,7 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
                    client_steps=[s["local_steps"] * len(clients)], after_round=after(-1))
     else:
         run_rounds(model, clients, s["rounds"], strategy, work / "federation", spec, config,
-                   after_round=after(-1))
+                   after_round=after(-1), release=release)
     # Final: the global figure, and each client's own held-out split (personal).
     personal = []
     global_rows = []
@@ -190,12 +194,42 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
         "curve": rounds_curve,
         "final": {"global": _mean_worst(global_rows, task.kind),
                   "personal": _mean_worst(personal, task.kind)},
+        "dp": dp() if dp else None,
         "cost": {"bytes_per_client_round": (sum(sent) / len(sent)) if sent else 0,
                  "seconds_per_round": round((total - timer["eval"]) / s["rounds"], 3),
                  "eval_seconds": round(timer["eval"], 3)},
     }
     shutil.rmtree(work, ignore_errors=True)
     return record
+
+
+def _local_dp(s: dict[str, Any], work: Path):
+    """Each client's release clipped and noised as a node does (``privatize_file``, the OS's
+    CSPRNG: DP noise is never seeded, so DP runs are not reproducible to the digit), and the
+    epsilon they spent (every client the same: one release per round)."""
+    from dataclasses import replace
+
+    from chorus_p2p.train.privacy import BudgetFile, DPConfig, PrivacyBudget, privatize_file
+
+    config = DPConfig(epsilon=math.inf, delta=s["dp_delta"], clip=s["dp_clip"],
+                      noise_multiplier=s["dp_noise"])
+    budgets: dict[int, PrivacyBudget] = {}
+
+    def release(client: int, global_dir: Path, result):
+        budget = budgets.setdefault(client, PrivacyBudget(
+            BudgetFile(work / f"dp-budget-{client}.json"), config))
+        out = result.adapter_dir.with_name(result.adapter_dir.name + "-released")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.adapter_dir / "adapter_config.json", out / "adapter_config.json")
+        privatize_file(global_dir / "adapter_model.safetensors",
+                       result.adapter_dir / "adapter_model.safetensors",
+                       out / "adapter_model.safetensors", budget)
+        return replace(result, adapter_dir=out)
+
+    def spent() -> dict[str, float]:
+        return {"noise_multiplier": s["dp_noise"], "clip": s["dp_clip"], "delta": s["dp_delta"],
+                "epsilon": max(b.spent for b in budgets.values()) if budgets else 0.0}
+    return release, spent
 
 
 def _average_curve(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -10,53 +10,30 @@ node leaves (exit 0) once K evaluations in a row did not beat the best one.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import shutil
 import time
 from typing import TYPE_CHECKING
 
 from chorus_p2p.train.data import Dataset, DatasetOptions, load_texts
+from chorus_p2p.train.worker import StepLoop
 
 if TYPE_CHECKING:
     from chorus_p2p.node.service import Node
     from chorus_p2p.train.trainer import TrainConfig
 
-log = logging.getLogger("chorus_p2p.train")
-
-POLL_S = 0.5
 
 
-class NodeEvaluator:
+class NodeEvaluator(StepLoop):
+    failure_event, name, poll_s, retry_s = "evaluation_failed", "evaluation", 0.5, 5.0
+
     def __init__(self, node: "Node", eval_data: str, config: "TrainConfig", every: int = 1,
                  patience: int | None = None, options: DatasetOptions = DatasetOptions()):
-        self.node = node
+        super().__init__(node)
         texts = load_texts(eval_data, options)  # all of it is held out: it is never trained on
         self.dataset = Dataset("eval", texts, texts)
         self.config, self.every, self.patience = config, max(1, every), patience
-        self._task: asyncio.Task | None = None
         self.work = node.data_dir / "work" / "eval"  # apart from the participant's folders
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self._step()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep the node up; say what went wrong
-                log.warning("evaluation: %s", exc)
-                self.node.bus.publish("evaluation_failed", None, {"error": str(exc)},
-                                      level="warning")
-                await asyncio.sleep(5.0)
-            await asyncio.sleep(POLL_S)
 
     def _due(self) -> int | None:
         latest = self.node.ledger.latest_committed()

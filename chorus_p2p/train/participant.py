@@ -22,6 +22,7 @@ from chorus_p2p.node.state_keeper import StateReader
 from chorus_p2p.train.data import Dataset, DatasetOptions
 from chorus_p2p.train.privacy import BudgetExhausted, DPConfig, PrivacyBudget, privatize_file
 from chorus_p2p.train.trainer import TrainConfig, train_round
+from chorus_p2p.train.worker import StepLoop
 
 if TYPE_CHECKING:
     from chorus_p2p.node.service import Node
@@ -55,12 +56,14 @@ def materialize_adapter(row: dict[str, Any], blobs, into: Path) -> Path:
     return folder
 
 
-class Participant:
+class Participant(StepLoop):
+    failure_event, name = "training_failed", "participant"
+
     def __init__(self, node: "Node", dataset_path: str, config: TrainConfig,
                  dp: "DPConfig | None" = None,
                  dataset_options: DatasetOptions = DatasetOptions(),
                  max_rounds: int | None = None):
-        self.node = node
+        super().__init__(node)
         # Stop once this many committed rounds count our update (in total: a restart goes on
         # from where it was), then leave the federation and exit 0.
         self.max_rounds = max_rounds
@@ -71,35 +74,11 @@ class Participant:
         self.outbox = node.data_dir / "outbox"
         self.outbox.mkdir(exist_ok=True)
         self.work = node.data_dir / "work"
-        self._task: asyncio.Task | None = None
         self._last_send: dict[int, float] = {}
-        self._stopping = False
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     def _outbox_entry(self, number: int) -> dict[str, Any] | None:
         meta = self.outbox / f"round-{number}.json"
         return json.loads(meta.read_text()) if meta.exists() else None
-
-    async def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                await self._step()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep the node up; say what went wrong
-                log.warning("participant: %s", exc)
-                self.node.bus.publish("training_failed", None, {"error": str(exc)},
-                                      level="warning")
-                await asyncio.sleep(2.0)
-            await asyncio.sleep(0.2)
 
     async def _step(self) -> None:
         latest = self.node.ledger.latest_round()

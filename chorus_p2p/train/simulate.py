@@ -60,11 +60,14 @@ class RoundResult:
 def run_rounds(model_path: str | Path, client_data: Sequence[Dataset], rounds: int,
                strategy: str, workdir: str | Path, spec: FederationSpec, config: TrainConfig,
                *, federation: str = "simulation", client_steps: Sequence[int] | None = None,
-               after_round: Callable[[RoundResult], None] | None = None) -> Path:
+               after_round: Callable[[RoundResult], None] | None = None,
+               release: Callable[[int, Path, TrainResult], TrainResult] | None = None) -> Path:
     """The rounds a federation runs, in this process: every client trains from ``W0 + R +
     adapter`` on its own data, the adapters are aggregated as a coordinator does, ``D`` is folded
     into the dense ``R`` a node keeps. ``simulate`` and ``chorus-node eval`` both run through
-    here, so what they measure is the node's math. Returns the last global adapter."""
+    here, so what they measure is the node's math. ``release(client, global_dir, result)``
+    turns a trained adapter into what that client sends (local DP noises it). Returns the last
+    global adapter."""
     workdir = Path(workdir)
     global_dir = initial_state(spec, federation, workdir / "round-0")
     state = StateStore(workdir / "state", spec.modules, checkpoint_every=rounds + 1,
@@ -75,9 +78,9 @@ def run_rounds(model_path: str | Path, client_data: Sequence[Dataset], rounds: i
             steps = client_steps[i] if client_steps else config.steps
             cfg = TrainConfig(**{**asdict(config), "steps": steps,
                                  "seed": config.seed + 1000 * number + i})
-            results.append(train_round(model_path, global_dir, state.read(number - 1), data, cfg,
-                                       workdir / f"round-{number}" / f"client-{i}",
-                                       progress=_silent))
+            result = train_round(model_path, global_dir, state.read(number - 1), data, cfg,
+                                 workdir / f"round-{number}" / f"client-{i}", progress=_silent)
+            results.append(release(i, global_dir, result) if release else result)
         out = workdir / f"round-{number}" / "global"
         report = aggregate_adapters([str(r.adapter_dir) for r in results], out,
                                     strategy=strategy, weights=[r.examples for r in results],

@@ -1,0 +1,49 @@
+"""A node's background work that runs one step at a time, forever: training, evaluation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+log = logging.getLogger("chorus_p2p.train")
+
+
+class StepLoop:
+    """Run ``_step`` again and again on the node's event loop. A failing step is logged and
+    published (``failure_event``), and the node stays up: a bad dataset or a full disk is the
+    operator's to fix, not a reason to stop serving the federation."""
+
+    failure_event = "worker_failed"
+    name = "worker"
+    poll_s = 0.2
+    retry_s = 2.0
+
+    def __init__(self, node) -> None:
+        self.node = node
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep the node up; say what went wrong
+                log.warning("%s: %s", self.name, exc)
+                self.node.bus.publish(self.failure_event, None, {"error": str(exc)},
+                                      level="warning")
+                await asyncio.sleep(self.retry_s)
+            await asyncio.sleep(self.poll_s)
+
+    async def _step(self) -> None:
+        raise NotImplementedError
