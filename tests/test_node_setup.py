@@ -137,6 +137,12 @@ def test_cli_runs_a_round_and_reports_exit_codes(running_node, tmp_path):
                "c0", "--round", "1", *base)
     assert done.returncode == 3 and "round_closed" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+    # issue 22 #3: without --round, an update the federation overtook says what to do
+    late = write_update(tmp_path / "late.safetensors", node.spec, 7)
+    done = cli("submit", str(late), "--examples", "10", "--client-id", "late", "--trained-from",
+               "0", *base)
+    assert done.returncode == 3 and "moved on" in done.stderr, done.stderr
+    assert "chorus-node pull" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     done = cli("status", "--node", node.url, "--join", "chorus1." + "e30")
     assert done.returncode == 2
     done = cli("status", "--node", node.url, "--join", encode_join_token("lab", b"z" * 32))

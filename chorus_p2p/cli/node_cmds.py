@@ -134,10 +134,9 @@ def _when(ts: float | None) -> str:
 
 # -- init / up ------------------------------------------------------------------------------------
 def _cmd_init(args: argparse.Namespace) -> int:
-    from chorus_p2p.node.identity import init_data_dir
-
     from chorus_p2p.errors import UsageError
     from chorus_p2p.node.dp_policy import DPPolicy
+    from chorus_p2p.node.identity import init_data_dir
 
     join = _join_token(args) if (args.join or args.join_file) else None
     dp_policy = None
@@ -366,9 +365,23 @@ def _age(seconds: float) -> str:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    from chorus_p2p.client import ConflictError
+
     with _client(args) as node:
-        result = node.submit(args.adapter, round=args.round, examples=args.examples,
-                             trained_from=args.trained_from)
+        try:
+            result = node.submit(args.adapter, round=args.round, examples=args.examples,
+                                 trained_from=args.trained_from)
+        except ConflictError as exc:
+            if exc.code not in ("round_closed", "stale_base") or args.round is not None:
+                raise
+            # The federation committed the round this adapter was for before it arrived
+            # (min_updates met without it): routine, and one line says what to do.
+            print(f"chorus-node: the federation moved on before this update arrived "
+                  f"({exc.code}): it was trained from an older global adapter than the round "
+                  "now collecting builds on. Pull the latest (`chorus-node pull`), train from "
+                  "it and submit again (`chorus-node train` does this loop itself)",
+                  file=sys.stderr)
+            return 3
     if args.json:
         _print_json(result)
     else:
@@ -587,7 +600,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="train on --dataset every round and submit the update")
     up.add_argument("--eval-data", metavar="PATH",
                     help="held-out text (any format --dataset reads): evaluate each committed "
-                         "global model on it; shown per round (rounds, TUI), export --best")
+                         "global model on it; shown per round (rounds --json), export --best")
     up.add_argument("--eval-every", type=positive_int, metavar="N",
                     help="with --eval-data: every N committed rounds (default 1)")
     up.add_argument("--patience", type=positive_int, metavar="N",

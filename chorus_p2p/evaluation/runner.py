@@ -308,7 +308,10 @@ def check(experiment: Experiment) -> list[str]:
                       [e.group for e in task.examples], s["clients"], s["partition"], run.seed,
                       s["dirichlet_alpha"])
         if s["model"] != "tiny" and not _model_available(s["model"]):
-            raise_missing(s["model"])
+            from chorus_p2p.errors import UsageError
+
+            raise UsageError(f"model {s['model']!r}: no such folder (a local path needs "
+                             "config.json)")
         lines.append(f"  task {s['task']} ({task.kind}, {len(task.examples)} train / "
                      f"{len(task.held_out)} held out), {s['clients']} clients, "
                      f"{s['partition']}: label skew {label_skew([[e.label for e in p] for p in parts]):.3f}, "
@@ -326,12 +329,6 @@ def _model_available(model: str) -> bool:
         return True
     except Exception:
         return "/" in model  # a hub id not cached yet: a run downloads it (not checked here)
-
-
-def raise_missing(model: str) -> None:
-    from chorus_p2p.errors import UsageError
-
-    raise UsageError(f"model {model!r}: no such folder (a local path needs config.json)")
 
 
 __all__ = ["execute", "run_experiment", "load_records", "check", "primary_metric"]
