@@ -129,6 +129,26 @@ def test_recorded_state_is_what_the_views_show():
     assert [e["kind"] for e in state.events_at("warning")] == ["update_rejected"]
 
 
+async def test_history_shows_what_the_nodes_measured_of_each_round():
+    """Issue 21 #5: with ``up --eval-data`` each node measures every committed global model on
+    its own held-out text; the history's held-out column is their mean, "-" where none did."""
+    app = recorded_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("3")
+        await pilot.pause()
+        table = app.query_one("#history", DataTable)
+        column = [c.label.plain for c in table.columns.values()].index("held-out")
+        cells = {table.get_row_at(i)[0]: table.get_row_at(i)[column]
+                 for i in range(table.row_count)}
+    assert cells == {"3": f"{(2.437 + 2.559) / 2:.3f}", "2": f"{(2.511 + 2.603) / 2:.3f}",
+                     "1": "-"}
+    async with recorded_app().run_test(size=(80, 24)) as pilot:  # and every column fits 80
+        await pilot.press("3")
+        await pilot.pause()
+        table = pilot.app.query_one("#history", DataTable)
+        assert table.virtual_size.width <= table.size.width, (table.virtual_size, table.size)
+
+
 def selected_key(table: DataTable) -> str:
     return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
 

@@ -166,11 +166,18 @@ class RoundView(Vertical):
         refill(self.query_one("#participants", DataTable), rows)
 
 
+def node_eval_loss(row: dict[str, Any]) -> float | None:
+    """The mean over nodes of what each measured of this round's global model on its own
+    held-out data (``up --eval-data``); None when no node evaluated it."""
+    losses = [m["loss"] for m in (row.get("evaluations") or {}).values() if "loss" in m]
+    return sum(losses) / len(losses) if losses else None
+
+
 class HistoryView(Vertical):
     def compose(self) -> ComposeResult:
         table = DataTable(id="history", cursor_type="row", zebra_stripes=True)
-        table.add_columns("round", "strategy", "updates", "agg ms", "||D||/||M||", "eval loss",
-                          "committed")
+        table.add_columns("round", "strategy", "updates", "agg ms", "|D|/|M|", "eval loss",
+                          "held-out", "committed")
         yield table
         with Horizontal(id="plots"):
             yield PlotextPlot(id="plot-loss")
@@ -182,10 +189,12 @@ class HistoryView(Vertical):
         for r in reversed(rows):
             m: dict[str, Any] = r.get("metrics") or {}
             energy, loss = m.get("residual_energy"), m.get("mean_eval_loss")
+            held_out = node_eval_loss(r)
             table_rows.append((str(r["round"]), (
                 str(r["round"]), r.get("strategy") or "-", str(m.get("updates", "-")),
                 f"{m.get('aggregation_ms', 0):.1f}", "-" if energy is None else f"{energy:.4f}",
-                "-" if loss is None else f"{loss:.3f}", clock(r.get("committed_at")))))
+                "-" if loss is None else f"{loss:.3f}",
+                "-" if held_out is None else f"{held_out:.3f}", clock(r.get("committed_at")))))
         refill(self.query_one("#history", DataTable), table_rows)
         self._plot("#plot-loss", "mean eval loss", [(r["round"], (r.get("metrics") or {}).get(
             "mean_eval_loss")) for r in rows])
