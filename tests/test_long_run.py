@@ -359,3 +359,30 @@ async def test_a_state_that_cannot_match_the_log_stops_and_is_never_read(tmp_pat
         assert node.state_store.round == stuck_at  # it stopped: no restore loop
     finally:
         await node.stop()
+
+
+async def test_keep_rounds_all_keeps_every_rounds_files_through_gc(tmp_path, tiny_base):
+    """README: `--keep-rounds all` (for audit) keeps every round's blobs: after 8 rounds, a
+    checkpoint every 2 and an explicit GC, no round is pruned, every residual and client
+    update is on disk, and round 1's files still download (audit, medium 10)."""
+    from chorus_p2p.node.settings import parse_keep_rounds
+
+    node = await start_node(tmp_path / "d", tiny_base, keep_rounds=parse_keep_rounds("all"),
+                            checkpoint_every=2)
+    try:
+        for number in range(1, 9):
+            await submit_round(node, tmp_path, number)
+        await node.state.reader(8)
+        async with AsyncNodeClient(node.url, secret=node.identity.secret, client_id="audit",
+                                   admin_token=node.identity.admin_token) as c:
+            await c.gc()
+            await c.download("residual", 1, tmp_path / "r1.safetensors")
+        on_disk = blob_files(tmp_path / "d")
+        for number in range(1, 9):
+            row = node.ledger.round(number)
+            assert row["pruned_at"] is None, number
+            assert row["residual_sha"] in on_disk, number
+            assert {u["blob_sha"] for u in node.ledger.updates(number)} <= on_disk, number
+        assert (tmp_path / "r1.safetensors").stat().st_size > 0
+    finally:
+        await node.stop()

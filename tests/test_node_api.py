@@ -544,3 +544,23 @@ async def test_concurrent_cumulative_requests_share_one_build_and_leave_no_files
     assert set(node.blobs.tmp.iterdir()) == temp_before
     assert [p.name for p in (node.data_dir / "cache" / "cumulative").iterdir()] == [
         f"R-00000001-{node.ledger.round(1)['log_hash'][:16]}.state"]
+
+
+async def test_a_subscriber_that_stops_reading_is_dropped_and_the_others_go_on():
+    """README: event queues are bounded (QUEUE_LIMIT); a subscriber that stops reading is
+    dropped (its stream then closes, saying to reconnect with ?since=) instead of growing the
+    node's memory or slowing publish for everyone (audit, medium 10)."""
+    from chorus_p2p.node.events import QUEUE_LIMIT, EventBus
+
+    bus = EventBus()
+    stalled, reading = bus.subscribe(), bus.subscribe()
+    received = 0
+    for i in range(QUEUE_LIMIT + 50):
+        bus.publish("tick", i)
+        while not reading.empty():
+            reading.get_nowait()
+            received += 1
+    assert received == QUEUE_LIMIT + 50  # the reader missed nothing
+    assert not bus.is_subscribed(stalled) and bus.is_subscribed(reading)
+    assert stalled.qsize() == QUEUE_LIMIT  # it held the bound, then was let go
+    bus.close()

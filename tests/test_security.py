@@ -128,3 +128,53 @@ async def test_a_member_cannot_speak_for_another(tmp_path, tiny_base):
         assert node.ledger.snapshot() == before
     finally:
         await node.stop()
+
+
+async def test_a_peer_answer_is_believed_only_when_signed_with_the_federation_key():
+    """README: peers sign their answers (X-Chorus-Response-Signature over our nonce and the
+    body). A server on loopback answers a peer call three ways: unsigned, signed with another
+    federation's key, and signed with ours; only the last is believed, and a refusal that is
+    unsigned is not mistaken for the peer's word (audit, medium 10)."""
+    import json as jsonlib
+
+    import pytest
+    from aiohttp import web
+
+    from chorus_p2p.node.auth import H_NONCE
+    from chorus_p2p.node.peers import H_RESPONSE_SIG, PeerClient, PeerError, response_signature
+
+    ours, theirs = request_key(b"o" * 32), request_key(b"t" * 32)
+    mode = {"key": None, "status": 200}
+
+    async def answer(request: web.Request) -> web.Response:
+        body = jsonlib.dumps({"term": 99, "coordinator": "forged"}).encode()
+        headers = {"Content-Type": "application/json"}
+        if mode["key"] is not None:
+            headers[H_RESPONSE_SIG] = response_signature(mode["key"], request.headers[H_NONCE],
+                                                         body)
+        return web.Response(body=body, status=mode["status"], headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/peer/heartbeat", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    client = PeerClient(ours, "me")
+    try:
+        for key in (None, theirs):
+            mode["key"] = key
+            with pytest.raises(PeerError) as refused:
+                await client.call(url, "POST", "/v1/peer/heartbeat", {"term": 1})
+            assert refused.value.code == "bad_peer"
+        mode.update(key=None, status=409)  # an unsigned "refusal" carries no peer's word
+        with pytest.raises(PeerError) as refused:
+            await client.call(url, "POST", "/v1/peer/heartbeat", {"term": 1})
+        assert refused.value.code == "bad_peer" and not refused.value.details
+        mode.update(key=ours, status=200)
+        assert await client.call(url, "POST", "/v1/peer/heartbeat", {"term": 1}) == {
+            "term": 99, "coordinator": "forged"}
+    finally:
+        await client.close()
+        await runner.cleanup()
