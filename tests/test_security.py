@@ -178,3 +178,56 @@ async def test_a_peer_answer_is_believed_only_when_signed_with_the_federation_ke
     finally:
         await client.close()
         await runner.cleanup()
+
+
+def test_a_state_changing_request_replayed_after_kill9_is_refused(tmp_path, tiny_base):
+    """README: a write runs only once its nonce is durable, so a captured request stays refused
+    after a crash. A real node process: a signed `pause` is captured and answered; `resume`
+    follows; the process is killed with SIGKILL; restarted on the same port, the captured
+    `pause` is replayed: 401 replayed, and the node stays unpaused (a replay that got through
+    would pause it again). Audit, medium 10: before, only a GET was replayed, after a clean
+    stop."""
+    import hashlib
+    import json as jsonlib
+    import urllib.request
+
+    from chorus_p2p.netlab import free_loopback_ports
+    from chorus_p2p.node.auth import H_ADMIN
+    from chorus_p2p.node.identity import init_data_dir
+
+    from nodeutil import NodeProcess
+
+    identity = init_data_dir(tmp_path / "node", "lab")
+    (port,) = free_loopback_ports(1)
+    key = request_key(identity.secret)
+
+    def signed(path: str) -> dict:
+        body = b"{}"
+        headers = sign_headers(key, "POST", path, "operator", hashlib.sha256(body).hexdigest(),
+                               to=identity.node_id)
+        return {**headers, H_ADMIN: identity.admin_token, "Content-Type": "application/json"}
+
+    def post(url: str, path: str, headers: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(url + path, data=b"{}", headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, jsonlib.loads(answer.read())
+        except urllib.error.HTTPError as refused:
+            return refused.code, jsonlib.loads(refused.read())
+
+    node = NodeProcess(tmp_path / "node", tiny_base, port=port)
+    url = node.start()
+    captured = signed("/v1/admin/pause")
+    assert post(url, "/v1/admin/pause", captured)[0] == 200
+    status, body = post(url, "/v1/admin/resume", signed("/v1/admin/resume"))
+    assert status == 200 and body["paused"] is False
+    node.kill9()
+    again = NodeProcess(tmp_path / "node", tiny_base, port=port)
+    url = again.start()
+    try:
+        status, body = post(url, "/v1/admin/pause", captured)
+        assert (status, body["error"]) == (401, "replayed")
+        status, body = post(url, "/v1/admin/resume", signed("/v1/admin/resume"))
+        assert status == 200 and body["paused"] is False  # the replay changed nothing
+    finally:
+        again.terminate()
