@@ -444,3 +444,32 @@ async def test_a_member_whose_budget_is_spent_is_not_waited_for(federation):
         return "participants_short" in seen
     await wait_for(short, timeout=10)
     assert leader.ledger.round(3)["state"] == "collecting"
+
+
+async def test_member_timeout_lets_a_long_gone_member_stop_counting_and_back_again(federation):
+    """README: a member unseen for --member-timeout stops counting toward the majority until it
+    is back, and only a coordinator that holds a majority decides that (audit, medium 10).
+    Three nodes, timeout 1.5 s: a crashed follower turns dormant; restarted, it is live again.
+    Then both followers crash: the coordinator, now a minority, marks neither dormant."""
+    fed = federation(3, member_timeout=1.5)
+    leader = await fed.start_all()
+    first, second = [i for i, n in fed.nodes.items() if n is not leader]
+    gone = fed.nodes[first].node_id
+
+    def status_of(node_id: str) -> str | None:
+        return next((m["status"] for m in leader.ledger.members() if m["node_id"] == node_id),
+                    None)
+
+    await fed.crash(first)
+    await wait_for(lambda: status_of(gone) == "dormant", timeout=30)
+    assert len(leader.cluster.voting_members()) == 2
+    await fed.start(first)
+    await wait_for(lambda: status_of(gone) == "live", timeout=30)
+    assert len(leader.cluster.voting_members()) == 3
+    # a coordinator without a majority shrinks nothing: neither follower turns dormant
+    others = [fed.nodes[i].node_id for i in (first, second)]
+    await fed.crash(first)
+    await fed.crash(second)
+    await asyncio.sleep(1.5 + 3 * 1.5)  # lost, then three timeouts: a decision would be taken
+    assert all(status_of(n) != "dormant" for n in others), [status_of(n) for n in others]
+    assert leader.cluster.role != "coordinator"  # CheckQuorum: it stepped down
