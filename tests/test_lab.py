@@ -1,0 +1,74 @@
+"""Deploying in a lab (issue 22): the shipped `examples/lab` files are valid, and a node that
+the service manager restarts after a kill -9, with the same command and nothing else, carries
+on training."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+from pathlib import Path
+
+from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.node.ledger import Ledger
+from chorus_p2p.node.settings import resolve_settings
+
+from nodeutil import NodeProcess, wait_for
+
+LAB = Path(__file__).resolve().parents[1] / "examples" / "lab"
+SHARD = Path(__file__).resolve().parents[1] / "examples" / "data" / "kitchen.jsonl"
+
+
+def test_the_lab_config_holds_every_setting_and_parses(tmp_path):
+    shutil.copy(LAB / "config.toml", tmp_path / "config.toml")
+    settings = resolve_settings({"data_dir": str(tmp_path)}, {})
+    assert settings.train and settings.eval_data and settings.patience == 5
+    assert settings.host == "0.0.0.0" and settings.port == 8470 and settings.keep_rounds == 20
+    assert {k for k, v in settings.sources.items() if v.endswith("config.toml")} >= {
+        "model", "rank", "alpha", "target_modules", "dataset", "steps", "device"}
+
+
+def test_the_systemd_unit_runs_up_headless_and_restarts_only_on_failure():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(LAB / "chorus-node.service")
+    service = unit["Service"]
+    assert "chorus-node up --headless --data-dir" in service["ExecStart"]
+    assert service["Restart"] == "on-failure" and service["RestartPreventExitStatus"] == "3"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_a_node_restarted_by_the_same_command_after_kill9_carries_on_training(tmp_path,
+                                                                            tiny_lm_dir):
+    """What the unit does after a crash: the same command, nothing else. The node trained and
+    committed before the kill; after it, it trains and commits again from where it was."""
+    data_dir = tmp_path / "node"
+    init_data_dir(data_dir, "lab")
+    (data_dir / "config.toml").write_text(
+        f'model = "{tiny_lm_dir}"\ntarget_modules = ["q_proj", "v_proj"]\nmin_updates = 1\n'
+        f'train = true\ndataset = "{SHARD}"\nsteps = 2\nmdns = false\n')
+
+    def committed_with_my_update() -> int:
+        ledger = Ledger(data_dir / "ledger.sqlite")
+        try:
+            me = {u["node_id"] for r in ledger.list_rounds(limit=1000)
+                  for u in ledger.updates(r["round"])}
+            return max((ledger.rounds_contributed(n) for n in me), default=0)
+        finally:
+            ledger.close()
+
+    first = NodeProcess(data_dir, tiny_lm_dir, extra=[])
+    first.start()
+    wait_for_sync(lambda: committed_with_my_update() >= 2)
+    first.kill9()
+    before = committed_with_my_update()
+    again = NodeProcess(data_dir, tiny_lm_dir, extra=[])
+    again.start()
+    try:
+        wait_for_sync(lambda: committed_with_my_update() >= before + 2)
+    finally:
+        assert again.terminate() == 0
+
+
+def wait_for_sync(predicate, timeout: float = 180.0) -> None:
+    import asyncio
+
+    asyncio.run(wait_for(predicate, timeout=timeout, interval=0.5))
