@@ -112,7 +112,7 @@ def _mean_worst(rows: list[dict[str, float]], task_kind: str) -> dict[str, dict[
 
 def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
             ) -> dict[str, Any]:
-    """One run, start to end; returns (and writes) its record."""
+    """One run, start to end; returns its record (``run_experiment`` writes it)."""
     from chorus_p2p.node.spec import FederationSpec
     from chorus_p2p.train.simulate import run_rounds
     from chorus_p2p.train.trainer import TrainConfig, load_global_model
@@ -136,7 +136,8 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
     work = out / "work" / run.run_id
     shutil.rmtree(work, ignore_errors=True)
     curve: list[dict[str, Any]] = []
-    finals: list[tuple[Path, Any, int]] = []  # (adapter, state, client index or -1)
+    # (adapter, state, client index or -1, its metrics on the shared held-out set)
+    finals: list[tuple[Path, Any, int, dict[str, float]]] = []
     sent: list[int] = []
     timer = {"start": time.perf_counter(), "eval": 0.0}
 
@@ -156,7 +157,7 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
                             for r in done.clients)
             curve.append({"round": done.number, "client": index, **metrics})
             if done.number == s["rounds"]:
-                finals.append((done.global_dir, done.state, index))
+                finals.append((done.global_dir, done.state, index, metrics))
         return record
 
     release, dp = None, None
@@ -174,17 +175,14 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
     else:
         run_rounds(model, clients, s["rounds"], strategy, work / "federation", spec, config,
                    after_round=after(-1), release=release)
-    # Final: the global figure, and each client's own held-out split (personal).
+    # Final: the global figure (the last round's, already measured) and each client's own
+    # held-out split (personal): a local model on its own client's split only.
     personal = []
-    global_rows = []
-    for adapter, state, index in finals:
+    global_rows = [metrics for *_, metrics in finals]
+    for adapter, state, index, _ in finals:
         residual = state.read(s["rounds"])
-        if index >= 0:  # a local model: its own client's split only, and the global set
-            personal.append(evaluate(adapter, residual, held_parts[index]))
-            global_rows.append(evaluate(adapter, residual, task.held_out))
-        else:
-            personal += [evaluate(adapter, residual, h) for h in held_parts]
-            global_rows.append(evaluate(adapter, residual, task.held_out))
+        splits = [held_parts[index]] if index >= 0 else held_parts
+        personal += [evaluate(adapter, residual, h) for h in splits]
     total = time.perf_counter() - timer["start"]
     rounds_curve = _average_curve(curve)
     record = {
