@@ -26,7 +26,7 @@ from chorus_p2p.node.identity import encode_join_token, init_data_dir, join_toke
 from chorus_p2p.node.spec import UpdateRejected
 from chorus_p2p.tiny import write_random_update
 from chorus_p2p.train.privacy import (BudgetExhausted, BudgetFile, DPConfig, PrivacyBudget,
-                                      privatize_file)
+                                      epsilon_of, privatize_file)
 
 from nodeutil import node_in_thread, start_node
 
@@ -41,7 +41,7 @@ def _global_adapter(node) -> Path:
 def _forge(raw: Path, out: Path, **declared) -> Path:
     """``raw``'s tensors with a DP declaration in the header, and nothing else done."""
     body = {"mechanism": "gaussian-local", "noise": 1.0, "clip": 0.5, "delta": 1e-5,
-            "epsilon": 3.0, "releases": 1, **declared}
+            "epsilon": 5.0, "releases": 1, **declared}
     save_file(load_file(str(raw)), str(out),
               metadata={"format": "pt", DECLARATION_KEY: json.dumps(body)})
     return out
@@ -111,7 +111,8 @@ def test_the_noise_check_passes_honest_releases_and_fails_forged_ones(tmp_path, 
                                    DPConfig(epsilon=1e9, clip=0.2, noise_multiplier=noise))
             privatize_file(start, raw, tmp_path / "out.safetensors", budget)
             check_update(policy, tmp_path / "out.safetensors", start)
-        forged = _forge(raw, tmp_path / "forged.safetensors", noise=noise, clip=0.2)
+        forged = _forge(raw, tmp_path / "forged.safetensors", noise=noise, clip=0.2,
+                        epsilon=epsilon_of([noise], 1e-5))  # an honest price: only noise lies
         with pytest.raises(UpdateRejected) as refused:
             check_update(policy, forged, start)
         assert refused.value.code == "dp_noise_missing"

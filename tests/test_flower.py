@@ -241,11 +241,14 @@ def test_a_dp_policy_on_the_server_refuses_replies_as_a_node_does(tmp_path, tiny
     assert strategy.state.round == 1  # the two honest ones aggregated
 
 
+@pytest.mark.parametrize("mechanism", ["gaussian-local", "dp-sgd"])
 def test_a_dp_client_trains_and_its_noised_reply_passes_the_servers_policy(tmp_path,
-                                                                         tiny_lm_dir):
+                                                                         tiny_lm_dir,
+                                                                         mechanism):
     """``ExactLoRAClient(dp=...)``: real training on the tiny model, the change clipped and
-    noised before it leaves, no losses in the reply, a declaration the strategy's policy
-    accepts (noise measured); two rounds, one budget file that counts both."""
+    noised before it leaves (or, under DP-SGD, every step's per-record gradients), no losses in
+    the reply, a declaration the strategy's policy accepts (noise measured under local DP); two
+    rounds, one budget file that counts both."""
     from flwr.app import Context, RecordDict
 
     from chorus_p2p.flower import ExactLoRA, ExactLoRAClient
@@ -260,7 +263,8 @@ def test_a_dp_client_trains_and_its_noised_reply_passes_the_servers_policy(tmp_p
     data = Dataset.load(str(Path(__file__).resolve().parents[1] / "examples" / "data" /
                             "kitchen.jsonl"))
     clients = [ExactLoRAClient(tiny_lm_dir, spec, tmp_path / f"client-{i}",
-                               dp=DPConfig(epsilon=100.0, clip=0.5, noise_multiplier=1.0))
+                               dp=DPConfig(epsilon=100.0, clip=0.5, noise_multiplier=1.0,
+                                           mechanism=mechanism))
                for i in range(2)]
     replies = []
 
@@ -273,8 +277,10 @@ def test_a_dp_client_trains_and_its_noised_reply_passes_the_servers_policy(tmp_p
 
     strategy = ExactLoRA(spec, tmp_path / "server", fraction_evaluate=0.0, min_train_nodes=2,
                          min_available_nodes=2,
-                         dp_policy=DPPolicy(max_epsilon=100.0, min_noise=1.0))
+                         dp_policy=DPPolicy(max_epsilon=100.0, min_noise=1.0,
+                                            mechanism=mechanism))
     strategy.start(PreparedGrid(2, reply), strategy.initial_arrays("t"), num_rounds=2)
     assert strategy.excluded == {} and strategy.state.round == 2
     assert all("train-loss" not in c["metrics"] for c in replies)
     assert [int(c.config_records[DP_KEY]["releases"]) for c in replies] == [1, 1, 2, 2]
+    assert {c.config_records[DP_KEY]["mechanism"] for c in replies} == {mechanism}

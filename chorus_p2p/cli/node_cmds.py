@@ -143,7 +143,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if args.require_dp:
         if args.dp_max_epsilon is None:
             raise UsageError("--require-dp needs --dp-max-epsilon (the most a node may spend)")
-        dp_policy = DPPolicy(args.dp_max_epsilon, args.dp_min_noise, args.dp_max_delta).to_json()
+        dp_policy = DPPolicy(args.dp_max_epsilon, args.dp_min_noise, args.dp_max_delta,
+                             args.dp_mechanism).to_json()
     elif args.dp_max_epsilon is not None:
         raise UsageError("--dp-max-epsilon belongs with --require-dp")
     identity = init_data_dir(_data_dir(args), args.federation, join_token=join,
@@ -178,7 +179,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                            "max_update_ratio", "dp_epsilon",
                                            "rate_limit", "tls", "header_timeout",
                                            "max_connections",
-                                           "dp_delta", "dp_clip", "dp_noise",
+                                           "dp_delta", "dp_clip", "dp_noise", "dp_mechanism",
                                            "dataset", "steps",
                                            "lr", "batch_size", "device", "keep_rounds",
                                            "checkpoint_every", "compute_dtype", "grad_accum",
@@ -249,14 +250,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     privacy = status.get("privacy") or {}
     if privacy.get("local"):
         local = privacy["local"]
-        print(f"privacy     local DP: epsilon {local['epsilon_spent']:.3f} of "
+        kind = "local DP" if local["mechanism"] == "gaussian-local" else "DP-SGD"
+        print(f"privacy     {kind}: epsilon {local['epsilon_spent']:.3f} of "
               f"{local['epsilon_budget']:g} spent at delta {local['delta']:g} over "
               f"{local['releases']} release(s); unit: {local['unit']}"
               f"{' (BUDGET SPENT: not submitting)' if local['exhausted'] else ''}")
     if privacy.get("policy"):
         policy = privacy["policy"]
-        print(f"dp policy   every update: noise >= {policy['min_noise']:g}, epsilon <= "
-              f"{policy['max_epsilon']:g}, delta <= {policy['max_delta']:g}")
+        mechanism = f"{policy['mechanism']}, " if policy.get("mechanism") else ""
+        print(f"dp policy   every update: {mechanism}noise >= {policy['min_noise']:g}, epsilon "
+              f"<= {policy['max_epsilon']:g}, delta <= {policy['max_delta']:g}")
     return 0
 
 
@@ -526,6 +529,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="with --require-dp: the least noise multiplier (default 1.0)")
     init.add_argument("--dp-max-delta", type=float, default=1e-5, metavar="DELTA",
                       help="with --require-dp: the largest delta (default 1e-5)")
+    init.add_argument("--dp-mechanism", choices=("gaussian-local", "dp-sgd"),
+                      default="gaussian-local",
+                      help="with --require-dp: the mechanism, hence the unit, every update must "
+                           "use (default gaussian-local: a node's whole dataset; dp-sgd: one "
+                           "record)")
     init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(handler=_cmd_init)
 

@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 
-NOISY_MODULES = r"(transformers|peft|torch|accelerate|huggingface_hub|tokenizers)(\..*)?"
+NOISY_MODULES = r"(transformers|peft|torch|accelerate|huggingface_hub|tokenizers|opacus)(\..*)?"
 
 
 def quiet_third_party(verbose: bool) -> None:
@@ -23,6 +23,9 @@ def quiet_third_party(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for category in (FutureWarning, UserWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=NOISY_MODULES)
+    # DP-SGD's per-record hooks sit on LoRA layers whose inputs (the frozen base's activations)
+    # need no gradient: torch says so on every step, attributed to the caller's line.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     # With the qlora extra, bitsandbytes and kernels log (not warn) that a CPU kernel cannot be
     # fetched offline, on every model load: true, and nothing a user of a LoRA run can act on.
     for name in NOISY_LOGGERS:

@@ -62,6 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from chorus_p2p.state.store import StateStore
     from chorus_p2p.train.data import Dataset, DatasetOptions
     from chorus_p2p.train.remote_state import sync_from_node
+    from chorus_p2p.train.privacy import BudgetExhausted
     from chorus_p2p.train.trainer import train_round
 
     dataset = Dataset.load(args.dataset, options=DatasetOptions(
@@ -72,6 +73,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         info = node.federation()
         spec = FederationSpec.from_json(info["spec"])
         budget = _privacy_budget(args, info)
+        if budget is not None:
+            from dataclasses import replace
+
+            from chorus_p2p.train.privacy import dp_sgd_settings
+
+            if budget.config.mechanism == "dp-sgd":
+                from chorus_p2p.train.dp_sgd import check_targets
+
+                check_targets(spec.kinds)
+
+            config = replace(config, **dp_sgd_settings(budget.config))
         state = StateStore(work / "state", spec.modules, checkpoint_every=1 << 30,
                            transposed=spec.transposed)
         done = missed = last = 0
@@ -91,26 +103,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
             adapter = node.pull(work / f"global-{base}", round=base, force=True)
             sync_from_node(node, state, base, work)
             with human_output(args.json), progress_bar(f"round {number}", "steps") as bar:
-                result = train_round(args.model, adapter, state.read(base), dataset, config,
-                                     work / f"client-{number}", progress=None if bar is None
-                                     else lambda step, loss: bar(step, config.steps))
+                try:
+                    result = train_round(
+                        args.model, adapter, state.read(base), dataset, config,
+                        work / f"client-{number}", progress=None if bar is None
+                        else lambda step, loss: bar(step, config.steps),
+                        before_release=None if budget is None
+                        else lambda plan: budget.check(plan.to_json()))
+                except BudgetExhausted as exc:
+                    print(f"chorus-node: {exc}", file=sys.stderr, flush=True)
+                    return 3
             losses = {"eval_loss": result.eval_loss, "train_loss": result.train_loss}
             sent: Path = result.adapter_dir
-            if budget is not None:  # what leaves is the noised change; losses stay here
-                from chorus_p2p.train.privacy import BudgetExhausted, privatize_file
+            if budget is not None:  # what leaves is private; losses stay here
+                from chorus_p2p.train.privacy import release_update
 
                 sent = work / f"update-{number}.safetensors"
                 try:
-                    _, spent = privatize_file(adapter / "adapter_model.safetensors",
+                    _, spent = release_update(budget, adapter / "adapter_model.safetensors",
                                               result.adapter_dir / "adapter_model.safetensors",
-                                              sent, budget, number)
+                                              sent, result.dp_release, number)
                 except BudgetExhausted as exc:
                     print(f"chorus-node: {exc}", file=sys.stderr, flush=True)
                     return 3
                 losses = {"eval_loss": None, "train_loss": None}
-                print(f"round {number}: local DP epsilon spent {spent:.3f} of "
-                      f"{budget.config.epsilon:g} (delta {budget.config.delta:g}, per this "
-                      "account's data sent to this federation)", file=sys.stderr, flush=True)
+                print(f"round {number}: {budget.config.mechanism} epsilon spent {spent:.3f} of "
+                      f"{budget.config.epsilon:g} (delta {budget.config.delta:g}; unit: "
+                      f"{budget.config.unit}, this account's data sent to this federation)",
+                      file=sys.stderr, flush=True)
             try:
                 accepted = node.submit(sent, round=number, examples=result.examples,
                                        trained_from=base, **losses)
@@ -133,11 +153,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 print(f"round {number}: trained {config.steps} steps on {result.examples} "
                       f"examples, train loss {result.train_loss:.3f}, eval loss "
                       f"{result.eval_loss:.3f}; submitted"
-                      f"{' (noised: local DP)' if budget is not None else ''}", flush=True)
+                      f"{_privacy_label(budget)}", flush=True)
             if done < args.rounds:
                 while node.round(number)["state"] != "committed":
                     time.sleep(0.5)
     return 0
+
+
+def _privacy_label(budget) -> str:
+    if budget is None:
+        return ""
+    return (" (noised: local DP)" if budget.config.mechanism == "gaussian-local"
+            else " (private: record-level DP-SGD)")
 
 
 def _privacy_budget(args: argparse.Namespace, info: dict):
@@ -146,6 +173,7 @@ def _privacy_budget(args: argparse.Namespace, info: dict):
     without DP, gets a loud warning (its earlier guarantee says nothing of raw updates)."""
     from chorus_p2p.errors import UsageError
     from chorus_p2p.node.dp_policy import DPPolicy
+    from chorus_p2p.node.settings import check_dp_mechanism
     from chorus_p2p.train.privacy import (BudgetFile, DPConfig, PrivacyBudget,
                                           default_budget_file)
 
@@ -154,8 +182,9 @@ def _privacy_budget(args: argparse.Namespace, info: dict):
         default_budget_file(info["federation"])
     if args.dp_epsilon is None:
         if policy is not None:
-            raise UsageError(f"this federation requires local DP ({policy.describe()}): give "
-                             "--dp-epsilon, --dp-clip and --dp-noise")
+            raise UsageError(f"this federation requires {policy.kind} ({policy.describe()}): "
+                             "give --dp-epsilon, --dp-clip and --dp-noise"
+                             f"{'' if policy.mechanism == 'gaussian-local' else ' with --dp-mechanism ' + policy.mechanism}")
         released = json.loads(BudgetFile(path).get_meta("dp_releases", "[]") or "[]")
         if released:
             print(f"chorus-node: WARNING: {path} records {len(released)} differentially "
@@ -163,15 +192,20 @@ def _privacy_budget(args: argparse.Namespace, info: dict):
                   "--dp-epsilon): they carry no privacy guarantee", file=sys.stderr, flush=True)
         return None
     if args.dp_clip is None:
-        raise UsageError("--dp-epsilon needs --dp-clip (the L2 bound on each round's change)")
+        raise UsageError("--dp-epsilon needs --dp-clip (the L2 bound on each round's change, "
+                         "or with --dp-mechanism dp-sgd on each record's gradient)")
+    check_dp_mechanism(args.dp_mechanism, args.grad_accum, args.gradient_checkpointing, True)
     try:
-        config = DPConfig(args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_noise)
+        config = DPConfig(args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_noise,
+                          args.dp_mechanism)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if policy is not None:
         policy.check_settings(config.noise_multiplier, config.delta, config.epsilon,
-                              "this run's --dp-* setting")
-    return PrivacyBudget(BudgetFile(path), config)
+                              "this run's --dp-* setting", config.mechanism)
+    budget = PrivacyBudget(BudgetFile(path), config)
+    budget.validate()
+    return budget
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

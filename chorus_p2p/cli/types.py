@@ -85,3 +85,8 @@ def add_dp_options(parser: argparse.ArgumentParser, defaults: bool = True) -> No
                         help="L2 bound on each round's change (required with --dp-epsilon)")
     parser.add_argument("--dp-noise", type=float, metavar="Z", default=1.0 if defaults else None,
                         help="Gaussian noise multiplier (default 1.0): noise std = Z * C")
+    parser.add_argument("--dp-mechanism", choices=("gaussian-local", "dp-sgd"),
+                        default="gaussian-local" if defaults else None,
+                        help="gaussian-local (default): clip and noise each round's change, the "
+                             "unit a node's whole dataset; dp-sgd: per-record clipping and noise "
+                             "on every step (Opacus), the unit one record (text)")

@@ -32,8 +32,9 @@ class ExactLoRAClient:
 
     def __init__(self, model_path: str | Path, spec: FederationSpec, workdir: str | Path, *,
                  dp: "DPConfig | None" = None, budget_file: str | Path | None = None):
-        """``dp``: release only the clipped and noised change (local DP, the mechanism a node
-        uses), spending from ``budget_file`` (default ``workdir/dp-budget.json``, kept across
+        """``dp``: release only a private update, as a node does: the clipped and noised change
+        (local DP) or, with ``DPConfig(mechanism="dp-sgd")``, a round trained by record-level
+        DP-SGD; spending from ``budget_file`` (default ``workdir/dp-budget.json``, kept across
         runs: a new run is not a new budget)."""
         self.model_path = str(model_path)
         self.spec = spec
@@ -44,6 +45,11 @@ class ExactLoRAClient:
 
             self.budget = PrivacyBudget(BudgetFile(budget_file or self.workdir /
                                                    "dp-budget.json"), dp)
+            self.budget.validate()
+            if dp.mechanism == "dp-sgd":
+                from chorus_p2p.train.dp_sgd import check_targets
+
+                check_targets(spec.kinds)
 
     def _state(self, context: Context) -> StateStore:
         root = self.workdir / f"run-{context.run_id}" / f"node-{context.node_id}"
@@ -77,21 +83,30 @@ class ExactLoRAClient:
         with tempfile.TemporaryDirectory(dir=state.root, prefix=".train-") as tmp:
             scratch = Path(tmp)
             global_dir = self._global_model(state, message, scratch)
+            if self.budget is not None:
+                from dataclasses import replace
+
+                from chorus_p2p.train.privacy import dp_sgd_settings
+
+                config = replace(config, **dp_sgd_settings(self.budget.config))
+            budget = self.budget
             result = train_round(self.model_path, global_dir, state.read(state.round), data,
-                                 config, scratch / "trained")
+                                 config, scratch / "trained",
+                                 before_release=None if budget is None
+                                 else lambda plan: budget.check(plan.to_json()))
             from safetensors.torch import load_file
 
             released = result.adapter_dir / "adapter_model.safetensors"
             metrics = {"num-examples": result.examples, "train-loss": result.train_loss,
                        "eval-loss": result.eval_loss, STATE_ROUND_METRIC: state.round}
             declared = None
-            if self.budget is not None:  # the noised change leaves; the losses stay here
+            if self.budget is not None:  # the private update leaves; the losses stay here
                 from chorus_p2p.node.dp_policy import read_declaration
-                from chorus_p2p.train.privacy import privatize_file
+                from chorus_p2p.train.privacy import release_update
 
                 noised = scratch / "noised.safetensors"
-                privatize_file(global_dir / "adapter_model.safetensors", released, noised,
-                               self.budget)
+                release_update(self.budget, global_dir / "adapter_model.safetensors", released,
+                               noised, result.dp_release)
                 released, declared = noised, read_declaration(noised)
                 del metrics["train-loss"], metrics["eval-loss"]
             trained = load_file(str(released))

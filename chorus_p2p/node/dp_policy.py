@@ -35,7 +35,11 @@ from chorus_p2p.errors import UsageError
 
 DECLARATION_KEY = "chorus_dp"
 MECHANISM = "gaussian-local"  # clip the round's change, add N(0, (z C)^2) on the node
-UNIT = "a node's whole local dataset (add/remove)"
+DP_SGD = "dp-sgd"  # record-level: per-record clipping and noise on every step (train/dp_sgd.py)
+MECHANISMS = (MECHANISM, DP_SGD)
+UNITS = {MECHANISM: "a node's whole local dataset (add/remove)",
+         DP_SGD: "one record (text) of a node's data (add/remove)"}
+UNIT = UNITS[MECHANISM]
 NOISE_SIGMAS = 6.0  # how far below its expectation the measured noise may fall (chi-square)
 
 
@@ -47,29 +51,46 @@ class DPPolicy:
     max_epsilon: float
     min_noise: float
     max_delta: float = 1e-5
+    # Which mechanism, hence which unit, every update must use: an epsilon over a whole dataset
+    # and one over a record are different promises, so a federation takes one.
+    mechanism: str = MECHANISM
 
     def __post_init__(self) -> None:
         if not (self.max_epsilon > 0 and self.min_noise > 0 and 0 < self.max_delta < 1):
             raise UsageError("a DP policy needs --dp-max-epsilon > 0, --dp-min-noise > 0 and "
                              "0 < --dp-max-delta < 1")
+        if self.mechanism not in MECHANISMS:
+            raise UsageError(f"--dp-mechanism {self.mechanism}: one of {', '.join(MECHANISMS)}")
 
-    def to_json(self) -> dict[str, float]:
-        return {"max_epsilon": self.max_epsilon, "min_noise": self.min_noise,
-                "max_delta": self.max_delta}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"max_epsilon": self.max_epsilon, "min_noise": self.min_noise,
+                               "max_delta": self.max_delta}
+        if self.mechanism != MECHANISM:  # tokens made before DP-SGD existed stay the same
+            out["mechanism"] = self.mechanism
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> "DPPolicy | None":
         if not data:
             return None
         return cls(float(data["max_epsilon"]), float(data["min_noise"]),
-                   float(data.get("max_delta", 1e-5)))
+                   float(data.get("max_delta", 1e-5)), str(data.get("mechanism", MECHANISM)))
+
+    @property
+    def kind(self) -> str:
+        return "local DP" if self.mechanism == MECHANISM else "record-level DP-SGD"
 
     def describe(self) -> str:
-        return (f"local DP required: noise multiplier >= {self.min_noise:g}, epsilon <= "
-                f"{self.max_epsilon:g} at delta <= {self.max_delta:g}, per {UNIT}")
+        return (f"{self.kind} required: noise multiplier >= {self.min_noise:g}, epsilon <= "
+                f"{self.max_epsilon:g} at delta <= {self.max_delta:g}, per "
+                f"{UNITS[self.mechanism]}")
 
-    def check_settings(self, noise: float, delta: float, epsilon: float, what: str) -> None:
+    def check_settings(self, noise: float, delta: float, epsilon: float, what: str,
+                       mechanism: str = MECHANISM) -> None:
         """A node's or client's own settings against the policy, before it trains."""
+        if mechanism != self.mechanism:
+            raise UsageError(f"{what} uses --dp-mechanism {mechanism}, and this federation "
+                             f"requires {self.mechanism} ({self.describe()})")
         if noise < self.min_noise or delta > self.max_delta or epsilon > self.max_epsilon:
             raise UsageError(f"{what} is weaker than this federation's policy ({self.describe()})"
                              f": --dp-noise {noise:g}, --dp-delta {delta:g}, --dp-epsilon "
@@ -119,9 +140,12 @@ def parse_declaration(data: Any) -> dict[str, Any] | None:
     if data is None:
         return None
     try:
-        return {"mechanism": str(data["mechanism"]), "noise": float(data["noise"]),
-                "clip": float(data["clip"]), "delta": float(data["delta"]),
-                "epsilon": float(data["epsilon"]), "releases": int(data["releases"])}
+        out = {"mechanism": str(data["mechanism"]), "noise": float(data["noise"]),
+               "clip": float(data["clip"]), "delta": float(data["delta"]),
+               "epsilon": float(data["epsilon"]), "releases": int(data["releases"])}
+        if out["mechanism"] == DP_SGD:
+            out.update(sampling_rate=float(data["sampling_rate"]), steps=int(data["steps"]))
+        return out
     except (ValueError, KeyError, TypeError) as exc:
         raise _rejected("dp_required", f"the update's DP declaration is damaged "
                         f"({exc.__class__.__name__}: {exc})") from exc
@@ -136,8 +160,8 @@ def check_declared(policy: DPPolicy, declared: dict[str, Any] | None) -> None:
             "with DP on: `up --train --dp-epsilon E --dp-clip C --dp-noise Z`, `chorus-node "
             "train --dp-epsilon ...`, the SDK's privatize_file(), or ExactLoRAClient(dp=...)"))
     problems = []
-    if declared["mechanism"] != MECHANISM:
-        problems.append(f"mechanism {declared['mechanism']!r} (wanted {MECHANISM!r})")
+    if declared["mechanism"] != policy.mechanism:
+        problems.append(f"mechanism {declared['mechanism']!r} (wanted {policy.mechanism!r})")
     if not declared["noise"] >= policy.min_noise:
         problems.append(f"noise multiplier {declared['noise']:g} < {policy.min_noise:g}")
     if not declared["delta"] <= policy.max_delta:
@@ -146,14 +170,33 @@ def check_declared(policy: DPPolicy, declared: dict[str, Any] | None) -> None:
         problems.append(f"spent epsilon {declared['epsilon']:.3f} > {policy.max_epsilon:g}")
     if not declared["clip"] > 0:
         problems.append(f"clip {declared['clip']:g}")
+    if declared["mechanism"] == DP_SGD and not (0 < declared["sampling_rate"] <= 1
+                                                 and declared["steps"] >= 1):
+        problems.append(f"sampling rate {declared['sampling_rate']:g} over "
+                        f"{declared['steps']} step(s)")
+    if not problems and declared["mechanism"] in MECHANISMS:
+        alone = _epsilon_of_this_round(declared)
+        if declared["epsilon"] < alone * (1 - 1e-6):
+            problems.append(f"spent epsilon {declared['epsilon']:.3f} is less than this round "
+                            f"alone spends ({alone:.3f})")
     if problems:
         raise _rejected("dp_insufficient", f"the update's DP does not meet this federation's "
                         f"policy: {'; '.join(problems)}")
 
 
+def _epsilon_of_this_round(declared: dict[str, Any]) -> float:
+    """What the declared round costs by itself: a lower bound on any honest total."""
+    from chorus_p2p.train.privacy import epsilon_of_releases
+
+    return epsilon_of_releases([declared], declared["delta"])
+
+
 def check_release(declared: dict[str, Any], path: Path, start_path: Path) -> None:
     """The update at ``path`` carries the noise ``declared`` says, measured from the global
-    adapter at ``start_path`` it trained from (``dp_noise_missing``)."""
+    adapter at ``start_path`` it trained from (``dp_noise_missing``). Local DP only: DP-SGD
+    noised every step, not the update, so there is no band to measure it against."""
+    if declared["mechanism"] != MECHANISM:
+        return
     _check_noise(declared, _squared_distances(path, start_path))
 
 

@@ -83,6 +83,12 @@ def load_or_create_spec(ledger: Ledger, settings: NodeSettings) -> FederationSpe
     return spec
 
 
+def _mechanism_flag(mechanism: str) -> str:
+    from chorus_p2p.node.dp_policy import MECHANISM
+
+    return "" if mechanism == MECHANISM else f" with --dp-mechanism {mechanism}"
+
+
 def load_dp_policy(ledger: Ledger, identity) -> DPPolicy | None:
     """The federation's DP policy, from the join token, recorded in the ledger at the first
     ``up``. A data dir that ran under a policy never runs without it (an identity re-made from
@@ -221,22 +227,30 @@ class Node:
             from chorus_p2p.train.trainer import TrainConfig
 
             from chorus_p2p.train.data import DatasetOptions
-            from chorus_p2p.train.privacy import DPConfig
+            from chorus_p2p.train.privacy import DPConfig, PrivacyBudget
 
             dp = None if settings.dp_epsilon is None else DPConfig(
-                settings.dp_epsilon, settings.dp_delta, settings.dp_clip or 1.0, settings.dp_noise)
-            if self.dp_policy is not None:
-                try:
-                    if dp is None:
-                        raise UsageError(f"this federation requires local DP "
-                                         f"({self.dp_policy.describe()}): `up --train` needs "
-                                         "--dp-epsilon, --dp-clip and --dp-noise")
+                settings.dp_epsilon, settings.dp_delta, settings.dp_clip or 1.0, settings.dp_noise,
+                settings.dp_mechanism)
+            try:
+                if dp is not None:
+                    PrivacyBudget(self.ledger, dp).validate()  # releases of another unit
+                if dp is not None and dp.mechanism == "dp-sgd":
+                    from chorus_p2p.train.dp_sgd import check_targets
+
+                    check_targets(self.spec.kinds)
+                if self.dp_policy is not None and dp is None:
+                    raise UsageError(f"this federation requires {self.dp_policy.kind} "
+                                     f"({self.dp_policy.describe()}): `up --train` needs "
+                                     "--dp-epsilon, --dp-clip and --dp-noise"
+                                     + _mechanism_flag(self.dp_policy.mechanism))
+                if self.dp_policy is not None:
                     self.dp_policy.check_settings(dp.noise_multiplier, dp.delta, dp.epsilon,
-                                                  "this node's --dp-* setting")
-                except BaseException:
-                    self.ledger.close()
-                    self.lock.release()
-                    raise
+                                                  "this node's --dp-* setting", dp.mechanism)
+            except BaseException:
+                self.ledger.close()
+                self.lock.release()
+                raise
             released = int(self.ledger.get_meta("dp_rounds", "0") or 0)
             if dp is None and released:
                 # Loud: this data dir released DP-noised updates before, and would now send
@@ -353,12 +367,11 @@ class Node:
     def privacy_json(self) -> dict[str, Any]:
         """The federation's DP policy and this node's own spending, with the unit they are
         about (an epsilon means nothing without what it protects)."""
-        from chorus_p2p.node.dp_policy import MECHANISM, UNIT
-
         budget = self.participant.budget if self.participant is not None else None
         local = None
         if budget is not None:
-            local = {"mechanism": MECHANISM, "unit": UNIT, "epsilon_spent": round(budget.spent, 6),
+            local = {"mechanism": budget.config.mechanism, "unit": budget.config.unit,
+                     "epsilon_spent": round(budget.spent, 6),
                      "epsilon_budget": budget.config.epsilon, "delta": budget.config.delta,
                      "noise_multiplier": budget.config.noise_multiplier,
                      "clip": budget.config.clip, "releases": budget.rounds,

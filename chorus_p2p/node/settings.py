@@ -62,6 +62,7 @@ class NodeSettings:
     dp_delta: float = 1e-5
     dp_clip: float | None = None
     dp_noise: float = 1.0
+    dp_mechanism: str = "gaussian-local"  # or "dp-sgd": record-level (train/dp_sgd.py)
     train: bool = False  # train on --dataset every round and submit
     dataset: str | None = None
     steps: int = 30
@@ -126,7 +127,7 @@ _KINDS = {"model": str, "data_dir": str, "host": str, "port": int, "strategy": s
           "rate_limit": float, "tls": bool, "header_timeout": float, "max_connections": int,
           "max_update_norm": float,
           "outlier_mad": float, "max_update_ratio": float, "dp_epsilon": float, "dp_delta": float, "dp_clip": float,
-          "dp_noise": float, "train": bool, "dataset": str, "steps": int, "lr": float,
+          "dp_noise": float, "dp_mechanism": str, "train": bool, "dataset": str, "steps": int, "lr": float,
           "batch_size": int, "device": str, "keep_rounds": "keep_rounds",
           "compute_dtype": str, "grad_accum": int, "max_seq_len": int, "max_rounds": int,
           "eval_data": str, "eval_every": int, "patience": int,
@@ -163,6 +164,24 @@ def _with_hint(key: str) -> str:
 
     close = difflib.get_close_matches(key, [*_KINDS, *FLAG_SPELLINGS], n=1)
     return f"{key} (did you mean {close[0]}?)" if close else key
+
+
+def check_dp_mechanism(mechanism: str, grad_accum: int, gradient_checkpointing: bool,
+                       dp_on: bool) -> None:
+    """What DP-SGD cannot be combined with, said before any model loads."""
+    from chorus_p2p.node.dp_policy import DP_SGD, MECHANISMS
+
+    if mechanism not in MECHANISMS:
+        raise UsageError(f"--dp-mechanism {mechanism}: one of {', '.join(MECHANISMS)}")
+    if mechanism != DP_SGD or not dp_on:
+        return
+    if grad_accum != 1 or gradient_checkpointing:
+        raise UsageError("--dp-mechanism dp-sgd draws one Poisson batch per step: it does not "
+                         "combine with --grad-accum or --gradient-checkpointing (lower "
+                         "--batch-size to save memory)")
+    from chorus_p2p.train.dp_sgd import require_opacus
+
+    require_opacus()
 
 
 def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = None
@@ -236,6 +255,9 @@ def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str] | None = N
                 and settings.dp_noise > 0):
             raise UsageError("DP needs --dp-epsilon > 0, 0 < --dp-delta < 1, --dp-clip > 0, "
                              "--dp-noise > 0")
+    check_dp_mechanism(settings.dp_mechanism, settings.grad_accum,
+                       settings.gradient_checkpointing,
+                       settings.dp_epsilon is not None)
     if settings.train and not settings.dataset:
         raise UsageError("--train needs --dataset PATH (JSONL or a folder of .txt files)")
     if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:

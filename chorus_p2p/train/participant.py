@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from chorus_p2p.node.state_keeper import StateReader
 from chorus_p2p.train.data import Dataset, DatasetOptions
-from chorus_p2p.train.privacy import BudgetExhausted, DPConfig, PrivacyBudget, privatize_file
+from chorus_p2p.train.privacy import (BudgetExhausted, DPConfig, PrivacyBudget, dp_sgd_settings,
+                                      release_update)
 from chorus_p2p.train.trainer import TrainConfig, train_round
 from chorus_p2p.train.worker import StepLoop
 
@@ -68,6 +69,8 @@ class Participant(StepLoop):
         # from where it was), then leave the federation and exit 0.
         self.max_rounds = max_rounds
         self.budget = PrivacyBudget(node.ledger, dp) if dp is not None else None
+        if self.budget is not None:
+            self.budget.validate()  # a data dir's releases of another unit: refuse to start
         self._budget_reported = False
         self.dataset = Dataset.load(dataset_path, options=dataset_options)
         self.config = config
@@ -96,24 +99,27 @@ class Participant(StepLoop):
                                  f"{self.max_rounds})")
                 return  # (rounds run one at a time: the one before this has committed)
         if entry is None:
-            if self.budget is not None:
-                try:
-                    self.budget.check()
-                except BudgetExhausted as exc:
-                    self.node.abstaining = True  # the federation stops waiting for us
-                    if not self._budget_reported:  # say it once, loudly; then stay quiet
-                        self._budget_reported = True
-                        log.warning("%s", exc)
-                        self.node.bus.publish("dp_budget_exhausted", number, {
-                            "node_id": self.node.node_id, "message": str(exc)}, level="warning")
-                    return
-            entry = await self._train(number, base)
+            try:
+                if self.budget is not None:
+                    self.budget.check()  # DP-SGD: priced again from the round's plan in training
+                entry = await self._train(number, base)
+            except BudgetExhausted as exc:
+                self._abstain(number, exc)
+                return
         if self.node.ledger.update(number, self.node.node_id) is not None:
             return
         if time.monotonic() - self._last_send.get(number, 0.0) < RESEND_EVERY_S:
             return
         self._last_send[number] = time.monotonic()
         await self._submit(number, entry)
+
+    def _abstain(self, number: int, exc: BudgetExhausted) -> None:
+        self.node.abstaining = True  # the federation stops waiting for us
+        if not self._budget_reported:  # say it once, loudly; then stay quiet
+            self._budget_reported = True
+            log.warning("%s", exc)
+            self.node.bus.publish("dp_budget_exhausted", number, {
+                "node_id": self.node.node_id, "message": str(exc)}, level="warning")
 
     async def _train(self, number: int, base: int) -> dict[str, Any]:
         adapter_dir, residual = await materialize_round(self.node, base, self.work)
@@ -134,17 +140,19 @@ class Participant(StepLoop):
 
         out = self.work / f"client-{number}"
         shutil.rmtree(out, ignore_errors=True)
-        config = TrainConfig(**{**asdict(self.config), "seed": self.config.seed + number})
+        config = TrainConfig(**{**asdict(self.config), "seed": self.config.seed + number,
+                                **dp_sgd_settings(self.budget and self.budget.config)})
+        check = None if self.budget is None else lambda plan: self.budget.check(plan.to_json())
         result = await asyncio.to_thread(train_round, self.node.spec.model, adapter_dir, residual,
-                                         self.dataset, config, out, progress)
+                                         self.dataset, config, out, progress, check)
         update = self.outbox / f"round-{number}.safetensors"
         entry = {"round": number, "trained_from": base, "examples": result.examples,
                  "train_loss": result.train_loss, "eval_loss": result.eval_loss,
                  "seconds": round(result.seconds, 3), "file": update.name}
         if self.budget is not None:  # the noise comes from the OS's CSPRNG (secure_normal)
             raw_norm, epsilon = await asyncio.to_thread(
-                privatize_file, adapter_dir / "adapter_model.safetensors",
-                out / "adapter_model.safetensors", update, self.budget, number)
+                release_update, self.budget, adapter_dir / "adapter_model.safetensors",
+                out / "adapter_model.safetensors", update, result.dp_release, number)
             entry.update({"train_loss": None, "eval_loss": None, "dp_raw_norm": raw_norm,
                           "dp_epsilon": epsilon})
         else:

@@ -14,6 +14,10 @@ inherits the guarantee by post-processing. The accountant composes
 one Gaussian mechanism (sampling rate 1) per submitted round; the rounds spent and epsilon are
 persisted in the ledger, and past the budget the node refuses to submit.
 
+Record-level DP-SGD (``dp_sgd.py``, mechanism ``dp-sgd``) protects one record instead, with
+far less noise per round; its releases are priced here too (Poisson-subsampled Gaussian steps)
+and written by :func:`release_dp_sgd_file`. One budget holds releases of one unit.
+
 What is not protected: the example count sent as the update's weight, the timing of submissions,
 and anything the node does outside chorus-p2p. Reported train/eval losses are not sent at all
 while DP is on.
@@ -22,6 +26,7 @@ while DP is on.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -32,22 +37,42 @@ from typing import Any, Callable
 
 import torch
 
+from chorus_p2p.errors import UsageError
+from chorus_p2p.node.dp_policy import DP_SGD, MECHANISM as GAUSSIAN_LOCAL, MECHANISMS, UNITS
+
 
 class BudgetExhausted(Exception):
     """Submitting one more round would exceed the configured epsilon."""
 
 
+class BudgetMismatch(BudgetExhausted, UsageError):
+    """The budget's past releases protect another unit than the configured mechanism's: a
+    usage error at start-up (exit 2), and never a release."""
+
+
+
+
 @dataclass(frozen=True)
 class DPConfig:
+    """``clip`` bounds the round's change (``gaussian-local``) or each record's gradient
+    (``dp-sgd``); the noise's standard deviation is ``noise_multiplier * clip`` in both."""
+
     epsilon: float
     delta: float = 1e-5
     clip: float = 1.0
     noise_multiplier: float = 1.0
+    mechanism: str = GAUSSIAN_LOCAL
 
     def __post_init__(self) -> None:
         if not (self.epsilon > 0 and 0 < self.delta < 1 and self.clip > 0
                 and self.noise_multiplier > 0):
             raise ValueError("DP needs epsilon > 0, 0 < delta < 1, clip > 0, noise > 0")
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"DP mechanism {self.mechanism!r}: one of {', '.join(MECHANISMS)}")
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.mechanism]
 
 
 def epsilon_after(rounds: int, config: DPConfig) -> float:
@@ -58,13 +83,44 @@ def epsilon_after(rounds: int, config: DPConfig) -> float:
 def epsilon_of(noise_multipliers: list[float], delta: float) -> float:
     """Epsilon at ``delta`` after one Gaussian release per noise multiplier, composed by the
     RDP accountant: rounds released under different settings each count at their own price."""
-    if not noise_multipliers:
+    return epsilon_of_releases([{"noise": z} for z in noise_multipliers], delta)
+
+
+class _SkippedOrders(logging.Filter):
+    """dp-accounting logs a warning each time its series for a fractional RDP order below 2
+    does not converge at a Poisson rate near 0.1, and drops that order (the bound stays valid:
+    fewer orders can only over-state epsilon). A DP-SGD round prices ~10 such orders, so a node
+    would log them every round: nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SkippedOrders())
+
+
+def epsilon_of_releases(releases: list[dict[str, Any]], delta: float) -> float:
+    """Epsilon at ``delta`` after ``releases``, each at its own settings, composed by the RDP
+    accountant: a local-DP round is one Gaussian mechanism; a DP-SGD round is ``steps``
+    Poisson-subsampled Gaussian mechanisms at its sampling rate. (Releases of one budget share
+    one unit: ``PrivacyBudget`` refuses to mix them.)"""
+    if not releases:
         return 0.0
     from dp_accounting import dp_event, rdp
 
+    kinds: Counter = Counter()
+    for release in releases:
+        z = float(release["noise"])
+        if release.get("mechanism", GAUSSIAN_LOCAL) == DP_SGD:
+            kinds[(z, float(release["sampling_rate"]))] += int(release["steps"])
+        else:
+            kinds[(z, 1.0)] += 1
     accountant = rdp.RdpAccountant()
-    for z, count in sorted(Counter(noise_multipliers).items()):
-        accountant.compose(dp_event.GaussianDpEvent(z), count)
+    for (z, rate), count in sorted(kinds.items()):
+        event = dp_event.GaussianDpEvent(z)
+        if rate < 1.0:
+            event = dp_event.PoissonSampledDpEvent(rate, event)
+        accountant.compose(event, count)
     return float(accountant.get_epsilon(delta))
 
 
@@ -100,35 +156,63 @@ class PrivacyBudget:
     def _delta(self, releases: list[dict[str, float]]) -> float:
         return min([self.config.delta, *(float(r["delta"]) for r in releases)])
 
-    def _epsilon(self, releases: list[dict[str, float]]) -> float:
-        return epsilon_of([float(r["noise"]) for r in releases], self._delta(releases))
+    def _epsilon(self, releases: list[dict[str, Any]]) -> float:
+        return epsilon_of_releases(releases, self._delta(releases))
+
+    def validate(self) -> None:
+        """Refuse a budget whose past releases protect another unit than this config's: an
+        epsilon over whole datasets and one over records do not add up to either."""
+        other = {r.get("mechanism", GAUSSIAN_LOCAL) for r in self.releases()} - {
+            self.config.mechanism}
+        if other:
+            theirs = other.pop()
+            raise BudgetMismatch(
+                f"this privacy budget already holds {theirs} releases (unit: {UNITS[theirs]}); "
+                f"{self.config.mechanism} protects {self.config.unit}, and the two do not "
+                "compose into one epsilon. Keep --dp-mechanism "
+                f"{theirs}, or give this data its own budget (a new data dir, or "
+                "--dp-budget-file) knowing the old releases still count against the other unit")
 
     @property
     def spent(self) -> float:
         return self._epsilon(self.releases())
 
-    def check(self) -> float:
-        """Epsilon after one more release at today's settings; raises past the budget."""
+    def check(self, planned: dict[str, Any] | None = None) -> float:
+        """Epsilon after one more release; raises past the budget. ``planned``: a DP-SGD round's
+        settings (sampling rate, steps); without it a DP-SGD budget assumes its last round's,
+        and local DP today's settings."""
+        self.validate()
         releases = self.releases()
-        after = self._epsilon([*releases, self._next()])
+        upcoming = self._next(planned)
+        after = self._epsilon([*releases, *([upcoming] if upcoming else [])])
         if after > self.config.epsilon:
             raise BudgetExhausted(
                 f"privacy budget exhausted: {len(releases)} round(s) spent epsilon "
                 f"{self._epsilon(releases):.3f}; one more at noise multiplier "
                 f"{self.config.noise_multiplier:g} would make it {after:.3f} > the budget "
-                f"{self.config.epsilon:g} (delta {self._delta(releases):g}; the unit: this "
-                "node's whole dataset, add/remove). This node will not submit again. What was "
+                f"{self.config.epsilon:g} (delta {self._delta(releases):g}; the unit: "
+                f"{self.config.unit}). This node will not submit again. What was "
                 "spent stays spent: a larger --dp-noise only makes future rounds cheaper")
         return after
 
-    def _next(self) -> dict[str, float]:
+    def _next(self, planned: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        if planned is not None:
+            return {**planned, "delta": self.config.delta}
+        if self.config.mechanism == DP_SGD:  # priced from its plan; until then, the last one
+            last = [r for r in self.releases() if r.get("mechanism") == DP_SGD][-1:]
+            return {**last[0], "noise": self.config.noise_multiplier,
+                    "delta": self.config.delta} if last else None
         return {"noise": self.config.noise_multiplier, "clip": self.config.clip,
                 "delta": self.config.delta}
 
-    def record(self, round_no: int | None = None) -> float:
+    def record(self, round_no: int | None = None, planned: dict[str, Any] | None = None
+               ) -> float:
         import json
 
-        releases = [*self.releases(), {**self._next(), "round": round_no}]
+        upcoming = self._next(planned)
+        if upcoming is None:
+            raise ValueError("a DP-SGD release is recorded with its plan (sampling rate, steps)")
+        releases = [*self.releases(), {**upcoming, "round": round_no}]
         eps = self._epsilon(releases)
         with self.ledger.db.atomic() if hasattr(self.ledger, "db") else nullcontext():
             self.ledger.set_meta("dp_releases", json.dumps(releases))
@@ -218,6 +302,28 @@ class BudgetFile:
         tmp.replace(self.path)
 
 
+def release_update(budget: PrivacyBudget, start_file: str | os.PathLike,
+                   trained_file: str | os.PathLike, out_file: str | os.PathLike,
+                   dp_release: Any = None, round_no: int | None = None
+                   ) -> tuple[float | None, float]:
+    """Write what may leave for one round under ``budget``'s mechanism; returns (the pre-noise
+    norm, local DP only, else None; the epsilon spent including this release). ``dp_release``:
+    the ``DPSGDRelease`` that training reported (DP-SGD only)."""
+    if budget.config.mechanism == DP_SGD:
+        if dp_release is None:
+            raise ValueError("a DP-SGD release needs the round's plan: train with dp_sgd_clip")
+        return None, release_dp_sgd_file(trained_file, out_file, budget, dp_release.to_json(),
+                                         round_no)
+    return privatize_file(start_file, trained_file, out_file, budget, round_no)
+
+
+def dp_sgd_settings(config: DPConfig | None) -> dict[str, Any]:
+    """The ``TrainConfig`` fields that make training record-level DP-SGD under ``config``."""
+    if config is None or config.mechanism != DP_SGD:
+        return {"dp_sgd_clip": None}
+    return {"dp_sgd_clip": config.clip, "dp_sgd_noise": config.noise_multiplier}
+
+
 def default_budget_file(federation: str) -> Path:
     """Where ``chorus-node train`` keeps its budget: one per federation and user account, so
     every run that sends this account's data to that federation spends from the same one."""
@@ -226,13 +332,51 @@ def default_budget_file(federation: str) -> Path:
     return state / "chorus-p2p" / f"dp-budget-{safe}.json"
 
 
-def declaration(config: DPConfig, epsilon: float, releases: int) -> dict[str, Any]:
+def declaration(config: DPConfig, epsilon: float, releases: int,
+                planned: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an update tells the federation about its DP (``chorus_dp`` in its header)."""
-    from chorus_p2p.node.dp_policy import MECHANISM, UNIT
+    out = {"mechanism": config.mechanism, "noise": config.noise_multiplier, "clip": config.clip,
+           "delta": config.delta, "epsilon": round(epsilon, 6), "releases": releases,
+           "unit": config.unit}
+    if planned is not None:
+        out.update(sampling_rate=planned["sampling_rate"], steps=planned["steps"])
+    return out
 
-    return {"mechanism": MECHANISM, "noise": config.noise_multiplier, "clip": config.clip,
-            "delta": config.delta, "epsilon": round(epsilon, 6), "releases": releases,
-            "unit": UNIT}
+
+def _write_release(tensors: dict[str, torch.Tensor], out_file: str | os.PathLike,
+                   declared: dict[str, Any]) -> None:
+    """The update that may leave, its DP declared in the header; fsynced, then renamed."""
+    from safetensors.torch import save_file
+
+    from chorus_p2p.node.dp_policy import DECLARATION_KEY
+
+    out = Path(out_file)
+    tmp = out.with_name(out.name + ".partial")
+    save_file(tensors, str(tmp), metadata={"format": "pt", DECLARATION_KEY: json.dumps(
+        declared, sort_keys=True)})
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(out)
+
+
+def release_dp_sgd_file(trained_file: str | os.PathLike, out_file: str | os.PathLike,
+                        budget: PrivacyBudget, planned: dict[str, Any],
+                        round_no: int | None = None) -> float:
+    """Write a DP-SGD round's trained adapter as the update that may leave; returns the epsilon
+    spent including it. Training already noised every step, so nothing is added here; the
+    release is recorded (fsynced) before the file exists, as for local DP."""
+    from safetensors.torch import load_file
+
+    budget.check(planned)
+    trained = load_file(str(trained_file))
+    bad = [k for k, t in trained.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteUpdate(f"the trained adapter holds NaN or Inf in {bad[0]}; it is not "
+                              "released (nothing was sent)")
+    epsilon = budget.record(round_no, planned)
+    _write_release(trained, out_file, declaration(budget.config, epsilon, budget.rounds,
+                                                  planned))
+    return epsilon
 
 
 def privatize_file(start_file: str | os.PathLike, trained_file: str | os.PathLike,
@@ -245,20 +389,14 @@ def privatize_file(start_file: str | os.PathLike, trained_file: str | os.PathLik
     ``trained_file`` your trained one. Order matters: the budget is checked, the release is
     recorded (fsynced) *before* the noised file exists, so a crash can only over-count; the
     file is fsynced before this returns, so the caller may delete the raw adapter."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from chorus_p2p.node.dp_policy import DECLARATION_KEY
-
+    if budget.config.mechanism != GAUSSIAN_LOCAL:
+        raise ValueError("privatize_file is local DP's release; a DP-SGD round is released by "
+                         "release_dp_sgd_file")
     budget.check()
     start, trained = load_file(str(start_file)), load_file(str(trained_file))
     noisy, raw_norm = privatize(start, trained, budget.config)
     epsilon = budget.record(round_no)
-    out = Path(out_file)
-    tmp = out.with_name(out.name + ".partial")
-    meta = {"format": "pt", DECLARATION_KEY: json.dumps(
-        declaration(budget.config, epsilon, budget.rounds), sort_keys=True)}
-    save_file(noisy, str(tmp), metadata=meta)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(out)
+    _write_release(noisy, out_file, declaration(budget.config, epsilon, budget.rounds))
     return raw_norm, epsilon

@@ -21,6 +21,7 @@ import torch
 from chorus_p2p.errors import AdapterError
 from chorus_p2p.lora.fold import OriginalWeights, ResidualInput, fold_into_model
 from chorus_p2p.train.data import Dataset, token_blocks
+from chorus_p2p.train.dp_sgd import DPSGDRelease
 
 log = logging.getLogger("chorus_p2p.train")
 
@@ -42,6 +43,10 @@ class TrainConfig:
     # "4bit" (QLoRA's NF4) or "8bit": the frozen base quantized by bitsandbytes (W0 + R,
     # quantized once); None keeps it in compute_dtype.
     quantize: str | None = None
+    # Record-level DP-SGD (dp_sgd.py): each record's gradient clipped to this L2 norm, noise
+    # N(0, (dp_sgd_noise * clip)^2) on every step, Poisson-sampled batches. None: plain SGD.
+    dp_sgd_clip: float | None = None
+    dp_sgd_noise: float = 1.0
 
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -85,6 +90,7 @@ class TrainResult:
     eval_loss: float
     seconds: float
     adapter_dir: Path
+    dp_release: "DPSGDRelease | None" = None  # what a DP-SGD round spent (privacy.py prices it)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -206,10 +212,13 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int = 8, max_batches: int 
 
 def train_round(model_path: str | Path, adapter_dir: str | Path, residual: ResidualInput | None,
                 dataset: Dataset, config: TrainConfig, out_dir: str | Path,
-                progress: Callable[[int, float], None] | None = None) -> TrainResult:
+                progress: Callable[[int, float], None] | None = None,
+                before_release: Callable[[DPSGDRelease], None] | None = None) -> TrainResult:
     """Train the global model's adapter on ``dataset`` and save the client adapter to ``out_dir``.
 
-    Runs in the caller's thread: nodes call it through ``asyncio.to_thread``.
+    Runs in the caller's thread: nodes call it through ``asyncio.to_thread``. Under DP-SGD
+    (``config.dp_sgd_clip``), ``before_release`` sees what the round will spend before its first
+    step, and may refuse it by raising (the privacy budget).
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -225,14 +234,32 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual: Resid
             inner.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         inner.enable_input_require_grads()
-    device = next(model.parameters()).device
     seq_len = sequence_length(config.seq_len, model.config)
-    train_blocks = token_blocks(tokenizer, dataset.train, seq_len)
     eval_blocks = token_blocks(tokenizer, dataset.eval, seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(config.seed)
     model.train()
+    release = None
+    if config.dp_sgd_clip is not None:
+        recent, release = _dp_sgd_steps(model, tokenizer, dataset, config, seq_len, optimizer,
+                                        progress, before_release)
+    else:
+        recent = _steps(model, token_blocks(tokenizer, dataset.train, seq_len), config,
+                        optimizer, progress)
+    finite = [loss for loss in recent if math.isfinite(loss)]
+    train_loss = sum(finite[-5:]) / len(finite[-5:]) if finite else math.nan
+    eval_loss = evaluate(model, eval_blocks, config.batch_size, config.eval_batches)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return TrainResult(len(dataset.train), train_loss, eval_loss, time.perf_counter() - started,
+                       out_dir, release)
+
+
+def _steps(model, train_blocks: torch.Tensor, config: TrainConfig, optimizer,
+           progress: Callable[[int, float], None] | None) -> list[float]:
+    """Plain training: batches of ``batch_size`` blocks drawn with replacement."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(config.seed)
     recent: list[float] = []
     for step in range(config.steps):
         step_loss = 0.0
@@ -247,12 +274,35 @@ def train_round(model_path: str | Path, adapter_dir: str | Path, residual: Resid
         recent.append(step_loss)
         if progress is not None:
             progress(step + 1, recent[-1])
-    train_loss = sum(recent[-5:]) / len(recent[-5:]) if recent else math.nan
-    eval_loss = evaluate(model, eval_blocks, config.batch_size, config.eval_batches)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return TrainResult(len(dataset.train), train_loss, eval_loss, time.perf_counter() - started,
-                       out_dir)
+    return recent
+
+
+def _dp_sgd_steps(model, tokenizer, dataset: Dataset, config: TrainConfig, seq_len: int,
+                  optimizer, progress: Callable[[int, float], None] | None,
+                  before_release: Callable[[DPSGDRelease], None] | None
+                  ) -> tuple[list[float], DPSGDRelease]:
+    """Record-level DP-SGD steps (dp_sgd.py): one text per example, Poisson batches, clipped
+    per-record gradients plus CSPRNG noise. Step losses stay on this node."""
+    from chorus_p2p.train.dp_sgd import PrivateGradients, plan_release, poisson_batch, \
+        record_examples
+    from chorus_p2p.train.privacy import secure_normal
+
+    device = next(model.parameters()).device
+    ids, mask = record_examples(tokenizer, dataset.train, seq_len)
+    release = plan_release(len(ids), config.batch_size, config.steps, config.dp_sgd_noise,
+                           config.dp_sgd_clip)
+    if before_release is not None:
+        before_release(release)
+    recent: list[float] = []
+    with PrivateGradients(model, release, len(ids), secure_normal) as private:
+        for step in range(config.steps):
+            chosen = poisson_batch(len(ids), release.sampling_rate)
+            recent.append(private.backward(ids[chosen].to(device), mask[chosen].to(device)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if progress is not None:
+                progress(step + 1, recent[-1])
+    return recent, release
 
 
 def eval_global(model_path: str | Path, adapter_dir: str | Path,

@@ -32,11 +32,12 @@ def _setup(message: Message, context: Context) -> tuple[ExactLoRAClient, Dataset
                          batch_size=int(sent["batch-size"]),
                          seed=int(sent["server-round"]) * 1000 + int(node.get("partition-id", 0)))
     dp = None
-    if float(sent.get("dp-epsilon", 0.0)) > 0:  # local DP: the noised change leaves this node
+    if float(sent.get("dp-epsilon", 0.0)) > 0:  # only a private update leaves this node
         from chorus_p2p.train.privacy import DPConfig
 
         dp = DPConfig(float(sent["dp-epsilon"]), clip=float(sent["dp-clip"]),
-                      noise_multiplier=float(sent["dp-noise"]))
+                      noise_multiplier=float(sent["dp-noise"]),
+                      mechanism=str(sent.get("dp-mechanism", "gaussian-local")))
     return ExactLoRAClient(model, spec, workdir, dp=dp), Dataset.load(dataset), config
 
 

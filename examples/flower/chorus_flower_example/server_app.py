@@ -18,14 +18,16 @@ app = ServerApp()
 
 
 def _dp_policy(config):
-    """``dp-epsilon > 0``: clients release local-DP updates, and the server refuses any reply
-    that does not (the policy a node federation sets with ``init --require-dp``)."""
+    """``dp-epsilon > 0``: clients release private updates (``dp-mechanism``: local DP or
+    record-level DP-SGD), and the server refuses any reply that does not (the policy a node
+    federation sets with ``init --require-dp``)."""
     if float(config.get("dp-epsilon", 0.0)) <= 0:
         return None
     from chorus_p2p.node.dp_policy import DPPolicy
 
     return DPPolicy(max_epsilon=float(config["dp-epsilon"]),
-                    min_noise=float(config.get("dp-noise", 1.0)))
+                    min_noise=float(config.get("dp-noise", 1.0)),
+                    mechanism=str(config.get("dp-mechanism", "gaussian-local")))
 
 
 @app.main()
@@ -48,7 +50,8 @@ def main(grid: Grid, context: Context) -> None:
         "steps": int(config.get("steps", 8)), "lr": float(config.get("lr", 1e-3)),
         "batch-size": int(config.get("batch-size", 8)), "workdir": str(root),
         "dp-epsilon": float(config.get("dp-epsilon", 0.0)),
-        "dp-clip": float(config.get("dp-clip", 1.0)), "dp-noise": float(config.get("dp-noise", 1.0))})
+        "dp-clip": float(config.get("dp-clip", 1.0)), "dp-noise": float(config.get("dp-noise", 1.0)),
+        "dp-mechanism": str(config.get("dp-mechanism", "gaussian-local"))})
     held_out = [Dataset.load(p) for p in shard_paths()]
     result = strategy.start(
         grid=grid, initial_arrays=strategy.initial_arrays(
