@@ -214,3 +214,25 @@ def test_a_local_dp_run_noises_every_release_and_reports_its_epsilon(tmp_path, t
     assert record["dp"]["epsilon"] == pytest.approx(
         epsilon_after(2, DPConfig(1.0, noise_multiplier=1.0)), rel=1e-6)
     assert execute(local, tmp_path, tmp_path / "models", log=lambda m: None)["dp"] is None
+
+
+def test_a_dp_sgd_run_trains_every_client_privately_and_prices_each_record(tmp_path,
+                                                                          tiny_lm_dir):
+    """``dp_mechanism = "dp-sgd"``: every client trains by DP-SGD (its own sampling rate, from
+    its own record count), and the record states the largest epsilon any client spent."""
+    from chorus_p2p.evaluation.experiment import Experiment
+    from chorus_p2p.evaluation.runner import execute
+    from chorus_p2p.train.dp_sgd import plan_release
+    from chorus_p2p.train.privacy import epsilon_of_releases
+
+    with pytest.raises(UsageError, match="dp_mechanism 'dpsgd'"):
+        Experiment.from_table({"dp_mechanism": "dpsgd"})
+    experiment = Experiment.from_table({
+        "model": str(tiny_lm_dir), "clients": 2, "rounds": 2, "local_steps": 3,
+        "target_modules": ["q_proj", "v_proj"], "dp_noise": 1.0, "dp_clip": 1.0,
+        "dp_mechanism": "dp-sgd", "eval_examples": 40, "strategies": ["fedex"], "seeds": [0]})
+    record = execute(experiment.runs()[0], tmp_path, tmp_path / "models", log=lambda m: None)
+    plans = [plan_release(n, 8, 3, 1.0, 1.0).to_json() for n in record["examples_per_client"]]
+    assert record["dp"]["mechanism"] == "dp-sgd"
+    assert record["dp"]["epsilon"] == pytest.approx(
+        max(epsilon_of_releases([plan, plan], 1e-5) for plan in plans), rel=1e-6)

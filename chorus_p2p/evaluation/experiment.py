@@ -44,19 +44,23 @@ DEFAULTS: dict[str, Any] = {
     "task": "topics", "data": [], "model": "tiny", "clients": 3, "partition": "iid",
     "dirichlet_alpha": 0.1, "rounds": 5, "local_steps": 60, "lr": 5e-3, "batch_size": 8,
     "rank": 8, "alpha": 16.0, "max_seq_len": 0, "dp_noise": 0.0, "dp_clip": 1.0,
-    "dp_delta": 1e-5, "eval_examples": 240, "compute_dtype": "auto", "quantize": "",
+    "dp_delta": 1e-5, "dp_mechanism": "gaussian-local", "eval_examples": 240, "compute_dtype": "auto", "quantize": "",
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                        "down_proj"],
     "strategies": ["local", "centralized", "fedavg", "fedex", "fedex-svd"], "seeds": [0, 1, 2],
 }
+# Settings added after results were recorded, with the value every earlier run had: left out of
+# the run id at that value, so a rerun of an old experiment skips its finished runs.
+ADDED_SINCE_RESULTS = {"dp_mechanism": "gaussian-local"}
 # Settings a list sweeps (the others are lists by nature: data files, target modules).
 SWEEPABLE = ("task", "model", "clients", "partition", "dirichlet_alpha", "rounds", "local_steps",
              "lr", "batch_size", "rank", "alpha", "max_seq_len", "compute_dtype", "quantize",
-             "dp_noise", "dp_clip", "dp_delta", "eval_examples")
+             "dp_noise", "dp_clip", "dp_delta", "dp_mechanism", "eval_examples")
 TYPES = {"task": str, "model": str, "clients": int, "partition": str, "dirichlet_alpha": float,
          "rounds": int, "local_steps": int, "lr": float, "batch_size": int, "rank": int,
          "alpha": float, "max_seq_len": int, "compute_dtype": str, "quantize": str,
-         "dp_noise": float, "dp_clip": float, "dp_delta": float, "eval_examples": int}
+         "dp_noise": float, "dp_clip": float, "dp_delta": float, "dp_mechanism": str,
+         "eval_examples": int}
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,11 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        body = json.dumps({**self.settings, "strategy": self.strategy, "seed": self.seed},
+        settings = dict(self.settings)
+        for key, before in ADDED_SINCE_RESULTS.items():  # results made before it still resume
+            if settings.get(key) == before:
+                settings.pop(key)
+        body = json.dumps({**settings, "strategy": self.strategy, "seed": self.seed},
                           sort_keys=True)
         digest = hashlib.sha256(body.encode()).hexdigest()[:10]
         return f"{self.settings['task']}-{self.strategy}-s{self.seed}-{digest}"
@@ -151,6 +159,9 @@ class Experiment:
                      if v < 0]
         for key in ("lr", "alpha", "dirichlet_alpha", "dp_clip"):
             problems += [f"{key} {v} must be > 0" for v in self._each(key) if not v > 0]
+        problems += [f"dp_mechanism {v!r}: 'gaussian-local' (each round's change, the unit a "
+                     "client's whole dataset) or 'dp-sgd' (per record)"
+                     for v in self._each("dp_mechanism") if v not in ("gaussian-local", "dp-sgd")]
         for quantize in self._each("quantize"):
             if quantize not in ("", "4bit", "8bit"):
                 problems.append(f"quantize {quantize!r}: '', '4bit' or '8bit'")

@@ -105,7 +105,7 @@ def markdown(summary: list[dict[str, Any]], title: str) -> str:
         lines += [f"## {s['task']}: {s['clients']} clients, {s['partition']}"
                   f"{' alpha ' + str(s['dirichlet_alpha']) if s['partition'] == 'dirichlet' else ''}"
                   f", rank {s['rank']}, {s['rounds']} rounds x {s['local_steps']} steps"
-                  + (f", local DP z={block['dp']['noise_multiplier']:g} C="
+                  + (f", {_dp_kind(block['dp'])} z={block['dp']['noise_multiplier']:g} C="
                      f"{block['dp']['clip']:g}: epsilon {block['dp']['epsilon']:.2f} at delta "
                      f"{block['dp']['delta']:g} (federated strategies; the bounds send nothing)"
                      if block.get("dp") else ""),
@@ -142,3 +142,8 @@ def write_reports(out: Path, records: list[dict[str, Any]], title: str) -> tuple
     (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     (out / "summary.md").write_text(markdown(summary, title))
     return out / "summary.md", out / "summary.json"
+
+
+def _dp_kind(dp: dict[str, Any]) -> str:
+    """Runs recorded before DP-SGD existed were local DP."""
+    return "DP-SGD (per record)" if dp.get("mechanism") == "dp-sgd" else "local DP"

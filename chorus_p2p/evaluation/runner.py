@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -162,7 +163,10 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
 
     release, dp = None, None
     if s["dp_noise"] > 0 and run.strategy not in ("local", "centralized"):
-        release, dp = _local_dp(s, work)  # what leaves a client is noised; bounds send nothing
+        # what leaves a client is private; the bounds send nothing
+        release, dp = _client_dp(s, work)
+        if s["dp_mechanism"] == "dp-sgd":
+            config = replace(config, dp_sgd_clip=s["dp_clip"], dp_sgd_noise=s["dp_noise"])
     strategy = run.strategy
     if strategy == "local":  # each client alone: its own adapter, never aggregated with others
         for i, data in enumerate(clients):
@@ -201,16 +205,15 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
     return record
 
 
-def _local_dp(s: dict[str, Any], work: Path):
-    """Each client's release clipped and noised as a node does (``privatize_file``, the OS's
-    CSPRNG: DP noise is never seeded, so DP runs are not reproducible to the digit), and the
-    epsilon they spent (every client the same: one release per round)."""
-    from dataclasses import replace
-
-    from chorus_p2p.train.privacy import BudgetFile, DPConfig, PrivacyBudget, privatize_file
+def _client_dp(s: dict[str, Any], work: Path):
+    """Each client's release made as a node makes it (``release_update``: local DP clips and
+    noises the round's change; DP-SGD's training already did, per record. The OS's CSPRNG: DP
+    noise is never seeded, so DP runs are not reproducible to the digit), and the epsilon the
+    clients spent (the most any client spent: their data sizes differ under DP-SGD)."""
+    from chorus_p2p.train.privacy import BudgetFile, DPConfig, PrivacyBudget, release_update
 
     config = DPConfig(epsilon=math.inf, delta=s["dp_delta"], clip=s["dp_clip"],
-                      noise_multiplier=s["dp_noise"])
+                      noise_multiplier=s["dp_noise"], mechanism=s["dp_mechanism"])
     budgets: dict[int, PrivacyBudget] = {}
 
     def release(client: int, global_dir: Path, result):
@@ -219,13 +222,14 @@ def _local_dp(s: dict[str, Any], work: Path):
         out = result.adapter_dir.with_name(result.adapter_dir.name + "-released")
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result.adapter_dir / "adapter_config.json", out / "adapter_config.json")
-        privatize_file(global_dir / "adapter_model.safetensors",
+        release_update(budget, global_dir / "adapter_model.safetensors",
                        result.adapter_dir / "adapter_model.safetensors",
-                       out / "adapter_model.safetensors", budget)
+                       out / "adapter_model.safetensors", result.dp_release)
         return replace(result, adapter_dir=out)
 
-    def spent() -> dict[str, float]:
-        return {"noise_multiplier": s["dp_noise"], "clip": s["dp_clip"], "delta": s["dp_delta"],
+    def spent() -> dict[str, Any]:
+        return {"mechanism": s["dp_mechanism"], "noise_multiplier": s["dp_noise"],
+                "clip": s["dp_clip"], "delta": s["dp_delta"],
                 "epsilon": max(b.spent for b in budgets.values()) if budgets else 0.0}
     return release, spent
 
