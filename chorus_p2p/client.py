@@ -429,8 +429,11 @@ class AsyncNodeClient:
     async def join_token(self) -> str:
         return (await self._request("GET", "/v1/admin/join-token", admin=True))["join_token"]
 
-    async def close_round(self) -> dict[str, Any]:
-        return await self._request("POST", "/v1/admin/rounds/close", json_body={}, admin=True)
+    async def close_round(self, round: int | None = None) -> dict[str, Any]:
+        """Aggregate the collecting round now; with ``round``, only if it is that round (a
+        confirmation that named round N never closes round N + 1)."""
+        body = {} if round is None else {"round": round}
+        return await self._request("POST", "/v1/admin/rounds/close", json_body=body, admin=True)
 
     async def pause(self) -> dict[str, Any]:
         return await self._request("POST", "/v1/admin/pause", json_body={}, admin=True)

@@ -21,7 +21,7 @@ from nodeutil import Federation, NodeProcess, start_node, wait_for, write_update
 
 RECORDING = Path(__file__).parent / "fixtures" / "tui_recording.json"
 VIEWS = {"federation": [], "round": ["2"], "history": ["3"], "events": ["4"],
-         "help": ["question_mark"], "confirm-reject": ["down", "x"]}
+         "help": ["question_mark"], "confirm-reject": ["down", "down", "down", "x"]}
 
 
 def notifications(app) -> list[str]:
@@ -53,20 +53,41 @@ async def test_tui_follows_a_live_node_and_its_actions(tmp_path, tiny_base):
             await pilot.press("p")
             await wait_for(lambda: node.rounds.paused, timeout=10)
             assert any("paused" in n for n in notifications(app))
-            # A refusal shows the node's message: there is no pending member to approve.
+            await wait_for(lambda: app.state.status.get("paused"), timeout=10)
+            await pilot.press("p")  # and resumed: round 2 must open below
+            await wait_for(lambda: not node.rounds.paused, timeout=10)
+            # a approves only a pending member under the cursor, never the first row
             await pilot.press("1")
             await pilot.press("a")
-            await wait_for(lambda: any("refused" in n for n in notifications(app)), timeout=10)
-            assert any("only pending members" in n for n in notifications(app))
-            # r asks first; n leaves the round alone, y aggregates it
+            await pilot.pause()
+            assert app.screen.__class__.__name__ != "ConfirmScreen"
+            assert any("select a pending member first" in n for n in notifications(app))
+            # r asks first, naming the round; n leaves the round alone
             await pilot.press("r")
             await pilot.pause()
             assert app.screen.__class__.__name__ == "ConfirmScreen"
+            assert "round 1 now" in str(app.screen.query_one("#confirm-question").render())
             await pilot.press("n")
             await pilot.pause()
             assert node.ledger.round(1)["state"] == "collecting"
-            await pilot.press("r", "y")
-            await wait_for(lambda: node.ledger.round(1)["state"] == "committed", timeout=20)
+            # y closes the round the question named: here round 1 committed (another admin)
+            # while the question was open, and y must not cut round 2 short
+            await pilot.press("r")
+            await pilot.pause()
+            await client.close_round()
+            await wait_for(lambda: (node.ledger.round(2) or {}).get("state") in ("open",
+                                                                                 "collecting"),
+                           timeout=20)
+            await pilot.press("y")
+            await wait_for(lambda: any("no longer collecting" in n
+                                       for n in notifications(app)), timeout=10)
+            assert node.ledger.round(2)["state"] in ("open", "collecting")
+            # and with nothing submitted, r does not offer to aggregate 0 updates
+            await wait_for(lambda: (app.state.current_round or {}).get("round") == 2, timeout=10)
+            await pilot.press("r")
+            await pilot.pause()
+            assert app.screen.__class__.__name__ != "ConfirmScreen"
+            assert any("round 2 has no updates yet" in n for n in notifications(app))
             # ? opens the help screen
             await pilot.press("question_mark")
             await pilot.pause()
@@ -123,7 +144,8 @@ def test_view_snapshots(snap_compare, utc, view, size):
 
 def test_recorded_state_is_what_the_views_show():
     state = FederationState.from_recording(json.loads(RECORDING.read_text()))
-    assert len(state.members) == 3 and state.current_round["round"] == 4
+    assert len(state.members) == 4 and state.current_round["round"] == 4
+    assert [m["name"] for m in state.members if m["status"] == "pending"] == ["lab-laptop"]
     assert [r["round"] for r in state.committed_rounds()] == [1, 2, 3]
     assert state.training["bob"].step == 12
     assert [e["kind"] for e in state.events_at("warning")] == ["update_rejected"]
@@ -157,8 +179,9 @@ async def test_selection_stays_on_its_member_and_reject_asks_first():
     app = recorded_app()
     async with app.run_test(size=(80, 24)) as pilot:
         table = app.query_one("#members", DataTable)
-        table.focus()
-        await pilot.press("down", "down")
+        await pilot.pause()
+        assert app.focused is table  # on attach: the arrows work without a Tab first
+        await pilot.press("down", "j")
         chosen = selected_key(table)
         assert table.cursor_row == 2
         # A refresh brings a new member at the top and new heartbeat ages: the cursor follows
@@ -169,12 +192,19 @@ async def test_selection_stays_on_its_member_and_reject_asks_first():
         app.render_all()
         await pilot.pause()
         assert selected_key(table) == chosen and table.cursor_row == 3
-        # x asks before a permanent rejection, naming the member; n cancels
+        # x and a act only on a pending member: on a live one they say so and ask nothing
+        for key in ("x", "a"):
+            await pilot.press(key)
+            await pilot.pause()
+            assert app.screen.__class__.__name__ != "ConfirmScreen"
+        assert sum("select a pending member" in n for n in notifications(app)) == 2
+        # on the pending newcomer, x asks before a permanent rejection, naming it; n cancels
+        await pilot.press("k", "k", "k")  # j/k move as the arrows do
+        assert selected_key(table) == "0" * 64
         await pilot.press("x")
         await pilot.pause()
         assert app.screen.__class__.__name__ == "ConfirmScreen"
-        name = next(m["name"] for m in app.state.members if m["node_id"] == chosen)
-        assert name in str(app.screen.query_one("#confirm-question").render())
+        assert "newcomer" in str(app.screen.query_one("#confirm-question").render())
         await pilot.press("n")
         await pilot.pause()
         assert app.screen.__class__.__name__ != "ConfirmScreen"
@@ -307,3 +337,86 @@ async def test_tui_exit_code_is_nonzero_when_it_fails(tmp_path):
     app = Broken(None, state=FederationState(connected=True))
     await app.run_async(headless=True, size=(80, 24))
     assert app.return_code not in (None, 0)
+
+
+async def test_history_follows_new_rounds_until_the_user_picks_one():
+    """Issue 22: the history stayed at round 110 while the node was at 133 (the cursor kept
+    the key of the round that was newest at attach, and the view followed it down)."""
+    app = recorded_app()
+    template = app.state.committed_rounds()[-1]
+
+    def rounds_up_to(last: int) -> list[dict]:
+        return [{**template, "round": n} for n in range(last, 0, -1)]
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.state.rounds = rounds_up_to(110)
+        app.render_all()
+        await pilot.press("3")
+        await pilot.pause()
+        table = app.query_one("#history", DataTable)
+        assert app.focused is table and selected_key(table) == "110"
+        for last in (111, 120, 133):  # live, one refresh after another
+            app.state.rounds = rounds_up_to(last)
+            app.render_all()
+            await pilot.pause()
+            assert selected_key(table) == str(last) and table.scroll_y == 0, last
+        # a reconnect replaces the whole list: still the newest
+        app.state.rounds = rounds_up_to(140)
+        app.render_all()
+        await pilot.pause()
+        assert selected_key(table) == "140"
+        # the user moves to an older round: it stays there as rounds arrive
+        await pilot.press("j", "j", "j")
+        assert selected_key(table) == "137"
+        app.state.rounds = rounds_up_to(145)
+        app.render_all()
+        await pilot.pause()
+        assert selected_key(table) == "137"
+
+
+async def test_read_only_hides_the_admin_keys():
+    """Attached with a join token only (no admin token), the admin keys leave the footer and
+    do nothing; with the admin token they are there."""
+    class JoinTokenOnly:
+        url, admin_token = "http://127.0.0.1:1", None
+
+    for client, read_only in ((JoinTokenOnly(), True), (None, False)):
+        app = ChorusApp(None, state=recorded_app().state, url="http://127.0.0.1:1",
+                        read_only=ChorusApp(client).read_only if client else None)
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot.pause()
+            footer = {k.key for k in app.query("FooterKey")}
+            assert app.read_only is read_only
+            assert ({"r", "p", "c"} & footer == set()) is read_only, footer
+            await pilot.press("down", "down", "down", "x")  # the pending member
+            await pilot.pause()
+            assert (app.screen.__class__.__name__ == "ConfirmScreen") is not read_only
+            assert ("read-only" in app.sub_title) is read_only
+
+
+async def test_slash_filters_the_event_log_by_text_and_lines_fit_80_columns():
+    app = recorded_app()
+    node_id = "9f" * 16  # a node id as events carry it: 32 hex digits
+    app.state.apply_event({"id": 9000, "ts": 1795614051.0, "kind": "training_progress",
+                           "round": 4, "data": {"node_id": node_id, "step": 17, "steps": 30,
+                                                "loss": 2.1234}})
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("slash")
+        await pilot.pause()
+        assert app.screen.__class__.__name__ == "FilterScreen"
+        await pilot.press(*"training", "enter")
+        await pilot.pause()
+        log = app.query_one("#event-log")
+        assert app.focused is log
+        text = [strip.text for strip in log.lines]
+        assert "containing 'training'" in str(app.query_one("#event-filter").render())
+        shown = " ".join(text)
+        assert "training_progress" in shown and "update_accepted" not in shown
+        # at 80 columns nothing of the detail is cut: every line fits the log's own width
+        # (the scrollbar's columns excluded), step and loss come first, the id short
+        assert max(strip.cell_length for strip in log.lines) <= \
+            log.scrollable_content_region.width < 80
+        assert "step=17" in shown and "loss=2.123" in shown and node_id[:8] in shown
+        assert node_id not in shown
+        await pilot.press("slash", *["backspace"] * len("training"), "enter")  # empty: all
+        await pilot.pause()
+        assert "update_accepted" in " ".join(strip.text for strip in log.lines)

@@ -16,7 +16,8 @@ from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Footer, Header, Markdown, Static, TabbedContent, TabPane
+from textual.widgets import (DataTable, Footer, Header, Input, Markdown, RichLog, Static,
+                             TabbedContent, TabPane)
 from textual.worker import Worker
 
 from .state import SEVERITIES, FederationState
@@ -35,23 +36,34 @@ HELP = """\
 | key | action |
 |---|---|
 | `1` `2` `3` `4` | federation, round, history, events |
-| `r` | aggregate the current round now (admin; asks first) |
+| arrows, `j` `k`, PgUp/PgDn | move in tables and logs; the selection stays on its member |
+| `/` | show only events that contain a text (Enter; an empty text shows all) |
+| `f` | filter the event log by severity |
+| `r` | aggregate the current round now (admin; asks first, names the round) |
 | `p` | pause / resume rounds (admin) |
-| `a` | approve the selected pending member (admin, Federation view) |
+| `a` | approve the selected pending member (admin; asks first) |
 | `x` | reject the selected pending member for good (admin; asks first) |
 | `c` | copy the join token to the clipboard (admin, on the node's machine) |
-| `f` | filter the event log by severity |
-| arrows, PgUp/PgDn | move in tables and logs; the selection stays on its member |
 | `?` | this help (scroll it with the arrows) |
 | `q` | quit |
 
 Admin actions go to the attached node, which forwards them to the current coordinator, so
 they keep working after an election moves the coordinator elsewhere. When the node refuses,
-its message is shown.
+its message is shown. Attached without the node's admin token (a join token only), the TUI
+is read-only: the admin keys are hidden and do nothing.
+
+The History view follows new rounds while its cursor is on the newest one; move the cursor
+down and it stays on the round you chose.
 
 A red banner means the node is unreachable, or has not answered for more than
 3 seconds (frozen, overloaded or cut off): the data under it is from the time it shows.
 """
+
+# Keys that change the federation: hidden, and refused, without the admin token.
+ADMIN_ACTIONS = frozenset({"close_round", "toggle_pause", "approve", "reject", "copy_token"})
+# The widget that takes the keys in each view (focused on attach and on every switch).
+VIEW_FOCUS = {"federation": "#members", "round": "#participants", "history-tab": "#history",
+              "events": "#event-log"}
 
 
 class HelpScreen(ModalScreen[None]):
@@ -85,6 +97,28 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(answer)
 
 
+class FilterScreen(ModalScreen["str | None"]):
+    """``/``: the text the event log must contain; Enter applies, Esc leaves it as it was."""
+
+    BINDINGS = [Binding("escape", "cancel", "cancel")]
+
+    def __init__(self, current: str) -> None:
+        super().__init__()
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="filter-box"):
+            yield Static("show events containing (Enter; empty: all, Esc: cancel)",
+                         id="filter-hint")
+            yield Input(value=self.current, id="filter-input")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip())
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
 class ChorusApp(App[None]):
     TITLE = "chorus-p2p"
     CSS_PATH = Path(__file__).with_name("chorus.tcss")
@@ -103,16 +137,23 @@ class ChorusApp(App[None]):
         Binding("x", "reject", "reject", show=False),
         Binding("c", "copy_token", "token"),
         Binding("f", "cycle_filter", "filter", show=False),
+        Binding("slash", "text_filter", "search", show=False),
+        Binding("j", "cursor('down')", "down", show=False),
+        Binding("k", "cursor('up')", "up", show=False),
     ]
 
     def __init__(self, client: Any = None, *, state: FederationState | None = None,
-                 url: str = ""):
-        """``client``: an AsyncNodeClient; without one the app just shows ``state`` (tests)."""
+                 url: str = "", read_only: bool | None = None):
+        """``client``: an AsyncNodeClient; without one the app just shows ``state`` (tests).
+        ``read_only``: hide the admin keys; by default, when the client has no admin token."""
         super().__init__()
         self.client = client
         self.state = state or FederationState()
         self.url = url or getattr(client, "url", "")
         self.severity = "all"
+        self.text_filter = ""
+        self.read_only = (client is not None and not getattr(client, "admin_token", None)
+                          if read_only is None else read_only)
         self._poll: Worker | None = None
 
     def compose(self) -> ComposeResult:
@@ -130,8 +171,9 @@ class ChorusApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = self.url
+        self.sub_title = self.url + ("  (read-only)" if self.read_only else "")
         self.render_all()
+        self.call_after_refresh(self._focus_view, "federation")
         if self.client is not None:
             self.connect()
             self.set_interval(REFRESH_S, self._tick)
@@ -161,7 +203,27 @@ class ChorusApp(App[None]):
         self.query_one(FederationView).render_state(self.state)
         self.query_one(RoundView).render_state(self.state)
         self.query_one(HistoryView).render_state(self.state)
-        self.query_one(EventLog).render_state(self.state, self.severity)
+        self.query_one(EventLog).render_state(self.state, self.severity, self.text_filter)
+
+    def _focus_view(self, tab: str) -> None:
+        """Keys go to the view's table or log at once: no Tab first (not under a dialog,
+        which gives the focus back itself when it closes)."""
+        if len(self.screen_stack) > 1:
+            return
+        try:
+            if self.query_one(TabbedContent).active != tab:
+                return  # a late call for a view the user already left: focusing into a
+                # hidden pane would switch back to it
+            self.query_one(VIEW_FOCUS[tab]).focus()
+        except (KeyError, NoMatches):
+            pass
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self._focus_view(event.pane.id or "")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Read-only: the admin keys leave the footer and do nothing."""
+        return not (self.read_only and action in ADMIN_ACTIONS)
 
     # -- data --------------------------------------------------------------------------------------
     async def refresh_state(self) -> None:
@@ -225,14 +287,34 @@ class ChorusApp(App[None]):
 
     # -- actions -----------------------------------------------------------------------------------
     def action_show(self, tab: str) -> None:
-        self.query_one(TabbedContent).active = "history-tab" if tab == "history" else tab
+        pane = "history-tab" if tab == "history" else tab
+        self.query_one(TabbedContent).active = pane
+        self.call_after_refresh(self._focus_view, pane)  # once the pane is shown
+
+    def action_cursor(self, direction: str) -> None:
+        """``j``/``k``: what the arrows do, in the focused table or log."""
+        widget = self.focused
+        if isinstance(widget, DataTable):
+            getattr(widget, f"action_cursor_{direction}")()
+        elif isinstance(widget, RichLog):
+            getattr(widget, f"action_scroll_{direction}")()
+
+    def action_text_filter(self) -> None:
+        self.query_one(TabbedContent).active = "events"
+
+        def chosen(text: str | None) -> None:
+            if text is not None:
+                self.text_filter = text
+                self.query_one(EventLog).render_state(self.state, self.severity, text)
+            self.call_after_refresh(self._focus_view, "events")
+        self.push_screen(FilterScreen(self.text_filter), chosen)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
     def action_cycle_filter(self) -> None:
         self.severity = SEVERITIES[(SEVERITIES.index(self.severity) + 1) % len(SEVERITIES)]
-        self.query_one(EventLog).render_state(self.state, self.severity)
+        self.query_one(EventLog).render_state(self.state, self.severity, self.text_filter)
 
     def _in_background(self, coro) -> None:
         """Run an admin action in a worker: key presses and redraws go on while it waits."""
@@ -268,12 +350,20 @@ class ChorusApp(App[None]):
         if current is None:
             self.notify("no round is collecting updates right now", severity="warning")
             return
+        number = current["round"]
+        if not current.get("updates"):
+            self.notify(f"round {number} has no updates yet: nothing to aggregate",
+                        severity="warning")
+            return
 
         async def close() -> None:
-            result = await self._call("start round", lambda: self.client.close_round())
+            # Bound to the round the question named: if round N committed meanwhile and N + 1
+            # is collecting, the node refuses instead of cutting N + 1 short.
+            result = await self._call(f"aggregate round {number}",
+                                      lambda: self.client.close_round(round=number))
             if result:
                 self.notify(f"round {result['round']} is aggregating")
-        self._confirm(f"Aggregate round {current['round']} now, with the {current['updates']} "
+        self._confirm(f"Aggregate round {number} now, with the {current['updates']} "
                       f"update(s) it has ({current['min_updates']} wanted)?", close)
 
     def action_toggle_pause(self) -> None:
@@ -302,17 +392,29 @@ class ChorusApp(App[None]):
         if result is not None:
             self.notify(f"{member.get('name') or short(node_id)}: {result.get('status')}")
 
+    def _selected_pending(self) -> dict[str, Any] | None:
+        """The pending member under the Federation view's cursor; None (and why) otherwise:
+        the cursor is always on some row, so a row alone is not a choice."""
+        member = self._selected_member() if self.query_one(TabbedContent).active == \
+            "federation" else None
+        if member is None or member.get("status") != "pending":
+            self.notify("select a pending member first (Federation view: arrows or j/k)",
+                        severity="warning")
+            return None
+        return member
+
     def action_approve(self) -> None:
-        member = self._selected_member()
+        member = self._selected_pending()
         if member is None:
-            self.notify("select a member first (Federation view)", severity="warning")
             return
-        self._in_background(self._decide(member, True))
+        name = member.get("name") or "-"
+        self._confirm(f"Approve {name} ({short(member['node_id'])}) as a member? It will count "
+                      "toward the majority and receive every round.",
+                      lambda: self._decide(member, True))
 
     def action_reject(self) -> None:
-        member = self._selected_member()
+        member = self._selected_pending()
         if member is None:
-            self.notify("select a member first (Federation view)", severity="warning")
             return
         name = member.get("name") or "-"
         self._confirm(f"Reject {name} ({short(member['node_id'])}) for good? A rejected node "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 from rich.text import Text
@@ -35,15 +36,28 @@ def clock(ts: float | None) -> str:
 Row = tuple[str, tuple[Any, ...]]  # (row key, cells)
 
 
-def refill(table: DataTable, rows: list[Row]) -> None:
+def refill(table: DataTable, rows: list[Row], follow_first: bool = False) -> None:
     """Replace a table's rows while the cursor stays on the same *key* (the member the user
     selected, not row 0) and the scroll position stays where the user put it.
+
+    ``follow_first``: a table whose newest row comes first (History) follows it like
+    ``tail -f`` while its cursor is on the first row; keeping the cursor on that row's *key*
+    instead carried it, and the view, down with the round that was newest at attach (the
+    table stayed at round 110 while the node was at 133).
 
     Rows that did not change are not touched at all, so a once-a-second refresh of an idle
     federation neither flickers nor moves anything.
     """
     previous = getattr(table, "_chorus_rows", None)
     if previous == rows:
+        return
+    if follow_first and (table.row_count == 0 or table.cursor_row == 0):
+        table.clear()
+        for key, cells in rows:
+            table.add_row(*cells, key=key)
+        table._chorus_rows = rows  # type: ignore[attr-defined]
+        table.move_cursor(row=0, animate=False)
+        table.scroll_to(table.scroll_x, 0, animate=False)
         return
     selected = None
     if table.row_count:
@@ -195,7 +209,7 @@ class HistoryView(Vertical):
                 f"{m.get('aggregation_ms', 0):.1f}", "-" if energy is None else f"{energy:.4f}",
                 "-" if loss is None else f"{loss:.3f}",
                 "-" if held_out is None else f"{held_out:.3f}", clock(r.get("committed_at")))))
-        refill(self.query_one("#history", DataTable), table_rows)
+        refill(self.query_one("#history", DataTable), table_rows, follow_first=True)
         self._plot("#plot-loss", "mean eval loss", [(r["round"], (r.get("metrics") or {}).get(
             "mean_eval_loss")) for r in rows])
         self._plot("#plot-energy", "residual energy ||D||/||M||", [(r["round"], (r.get(
@@ -221,21 +235,25 @@ class EventLog(Vertical):
     def __init__(self) -> None:
         super().__init__()
         self._shown_seq = 0
-        self._severity: str | None = None
+        self._filters: tuple[str, str] | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static("events: all  (f: filter by severity)", id="event-filter")
-        yield RichLog(id="event-log", wrap=False, markup=False, max_lines=EVENT_LIMIT)
+        yield Static("events: all  (f: severity, /: text)", id="event-filter")
+        # Wrapped to the log's own width (RichLog's default min_width, 78, is wider than the
+        # log at 80 columns): an event's detail (step, loss) is never cut at the edge.
+        yield RichLog(id="event-log", wrap=True, markup=False, max_lines=EVENT_LIMIT,
+                      min_width=20)
 
-    def render_state(self, state: FederationState, severity: str) -> None:
+    def render_state(self, state: FederationState, severity: str, text: str = "") -> None:
         log = self.query_one("#event-log", RichLog)
         new = state.event_seq - self._shown_seq
-        if severity != self._severity or new > len(state.events):
+        if (severity, text) != self._filters or new > len(state.events):
+            matching = f", containing {text!r}" if text else ""
             self.query_one("#event-filter", Static).update(
-                f"events: {severity}  (f: filter by severity)")
+                f"events: {severity}{matching}  (f: severity, /: text)")
             log.clear()
             fresh = list(state.events)
-            self._severity = severity
+            self._filters = (severity, text)
         elif new <= 0:
             return
         else:
@@ -244,17 +262,40 @@ class EventLog(Vertical):
         # "At the bottom" allows a line or two: a horizontal scrollbar that appears when a long
         # line arrives takes a row and moves the end by one.
         follow = log.scroll_y >= log.max_scroll_y - 2
+        needle = text.lower()
         for event in fresh:
-            if severity == "all" or event.get("level", "info") == severity:
-                log.write(format_event(event), scroll_end=follow)
+            if severity != "all" and event.get("level", "info") != severity:
+                continue
+            line = format_event(event)
+            if needle and needle not in line.plain.lower():
+                continue
+            log.write(line, scroll_end=follow)
+
+
+# What a reader looks for first in an event's detail; the rest follows in the event's order.
+FIRST_FIELDS = ("step", "steps", "loss", "train_loss", "eval_loss", "error", "message")
+HEX_ID = re.compile(r"^[0-9a-f]{16,}$")
+
+
+def _value(key: str, value: Any) -> str:
+    """Node ids and hashes shortened as the tables show them; times as clock times; floats
+    to 4 digits."""
+    if key.endswith("_at") and isinstance(value, (int, float)):
+        return clock(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return short(text, 8) if HEX_ID.match(text) else text
 
 
 def format_event(event: dict[str, Any]) -> Text:
     data = event.get("data") or {}
-    detail = " ".join(f"{k}={v}" for k, v in data.items()
-                      if k not in ("nodes", "members") and not isinstance(v, (dict, list)))
+    shown = {k: v for k, v in data.items()
+             if k not in ("nodes", "members") and not isinstance(v, (dict, list))}
+    order = [k for k in FIRST_FIELDS if k in shown] + [k for k in shown if k not in FIRST_FIELDS]
+    detail = " ".join(f"{k}={_value(k, shown[k])}" for k in order)
     where = f"round {event['round']} " if event.get("round") is not None else ""
     level = event.get("level", "info")
     return Text.assemble((clock(event.get("ts")) + " ", "dim"),
-                         (f"{event.get('kind', '?'):<22}", LEVEL_STYLE.get(level, "")),
-                         (where, "bold"), (detail[:160], ""))
+                         (f"{event.get('kind', '?'):<20} ", LEVEL_STYLE.get(level, "")),
+                         (where, "bold"), (detail[:240], ""))

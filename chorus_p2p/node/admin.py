@@ -46,7 +46,10 @@ async def run_here(node: "Node", action: str, args: dict[str, Any]) -> dict[str,
     """Run an admin action on this node (raises ``not_coordinator`` on a follower)."""
     rounds, cluster = node.rounds, node.cluster
     if action == "close_round":
-        return {"round": await rounds.close_now(), "state": "aggregating"}
+        expected = args.get("round")
+        if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool)):
+            raise UpdateRejected("bad_request", "close_round: 'round' must be an integer")
+        return {"round": await rounds.close_now(expected), "state": "aggregating"}
     if action in ("pause", "resume"):
         rounds.require_coordinator()
         rounds.set_paused(action == "pause")

@@ -93,10 +93,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except (ApiError, UpdateRejected, AuthFailure, RateLimited) as exc:
-        kind = "update_rejected" if request.path.endswith("/updates") else "request_refused"
+        update = request.path.endswith("/updates")
         # A follower's not_coordinator is routine (clients follow the redirect to the
-        # coordinator), so it is recorded at info level, not as a warning.
-        level = "info" if exc.code == "not_coordinator" else "warning"
+        # coordinator): an info-level redirect, not a rejection a user would worry about.
+        if exc.code == "not_coordinator":
+            kind, level = ("update_redirected" if update else "request_redirected"), "info"
+        else:
+            kind, level = ("update_rejected" if update else "request_refused"), "warning"
         _node(request).bus.publish(kind, None, {
             "method": request.method, "path": request.path, "error": exc.code,
             "message": exc.message, "peer": request.remote,
@@ -730,8 +733,10 @@ async def peer_history(request: web.Request) -> web.Response:
 
 
 async def admin_close_round(request: web.Request) -> web.Response:
-    await read_json_body(request)
-    result = await admin.run_on_coordinator(_node(request), "close_round", {})
+    """Aggregate the collecting round now; ``{"round": N}`` closes it only if N is that round."""
+    body = await read_json_body(request)
+    args = {"round": body["round"]} if isinstance(body, dict) and "round" in body else {}
+    result = await admin.run_on_coordinator(_node(request), "close_round", args)
     return web.json_response(result, status=202)
 
 

@@ -505,12 +505,18 @@ class RoundManager:
         self._spawn(self._aggregate(round_no, term))
         return True
 
-    async def close_now(self) -> int:
-        """Admin action: aggregate the current round with whatever updates it has."""
+    async def close_now(self, expected: int | None = None) -> int:
+        """Admin action: aggregate the current round with whatever updates it has.
+
+        ``expected``: the round the admin was asked about (the TUI's confirmation names one);
+        if another round is collecting by the time the answer arrives, nothing is closed."""
         current = self.ledger.latest_round()
         self.require_coordinator()
         if current is None or current["state"] not in (OPEN, COLLECTING):
             raise UpdateRejected("round_closed", "no round is collecting updates right now")
+        if expected is not None and current["round"] != expected:
+            raise UpdateRejected("round_closed", f"round {expected} is no longer collecting "
+                                 f"(round {current['round']} is); nothing was closed")
         if not await self._maybe_close(current["round"], force=True):
             raise UpdateRejected("no_updates", f"round {current['round']} has no updates yet")
         return current["round"]
