@@ -143,6 +143,20 @@ def test_cli_runs_a_round_and_reports_exit_codes(running_node, tmp_path):
                "0", *base)
     assert done.returncode == 3 and "moved on" in done.stderr, done.stderr
     assert "chorus-node pull" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    # without --round and no round collecting (here: paused after round 2 commits), submit
+    # waits --wait seconds, says why, and sends nothing
+    assert cli("pause", *base).returncode == 0
+    for i in (8, 9):
+        cli("submit", str(write_update(tmp_path / f"p{i}.safetensors", node.spec, i)),
+            "--examples", "10", "--client-id", f"p{i}", *base)
+    done = cli("submit", str(late), "--examples", "10", "--client-id", "waiter", "--wait", "1",
+               *base)
+    assert done.returncode == 3, done.stderr
+    assert "waiting up to 1s" in done.stderr and "rounds are paused" in done.stderr
+    assert "nothing was sent" in done.stderr
+    assert all(u["node_id"] != "waiter" for r in node.ledger.list_rounds(limit=10)
+               for u in node.ledger.updates(r["round"]))
+    assert cli("resume", *base).returncode == 0
     done = cli("status", "--node", node.url, "--join", "chorus1." + "e30")
     assert done.returncode == 2
     done = cli("status", "--node", node.url, "--join", encode_join_token("lab", b"z" * 32))

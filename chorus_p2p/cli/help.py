@@ -67,6 +67,8 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
              ("the exactness check through PEFT, as JSON", "chorus-node demo --exactness --json")],
     "make-tiny-model": [("a tiny Llama + tokenizer to try things with, offline",
                          "chorus-node make-tiny-model --out ./tiny-llama")],
+    "make-example-adapters": [("README's three client adapters for a model, offline",
+                               "chorus-node make-example-adapters --model ./tiny-llama --out .")],
     "train": [("pull, train, submit for 3 rounds against the local node",
                "chorus-node train --model ./llama --dataset notes.jsonl --rounds 3")],
     "simulate": [("5 clients x 10 rounds in one process, compared with FedAvg",

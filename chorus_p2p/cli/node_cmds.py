@@ -14,12 +14,14 @@ import datetime as dt
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from chorus_p2p.cli.output import print_json
 from chorus_p2p.cli.types import add_dataset_options, add_dp_options, add_precision_options
-from chorus_p2p.cli.types import non_negative_int, positive_int, round_or_latest
+from chorus_p2p.cli.types import (non_negative_float, non_negative_int, positive_int,
+                                  round_or_latest)
 from chorus_p2p.lora.names import STRATEGIES
 from chorus_p2p.node.settings import DEFAULT_DATA_DIR
 
@@ -367,10 +369,43 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
+def _why_no_round(status: dict) -> str:
+    if status.get("paused"):
+        return "rounds are paused (an admin ran `pause`; `resume` opens them)"
+    if not status.get("coordinator"):
+        return ("the federation has no coordinator yet (an election is under way: a node with "
+                "mDNS on first listens for its peers)")
+    return "the last round is aggregating or committing; the next opens right after"
+
+
+def _wait_for_collecting_round(node, wait: float) -> bool:
+    """Before a submit to "the current round": wait for one to be collecting. Right after `up`
+    there is none until the node has looked for peers and elected a coordinator; a submit then
+    failed with a misleading "the federation moved on". Says once why it waits."""
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        status = node.status()
+        current = status.get("current_round")
+        if current is not None and current.get("state") in ("open", "collecting"):
+            return True
+        if time.monotonic() >= deadline:
+            print(f"chorus-node: no round is collecting updates after {wait:g}s: "
+                  f"{_why_no_round(status)}; nothing was sent", file=sys.stderr)
+            return False
+        if not said:
+            print(f"waiting up to {wait:g}s for a round to collect updates: "
+                  f"{_why_no_round(status)}", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.5)
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from chorus_p2p.client import ConflictError
 
     with _client(args) as node:
+        if args.round is None and not _wait_for_collecting_round(node, args.wait):
+            return 3
         try:
             result = node.submit(args.adapter, round=args.round, examples=args.examples,
                                  trained_from=args.trained_from)
@@ -661,6 +696,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("adapter", metavar="ADAPTER", help="PEFT folder or .safetensors")
     submit.add_argument("--examples", type=positive_int, help="example count (the update's weight)")
     submit.add_argument("--round", type=non_negative_int, help="default: the current round")
+    submit.add_argument("--wait", type=non_negative_float, default=60.0, metavar="S",
+                        help="without --round: seconds to wait for a round to collect updates "
+                             "(right after `up` the node may still be electing; default 60)")
     submit.add_argument("--trained-from", type=non_negative_int, help="round the training started from")
     submit.set_defaults(handler=_cmd_submit)
 

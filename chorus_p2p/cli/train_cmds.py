@@ -50,6 +50,36 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# What README's examples call their clients' adapters: (folder, rank, seed).
+EXAMPLE_ADAPTERS = (("alice-adapter", 16, 1), ("bob-adapter", 16, 2), ("carol", 8, 3))
+
+
+def _cmd_make_example_adapters(args: argparse.Namespace) -> int:
+    """README's inputs, made rather than assumed: PEFT adapters as if three clients had trained
+    on ``--model`` (both factors random: a zero B, PEFT's start, would hide every aggregation
+    mistake). Existing folders are left alone unless ``--force``."""
+    from chorus_p2p.errors import UsageError
+    from chorus_p2p.tiny import make_client_adapter, quiet_transformers
+
+    quiet_transformers()
+    out = Path(args.out)
+    targets = tuple(t for t in args.target_modules.split(",") if t)
+    made = []
+    for name, rank, seed in EXAMPLE_ADAPTERS:
+        folder = out / name
+        if folder.exists() and not args.force:
+            raise UsageError(f"{folder} exists; pass --force to replace it")
+        make_client_adapter(args.model, folder, seed=seed, rank=rank, alpha=2.0 * rank,
+                            target_modules=targets)
+        made.append({"folder": str(folder), "rank": rank})
+    if args.json:
+        print_json({"adapters": made, "model": args.model, "target_modules": list(targets)})
+    else:
+        for item in made:
+            print(f"{item['folder']}/  rank {item['rank']}, {', '.join(targets)}")
+    return 0
+
+
 MAX_MISSED_ROUNDS = 10  # rounds in a row the federation may close before our update arrives
 
 
@@ -294,6 +324,18 @@ def register(commands: argparse._SubParsersAction) -> None:
                            "(default 30)")
     tiny.add_argument("--json", action="store_true", help="machine-readable output")
     tiny.set_defaults(handler=_cmd_make_tiny_model)
+
+    examples = commands.add_parser(
+        "make-example-adapters", help="three client adapters for a model, as README's examples "
+        "use them (alice-adapter/, bob-adapter/, carol/), offline")
+    examples.add_argument("--model", required=True, help="the base model folder (or hub id)")
+    examples.add_argument("--out", default=".", help="where to put the three folders "
+                          "(default: here)")
+    examples.add_argument("--target-modules", default="q_proj,v_proj",
+                          help="modules the adapters target (default q_proj,v_proj)")
+    examples.add_argument("--force", action="store_true", help="replace existing folders")
+    examples.add_argument("--json", action="store_true", help="machine-readable output")
+    examples.set_defaults(handler=_cmd_make_example_adapters)
 
     train = commands.add_parser("train", help="train against a node for N rounds (SDK loop)")
     _client_options(train, json_flag=False)
