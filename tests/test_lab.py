@@ -5,9 +5,13 @@ on training."""
 from __future__ import annotations
 
 import configparser
+import json
 import shutil
 from pathlib import Path
 
+import pytest
+
+from chorus_p2p.netlab import NetLab, namespaces_unavailable, wait_until
 from chorus_p2p.node.identity import init_data_dir
 from chorus_p2p.node.ledger import Ledger
 from chorus_p2p.node.settings import resolve_settings
@@ -47,13 +51,7 @@ def test_a_node_restarted_by_the_same_command_after_kill9_carries_on_training(tm
         f'train = true\ndataset = "{SHARD}"\nsteps = 2\nmdns = false\n')
 
     def committed_with_my_update() -> int:
-        ledger = Ledger(data_dir / "ledger.sqlite")
-        try:
-            me = {u["node_id"] for r in ledger.list_rounds(limit=1000)
-                  for u in ledger.updates(r["round"])}
-            return max((ledger.rounds_contributed(n) for n in me), default=0)
-        finally:
-            ledger.close()
+        return committed_with_the_nodes_update(data_dir)
 
     first = NodeProcess(data_dir, tiny_lm_dir, extra=[])
     first.start()
@@ -66,6 +64,46 @@ def test_a_node_restarted_by_the_same_command_after_kill9_carries_on_training(tm
         wait_for_sync(lambda: committed_with_my_update() >= before + 2)
     finally:
         assert again.terminate() == 0
+
+
+def committed_with_the_nodes_update(data_dir: Path) -> int:
+    """Committed rounds that count the node's own update, read from its ledger."""
+    ledger = Ledger(data_dir / "ledger.sqlite")
+    try:
+        me = {u["node_id"] for r in ledger.list_rounds(limit=1000)
+              for u in ledger.updates(r["round"])}
+        return max((ledger.rounds_contributed(n) for n in me), default=0)
+    finally:
+        ledger.close()
+
+
+NAMESPACES = namespaces_unavailable()
+
+
+@pytest.mark.skipif(NAMESPACES is not None, reason=NAMESPACES or "")
+def test_in_a_namespace_the_units_command_restarted_after_kill9_carries_on_training(
+        tmp_path, tiny_lm_dir):
+    """The same, where a lab runs it: in a network namespace the test creates, with mDNS on
+    every interface (the config sets nothing about discovery) and the unit's command, started
+    again unchanged after a kill -9."""
+    data_dir = tmp_path / "node"
+    init_data_dir(data_dir, "lab")
+    (data_dir / "config.toml").write_text(
+        f'model = "{tiny_lm_dir}"\ntarget_modules = ["q_proj", "v_proj"]\nmin_updates = 1\n'
+        f'train = true\ndataset = "{SHARD}"\nsteps = 2\n')
+    with NetLab(1) as lab:
+        first = lab.start(0, data_dir, tiny_lm_dir, bind_lan=False)
+        wait_until(lambda: committed_with_the_nodes_update(data_dir) >= 2, 180,
+                   "two trained rounds", interval=0.5, lab=lab)
+        first.kill9()
+        before = committed_with_the_nodes_update(data_dir)
+        again = lab.start(0, data_dir, tiny_lm_dir, bind_lan=False)
+        wait_until(lambda: committed_with_the_nodes_update(data_dir) >= before + 2, 180,
+                   "two more trained rounds after the restart", interval=0.5, lab=lab)
+        assert any("mDNS: advertising" in json.dumps(e) and "on all" in json.dumps(e)
+                   for e in again.events), again.describe(20)
+        again.terminate()
+        assert again.proc.returncode == 0, again.describe(20)
 
 
 def wait_for_sync(predicate, timeout: float = 180.0) -> None:
