@@ -349,3 +349,58 @@ def test_reinit_to_join_another_federation_drops_the_old_admin_key(tmp_path):
     joined = init_data_dir(tmp_path / "mine", join_token=other.join_token(), force=True)
     assert joined.federation == "second" and joined.admin_key is None
     assert joined.admin_public_key == other.admin_public_key
+
+
+def _client_commands() -> dict[str, list[str]]:
+    """Every command that talks to a node (it takes --node), with its first help example's
+    arguments: the matrix below covers each, so a command that resolved on its own is caught."""
+    import argparse
+    import shlex
+
+    from chorus_p2p.cli.help import EXAMPLES
+    from chorus_p2p.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, command in sub.choices.items():
+        if any("--node" in a.option_strings for a in command._actions):
+            words = shlex.split(EXAMPLES[name][0][1].split("|")[0].split("&&")[0].split(">")[0])
+            out[name] = [w for w in words[1:] if not w.startswith("--node")]
+    return out
+
+
+CLIENT_COMMANDS = _client_commands()
+
+
+@pytest.mark.parametrize("command", sorted(CLIENT_COMMANDS))
+def test_every_client_command_takes_flags_over_environment_over_the_data_dir(
+        command, tmp_path, monkeypatch):
+    """Issue 22: a flag beats the environment, which beats what the data dir says, for the
+    node's URL, the data dir and the join token, in every command that talks to a node."""
+    from chorus_p2p.cli.main import build_parser
+    from chorus_p2p.cli.node_cmds import _data_dir, _join_token, _node_url
+    from chorus_p2p.node.lock import DataDirLock
+
+    for key in [k for k in os.environ if k.startswith("CHORUS_")]:
+        monkeypatch.delenv(key)
+    base = CLIENT_COMMANDS[command]
+    parser = build_parser()
+    local = tmp_path / "local"
+    local.mkdir()
+    with DataDirLock(local) as lock:  # a node running on the local data dir, at port 9001
+        lock.describe(url="http://0.0.0.0:9001")
+
+        def parse(*extra: str):
+            return parser.parse_args([*base, "--data-dir", str(local), *extra])
+        assert _node_url(parse()) == "http://127.0.0.1:9001"  # the data dir's running node
+        monkeypatch.setenv("CHORUS_NODE", "http://10.0.0.7:8470")
+        assert _node_url(parse()) == "http://10.0.0.7:8470"  # environment over the data dir
+        assert _node_url(parse("--node", "10.0.0.5:8470")) == "http://10.0.0.5:8470"  # flag
+    monkeypatch.setenv("CHORUS_DATA_DIR", str(tmp_path / "from-env"))
+    assert _data_dir(parser.parse_args(base)) == str(tmp_path / "from-env")
+    assert _data_dir(parse()) == str(local)
+    monkeypatch.setenv("CHORUS_JOIN_TOKEN", "chorus1.from-env")
+    assert _join_token(parse()) == "chorus1.from-env"
+    assert _join_token(parse("--join", "chorus1.from-flag")) == "chorus1.from-flag"
+    (tmp_path / "token").write_text("chorus1.from-file\n")
+    assert _join_token(parse("--join-file", str(tmp_path / "token"))) == "chorus1.from-file"
