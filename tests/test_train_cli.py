@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from nodeutil import node_in_thread
@@ -214,3 +216,55 @@ def test_patience_leaves_after_evaluations_without_a_new_best(tmp_path):
         assert len(finished) == 1 and "best 1.5000 at round 2" in finished[0]
     finally:
         ledger.close()
+
+
+def test_evaluate_scores_a_nodes_round_as_the_exported_model_does(tmp_path, tiny_lm_dir):
+    """Issue 21 #5: `chorus-node evaluate` on a node's round (pulled with its R), on the same
+    round's adapter folder and R given apart, and plain transformers on the model `export`
+    merged from it: one figure. Round 0 scores otherwise."""
+    from chorus_p2p.client import NodeClient
+    from chorus_p2p.train.data import load_texts, token_blocks
+    from chorus_p2p.train.trainer import evaluate
+
+    from nodeutil import write_update
+
+    with node_in_thread(tmp_path / "node", tiny_lm_dir, min_updates=2,
+                        target_modules=("q_proj", "v_proj")) as node:
+        token = node.identity.join_token()
+        for i, name in enumerate(("alice", "bob")):
+            with NodeClient.from_join_token(node.url, token, client_id=name) as client:
+                client.submit(write_update(tmp_path / f"{name}.safetensors", node.spec, i,
+                                           scale=0.2), examples=10 + i)
+        deadline = time.monotonic() + 60
+        while (node.ledger.round(1) or {}).get("state") != "committed":
+            assert time.monotonic() < deadline, "round 1 did not commit"
+            time.sleep(0.1)
+        remote = ["--node", node.url, "--join", token]
+        done = cli("evaluate", "--model", str(tiny_lm_dir), *remote, "--data", str(SHARD),
+                   "--json")
+        assert done.returncode == 0, done.stderr[-2000:]
+        latest = json.loads(done.stdout)
+        first = json.loads(cli("evaluate", "--model", str(tiny_lm_dir), *remote, "--round",
+                               "0", "--data", str(SHARD), "--json").stdout)
+        assert cli("pull", *remote, "--out", str(tmp_path / "g"), "--round", "1",
+                   "--cumulative").returncode == 0
+        both = cli("evaluate", *remote, "--model", str(tiny_lm_dir), "--adapter", "x",
+                   "--data", str(SHARD))
+        assert both.returncode == 2 and "not both" in both.stderr
+    apart = json.loads(cli("evaluate", "--model", str(tiny_lm_dir), "--adapter",
+                           str(tmp_path / "g"), "--residual",
+                           str(tmp_path / "g" / "cumulative.safetensors"), "--data",
+                           str(SHARD), "--json").stdout)
+    assert latest["round"] == 1 and first["round"] == 0 and latest["texts"] > 100
+    assert apart["loss"] == latest["loss"] and first["loss"] != latest["loss"]
+    assert latest["perplexity"] == pytest.approx(math.exp(latest["loss"]))
+    done = cli("export", "--data-dir", str(tmp_path / "node"), "--round", "1", "--out",
+               str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    blocks = token_blocks(AutoTokenizer.from_pretrained(tmp_path / "merged"),
+                          load_texts(str(SHARD)), 64)
+    plain = evaluate(merged, blocks, batch_size=8, max_batches=1 << 30)
+    assert abs(plain - latest["loss"]) < 1e-4, (plain, latest["loss"])

@@ -67,6 +67,12 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
              ("the exactness check through PEFT, as JSON", "chorus-node demo --exactness --json")],
     "make-tiny-model": [("a tiny Llama + tokenizer to try things with, offline",
                          "chorus-node make-tiny-model --out ./tiny-llama")],
+    "evaluate": [("a node's latest round on your held-out text",
+                  "chorus-node evaluate --model ./llama --node http://10.0.0.5:8470 "
+                  "--data held-out.jsonl"),
+                 ("an adapter folder with the R it was trained on",
+                  "chorus-node evaluate --model ./llama --adapter global/ --residual "
+                  "global/cumulative.safetensors --data held-out.jsonl --json")],
     "make-example-adapters": [("README's three client adapters for a model, offline",
                                "chorus-node make-example-adapters --model ./tiny-llama --out .")],
     "train": [("pull, train, submit for 3 rounds against the local node",

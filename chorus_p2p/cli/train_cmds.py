@@ -297,6 +297,60 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """One model, one data set: ``W0 + R + adapter`` from a folder or from a node's round, its
+    held-out loss and perplexity on every text of ``--data`` (all of it held out)."""
+    import math
+
+    from chorus_p2p.errors import UsageError
+    from chorus_p2p.tiny import quiet_transformers
+    from chorus_p2p.train.data import Dataset, DatasetOptions, load_texts
+    from chorus_p2p.train.trainer import TrainConfig, eval_global
+
+    if bool(args.adapter) == bool(args.node or args.round is not None):
+        raise UsageError("give --adapter DIR, or --node URL [--round N] (a node's round), "
+                         "not both")
+    quiet_transformers()
+    texts = load_texts(args.data, DatasetOptions(args.text_field, args.dataset_split,
+                                                 args.dataset_config))
+    data = Dataset("data", texts, texts)
+    config = TrainConfig(batch_size=args.batch_size, seq_len=args.max_seq_len,
+                         eval_batches=args.max_batches or 1 << 30, device=args.device)
+    with tempfile.TemporaryDirectory(prefix="chorus-evaluate-") as tmp:
+        number = None
+        if args.adapter:
+            adapter, residual = Path(args.adapter), args.residual
+        else:
+            adapter, residual, number = _pull_round(args, Path(tmp))
+        with human_output(args.json):
+            loss = eval_global(args.model, adapter, residual, [data], config)["data"]
+    result = {"round": number, "adapter": None if number is not None else str(adapter),
+              "data": args.data, "texts": len(texts), "loss": loss,
+              "perplexity": math.exp(min(loss, 50.0))}
+    if args.json:
+        print_json(result)
+    else:
+        what = f"round {number}" if number is not None else str(adapter)
+        print(f"{what} on {args.data} ({len(texts)} texts): held-out loss {loss:.4f}, "
+              f"perplexity {result['perplexity']:.3f}")
+    return 0
+
+
+def _pull_round(args: argparse.Namespace, into: Path) -> tuple[Path, Path | None, int]:
+    """A node's committed round as a PEFT folder and its dense ``R`` (none at round 0)."""
+    from chorus_p2p.cli.node_cmds import _client
+    from chorus_p2p.client import PROVENANCE_FILE
+
+    with _client(args) as node:
+        wanted = "latest" if args.round is None else args.round
+        folder = node.pull(into / "global", round=wanted, force=True)
+        number = json.loads((folder / PROVENANCE_FILE).read_text())["round"]
+        if number == 0:
+            return folder, None, 0
+        folder = node.pull(into / "global", round=number, force=True, cumulative=True)
+    return folder, folder / "cumulative.safetensors", number
+
+
 def _training_options(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--steps", type=positive_int, default=30, help="optimizer steps per round")
     parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
@@ -324,6 +378,32 @@ def register(commands: argparse._SubParsersAction) -> None:
                            "(default 30)")
     tiny.add_argument("--json", action="store_true", help="machine-readable output")
     tiny.set_defaults(handler=_cmd_make_tiny_model)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="held-out loss and perplexity of one model (an adapter folder, or a "
+        "node's round) on a data set")
+    _client_options(evaluate, json_flag=False)
+    evaluate.add_argument("--model", required=True, help="base model: HF id or local folder")
+    evaluate.add_argument("--adapter", metavar="DIR", help="a PEFT adapter folder to evaluate "
+                          "(instead of a node's round)")
+    evaluate.add_argument("--residual", metavar="PATH", help="with --adapter: the R to fold "
+                          "into the base first (pull --cumulative's cumulative.safetensors, or "
+                          "an aggregation's residual.safetensors)")
+    evaluate.add_argument("--round", type=round_or_latest, help="a node's committed round "
+                          "(default with --node: the latest)")
+    evaluate.add_argument("--data", required=True, help="held-out data: every text of it is "
+                          "scored (JSONL, JSON, CSV, .txt folder, or a hub dataset)")
+    add_dataset_options(evaluate)
+    evaluate.add_argument("--batch-size", type=positive_int, default=8,
+                          help="sequences per batch (default 8)")
+    evaluate.add_argument("--max-seq-len", type=positive_int, metavar="TOKENS",
+                          help="tokens per sequence (default: the model's, capped at 1024)")
+    evaluate.add_argument("--max-batches", type=positive_int, metavar="N",
+                          help="score at most N batches (default: all of the data)")
+    evaluate.add_argument("--device", default="cpu",
+                          help="cpu (default), cuda, cuda:1, mps, or auto")
+    evaluate.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluate.set_defaults(handler=_cmd_evaluate)
 
     examples = commands.add_parser(
         "make-example-adapters", help="three client adapters for a model, as README's examples "
