@@ -165,10 +165,23 @@ def test_a_two_seed_matrix_runs_end_to_end_resumes_after_kill9_and_reproduces(tm
         twin = execute(run, tmp_path / "again", tmp_path / "models", log=lambda m: None)
         record = json.loads((out / "runs" / f"{run.run_id}.json").read_text())
         assert twin["final"] == record["final"] and twin["curve"] == record["curve"]
-    # the reports re-render from the JSONs alone
+    # the reports re-render from the JSONs alone, the PNG curves too (plots extra)
     (out / "summary.md").unlink()
+    (out / "curves-1.png").unlink()
     assert _cli("eval", str(config), "--out", str(out), "--report").returncode == 0
     assert (out / "summary.md").exists()
+    assert (out / "curves-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what the curves draw: per strategy and round, the mean and range over the seeds
+    from chorus_p2p.evaluation.plots import curves
+
+    drawn = curves(records, summary[0]["setting"], "accuracy")
+    for strategy in ("fedex", "local"):
+        mine = [r for r in records if r["run"]["strategy"] == strategy]
+        for number, mean, low, high in drawn[strategy]:
+            values = [next(p["accuracy"] for p in r["curve"] if p["round"] == number)
+                      for r in mine]
+            assert len(values) == 2 and low == min(values) and high == max(values)
+            assert mean == pytest.approx(sum(values) / 2)
 
 
 def test_paired_differences_count_wins_per_seed():

@@ -12,6 +12,7 @@ from chorus_p2p.cli.output import print_json
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from chorus_p2p.evaluation.experiment import Experiment
+    from chorus_p2p.evaluation.plots import write_plots
     from chorus_p2p.evaluation.report import write_reports
     from chorus_p2p.evaluation.runner import check, load_records, run_experiment
     from chorus_p2p.tiny import quiet_transformers
@@ -38,11 +39,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         records = run_experiment(experiment, out, log)
     md, summary = write_reports(out, records, f"chorus-node eval: {experiment.name}")
+    pngs = write_plots(out, records)
+    curves = (f"curves: {', '.join(str(p) for p in pngs)}" if pngs else
+              "(no PNG curves: matplotlib is not installed; pip install 'chorus-p2p[plots]')")
     if args.json:
         print(json.dumps(json.loads(summary.read_text()), indent=1))
+        print(curves, file=sys.stderr)
     else:
         print(md.read_text())
         print(f"reports: {md} and {summary}; one JSON per run in {out}/runs")
+        print(curves)
     return 0
 
 
