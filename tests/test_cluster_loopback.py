@@ -4,6 +4,7 @@ failover and catch-up, fast. The same scenarios run with real mDNS in namespaces
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -474,3 +475,45 @@ async def test_member_timeout_lets_a_long_gone_member_stop_counting_and_back_aga
     # decision can come, then check that none came while it still led.
     await wait_for(lambda: leader.cluster.role != "coordinator", timeout=30)
     assert all(status_of(n) != "dormant" for n in others), [status_of(n) for n in others]
+
+
+async def test_every_member_holds_every_members_evaluations(tmp_path, tiny_lm_dir):
+    """Issue 21 #5: with ``--eval-data`` on every node, each measures the committed model and
+    shares its figure, so every node's ledger (and so `rounds --json` and the TUI, from any
+    node) holds all three nodes' evaluations of the round, each as its author recorded it. A
+    member cannot send figures in another's name, nor malformed ones."""
+    from chorus_p2p.node.peers import PeerError
+
+    from nodeutil import Federation, run_round
+
+    held_out = Path(__file__).resolve().parents[1] / "examples" / "data" / "weather.jsonl"
+    fed = Federation(tmp_path, tiny_lm_dir, 3, eval_data=str(held_out), eval_every=1)
+    try:
+        leader = await fed.start_all()
+        await run_round(fed, leader, 1)
+        nodes = list(fed.nodes.values())
+        ids = {n.node_id for n in nodes}
+        await wait_for(lambda: all(set(n.ledger.evaluations().get(1, {})) == ids
+                                   for n in nodes), timeout=120)
+        for author in nodes:
+            own = author.ledger.evaluations()[1][author.node_id]
+            assert 0 < own["loss"] < 20
+            assert all(n.ledger.evaluations()[1][author.node_id] == own for n in nodes)
+        one, other = nodes[0], nodes[1]
+        forged = {"node_id": other.node_id, "evaluations": [
+            {"round": 1, "metrics": {"loss": 0.001}}]}
+        with pytest.raises(PeerError) as refused:
+            await one.cluster.client.call(nodes[2].url, "POST", "/v1/peer/evaluation", forged,
+                                          expect_node=nodes[2].node_id)
+        assert refused.value.code == "forbidden"
+        for bad in ({"round": 1, "metrics": {"loss": float("nan")}},
+                    {"round": 0, "metrics": {"loss": 1.0}},
+                    {"round": 1, "metrics": {f"m{i}": 1.0 for i in range(40)}}):
+            body = {"node_id": one.node_id, "evaluations": [bad]}
+            with pytest.raises(PeerError) as refused:
+                await one.cluster.client.call(nodes[2].url, "POST", "/v1/peer/evaluation",
+                                              body, expect_node=nodes[2].node_id)
+            assert refused.value.code == "bad_request", bad
+        assert nodes[2].ledger.evaluations()[1][other.node_id]["loss"] != 0.001
+    finally:
+        await fed.close()

@@ -165,8 +165,8 @@ async def test_a_node_evaluates_each_committed_model_and_export_picks_the_best(t
     try:
         await wait_for(lambda: len(node.ledger.evaluations()) >= 3, timeout=180)
         evaluations = node.ledger.evaluations()
-        # the newest committed round each time (one that commits meanwhile is skipped)
-        assert sorted(evaluations)[0] == 1
+        # the newest committed round each time: a round that commits while the last one is
+        # measured is skipped (under load the first measured may be round 2, not 1)
         for number, by_node in evaluations.items():
             metrics = by_node[node.node_id]
             assert 0 < metrics["loss"] < 20 and metrics["perplexity"] > 1

@@ -643,6 +643,7 @@ PEER_SCHEMAS: dict[str, dict[str, Any]] = {
                "state": (dict, None, _OPTIONAL)},
     "leave": {"node_id": str},
     "timeout-now": {"term": int},
+    "evaluation": {"node_id": str, "evaluations": list},
 }
 MEMBER_SCHEMA = {"node_id": str, "url": (str, _OPTIONAL), "status": (str, _OPTIONAL),
                  "name": (str, None, _OPTIONAL), "public_key": (str, None, _OPTIONAL)}
@@ -670,7 +671,7 @@ def _check_fields(body: Any, schema: dict[str, Any], what: str) -> dict[str, Any
 
 
 SENDER_FIELD = {"hello": "node_id", "vote": "candidate", "append": "coordinator",
-                "leave": "node_id", "hold": "coordinator"}
+                "leave": "node_id", "hold": "coordinator", "evaluation": "node_id"}
 
 
 async def _peer_body(request: web.Request, kind: str) -> dict[str, Any]:
@@ -701,6 +702,15 @@ async def peer_append(request: web.Request) -> web.Response:
 async def peer_leave(request: web.Request) -> web.Response:
     _node(request).cluster.on_leave(await _peer_body(request, "leave"))
     return web.json_response({"ok": True})
+
+
+async def peer_evaluation(request: web.Request) -> web.Response:
+    """A member's own evaluations of committed models (see evaluations.py)."""
+    from chorus_p2p.node.evaluations import record_shared
+
+    body = await _peer_body(request, "evaluation")
+    return web.json_response({"recorded": record_shared(_node(request), request[CALLER],
+                                                        body["evaluations"])})
 
 
 async def peer_timeout_now(request: web.Request) -> web.Response:
@@ -829,6 +839,7 @@ def build_app(node: "Node") -> web.Application:
         web.post("/v1/peer/vote", peer_vote),
         web.post("/v1/peer/append", peer_append),
         web.post("/v1/peer/leave", peer_leave),
+        web.post("/v1/peer/evaluation", peer_evaluation),
         web.post("/v1/peer/timeout-now", peer_timeout_now),
         web.get("/v1/peer/history", peer_history),
         web.post("/v1/peer/hold", peer_hold),

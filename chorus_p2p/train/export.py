@@ -50,8 +50,9 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def best_round(ledger, metric: str) -> int:
-    """The committed round whose global model this node's evaluations rate best (``up
-    --eval-data``), among those whose files it still holds."""
+    """The committed round whose global model the evaluations rate best (``up --eval-data``:
+    the mean of every member's figure this node holds, its own and those shared with it), among
+    the rounds whose files it still holds."""
     if metric not in LOWER_IS_BETTER:
         raise UsageError(f"--best {metric}: one of {', '.join(LOWER_IS_BETTER)}")
     scored = []

@@ -2,7 +2,9 @@
 own held-out data (``up --eval-data PATH --eval-every N``).
 
 The figure is what a lab needs to stop a run that stopped helping: it is recorded per round in
-the ledger (``GET /v1/rounds/N`` and ``rounds --json`` show it, ``export --best`` picks by it),
+the ledger and shared with every member (``node/evaluations.py``: ``GET /v1/rounds/N``,
+``rounds --json`` and the TUI show every node's, from any node; ``export --best`` picks by
+their mean),
 published as ``round_evaluated`` (the TUI's event log shows it), and with ``--patience K`` the
 node leaves (exit 0) once K evaluations in a row did not beat the best one.
 """
@@ -63,6 +65,9 @@ class NodeEvaluator(StepLoop):
         self.node.ledger.record_evaluation(number, self.node.node_id, metrics)
         self.node.bus.publish("round_evaluated", number,
                               {"node_id": self.node.node_id, **metrics})
+        from chorus_p2p.node.evaluations import share
+
+        await share(self.node)  # every member shows every member's figures
         self._maybe_stop()
 
     def _maybe_stop(self) -> None:
