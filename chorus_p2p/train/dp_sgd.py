@@ -87,12 +87,11 @@ def record_examples(tokenizer, texts: list[str], seq_len: int
     longest text up to ``seq_len``. Texts are truncated (a record never spans two examples, or
     it would be protected only as a group) and texts of fewer than 2 tokens, which predict
     nothing, are dropped."""
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len] for text in texts]
-    encoded = [ids for ids in encoded if len(ids) >= 2]
+    full = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    encoded = [ids[:seq_len] for ids in full if len(ids) >= 2]
     if not encoded:
         raise UsageError("DP-SGD: no training text has two tokens or more")
-    truncated = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) > seq_len
-                    for t in texts)
+    truncated = sum(len(ids) > seq_len for ids in full)
     if truncated:
         log.info("DP-SGD: %d of %d texts cut at %d tokens (one record, one example)",
                  truncated, len(texts), seq_len)
