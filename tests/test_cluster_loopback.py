@@ -10,6 +10,7 @@ import pytest
 
 from chorus_p2p.client import AsyncNodeClient
 from chorus_p2p.node.cluster import Peer
+from chorus_p2p.node.spec import UpdateRejected
 
 from nodeutil import Federation, history, run_round, same_state_bytes, wait_for, write_update
 
@@ -123,7 +124,9 @@ async def test_sdk_submit_to_a_follower_goes_to_the_coordinator(federation):
     async with fed.client(follower, "dora") as c:
         result = await c.submit(write_update(fed.tmp_path / "dora.safetensors", leader.spec, 3),
                                 examples=2)
-    assert result["round"] == 1 and leader.ledger.update(1, "dora") is not None
+    recorded = leader.ledger.update(1, "dora")  # on the coordinator, as sent
+    assert result["round"] == 1 and recorded["examples"] == 2
+    assert recorded["blob_sha"] == result["sha256"]
 
 
 def admin_client(node) -> AsyncNodeClient:
@@ -189,11 +192,11 @@ async def test_a_token_holder_is_not_an_admin_anywhere(federation):
     # Forged at the peer channel itself: no proof, or the holder's own key, is refused.
     if leader is founder:
         for proof in (None, {"ts": 0, "sig": "00" * 64}):
-            with pytest.raises(Exception) as refused:
+            with pytest.raises(UpdateRejected) as refused:
                 await admin_actions.on_peer_admin(leader, holder.node_id,
                                                   {"action": "pause", "args": {},
                                                    "proof": proof})
-            assert getattr(refused.value, "code", None) == "forbidden"
+            assert refused.value.code == "forbidden"
     assert not leader.rounds.paused and leader.ledger.latest_round()["state"] == "open"
     async with admin_client(founder) as admin:  # the founder's admin can, wherever it leads
         assert (await admin.pause())["paused"] is True

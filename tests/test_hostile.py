@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import load_file, save_file
 
 from chorus_p2p.cli.main import main
-from chorus_p2p.client import AsyncNodeClient, RejectedError
+from chorus_p2p.client import AsyncNodeClient, NodeError, RejectedError
 from chorus_p2p.node.auth import identity_headers, request_key, sign_headers
 from chorus_p2p.node.identity import init_data_dir, node_id_for
 
@@ -539,9 +539,9 @@ async def test_a_full_disk_refuses_writes_with_507_and_reads_go_on(tmp_path, tin
             async with client(node) as c:
                 status = await c.status()  # reads work
                 assert status["node_id"] == node.node_id
-                with pytest.raises(Exception) as refused:
+                with pytest.raises(NodeError) as refused:
                     await c.submit(update, examples=1)
-            assert getattr(refused.value, "status", None) == 507
+            assert refused.value.status == 507
             filler.unlink()
             async with client(node) as c:
                 assert (await c.submit(update, examples=1))["durable"]

@@ -34,7 +34,7 @@ def test_train_then_export_from_the_command_line(tmp_path, tiny_lm_dir):
         assert "round 1: trained 2 steps" in done.stdout and "round 2: trained" in done.stdout
         for number in (1, 2):
             update = node.ledger.update(number, "laptop")
-            assert update is not None and update["eval_loss"] is not None
+            assert update is not None and 0 < update["eval_loss"] < 20  # a real, finite loss
             assert update["trained_from"] == number - 1
     # The node is stopped; export works from its data dir alone.
     done = cli("export", "--data-dir", str(tmp_path / "node"), "--out", str(tmp_path / "merged"))

@@ -202,7 +202,8 @@ def test_demo_serve_keeps_the_federation_up_until_interrupted(tmp_path):
         time.sleep(2.0)
         assert proc.poll() is None  # still serving
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=90)
+        # Ctrl-C ends it as the command line promises: the interrupted code (130), or 0
+        assert proc.wait(timeout=90) in (0, 130), lines[-20:]
         drain.join(10)
     finally:
         if proc.poll() is None:
@@ -213,7 +214,9 @@ def test_device_choice(tmp_path, tiny_lm, shards):
     from chorus_p2p.train.trainer import resolve_device
 
     auto = resolve_device("auto")
-    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    mps = getattr(torch.backends, "mps", None)
+    assert auto.type == ("cuda" if torch.cuda.is_available() else
+                         "mps" if mps is not None and mps.is_available() else "cpu")
     assert resolve_device("cpu").type == "cpu"
     spec = FederationSpec.build(str(tiny_lm), 4, 8.0, TARGETS)
     start = initial_state(spec, "t", tmp_path / "r0")

@@ -420,3 +420,28 @@ async def test_slash_filters_the_event_log_by_text_and_lines_fit_80_columns():
         await pilot.press("slash", *["backspace"] * len("training"), "enter")  # empty: all
         await pilot.pause()
         assert "update_accepted" in " ".join(strip.text for strip in log.lines)
+
+
+async def test_f_cycles_the_event_log_through_the_severities():
+    """Audit finding 12: ``f`` was untested. all -> info -> warning -> all, and the log shows
+    exactly the recorded events of that level."""
+    app = recorded_app()
+    levels = [e.get("level", "info") for e in app.state.events]
+    assert "warning" in levels and "info" in levels  # the recording holds both
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("4")
+        log = app.query_one("#event-log")
+
+        def shown() -> str:
+            return "\n".join(strip.text for strip in log.lines)
+        for severity in ("info", "warning", "all"):
+            await pilot.press("f")
+            await pilot.pause()
+            assert app.severity == severity
+            assert f"events: {severity}" in str(app.query_one("#event-filter").render())
+            text = shown()
+            kept = {e["kind"] for e in app.state.events
+                    if severity == "all" or e.get("level", "info") == severity}
+            dropped = {e["kind"] for e in app.state.events} - kept
+            assert all(kind in text for kind in kept), (severity, kept)
+            assert not any(kind in text for kind in dropped), (severity, dropped)
