@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chorus_p2p.train.privacy import (BudgetExhausted, DPConfig, NonFiniteUpdate, PrivacyBudget,
-                                      epsilon_after, privatize)
+from chorus_p2p.train.privacy import (BudgetExhausted, BudgetFile, DPConfig, NonFiniteUpdate,
+                                      PrivacyBudget, epsilon_after, privatize)
 
 from nodeutil import start_node, wait_for
 
@@ -75,16 +75,21 @@ def test_accountant_composes_rounds():
     assert epsilon_after(0, config) == 0.0
 
 
-def test_the_budget_composes_each_round_at_the_settings_it_was_released_under():
+def test_the_budget_composes_each_round_at_the_settings_it_was_released_under(tmp_path):
     """Issue 26 #3: only a round count was kept, so 10 rounds at z = 0.5 (epsilon 48.8) showed
-    as 8.08 after a restart with --dp-noise 2, and another round was allowed."""
-    meta = _Meta()
+    as 8.08 after a restart with --dp-noise 2, and another round was allowed. A real ledger,
+    closed and reopened between the two settings, as a node restart does."""
+    from chorus_p2p.node.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
     loud = DPConfig(epsilon=1000.0, noise_multiplier=0.5)
-    budget = PrivacyBudget(meta, loud)
+    budget = PrivacyBudget(ledger, loud)
     for number in range(1, 11):
         budget.record(number)
     spent = epsilon_after(10, loud)
     assert spent == pytest.approx(48.8, abs=0.1) and budget.spent == pytest.approx(spent)
+    ledger.close()
+    meta = Ledger(tmp_path / "ledger.sqlite")  # the restart
     restarted = PrivacyBudget(meta, DPConfig(epsilon=40.0, noise_multiplier=2.0))
     assert restarted.spent == pytest.approx(spent)  # the past is not re-priced
     with pytest.raises(BudgetExhausted, match="What was spent stays spent"):
@@ -96,23 +101,13 @@ def test_the_budget_composes_each_round_at_the_settings_it_was_released_under():
     assert roomy.check() == pytest.approx(epsilon_of([0.5] * 10 + [2.0], 1e-5))
     assert spent < roomy.record(11) < epsilon_after(11, loud)
     assert [r["noise"] for r in roomy.releases()] == [0.5] * 10 + [2.0]
+    meta.close()
 
 
-class _Meta:
-    def __init__(self):
-        self.values = {}
-
-    def get_meta(self, key, default=None):
-        return self.values.get(key, default)
-
-    def set_meta(self, key, value):
-        self.values[key] = value
-
-
-def test_budget_refuses_past_epsilon():
+def test_budget_refuses_past_epsilon(tmp_path):
     config = DPConfig(epsilon=epsilon_after(2, DPConfig(1.0, noise_multiplier=1.0)) + 1e-6,
                       noise_multiplier=1.0)
-    budget = PrivacyBudget(_Meta(), config)
+    budget = PrivacyBudget(BudgetFile(tmp_path / "budget.json"), config)
     budget.check()
     budget.record()
     budget.check()
@@ -128,10 +123,19 @@ async def test_training_node_stops_submitting_when_the_budget_is_spent(tmp_path,
     node = await start_node(tmp_path / "node", tiny_lm_dir, min_updates=1, train=True,
                             dataset=str(SHARD), steps=2, target_modules=("q_proj", "v_proj"),
                             dp_epsilon=(one_round + two_rounds) / 2, dp_clip=0.5, dp_noise=1.0)
+    events = node.bus.subscribe()  # what the WebSocket stream carries, not private state
+    seen: list[str] = []
+
+    def exhausted() -> bool:
+        while not events.empty():
+            event = events.get_nowait()
+            if event is not None:
+                seen.append(event["kind"])
+        return "dp_budget_exhausted" in seen
     try:
         await wait_for(lambda: (node.ledger.round(1) or {}).get("state") == "committed",
                        timeout=90)
-        await wait_for(lambda: node.participant._budget_reported, timeout=30)
+        await wait_for(exhausted, timeout=30)
         assert node.ledger.get_meta("dp_rounds") == "1"
         assert float(node.ledger.get_meta("dp_epsilon")) == pytest.approx(one_round, rel=1e-4)
         update = node.ledger.updates(1)[0]
