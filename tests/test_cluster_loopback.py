@@ -520,3 +520,49 @@ async def test_every_member_holds_every_members_evaluations(tmp_path, tiny_lm_di
         assert nodes[2].ledger.evaluations()[1][other.node_id]["loss"] != 0.001
     finally:
         await fed.close()
+
+
+async def test_a_follower_whose_state_went_bad_takes_the_coordinators_and_matches_it(federation):
+    """Audit finding 9: a follower's R that no longer matches the log (here, a module of its
+    working file changed on disk, as a bad sector or a stale file after a power cut would)
+    is caught by the next round's fingerprint (state_mismatch), restored from a checkpoint,
+    and ends byte for byte equal to the coordinator's."""
+    import torch
+
+    from chorus_p2p.state.dense_file import DenseFile
+
+    fed = federation(2)
+    leader = await fed.start_all()
+    await run_round(fed, leader, 1)
+    follower = next(n for n in fed.nodes.values() if n is not leader)
+    await wait_for(lambda: follower.state_store.round == 1 and same_state_bytes(leader,
+                                                                                 follower))
+    store = follower.state_store
+    # the module round 2's fingerprint checks (one per round, in rotation)
+    order = [p for p, _, _ in store.layout.modules]
+    prefix = order[2 % len(order)]
+    working = DenseFile(store.working, store.layout, writable=True)
+    try:
+        working.write_module(prefix, working.read_module(prefix) + 0.25)
+    finally:
+        working.close()
+    assert not same_state_bytes(leader, follower)
+    stream = follower.bus.subscribe()
+    kinds: list[str] = []
+
+    def seen() -> list[str]:
+        while not stream.empty():
+            event = stream.get_nowait()
+            if event is not None:
+                kinds.append(event["kind"])
+        return kinds
+    await run_round(fed, leader, 2)
+    # it installs the coordinator's checkpoint (its own state is suspect)
+    await wait_for(lambda: "state_mismatch" in seen() and "checkpoint_installed" in seen(),
+                   timeout=30)
+    await wait_for(lambda: follower.state_store.round == 2 and same_state_bytes(leader,
+                                                                                 follower),
+                   timeout=30)
+    assert torch.equal(DenseFile(store.working, store.layout).read_module(prefix),
+                       DenseFile(leader.state_store.working,
+                                 leader.state_store.layout).read_module(prefix))
