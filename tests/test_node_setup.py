@@ -365,7 +365,11 @@ def _client_commands() -> dict[str, list[str]]:
     for name, command in sub.choices.items():
         if any("--node" in a.option_strings for a in command._actions):
             words = shlex.split(EXAMPLES[name][0][1].split("|")[0].split("&&")[0].split(">")[0])
-            out[name] = [w for w in words[1:] if not w.startswith("--node")]
+            args = words[1:]
+            while "--node" in args:  # the matrix sets it itself
+                at = args.index("--node")
+                del args[at:at + 2]
+            out[name] = [w for w in args if not w.startswith("--node=")]
     return out
 
 
