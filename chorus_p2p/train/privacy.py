@@ -38,7 +38,8 @@ from typing import Any, Callable
 import torch
 
 from chorus_p2p.errors import UsageError
-from chorus_p2p.node.dp_policy import DP_SGD, MECHANISM as GAUSSIAN_LOCAL, MECHANISMS, UNITS
+from chorus_p2p.node.dp_policy import (DECLARATION_KEY, DP_SGD, MECHANISM as GAUSSIAN_LOCAL,
+                                      MECHANISMS, UNITS)
 
 
 class BudgetExhausted(Exception):
@@ -48,8 +49,6 @@ class BudgetExhausted(Exception):
 class BudgetMismatch(BudgetExhausted, UsageError):
     """The budget's past releases protect another unit than the configured mechanism's: a
     usage error at start-up (exit 2), and never a release."""
-
-
 
 
 @dataclass(frozen=True)
@@ -347,8 +346,6 @@ def _write_release(tensors: dict[str, torch.Tensor], out_file: str | os.PathLike
                    declared: dict[str, Any]) -> None:
     """The update that may leave, its DP declared in the header; fsynced, then renamed."""
     from safetensors.torch import save_file
-
-    from chorus_p2p.node.dp_policy import DECLARATION_KEY
 
     out = Path(out_file)
     tmp = out.with_name(out.name + ".partial")
