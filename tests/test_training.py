@@ -420,3 +420,34 @@ def test_the_sequence_length_comes_from_the_model_unless_given(tiny_lm_dir):
     assert sequence_length(None, LlamaConfig(max_position_embeddings=131072)) == 1024
     assert sequence_length(None, GPT2Config(n_positions=512)) == 512
     assert sequence_length(300, LlamaConfig(max_position_embeddings=131072)) == 300
+
+
+def test_models_loaded_in_parallel_threads_leave_transformers_as_it_was(tmp_path, tiny_lm):
+    """A node loads models in two threads at once (its training and its evaluation). Without
+    one load at a time, transformers' from_pretrained put back another load's stand-ins for
+    tie_weights and the init functions, and every later model in the process came out
+    untied (a full CI run showed it: a tied lm_head test failed after an in-process
+    federation of evaluating nodes)."""
+    import threading
+
+    from transformers import PreTrainedModel
+
+    from chorus_p2p.train.trainer import load_base
+
+    before = (PreTrainedModel.tie_weights, PreTrainedModel.init_weights, torch.nn.init.normal_)
+    errors: list[BaseException] = []
+
+    def load_many() -> None:
+        try:
+            for _ in range(4):
+                load_base(tiny_lm)
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+    threads = [threading.Thread(target=load_many) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert (PreTrainedModel.tie_weights, PreTrainedModel.init_weights,
+            torch.nn.init.normal_) == before

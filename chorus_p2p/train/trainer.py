@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+# One model load at a time in a process. transformers' from_pretrained (no_tie_weights,
+# no_init_weights) and accelerate's init_empty_weights replace class attributes for the load
+# and put back what they found: two loads in two threads (a node's training and its
+# evaluation, or three in-process nodes) interleave, and the second puts back the first's
+# stand-in, leaving tie_weights and the init functions disabled for the rest of the process
+# (a later model with tied embeddings came out untied). Loading is short beside training.
+MODEL_LOADING = threading.Lock()
+
+
 def load_base(model_path: str | Path, residual: ResidualInput | None = None,
               device: str = "cpu", task_type: str = "CAUSAL_LM",
               compute_dtype: torch.dtype = torch.float32, quantize: str | None = None):
@@ -122,13 +132,15 @@ def load_base(model_path: str | Path, residual: ResidualInput | None = None,
 
     target = resolve_device(device)
     if quantize is None:
-        model = auto_class(task_type).from_pretrained(model_path, dtype=compute_dtype)
+        with MODEL_LOADING:
+            model = auto_class(task_type).from_pretrained(model_path, dtype=compute_dtype)
     else:
         from chorus_p2p.train.quantize import quantization_config
 
-        model = auto_class(task_type).from_pretrained(
-            model_path, dtype=compute_dtype, device_map={"": str(target)},
-            quantization_config=quantization_config(quantize, compute_dtype))
+        with MODEL_LOADING:
+            model = auto_class(task_type).from_pretrained(
+                model_path, dtype=compute_dtype, device_map={"": str(target)},
+                quantization_config=quantization_config(quantize, compute_dtype))
         if quantize == "4bit" and target.type == "cpu":
             from chorus_p2p.train.quantize import check_cpu_widths
 
@@ -193,8 +205,9 @@ def load_global_model(model_path: str | Path, adapter_dir: str | Path,
         from chorus_p2p.train.quantize import prepare_for_training
 
         model = prepare_for_training(model)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable,
-                                           autocast_adapter_dtype=True)
+    with MODEL_LOADING:  # PEFT builds its layers under accelerate's init_empty_weights
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable,
+                                               autocast_adapter_dtype=True)
     return peft_model, tokenizer
 
 
