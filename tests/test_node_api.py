@@ -564,3 +564,54 @@ async def test_a_subscriber_that_stops_reading_is_dropped_and_the_others_go_on()
     assert not bus.is_subscribed(stalled) and bus.is_subscribed(reading)
     assert stalled.qsize() == QUEUE_LIMIT  # it held the bound, then was let go
     bus.close()
+
+
+async def test_a_round_older_than_the_newest_checkpoint_is_still_served_and_exported(tmp_path,
+                                                                                   tiny_base):
+    """An export of the best round (often older than the newest checkpoint: checkpoints come
+    every 10 rounds, patience stops 5 after the best) failed with "no longer reconstructible"
+    while the round's residuals were still kept. Now R after it is the checkpoint minus the
+    later residuals: R after rounds 1 and 3, read once checkpoint 4 replaced checkpoint 2,
+    matches what the node served right after they committed, and an export of round 1 matches
+    the export made at the time."""
+    from safetensors.torch import load_file as load
+
+    from chorus_p2p.lora.fold import iter_deltas
+    from chorus_p2p.train.export import export_from_data_dir
+
+    node = await start_node(tmp_path / "node", tiny_base, checkpoint_every=2)
+    try:
+        at_commit = {}
+        for number in range(1, 6):
+            for i in range(2):
+                async with client_for(node, f"client{i}") as c:
+                    await c.submit(write_update(tmp_path / f"u{number}-{i}.safetensors",
+                                                node.spec, 10 * number + i), examples=1 + i)
+            await committed(node, number)
+            async with client_for(node) as c:
+                at_commit[number] = await c.download("cumulative", number,
+                                                     tmp_path / f"R{number}-then.safetensors")
+            if number == 1:
+                await asyncio.to_thread(export_from_data_dir, node.data_dir,
+                                        tmp_path / "export-1-then", round_no=1)
+        await wait_for(lambda: (node.state.store.latest_checkpoint() or
+                                type("none", (), {"round": 0})).round == 4)
+        for number in (1, 3):
+            async with client_for(node) as c:
+                later = await c.download("cumulative", number,
+                                         tmp_path / f"R{number}-later.safetensors")
+            then = dict(iter_deltas(at_commit[number]))
+            for prefix, r in iter_deltas(later):
+                err = float((r.double() - then[prefix].double()).norm()
+                            / then[prefix].double().norm())
+                assert err <= 1e-6, (number, prefix, err)
+        await asyncio.to_thread(export_from_data_dir, node.data_dir,
+                                tmp_path / "export-1-later", round_no=1)
+    finally:
+        await node.stop()
+    then = load(str(next((tmp_path / "export-1-then").glob("*.safetensors"))))
+    later = load(str(next((tmp_path / "export-1-later").glob("*.safetensors"))))
+    assert then.keys() == later.keys()
+    worst = max(float((later[k].double() - then[k].double()).norm()
+                      / max(then[k].double().norm(), 1e-12)) for k in then)
+    assert worst <= 1e-6, worst

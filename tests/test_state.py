@@ -95,10 +95,42 @@ def test_a_past_round_is_rebuilt_from_the_checkpoint_and_the_residuals_after_it(
     # R after round 11 from checkpoint 10 + D11: the same bits the working state had.
     rebuilt = dict(store.read(11, fed.plan(10, 11)))
     assert all(torch.equal(rebuilt[p], snapshots[11][p]) for p in SHAPES)
-    with pytest.raises(StateError, match="no longer reconstructible"):
-        list(store.read(7, fed.plan(0, 7)))  # the checkpoint has moved past round 7
+    # R after round 7, which the checkpoint (10) has passed: backward, checkpoint minus D8..D10
+    # in float64, within float32 rounding of the state the node had at round 7.
+    back = dict(store.read(7, fed.plan(7, 10)))
+    assert all(back[p].dtype == torch.float32 for p in SHAPES)
+    assert max(float((back[p] - snapshots[7][p]).norm() / snapshots[7][p].norm())
+               for p in SHAPES) <= 1e-6
+    with pytest.raises(StateError, match=r"needs the residuals of rounds 8\.\.10"):
+        list(store.read(7, fed.plan(0, 7)))  # forward residuals cannot reach back
     with pytest.raises(StateError, match="needs the residuals"):
         list(store.read(11, fed.plan(10, 10)))
+
+
+def test_a_pinned_checkpoint_still_reads_after_a_newer_one_replaced_it(tmp_path):
+    """An export opens the checkpoint its plan starts from; the node may write the next one
+    (deleting this one) before the export reads: the open file still serves it."""
+    fed = Federation(tmp_path, seed=3)
+    store = StateStore(tmp_path / "state", SHAPES, fed.probes, checkpoint_every=3)
+    snapshots = {}
+    for number in range(1, 5):
+        store.apply(number, fed.next(number))
+        if store.checkpoint_due():
+            store.checkpoint()
+        snapshots[number] = {p: t.clone() for p, t in store.read(number)}
+    reader = StateStore(tmp_path / "state", SHAPES, read_only=True)
+    pinned = reader.pin_checkpoint()
+    assert pinned.round == 3
+    for number in range(5, 7):  # the node goes on: checkpoint 6 replaces checkpoint 3
+        store.apply(number, fed.next(number))
+        if store.checkpoint_due():
+            store.checkpoint()
+    assert not pinned.checkpoint.path.exists()
+    rebuilt = dict(reader.read(4, fed.plan(3, 4), pinned))
+    assert all(torch.equal(rebuilt[p], snapshots[4][p]) for p in SHAPES)
+    # unpinned, the same read finds checkpoint 6 and needs the residuals back to round 4
+    with pytest.raises(StateError, match=r"rounds 5\.\.6"):
+        list(StateStore(tmp_path / "state", SHAPES, read_only=True).read(4, fed.plan(3, 4)))
 
 
 def test_an_interrupted_update_is_detected_and_rebuilt_exactly(tmp_path):

@@ -537,7 +537,7 @@ async def cumulative_state(request: web.Request) -> web.StreamResponse:
     try:
         path = await node.cumulative.get(row["round"], row.get("log_hash") or "", build)
     except StateError as exc:
-        code = "pruned" if "no longer" in str(exc) or "needs the residuals" in str(exc) else \
+        code = "pruned" if "needs the residuals" in str(exc) else \
             "state_unavailable"
         raise ApiError(code, f"R after round {row['round']}: {exc}")
     # Served from disk with sendfile: a slow reader holds a file handle, not a copy of R.

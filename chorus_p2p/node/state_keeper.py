@@ -25,7 +25,7 @@ import torch
 
 from chorus_p2p.node.ledger import COMMITTED
 from chorus_p2p.state import sketch as sketches
-from chorus_p2p.state.store import Plan, StateError, StateStore
+from chorus_p2p.state.store import PinnedCheckpoint, Plan, StateError, StateStore
 
 if TYPE_CHECKING:
     from chorus_p2p.node.blobs import BlobStore
@@ -59,18 +59,32 @@ class ResidualMissing(Exception):
 
 
 class StateReader:
-    """``R`` after one round, for training, evaluation and export; iterate it in any thread."""
+    """``R`` after one round, for training, evaluation and export; iterate it in any thread.
+    It holds the checkpoint its plan starts from open, so a newer checkpoint written meanwhile
+    (by this node, or by the node whose data dir an export reads) does not pull it away."""
 
-    def __init__(self, store: StateStore, round_no: int, plan: Plan):
+    def __init__(self, store: StateStore, round_no: int, plan: Plan,
+                 pinned: PinnedCheckpoint | None = None):
         self.store = store
         self.round = round_no
         self.plan = list(plan)
+        self.pinned = pinned
+
+    @classmethod
+    def of(cls, store: StateStore, ledger: "Ledger", blobs: "BlobStore", round_no: int
+           ) -> "StateReader | None":
+        """A reader for ``R`` after ``round_no`` from this store's checkpoint, forward or
+        backward; None when a residual between the two is not held here."""
+        pinned = store.pin_checkpoint()
+        low, high = sorted((pinned.round, round_no))
+        plan = residual_plan(ledger, blobs, low, high)
+        return None if plan is None else cls(store, round_no, plan, pinned)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self.store.read(self.round, self.plan)
+        return self.store.read(self.round, self.plan, self.pinned)
 
     def write(self, out: Path) -> int:
-        return self.store.write_copy(self.round, out, self.plan)
+        return self.store.write_copy(self.round, out, self.plan, self.pinned)
 
 
 class StateKeeper:
@@ -314,9 +328,8 @@ class StateKeeper:
                 await asyncio.wait_for(self._advanced.wait(), timeout=0.5)
             except asyncio.TimeoutError:
                 pass
-        checkpoint = self.store.latest_checkpoint()
-        plan = self._plan_from(checkpoint.round if checkpoint else 0, round_no) or []
-        return StateReader(self.store, round_no, plan)
+        reader = StateReader.of(self.store, self.node.ledger, self.node.blobs, round_no)
+        return reader if reader is not None else StateReader(self.store, round_no, [])
 
     def info(self) -> dict[str, Any]:
         checkpoint = self.store.latest_checkpoint()

@@ -76,6 +76,19 @@ class Checkpoint:
         return {"round": self.round, "sha256": self.sha256, "bytes": self.size}
 
 
+@dataclass(frozen=True)
+class PinnedCheckpoint:
+    """A checkpoint held open: reads from it still work after a newer checkpoint replaced it
+    (a node writes one every ``checkpoint_every`` rounds, deleting the old one, while an
+    export or a pull of ``R`` may be reading)."""
+    checkpoint: Checkpoint | None
+    file: DenseFile | None
+
+    @property
+    def round(self) -> int:
+        return self.checkpoint.round if self.checkpoint is not None else 0
+
+
 @dataclass
 class ApplyReport:
     round: int
@@ -412,13 +425,34 @@ class StateStore:
         return {p: self.probes.of_dense(p, state.read_module(p, buffer)) for p in state.prefixes()
                 if only is None or p in only}
 
-    def read(self, round_no: int, plan: Plan = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    def pin_checkpoint(self, attempts: int = 3) -> PinnedCheckpoint:
+        """The newest checkpoint, opened now (see :class:`PinnedCheckpoint`). A checkpoint
+        replaced between listing and opening is looked up again: another process (the running
+        node, for an export) may write a new one at any time."""
+        for _ in range(attempts):
+            checkpoint = self.latest_checkpoint()
+            if checkpoint is None:
+                return PinnedCheckpoint(None, None)
+            try:
+                return PinnedCheckpoint(checkpoint, DenseFile(checkpoint.path, self.layout))
+            except StateFileError:
+                if checkpoint.path.exists():
+                    raise
+                self._latest = _UNKNOWN  # replaced since it was listed
+        raise StateError("the checkpoint was replaced every time it was opened; retry")
+
+    def read(self, round_no: int, plan: Plan = (), pinned: PinnedCheckpoint | None = None
+             ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(prefix, R)`` one module at a time (float32 copies) for ``R`` after ``round_no``.
 
         From the working file when it holds that round (the read lock keeps it there until the
-        iteration ends); otherwise from the newest checkpoint at or before ``round_no`` plus the
-        residuals in ``plan`` (which must cover the rounds after it). Reading from checkpoint and
-        residuals touches only immutable files, so it is safe while a node updates the state.
+        iteration ends); otherwise from the checkpoint (``pinned``, else the newest) and the
+        residuals in ``plan``: forward from a checkpoint at or before ``round_no`` (the rounds
+        after it), or, for a round the checkpoint has passed, backward from it (the rounds
+        after ``round_no`` up to the checkpoint's, subtracted in float64: an export of the
+        best round, often older than the newest checkpoint, works while its residuals are
+        kept). Checkpoint and residuals are immutable files, so this is safe while a node
+        updates the state.
         """
         with self._lock.read():
             if round_no == self.round and not self.dirty and not self.read_only:
@@ -426,40 +460,46 @@ class StateStore:
                 for prefix in state.prefixes():
                     yield prefix, state.read_module(prefix)
                 return
-        yield from self._replayed(round_no, plan)
+        yield from self._replayed(round_no, plan, pinned or self.pin_checkpoint())
 
-    def _replayed(self, round_no: int, plan: Plan) -> Iterator[tuple[str, torch.Tensor]]:
-        checkpoint = self.latest_checkpoint()
-        if checkpoint is not None and checkpoint.round > round_no:
-            raise StateError(f"R after round {round_no} is no longer reconstructible here: the "
-                             f"oldest state this node keeps is round {checkpoint.round}")
-        start = checkpoint.round if checkpoint is not None else 0
-        steps = [(n, p) for n, p in plan if start < n <= round_no]
-        if [n for n, _ in steps] != list(range(start + 1, round_no + 1)):
+    def _replayed(self, round_no: int, plan: Plan, pinned: PinnedCheckpoint
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+        start = pinned.round
+        low, high = sorted((start, round_no))
+        steps = [(n, p) for n, p in plan if low < n <= high]
+        if [n for n, _ in steps] != list(range(low + 1, high + 1)):
             raise StateError(f"R after round {round_no} needs the residuals of rounds "
-                             f"{start + 1}..{round_no}")
-        base = DenseFile(checkpoint.path, self.layout) if checkpoint is not None else None
+                             f"{low + 1}..{high} (this node's checkpoint is of round {start})")
         residuals = [ResidualFile(p) for _, p in steps if p is not None]
+        backward = start > round_no
         try:
             for prefix, d_out, d_in in self.layout.modules:
-                dense = base.read_module(prefix) if base is not None else \
-                    torch.zeros(d_out, d_in, dtype=torch.float32)
+                if pinned.file is None:
+                    dense = torch.zeros(d_out, d_in, dtype=torch.float32)
+                else:
+                    dense = pinned.file.read_module(prefix)
+                if backward:
+                    dense = dense.double()
                 for residual in residuals:
                     if prefix in residual.modules:
                         left, right = residual.factors(prefix)
-                        dense.addmm_(left, right)
-                yield prefix, dense
+                        if backward:
+                            dense.sub_(left.double() @ right.double())
+                        else:
+                            dense.addmm_(left, right)
+                yield prefix, dense.float() if backward else dense
         finally:
             for residual in residuals:
                 residual.close()
 
-    def write_copy(self, round_no: int, out: Path, plan: Plan = ()) -> int:
+    def write_copy(self, round_no: int, out: Path, plan: Plan = (),
+                   pinned: PinnedCheckpoint | None = None) -> int:
         """Write ``R`` after ``round_no`` to ``out`` as a state file; returns its size."""
         tmp = out.with_name(f".{out.name}.partial")
         create_zero_file(tmp, self.layout)
         target = DenseFile(tmp, self.layout, writable=True)
         try:
-            for prefix, dense in self.read(round_no, plan):
+            for prefix, dense in self.read(round_no, plan, pinned):
                 target.write_module(prefix, dense)
             target.sync()
             os.replace(tmp, out)

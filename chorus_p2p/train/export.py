@@ -84,7 +84,7 @@ def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int
     from chorus_p2p.node.ledger import COMMITTED, Ledger
     from chorus_p2p.node.service import BLOB_DIR, LEDGER_FILE, STATE_DIR
     from chorus_p2p.node.spec import FederationSpec
-    from chorus_p2p.node.state_keeper import StateReader, residual_plan
+    from chorus_p2p.node.state_keeper import StateReader
     from chorus_p2p.state.store import StateError, StateStore
     from chorus_p2p.train.participant import materialize_adapter
 
@@ -108,15 +108,14 @@ def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int
         model = model_path or spec.model
         store = StateStore(data_dir / STATE_DIR, spec.modules, read_only=True,
                            transposed=spec.transposed)
-        checkpoint = store.latest_checkpoint()
-        plan = residual_plan(ledger, blobs, checkpoint.round if checkpoint else 0, round_no)
-        if plan is None:
+        reader = StateReader.of(store, ledger, blobs, round_no)
+        if reader is None:
             raise UsageError(f"a residual between the state's checkpoint and round {round_no} is "
                              f"missing from {data_dir}; R after that round cannot be rebuilt here")
         with tempfile.TemporaryDirectory(prefix="chorus-export-") as tmp:
             adapter_dir = materialize_adapter(row, blobs, Path(tmp))
             try:
-                export_merged(model, adapter_dir, StateReader(store, round_no, plan), out,
+                export_merged(model, adapter_dir, reader, out,
                               force=force, task_type=spec.task_type, dtype=dtype,
                               progress=progress)
             except StateError as exc:
