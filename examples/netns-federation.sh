@@ -58,7 +58,25 @@ for i in 0 1 2; do
     echo $! > "$WORK/node$i.pid"
 done
 echo "three nodes starting; logs in $WORK/node*.log; APIs at http://10.$NET.10{0,1,2}.2:8470"
-sleep 8
-"$PY" -m chorus_p2p.cli.main members --node "http://10.$NET.100.2:8470" --data-dir "$WORK/d0"
+# Wait (60 s at most) until node 0 lists all three and a coordinator; a node that exits is
+# named with its log.
+members() {
+    "$PY" -m chorus_p2p.cli.main members --node "http://10.$NET.100.2:8470" --data-dir "$WORK/d0" "$@"
+}
+ready='import json, sys
+try:
+    roles = [m["role"] for m in json.load(sys.stdin)]
+except ValueError:
+    sys.exit(1)
+sys.exit(not (len(roles) == 3 and "coordinator" in roles))'
+for _ in $(seq 120); do
+    if members --json 2>/dev/null | "$PY" -c "$ready"; then break; fi
+    for i in 0 1 2; do
+        kill -0 "$(cat "$WORK/node$i.pid")" 2>/dev/null \
+            || { echo "node $i exited; its log: $WORK/node$i.log" >&2; exit 1; }
+    done
+    sleep 0.5
+done
+members || echo "node 0 does not answer yet; see $WORK/node0.log" >&2
 echo "Ctrl-C to stop"
 wait

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
+import re
+import shlex
 import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +118,124 @@ def wait_for_sync(predicate, timeout: float = 180.0) -> None:
     import asyncio
 
     asyncio.run(wait_for(predicate, timeout=timeout, interval=0.5))
+
+
+def _lab_config(model: Path, dataset: Path, eval_data: Path) -> str:
+    """The shipped config.toml with only what a laptop CPU and the tiny model need changed:
+    paths, the device, and sizes. Every other line (rank, targets, host, port, min_updates,
+    the round deadline, patience, keep_rounds...) stays as shipped."""
+    text = (LAB / "config.toml").read_text()
+    changes = {"model": f'"{model}"', "dataset": f'"{dataset}"', "eval_data": f'"{eval_data}"',
+               "device": '"cpu"', "steps": "2", "max_seq_len": "64"}
+    for key, value in changes.items():
+        text, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
+        assert count == 1, key
+    return text
+
+
+def _run_readme_line(line: str, cwd: Path, data_dir: Path) -> None:
+    command = shlex.split(line.split("#")[0].replace("/srv/chorus/node", str(data_dir)))
+    assert command[0] == "chorus-node"
+    out = None
+    if ">" in command:  # `... > token.txt`
+        out = open(cwd / command[command.index(">") + 1], "w")
+        command = command[:command.index(">")]
+    try:
+        done = subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", *command[1:]],
+                              cwd=cwd, stdout=out or subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=120, env=_clean_env())
+    finally:
+        if out:
+            out.close()
+    assert done.returncode == 0, (line, done.stderr)
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
+
+
+@pytest.mark.skipif(NAMESPACES is not None, reason=NAMESPACES or "")
+def test_deploy_in_a_lab_as_written_three_machines_to_an_exported_model(tmp_path, tiny_lm_dir):
+    """README's "Deploy in a lab" on three namespaces the test creates: step 2's commands as
+    printed (A creates, B and C join from the token file), the shipped config, the unit's
+    ExecStart on each machine with mDNS on every interface, rounds that all three train and
+    evaluate, then step 8's export of the best round, loaded by transformers."""
+    from test_readme import README, readme_blocks
+
+    (block,) = [code for marker, argument, _, code in readme_blocks(README.read_text())
+                if marker == "readme-tested-by" and "test_deploy_in_a_lab" in argument]
+    create, token_line, join = block.strip().splitlines()
+    machines = [tmp_path / name for name in ("A", "B", "C")]
+    for machine in machines:
+        machine.mkdir()
+    node_dirs = [machine / "node" for machine in machines]
+    _run_readme_line(create, machines[0], node_dirs[0])
+    _run_readme_line(token_line, machines[0], node_dirs[0])
+    for machine, node_dir in zip(machines[1:], node_dirs[1:]):
+        shutil.copy(machines[0] / "token.txt", machine / "token.txt")  # "copy it to B and C"
+        _run_readme_line(join, machine, node_dir)
+    shards = sorted((LAB.parent / "data").glob("[kww]*.jsonl"))
+    for i, node_dir in enumerate(node_dirs):
+        (node_dir / "config.toml").write_text(
+            _lab_config(tiny_lm_dir, shards[i], shards[(i + 1) % 3]))
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(LAB / "chorus-node.service")
+    exec_start = shlex.split(unit["Service"]["ExecStart"])
+    assert exec_start[0].endswith("/bin/chorus-node")
+    unit_env = dict(item.split("=", 1) for item in unit["Service"]["Environment"].split())
+    with NetLab(3) as lab:
+        procs = []
+        for i, (machine, node_dir) in enumerate(zip(machines, node_dirs)):
+            args = [str(node_dir) if a == "/srv/chorus/node" else a for a in exec_start[1:]]
+            log = open(machine / "journal.log", "w")
+            procs.append((subprocess.Popen(
+                ["ip", "netns", "exec", lab.ns(i), sys.executable, "-m", "chorus_p2p.cli.main",
+                 *args], cwd=machine, env={**_clean_env(), **unit_env}, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True), log))
+
+        def journal(i: int) -> str:
+            return (machines[i] / "journal.log").read_text()
+
+        def rounds_trained_by_all_three() -> int:
+            try:
+                ledger = Ledger(node_dirs[0] / "ledger.sqlite")
+            except sqlite3.Error:  # machine A still creating it
+                return 0
+            try:
+                return sum(1 for r in ledger.list_rounds(limit=50)
+                           if r["state"] == "committed" and len(ledger.updates(r["round"])) == 3)
+            finally:
+                ledger.close()
+
+        try:
+            deadline = time.monotonic() + 300
+            while not (rounds_trained_by_all_three() >= 2
+                       and journal(0).count('"round_evaluated"') >= 2):
+                assert all(p.poll() is None for p, _ in procs), [journal(i)[-2000:]
+                                                                  for i in range(3)]
+                assert time.monotonic() < deadline, (
+                    "no two rounds trained by all three machines in 300 s",
+                    [journal(i)[-2000:] for i in range(3)])
+                time.sleep(1.0)
+            # every node found the others over mDNS: nothing in the config names a peer
+            assert all("mDNS: advertising" in journal(i) for i in range(3))
+            out = machines[0] / "ourlab-model"
+            done = subprocess.run(
+                [sys.executable, "-m", "chorus_p2p.cli.main", "export", "--best", "loss",
+                 "--out", str(out), "--data-dir", str(node_dirs[0]), "--json"],
+                cwd=machines[0], capture_output=True, text=True, timeout=300, env=_clean_env())
+            assert done.returncode == 0, done.stderr
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(out)
+            assert model.config.num_hidden_layers >= 1
+            assert json.loads(done.stdout)["round"] >= 1
+        finally:
+            for proc, log in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)  # what systemctl stop sends
+            codes = [proc.wait(timeout=120) for proc, _ in procs]
+            for _, log in procs:
+                log.close()
+        assert codes == [0, 0, 0], [journal(i)[-2000:] for i in range(3)]

@@ -69,7 +69,8 @@ def _cmd_make_example_adapters(args: argparse.Namespace) -> int:
         folder = out / name
         if folder.exists() and not args.force:
             raise UsageError(f"{folder} exists; pass --force to replace it")
-        make_client_adapter(args.model, folder, seed=seed, rank=rank, alpha=2.0 * rank,
+        make_client_adapter(args.model, folder, seed=seed + 100 * args.seed, rank=rank,
+                            alpha=2.0 * rank,
                             target_modules=targets)
         made.append({"folder": str(folder), "rank": rank})
     if args.json:
@@ -413,6 +414,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                           "(default: here)")
     examples.add_argument("--target-modules", default="q_proj,v_proj",
                           help="modules the adapters target (default q_proj,v_proj)")
+    examples.add_argument("--seed", type=int, default=0,
+                          help="another set of adapters, as if the clients trained again "
+                          "(a federation counts the same bytes once)")
     examples.add_argument("--force", action="store_true", help="replace existing folders")
     examples.add_argument("--json", action="store_true", help="machine-readable output")
     examples.set_defaults(handler=_cmd_make_example_adapters)
