@@ -61,3 +61,18 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     shards = [root / f"{n}.jsonl" for n in ("kitchen", "weather", "workshop")]
     return build_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-llama", shards, pretrain_steps=5,
                          log=lambda m: None)
+
+
+@pytest.fixture
+def processes(tmp_path, tiny_base):
+    """Make ``nodeutil.Processes`` federations of real node processes; all killed at the end."""
+    from nodeutil import Processes
+
+    made = []
+
+    def make(n, extra=None):
+        made.append(Processes(tmp_path, tiny_base, n, extra))
+        return made[-1]
+    yield make
+    for federation in made:
+        federation.close()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from chorus_p2p.client import AsyncNodeClient
+from chorus_p2p.client import AsyncNodeClient, NodeClient, NodeError, NodeUnreachable
 from chorus_p2p.netlab import free_loopback_ports
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.node.identity import copy_admin_key, init_data_dir
 from chorus_p2p.node.service import Node
 from chorus_p2p.node.settings import NodeSettings
 from chorus_p2p.node.spec import FederationSpec
@@ -182,8 +183,10 @@ class Federation:
     async def stop(self, i: int) -> None:
         await self.nodes.pop(i).stop()
 
-    async def crash(self, i: int) -> None:
-        """As close to kill -9 as in-process gets: drop every task and socket, say nothing."""
+    async def vanish(self, i: int) -> None:
+        """The node stops answering and says nothing (a partition, a laptop lid closed): every
+        task and socket dropped without a goodbye. Not a crash: nothing of what a kill -9
+        loses is lost here, so claims about kill -9 use ``Processes``."""
         node = self.nodes.pop(i)
         node.cluster._stopping = True
         for task in list(node.cluster._tasks) + list(node.rounds._tasks):
@@ -217,6 +220,31 @@ class Federation:
             await self.stop(i)
 
 
+async def chances_to_lead(*nodes: Node, n: int = 3, timeout: float = 30.0) -> None:
+    """Wait until each node's election timer fired ``n`` more times: before asserting that
+    nobody took the lead, wait for chances to take it, not for seconds (under load a fixed
+    sleep can pass with no chance at all)."""
+    start = {id(node): node.cluster.election_timeouts for node in nodes}
+    await wait_for(lambda: all(node.cluster.election_timeouts >= start[id(node)] + n
+                               for node in nodes), timeout=timeout)
+
+
+async def heartbeats(node: Node, n: int = 3, timeout: float = 30.0) -> None:
+    """Wait until a coordinator sent ``n`` more heartbeat rounds (its periodic work ran)."""
+    start = node.cluster.heartbeats_sent
+    await wait_for(lambda: node.cluster.heartbeats_sent >= start + n, timeout=timeout)
+
+
+async def periodic_work(node: Node, n: int = 3, timeout: float = 30.0) -> None:
+    """Wait until a node alone (coordinator of itself, or waiting for its federation) ran its
+    timers ``n`` more times: heartbeats as coordinator, election timers otherwise. Before
+    asserting that something did not happen, wait for chances for it to happen."""
+    def work() -> int:
+        return node.cluster.heartbeats_sent + node.cluster.election_timeouts
+    start = work()
+    await wait_for(lambda: work() >= start + n, timeout=timeout)
+
+
 def history(node: Node):
     return [(r["round"], r["state"], r["adapter_sha"], r["log_hash"])
             for r in node.ledger.list_rounds(limit=1000) if r["state"] == "committed"]
@@ -235,3 +263,85 @@ async def run_round(fed: Federation, leader: Node, number: int, clients=("a", "b
                                         seed + number * 10 + k), examples=k + 1)
     await wait_for(lambda: all((n.ledger.round(number) or {}).get("state") == "committed"
                                for n in fed.nodes.values()), timeout=15)
+
+
+# -- node processes: where the claim is about a crash, a real kill -9 -----------------------------
+FAST = ["--election-timeout", "0.5", "--min-updates", "1", "--round-deadline", "600"]
+
+
+class Processes:
+    """``chorus-node up`` processes on loopback, static peers to each other. For claims about
+    a crash (``kill9`` is SIGKILL: nothing flushed, no goodbye); ``Federation`` runs nodes in
+    this process, faster, for claims about what the other nodes do."""
+
+    def __init__(self, tmp_path: Path, model: Path, n: int, extra: list[str] | None = None):
+        self.ports = free_loopback_ports(n)
+        first = init_data_dir(tmp_path / "p0", "procs")
+        for i in range(1, n):
+            init_data_dir(tmp_path / f"p{i}", join_token=first.join_token())
+            # the operator closes rounds from whichever node leads: it holds the admin key
+            copy_admin_key(tmp_path / "p0", tmp_path / f"p{i}")
+        self.secret = first.secret
+        self.dirs = [tmp_path / f"p{i}" for i in range(n)]
+        self.model, self.extra = model, extra or []
+        self.procs: dict[int, NodeProcess] = {}
+
+    def start(self, i: int) -> NodeProcess:
+        peers = [a for j, p in enumerate(self.ports) if j != i for a in ("--peer", f"127.0.0.1:{p}")]
+        proc = NodeProcess(self.dirs[i], self.model, extra=[*FAST, *peers, *self.extra],
+                           port=self.ports[i])
+        proc.start()
+        self.procs[i] = proc
+        return proc
+
+    def url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    def client(self, i: int, cid: str = "probe") -> NodeClient:
+        return NodeClient(self.url(i), secret=self.secret, client_id=cid, timeout=20)
+
+    def status(self, i: int) -> dict | None:
+        try:
+            with self.client(i) as c:
+                return c.status()
+        except (NodeError, NodeUnreachable, OSError):  # down, restarting or cut off: no
+            return None  # answer; an error in this test's own code still shows
+
+    def coordinator(self, among: list[int] | None = None, timeout: float = 30) -> int:
+        among = list(self.procs) if among is None else among
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = {i: self.status(i) for i in among}
+            leaders = [i for i, s in states.items() if s and s["role"] == "coordinator"
+                       and s["quorum"]]
+            if len(leaders) == 1:
+                return leaders[0]
+            time.sleep(0.1)
+        raise AssertionError("no single coordinator")
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.kill9()
+
+
+def committed_updates(data_dir: Path) -> list[tuple[int, str, str]]:
+    """(round, client, blob) of every update in a committed round, read from a node's ledger
+    file (read-only: the node may be running)."""
+    con = sqlite3.connect(f"file:{data_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    try:
+        return con.execute("select u.round, u.node_id, u.blob_sha from updates u join rounds r "
+                           "using (round) where r.state = 'committed'").fetchall()
+    finally:
+        con.close()
+
+
+def wait_for_sync(predicate, timeout: float, what: str = "the condition") -> Any:
+    """``wait_for`` for synchronous tests: poll until truthy, or fail saying what."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not reached in {timeout:.0f} s")

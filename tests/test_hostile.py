@@ -26,7 +26,8 @@ from chorus_p2p.client import AsyncNodeClient, NodeError, RejectedError
 from chorus_p2p.node.auth import identity_headers, request_key, sign_headers
 from chorus_p2p.node.identity import init_data_dir, node_id_for
 
-from nodeutil import NodeProcess, blob_files, start_node, wait_for, write_update
+from nodeutil import (NodeProcess, blob_files, chances_to_lead, periodic_work, start_node,
+                      wait_for, write_update)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -71,7 +72,7 @@ async def test_an_update_far_beyond_the_federation_scale_is_left_out_and_the_rou
             big = scaled(write_update(tmp_path / "b2.safetensors", node.spec, 4), 1e4)
             await b.submit(big, examples=1)  # plausible alone, 10^4 x the usual: left out
         # Issue 20 #15: the update the filters will leave out does not close the round.
-        await asyncio.sleep(0.5)
+        await periodic_work(node)
         assert node.ledger.round(2)["state"] == "collecting"
         async with client(node, "c") as c:
             await c.submit(write_update(tmp_path / "c2.safetensors", node.spec, 5), examples=1)
@@ -290,7 +291,7 @@ async def test_a_hello_listing_thousands_of_members_costs_a_bounded_effort(tmp_p
             async with session.post(node.url + "/v1/peer/hello", data=body,
                                     headers=_forged(node, "/v1/peer/hello", body, key)) as r:
                 assert r.status == 200
-        await asyncio.sleep(0.5)
+        await periodic_work(node)
         assert len(node.cluster._pending_urls) <= 1  # only the hello back to the sender
         # The same list from a peer this node did reach: 64 addresses, a few tries each.
         node.cluster.accept_hello({**hello, "url": "http://127.0.0.4:9"}, "http://127.0.0.4:9",
@@ -447,7 +448,7 @@ async def test_a_damaged_ledger_is_refused_at_start_and_doctor_rebuilds_it(tmp_p
     # It starts, keeps its blobs, and waits for its federation rather than founding anew.
     node = await start_node(data, tiny_base, peers=("127.0.0.1:9",))
     try:
-        await asyncio.sleep(1.0)
+        await chances_to_lead(node)
         assert not node.cluster.joined and node.ledger.latest_committed()["round"] == 0
         assert blob_files(data) >= blobs
     finally:

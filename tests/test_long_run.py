@@ -23,8 +23,9 @@ from chorus_p2p.node.retention import FAULT_GC_DELAY_ENV, data_dir_bytes
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.state.store import FAULT_APPLY_DELAY_ENV, FAULT_CHECKPOINT_DELAY_ENV
 
-from nodeutil import (ALPHA, RANK, TARGETS, Federation, NodeProcess, blob_files, run_round,
-                      same_state_bytes, start_node, wait_for, write_update)
+from nodeutil import (ALPHA, RANK, TARGETS, Federation, NodeProcess, blob_files,
+                      periodic_work, run_round, same_state_bytes, start_node, wait_for,
+                      write_update)
 
 pytestmark = pytest.mark.timeout(300)
 FIXTURE = Path(__file__).parent / "fixtures" / "datadir-v0.1.tar.gz"
@@ -355,7 +356,7 @@ async def test_a_state_that_cannot_match_the_log_stops_and_is_never_read(tmp_pat
         async with AsyncNodeClient(node.url, secret=node.identity.secret, client_id="x") as c:
             assert (await c.state())["diverged"]
         stuck_at = node.state_store.round
-        await asyncio.sleep(1.0)
+        await periodic_work(node, 5)  # the node's periodic work ran: time to loop, if it would
         assert node.state_store.round == stuck_at  # it stopped: no restore loop
     finally:
         await node.stop()

@@ -10,98 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
-from pathlib import Path
 
 import pytest
 
-from chorus_p2p.client import (AsyncNodeClient, ConflictError, NodeClient, NodeError,
-                               NodeUnreachable)
+from chorus_p2p.client import AsyncNodeClient, ConflictError, NodeClient
 from chorus_p2p.netlab import free_loopback_ports
-from chorus_p2p.node.identity import copy_admin_key, init_data_dir
+from chorus_p2p.node import auth
+from chorus_p2p.node.identity import init_data_dir
 
-from nodeutil import (ALPHA, RANK, TARGETS, Federation, NodeProcess, history, run_round,
-                      start_node, wait_for, write_update)
+from nodeutil import (Federation, NodeProcess, chances_to_lead, committed_updates, history,
+                      run_round, start_node, wait_for, wait_for_sync, write_update)
 
 pytestmark = pytest.mark.timeout(300)
-FAST = ["--election-timeout", "0.5", "--min-updates", "1", "--round-deadline", "600"]
-
-
-class Processes:
-    """``chorus-node up`` processes on loopback, static peers to each other."""
-
-    def __init__(self, tmp_path: Path, model: Path, n: int, extra: list[str] | None = None):
-        self.ports = free_loopback_ports(n)
-        first = init_data_dir(tmp_path / "p0", "procs")
-        for i in range(1, n):
-            init_data_dir(tmp_path / f"p{i}", join_token=first.join_token())
-            # the operator closes rounds from whichever node leads: it holds the admin key
-            copy_admin_key(tmp_path / "p0", tmp_path / f"p{i}")
-        self.secret = first.secret
-        self.dirs = [tmp_path / f"p{i}" for i in range(n)]
-        self.model, self.extra = model, extra or []
-        self.procs: dict[int, NodeProcess] = {}
-
-    def start(self, i: int) -> NodeProcess:
-        peers = [a for j, p in enumerate(self.ports) if j != i for a in ("--peer", f"127.0.0.1:{p}")]
-        proc = NodeProcess(self.dirs[i], self.model, extra=[*FAST, *peers, *self.extra],
-                           port=self.ports[i])
-        proc.start()
-        self.procs[i] = proc
-        return proc
-
-    def url(self, i: int) -> str:
-        return f"http://127.0.0.1:{self.ports[i]}"
-
-    def client(self, i: int, cid: str = "probe") -> NodeClient:
-        return NodeClient(self.url(i), secret=self.secret, client_id=cid, timeout=20)
-
-    def status(self, i: int) -> dict | None:
-        try:
-            with self.client(i) as c:
-                return c.status()
-        except (NodeError, NodeUnreachable, OSError):  # down, restarting or cut off: no
-            return None  # answer; an error in this test's own code still shows
-
-    def coordinator(self, among: list[int] | None = None, timeout: float = 30) -> int:
-        among = list(self.procs) if among is None else among
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            states = {i: self.status(i) for i in among}
-            leaders = [i for i, s in states.items() if s and s["role"] == "coordinator"
-                       and s["quorum"]]
-            if len(leaders) == 1:
-                return leaders[0]
-            time.sleep(0.1)
-        raise AssertionError("no single coordinator")
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.proc is not None and proc.proc.poll() is None:
-                proc.kill9()
-
-
-@pytest.fixture
-def processes(tmp_path, tiny_base):
-    made = []
-
-    def make(n, extra=None):
-        made.append(Processes(tmp_path, tiny_base, n, extra))
-        return made[-1]
-    yield make
-    for p in made:
-        p.close()
-
-
-def committed_updates(data_dir: Path) -> list[tuple[int, str, str]]:
-    con = sqlite3.connect(f"file:{data_dir / 'ledger.sqlite'}?mode=ro", uri=True)
-    try:
-        return con.execute("select u.round, u.node_id, u.blob_sha from updates u join rounds r "
-                           "using (round) where r.state = 'committed'").fetchall()
-    finally:
-        con.close()
-
-
 # -- 1. an acknowledged update survives its coordinator's kill -9 right after the answer --------
 def test_kill9_right_after_201_loses_no_acknowledged_update(processes, tmp_path, spec):
     cluster = processes(3, extra=["--min-updates", "9"])  # the round stays open: we close it
@@ -131,15 +51,6 @@ def test_kill9_right_after_201_loses_no_acknowledged_update(processes, tmp_path,
         assert counted.count(ack) == 1, ack
 
 
-def wait_for_sync(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("not reached in time")
-
-
 # -- 3. split start: a joiner never makes a history of its own; diverged ones are reported -----
 async def test_two_histories_are_reported_never_replaced_and_resolved_by_an_admin(tmp_path,
                                                                                   tiny_base):
@@ -166,7 +77,12 @@ async def test_two_histories_are_reported_never_replaced_and_resolved_by_an_admi
         assert node.rounds.diverged["ours"]["round"] == 2
         assert {node.rounds.diverged["ours"]["log_hash"],
                 node.rounds.diverged["theirs"]["log_hash"]} == {ours[0][3], theirs[0][3]}
-        await asyncio.sleep(1.0)
+        # both kept running their protocol (heartbeats or election timers) and changed nothing
+        def work(n):
+            return n.cluster.heartbeats_sent + n.cluster.election_timeouts
+        start = {id(n): work(n) for n in (first, second)}
+        await wait_for(lambda: all(work(n) >= start[id(n)] + 3 for n in (first, second)),
+                       timeout=30)
         assert sorted([history(first), history(second)]) == sorted([ours, theirs])
         kept = history(node)
         other = second if node is first else first
@@ -187,7 +103,7 @@ async def test_a_joiner_that_reaches_no_member_waits_and_makes_no_history(tmp_pa
     fed = Federation(tmp_path, tiny_base, 2)
     try:
         joiner = await fed.start(1)  # its founder is not running
-        await asyncio.sleep(3 * 0.4 + 2.5)  # well past the bootstrap wait and an election
+        await chances_to_lead(joiner)  # past its bootstrap wait, with chances to elect itself
         assert joiner.cluster.role == "follower" and not joiner.cluster.joined
         assert joiner.ledger.latest_committed()["round"] == 0
         await fed.start(0)
@@ -209,8 +125,9 @@ async def test_two_nodes_remove_the_dead_one_and_go_on(tmp_path, tiny_base):
         await run_round(fed, leader, 1, clients=("a",))
         dead = next(i for i, n in fed.nodes.items() if n is leader)
         survivor = fed.nodes[1 - dead]
-        await fed.crash(dead)
-        await asyncio.sleep(2.0)
+        await fed.vanish(dead)
+        await wait_for(lambda: survivor.cluster.role != "coordinator", timeout=15)
+        await chances_to_lead(survivor)
         assert survivor.cluster.role != "coordinator" and not survivor.cluster.has_quorum()
         async with AsyncNodeClient(survivor.url, secret=survivor.identity.secret,
                                    client_id="admin",
@@ -236,7 +153,7 @@ async def test_the_coordinator_removes_a_dead_follower_with_a_majority(tmp_path,
         leader = await fed.one_coordinator()
         dead = next(i for i, n in fed.nodes.items() if n is not leader)
         dead_id = fed.nodes[dead].node_id
-        await fed.crash(dead)
+        await fed.vanish(dead)
         async with AsyncNodeClient(leader.url, secret=leader.identity.secret, client_id="admin",
                                    admin_token=leader.identity.admin_token) as c:
             result = await c.remove_member(dead_id)
@@ -304,7 +221,8 @@ async def test_a_member_that_moves_is_found_at_its_new_address(tmp_path, tiny_ba
 
 
 async def test_a_joiner_with_a_skewed_clock_is_told_to_check_ntp_and_waits(tmp_path,
-                                                                           tiny_base):
+                                                                           tiny_base,
+                                                                           monkeypatch):
     founder = await start_node(tmp_path / "f", tiny_base)
     stream = founder.bus.subscribe()  # the founder's event stream, as a dashboard sees it
     refused: list[dict] = []
@@ -326,7 +244,18 @@ async def test_a_joiner_with_a_skewed_clock_is_told_to_check_ntp_and_waits(tmp_p
             assert said["code"] == "stale_request" and "check NTP" in said["reason"]
             await wait_for(lambda: any("check NTP" in d.get("message", "")
                                        for d in founder_refused()), timeout=10)
-            await asyncio.sleep(2.0)  # past its bootstrap wait: a 0.1 joiner elected itself here
+            async def joiner_chances() -> int:  # asked with a clock as skewed as the joiner's
+                monkeypatch.setattr(auth, "_CLOCK_OFFSET", 600.0)
+                try:
+                    async with AsyncNodeClient.from_data_dir(tmp_path / "j", joiner.url) as c:
+                        return (await c.status())["election_timeouts"]
+                finally:
+                    monkeypatch.setattr(auth, "_CLOCK_OFFSET", 0.0)
+            first = await joiner_chances()
+            # past its bootstrap wait, with chances to elect itself: a 0.1 joiner did
+            async def three_more() -> bool:
+                return await joiner_chances() >= first + 3
+            await wait_for(three_more, timeout=30, interval=0.2)
             assert not joiner.events("coordinator_elected")
             con = sqlite3.connect(f"file:{tmp_path / 'j' / 'ledger.sqlite'}?mode=ro", uri=True)
             try:

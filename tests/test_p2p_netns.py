@@ -43,6 +43,15 @@ def statuses(procs, secret) -> dict[int, dict]:
     return out
 
 
+def chances_to_lead(procs, secret, n: int = 3, timeout: float = 60) -> None:
+    """Wait until each node's election timer fired ``n`` more times (``status``'s
+    ``election_timeouts``): a check that nobody took the lead waits for chances, not seconds."""
+    start = {i: s["election_timeouts"] for i, s in statuses(procs, secret).items()}
+    wait_until(lambda: all(s["election_timeouts"] >= start[i] + n
+                           for i, s in statuses(procs, secret).items()), timeout,
+               f"{n} election timeouts on nodes {sorted(start)}", interval=0.2)
+
+
 def one_coordinator(procs, secret, members: int):
     """Exactly one coordinator that everyone follows, with every member admitted."""
     def check():
@@ -201,7 +210,10 @@ def test_an_isolated_coordinator_acknowledges_nothing_and_heals_without_disrupti
         rest = [p for p in procs if p is not leader]
         new_leader = one_coordinator_among(rest, secret)
         new_term = statuses([new_leader], secret)[new_leader.index]["term"]
-        time.sleep(3.0)  # long enough for 0.1 to have pushed its term far up
+        # cut off, it stepped down and its timer fired: where 0.1 pushed its term far up
+        wait_until(lambda: statuses([leader], secret)[leader.index]["role"] != "coordinator",
+                   30, "the isolated coordinator to step down")
+        chances_to_lead([leader], secret)
         assert statuses([leader], secret)[leader.index]["term"] == term
         lab.link(leader.index, up=True)
         wait_until(lambda: statuses([leader], secret)[leader.index]["coordinator"] ==
@@ -210,9 +222,11 @@ def test_an_isolated_coordinator_acknowledges_nothing_and_heals_without_disrupti
         # An isolated follower comes back: the coordinator and its term stay.
         follower = next(p for p in procs if p is not new_leader)
         lab.link(follower.index, up=False)
-        time.sleep(3.0)
+        chances_to_lead([follower], secret)  # alone, its timer fired: no Pre-Vote majority
         lab.link(follower.index, up=True)
-        time.sleep(2.0)
+        leader_id = statuses([new_leader], secret)[new_leader.index]["node_id"]
+        wait_until(lambda: statuses([follower], secret)[follower.index]["coordinator"] ==
+                   leader_id, 30, "the follower to hear the coordinator again")
         st = statuses(procs, secret)
         assert st[new_leader.index]["role"] == "coordinator" and st[new_leader.index]["term"] == \
             new_term
@@ -241,7 +255,7 @@ def test_split_start_the_joiner_waits_then_finds_its_founder_within_seconds(
         wait_until(lambda: statuses([founder], secret)[0]["role"] == "coordinator", 30,
                    "the founder to lead alone")
         run_round(founder, [founder], secret, spec, tmp_path, 1)
-        time.sleep(2.0)
+        chances_to_lead([joiner], secret)  # past its bootstrap wait, with chances to lead
         st = statuses([joiner], secret)[1]
         assert st["role"] == "follower" and st["latest_committed"]["round"] == 0
         assert not joiner.saw("coordinator_elected")

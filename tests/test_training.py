@@ -199,8 +199,17 @@ def test_demo_serve_keeps_the_federation_up_until_interrupted(tmp_path):
 
         drain = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
         drain.start()
-        time.sleep(2.0)
-        assert proc.poll() is None  # still serving
+        # still serving: the node the printed command names answers `status`
+        command = next(line for line in lines if "chorus-node tui --node" in line).split()
+        node = command[command.index("--node") + 1]
+        data_dir = command[command.index("--data-dir") + 1]
+        for _ in range(2):
+            status = subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", "status",
+                                     "--node", node, "--data-dir", data_dir, "--json"],
+                                    capture_output=True, text=True, timeout=60)
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout)["role"] in ("coordinator", "follower")
+        assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         # Ctrl-C ends it as the command line promises: the interrupted code (130), or 0
         assert proc.wait(timeout=90) in (0, 130), lines[-20:]

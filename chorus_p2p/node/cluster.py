@@ -108,6 +108,8 @@ class Cluster:
         self.last_heartbeat = 0.0
         self.last_quorum_at = time.monotonic()
         self._election_deadline = 0.0
+        self.election_timeouts = 0  # election timers that fired (a chance to lead)
+        self.heartbeats_sent = 0  # heartbeat rounds sent as coordinator
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self._wake = asyncio.Event()
@@ -610,6 +612,7 @@ class Cluster:
             if self.role == COORDINATOR:
                 if woke or now >= next_beat:
                     next_beat = now + self.timing.heartbeat_s
+                    self.heartbeats_sent += 1
                     self._spawn(self._heartbeat_all(self.term))
                 if not self.quorum_fresh():
                     # CheckQuorum: no majority within an election timeout; writes already stop
@@ -630,8 +633,12 @@ class Cluster:
                     log.warning("waiting to reach a member of federation %r (%s); this node "
                                 "joined with a token and never creates a history of its own",
                                 self.node.identity.federation, ", ".join(ways) or "no way set")
-            elif now >= self._election_deadline and now >= self._bootstrap_until:
-                self._spawn(self._run_election())
+            if now >= self._election_deadline and now >= self._bootstrap_until:
+                # A chance to lead, taken when joined. Counted: `status` shows it, and a check
+                # that "nobody took the lead" waits for chances, not for seconds.
+                self.election_timeouts += 1
+                if self.joined:
+                    self._spawn(self._run_election())
                 self._reset_election_timer()
 
     def quorum_fresh(self) -> bool:
@@ -1154,4 +1161,5 @@ class Cluster:
         return {"role": self.role, "term": self.term, "coordinator": self.coordinator,
                 "coordinator_url": self.coordinator_url, "quorum": self.has_quorum(),
                 "quorum_size": self.quorum(), "voting_members": len(self.voting_members()),
-                "split": self.split}
+                "split": self.split, "election_timeouts": self.election_timeouts,
+                "heartbeats_sent": self.heartbeats_sent}
