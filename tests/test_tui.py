@@ -445,3 +445,55 @@ async def test_f_cycles_the_event_log_through_the_severities():
             dropped = {e["kind"] for e in app.state.events} - kept
             assert all(kind in text for kind in kept), (severity, kept)
             assert not any(kind in text for kind in dropped), (severity, dropped)
+
+
+async def test_c_copies_the_join_token_and_a_reconnect_replays_what_it_missed(tmp_path,
+                                                                           tiny_base):
+    """Audit finding 5: ``c`` and the replay on reconnect were untested. ``c`` puts the node's
+    own join token on the clipboard. While the TUI cannot reach the node, the node runs a
+    whole round elsewhere (another port); when the node is back at the TUI's address, the
+    reconnect asks for the events after the last one it saw and shows that round's commit,
+    once."""
+    data = tmp_path / "node"
+    node = await start_node(data, tiny_base)
+    port = node.address[1]
+    token = node.identity.join_token()
+    client = AsyncNodeClient(node.url, secret=node.identity.secret, client_id="tui",
+                             admin_token=node.identity.admin_token)
+    app = ChorusApp(client, url=node.url)
+    try:
+        async with app.run_test(size=(120, 32)) as pilot:
+            await wait_for(lambda: app.state.connected and app.state.last_event_id >= 0,
+                           timeout=15)
+            await pilot.press("c")
+            await wait_for(lambda: app.clipboard == token, timeout=10)
+            seen = app.state.last_event_id
+            await node.stop()
+            await wait_for(lambda: not app.state.connected, timeout=10)
+            # Meanwhile, at an address the TUI does not know, round 1 commits.
+            away = await start_node(data, tiny_base)
+            for k, cid in enumerate(("a", "b")):
+                async with AsyncNodeClient(away.url, secret=away.identity.secret,
+                                           client_id=cid) as c:
+                    await c.submit(write_update(tmp_path / f"{cid}.safetensors", away.spec, k),
+                                   examples=1)
+            await wait_for(lambda: (away.ledger.round(1) or {}).get("state") == "committed",
+                           timeout=15)
+            await away.stop()
+            assert not app.state.connected
+            node = await start_node(data, tiny_base, port=port)
+            await wait_for(lambda: app.state.connected and any(
+                e["kind"] == "round_committed" and e.get("round") == 1
+                for e in app.state.events), timeout=20)
+            missed = [e for e in app.state.events if (e.get("id") or -1) > seen]
+            ids = [e["id"] for e in missed if e.get("id") is not None]
+            assert len(ids) == len(set(ids)), "a replayed event was shown twice"
+            await pilot.press("4")
+
+            def shown() -> str:  # the log redraws on the TUI's 1 s tick
+                return "\n".join(strip.text for strip in app.query_one("#event-log").lines)
+            await wait_for(lambda: "round_committed" in shown(), timeout=10)
+            assert shown().count("round_committed") == 1
+    finally:
+        await client.close()
+        await node.stop()
