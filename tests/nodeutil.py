@@ -58,6 +58,55 @@ def node_in_thread(data_dir: Path, model: Path, **overrides: Any) -> Iterator[No
         thread.join(5)
 
 
+def node_client(node: Node, client_id: str = "alice", *, admin: bool = False,
+                **kwargs: Any) -> AsyncNodeClient:
+    """A client of an in-process node, signed with its federation secret; ``admin`` adds the
+    node's admin token (what ``NodeClient.from_data_dir`` gives a local operator)."""
+    if admin:
+        kwargs.setdefault("admin_token", node.identity.admin_token)
+    return AsyncNodeClient(node.url, secret=node.identity.secret, client_id=client_id, **kwargs)
+
+
+def dir_client(url: str, data_dir: Path, client_id: str, *, admin: bool = False
+               ) -> AsyncNodeClient:
+    """A client of a node process, with the credentials in its data dir."""
+    from chorus_p2p.node.identity import load_identity
+
+    identity = load_identity(data_dir)
+    return AsyncNodeClient(url, secret=identity.secret, client_id=client_id,
+                           admin_token=identity.admin_token if admin else None)
+
+
+def run_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """``chorus-node ARGS`` as a user runs it: a new process, offline, output captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class EventTap:
+    """A node's event stream as a dashboard receives it (``bus.subscribe``), drained on
+    demand: tests assert on what the WebSocket carries, not on private state."""
+
+    def __init__(self, node: Node):
+        self._queue = node.bus.subscribe()
+        self.events: list[dict[str, Any]] = []
+
+    def drain(self) -> list[dict[str, Any]]:
+        while not self._queue.empty():
+            event = self._queue.get_nowait()
+            if event is not None:
+                self.events.append(event)
+        return self.events
+
+    def kinds(self) -> list[str]:
+        return [e["kind"] for e in self.drain()]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.drain() if e["kind"] == kind]
+
+
 def write_update(path: Path, spec: FederationSpec, seed: int, *, scale: float = 0.05) -> Path:
     return write_random_update(path, spec, seed, scale)
 
@@ -213,7 +262,7 @@ class Federation:
         return await wait_for(check, timeout=timeout)
 
     def client(self, node: Node, cid: str) -> AsyncNodeClient:
-        return AsyncNodeClient(node.url, secret=node.identity.secret, client_id=cid)
+        return node_client(node, cid)
 
     async def close(self):
         for i in list(self.nodes):

@@ -3,7 +3,6 @@ failover and catch-up, fast. The same scenarios run with real mDNS in namespaces
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -13,8 +12,9 @@ from chorus_p2p.client import AsyncNodeClient
 from chorus_p2p.node.cluster import Peer
 from chorus_p2p.node.spec import UpdateRejected
 
-from nodeutil import (Federation, chances_to_lead, committed_updates, heartbeats, history,
-                      run_round, same_state_bytes, wait_for, wait_for_sync, write_update)
+from nodeutil import (EventTap, Federation, chances_to_lead, committed_updates, heartbeats,
+                      history, node_client, run_round, same_state_bytes, wait_for, wait_for_sync,
+                      write_update)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -158,8 +158,7 @@ async def test_sdk_submit_to_a_follower_goes_to_the_coordinator(federation):
 
 
 def admin_client(node) -> AsyncNodeClient:
-    return AsyncNodeClient(node.url, secret=node.identity.secret, client_id="admin",
-                           admin_token=node.identity.admin_token)
+    return node_client(node, "admin", admin=True)
 
 
 async def test_admin_actions_on_a_follower_run_on_the_coordinator(federation):
@@ -464,18 +463,12 @@ async def test_a_member_whose_budget_is_spent_is_not_waited_for(federation):
     # min_updates (2) stays the floor (a round of one update would publish it): down to one
     # participant, the round waits and says why, for an admin to decide.
     other_follower = next(n for n in nodes if n is not leader and n is not spent)
-    events = leader.bus.subscribe()
+    events = EventTap(leader)
     other_follower.abstaining = True
     await wait_for(lambda: other_follower.node_id in leader.cluster.abstaining(), timeout=10)
     async with fed.client(leader, leader.node_id) as c:
         await c.submit(write_update(fed.tmp_path / "alone.safetensors", leader.spec, 77))
-    seen: list[str] = []
-
-    def short() -> bool:
-        while not events.empty():
-            seen.append(events.get_nowait()["kind"])
-        return "participants_short" in seen
-    await wait_for(short, timeout=10)
+    await wait_for(lambda: "participants_short" in events.kinds(), timeout=10)
     assert leader.ledger.round(3)["state"] == "collecting"
 
 
@@ -576,15 +569,8 @@ async def test_a_follower_whose_state_went_bad_takes_the_coordinators_and_matche
     finally:
         working.close()
     assert not same_state_bytes(leader, follower)
-    stream = follower.bus.subscribe()
-    kinds: list[str] = []
-
-    def seen() -> list[str]:
-        while not stream.empty():
-            event = stream.get_nowait()
-            if event is not None:
-                kinds.append(event["kind"])
-        return kinds
+    stream = EventTap(follower)
+    seen = stream.kinds
     await run_round(fed, leader, 2)
     # it installs the coordinator's checkpoint (its own state is suspect)
     await wait_for(lambda: "state_mismatch" in seen() and "checkpoint_installed" in seen(),

@@ -14,17 +14,13 @@ import time
 import pytest
 
 from chorus_p2p.cli.main import main
-from chorus_p2p.client import AsyncNodeClient
 from chorus_p2p.node.blobs import sha256_file
 from chorus_p2p.node.ledger import Ledger
 
 from nodeutil import Federation, blob_files, run_round, start_node, wait_for, write_update
+from nodeutil import node_client as client
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def client(node, cid: str) -> AsyncNodeClient:
-    return AsyncNodeClient(node.url, secret=node.identity.secret, client_id=cid)
 
 
 def flip_a_bit(path) -> None:

@@ -22,18 +22,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import load_file, save_file
 
 from chorus_p2p.cli.main import main
-from chorus_p2p.client import AsyncNodeClient, NodeError, RejectedError
+from chorus_p2p.client import NodeError, RejectedError
 from chorus_p2p.node.auth import identity_headers, request_key, sign_headers
 from chorus_p2p.node.identity import init_data_dir, node_id_for
 
 from nodeutil import (NodeProcess, blob_files, chances_to_lead, periodic_work, start_node,
                       wait_for, write_update)
+from nodeutil import node_client as client
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def client(node, cid="alice", **kw) -> AsyncNodeClient:
-    return AsyncNodeClient(node.url, secret=node.identity.secret, client_id=cid, **kw)
 
 
 def scaled(path: Path, factor: float, dtype=torch.float32) -> Path:

@@ -17,13 +17,13 @@ from chorus_p2p.client import AsyncNodeClient, PrunedError
 from chorus_p2p.cli.main import main
 from chorus_p2p.lora.residual import ResidualFile
 from chorus_p2p.node.blobs import BlobStore
-from chorus_p2p.node.identity import init_data_dir, load_identity
+from chorus_p2p.node.identity import init_data_dir
 from chorus_p2p.node.ledger import SCHEMA_VERSION, Ledger
 from chorus_p2p.node.retention import FAULT_GC_DELAY_ENV, data_dir_bytes
 from chorus_p2p.node.spec import FederationSpec
 from chorus_p2p.state.store import FAULT_APPLY_DELAY_ENV, FAULT_CHECKPOINT_DELAY_ENV
 
-from nodeutil import (ALPHA, RANK, TARGETS, Federation, NodeProcess, blob_files,
+from nodeutil import (Federation, NodeProcess, blob_files, dir_client,
                       periodic_work, run_round, same_state_bytes, start_node, wait_for,
                       write_update)
 
@@ -176,9 +176,7 @@ async def test_a_0_1_data_dir_upgrades_in_place(tmp_path, tiny_base):
 
 # -- kill -9 ---------------------------------------------------------------------------------
 def _client(url: str, data_dir: Path, cid: str) -> AsyncNodeClient:
-    identity = load_identity(data_dir)
-    return AsyncNodeClient(url, secret=identity.secret, client_id=cid,
-                           admin_token=identity.admin_token)
+    return dir_client(url, data_dir, cid, admin=True)
 
 
 async def _process_round(url: str, data_dir: Path, tmp_path: Path, spec: FederationSpec,

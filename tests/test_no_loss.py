@@ -18,8 +18,8 @@ from chorus_p2p.netlab import free_loopback_ports
 from chorus_p2p.node import auth
 from chorus_p2p.node.identity import init_data_dir
 
-from nodeutil import (Federation, NodeProcess, chances_to_lead, committed_updates, history,
-                      run_round, start_node, wait_for, wait_for_sync, write_update)
+from nodeutil import (EventTap, Federation, NodeProcess, chances_to_lead, committed_updates,
+                      history, run_round, start_node, wait_for, wait_for_sync, write_update)
 
 pytestmark = pytest.mark.timeout(300)
 # -- 1. an acknowledged update survives its coordinator's kill -9 right after the answer --------
@@ -224,15 +224,10 @@ async def test_a_joiner_with_a_skewed_clock_is_told_to_check_ntp_and_waits(tmp_p
                                                                            tiny_base,
                                                                            monkeypatch):
     founder = await start_node(tmp_path / "f", tiny_base)
-    stream = founder.bus.subscribe()  # the founder's event stream, as a dashboard sees it
-    refused: list[dict] = []
+    stream = EventTap(founder)  # the founder's event stream, as a dashboard sees it
 
     def founder_refused() -> list[dict]:
-        while not stream.empty():
-            event = stream.get_nowait()
-            if event is not None and event["kind"] == "request_refused":
-                refused.append(event.get("data") or {})
-        return refused
+        return [e.get("data") or {} for e in stream.of("request_refused")]
     try:
         init_data_dir(tmp_path / "j", join_token=founder.identity.join_token())
         joiner = NodeProcess(tmp_path / "j", tiny_base, env={"CHORUS_CLOCK_OFFSET_S": "600"},

@@ -19,7 +19,8 @@ from chorus_p2p.lora.fold import fold_base
 from chorus_p2p.node.auth import H_ADMIN, request_key, sign_headers
 from chorus_p2p.tiny import make_client_adapter
 
-from nodeutil import ALPHA, RANK, TARGETS, blob_files, start_node, wait_for, write_update
+from nodeutil import (ALPHA, RANK, TARGETS, blob_files, node_client, start_node, wait_for,
+                      write_update)
 
 
 @pytest.fixture
@@ -30,8 +31,7 @@ async def node(tmp_path, tiny_base):
 
 
 def client_for(node, client_id="alice", **kwargs) -> AsyncNodeClient:
-    return AsyncNodeClient(node.url, secret=node.identity.secret, client_id=client_id,
-                           admin_token=node.identity.admin_token, **kwargs)
+    return node_client(node, client_id, admin=True, **kwargs)
 
 
 async def committed(node, number: int):

@@ -9,14 +9,14 @@ import hashlib
 import aiohttp
 import pytest
 
-from chorus_p2p.client import AsyncNodeClient
 from chorus_p2p.node.auth import request_key, sign_headers
 from chorus_p2p.node.blobs import BlobStore, sha256_file
 from chorus_p2p.node.identity import init_data_dir, load_identity
 from chorus_p2p.node.ledger import Ledger
 from chorus_p2p.node.rounds import FAULT_DELAY_ENV
 
-from nodeutil import ALPHA, RANK, TARGETS, NodeProcess, blob_files, wait_for, write_update
+from nodeutil import NodeProcess, blob_files, wait_for, write_update
+from nodeutil import dir_client as client
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.timeout(300)
 def data_dir(tmp_path):
     init_data_dir(tmp_path / "node", "crashlab")
     return tmp_path / "node"
-
-
-def client(url, data_dir, client_id):
-    identity = load_identity(data_dir)
-    return AsyncNodeClient(url, secret=identity.secret, client_id=client_id)
 
 
 def assert_consistent(data_dir) -> Ledger:

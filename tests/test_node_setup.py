@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from chorus_p2p.node.identity import (decode_join_token, encode_join_token, init
                                       load_identity)
 from chorus_p2p.node.settings import resolve_settings
 
-from nodeutil import node_in_thread, start_node, write_update
+from nodeutil import node_in_thread, run_cli, start_node, write_update
 
 
 def test_init_creates_private_identity_and_refuses_to_overwrite(tmp_path, capsys):
@@ -105,9 +104,7 @@ def running_node(tmp_path, tiny_base):
 
 
 def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return run_cli(*args, env_extra=env_extra, timeout=120)
 
 
 def test_cli_runs_a_round_and_reports_exit_codes(running_node, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from chorus_p2p.train.privacy import (BudgetExhausted, BudgetFile, DPConfig, NonFiniteUpdate,
                                       PrivacyBudget, epsilon_after, privatize)
 
-from nodeutil import start_node, wait_for
+from nodeutil import EventTap, start_node, wait_for
 
 SHARD = Path(__file__).resolve().parents[1] / "examples" / "data" / "weather.jsonl"
 
@@ -123,15 +123,10 @@ async def test_training_node_stops_submitting_when_the_budget_is_spent(tmp_path,
     node = await start_node(tmp_path / "node", tiny_lm_dir, min_updates=1, train=True,
                             dataset=str(SHARD), steps=2, target_modules=("q_proj", "v_proj"),
                             dp_epsilon=(one_round + two_rounds) / 2, dp_clip=0.5, dp_noise=1.0)
-    events = node.bus.subscribe()  # what the WebSocket stream carries, not private state
-    seen: list[str] = []
+    events = EventTap(node)  # what the WebSocket stream carries, not private state
 
     def exhausted() -> bool:
-        while not events.empty():
-            event = events.get_nowait()
-            if event is not None:
-                seen.append(event["kind"])
-        return "dp_budget_exhausted" in seen
+        return "dp_budget_exhausted" in events.kinds()
     try:
         await wait_for(lambda: (node.ledger.round(1) or {}).get("state") == "committed",
                        timeout=90)

@@ -14,14 +14,9 @@ import pytest
 import torch
 
 from nodeutil import node_in_thread
+from nodeutil import run_cli as cli
 
 SHARD = Path(__file__).resolve().parents[1] / "examples" / "data" / "kitchen.jsonl"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chorus_p2p.cli.main", *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_train_then_export_from_the_command_line(tmp_path, tiny_lm_dir):
