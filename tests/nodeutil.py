@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from chorus_p2p.client import AsyncNodeClient, NodeClient, NodeError, NodeUnreachable
+from chorus_p2p.client import (AsyncNodeClient, ConflictError, NodeClient, NodeError,
+                               NodeUnreachable, ServerError)
 from chorus_p2p.netlab import free_loopback_ports
 from chorus_p2p.node.identity import copy_admin_key, init_data_dir
 from chorus_p2p.node.service import Node
@@ -191,6 +192,12 @@ class NodeProcess:
         return self.proc.returncode
 
 
+# The nodes of a loopback federation share this test's event loop: at 0.4 s a loaded machine
+# (two busy loops beside the suite) delayed heartbeats past CheckQuorum and the coordinator
+# stepped down mid-round. 1 s is a lab's default; waits are on events, not on this number.
+LOOPBACK_ELECTION_S = 1.0
+
+
 class Federation:
     """In-process nodes on loopback with static peers (no multicast)."""
 
@@ -215,7 +222,8 @@ class Federation:
     def settings(self, i: int):
         peers = tuple(f"127.0.0.1:{p}" for j, p in enumerate(self.ports) if j != i)
         return node_settings(self.tmp_path / f"n{i}", self.tiny_base, port=self.ports[i],
-                             peers=peers, **{"election_timeout": 0.4, **self.overrides})
+                             peers=peers, **{"election_timeout": LOOPBACK_ELECTION_S,
+                                             **self.overrides})
 
     async def start(self, i: int) -> Node:
         node = Node(self.settings(i))
@@ -304,12 +312,27 @@ def same_state_bytes(a: Node, b: Node) -> bool:
             and a.state_store.round == b.state_store.round)
 
 
+RESEND_CODES = ("not_durable", "not_coordinator", "no_quorum")
+
+
 async def run_round(fed: Federation, leader: Node, number: int, clients=("a", "b"),
                     seed: int = 0):
+    """Each client submits once, as the SDK's users do: an update the coordinator could not
+    yet acknowledge (``not_durable``, or the coordinator stepped down under load) is sent
+    again, to whichever node leads then; the re-send is idempotent."""
     for k, cid in enumerate(clients):
-        async with fed.client(leader, cid) as c:
-            await c.submit(write_update(fed.tmp_path / f"r{number}{cid}.safetensors", leader.spec,
-                                        seed + number * 10 + k), examples=k + 1)
+        update = write_update(fed.tmp_path / f"r{number}{cid}.safetensors", leader.spec,
+                              seed + number * 10 + k)
+        target = leader
+        for attempt in range(3):
+            try:
+                async with fed.client(target, cid) as c:
+                    await c.submit(update, examples=k + 1)
+                break
+            except (ServerError, ConflictError) as exc:
+                if exc.code not in RESEND_CODES or attempt == 2:
+                    raise
+                target = await fed.one_coordinator(timeout=30)
     await wait_for(lambda: all((n.ledger.round(number) or {}).get("state") == "committed"
                                for n in fed.nodes.values()), timeout=15)
 

@@ -122,7 +122,7 @@ def wait_for_sync(predicate, timeout: float = 180.0) -> None:
 
 def _lab_config(model: Path, dataset: Path, eval_data: Path) -> str:
     """The shipped config.toml with only what a laptop CPU and the tiny model need changed:
-    paths, the device, and sizes. Every other line (rank, targets, host, port, min_updates,
+    paths, the device, sizes, and a round limit. Every other line (rank, targets, host, port, min_updates,
     the round deadline, patience, keep_rounds...) stays as shipped."""
     text = (LAB / "config.toml").read_text()
     changes = {"model": f'"{model}"', "dataset": f'"{dataset}"', "eval_data": f'"{eval_data}"',
@@ -130,7 +130,9 @@ def _lab_config(model: Path, dataset: Path, eval_data: Path) -> str:
     for key, value in changes.items():
         text, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
         assert count == 1, key
-    return text
+    # A bounded week: the tiny model's rounds take a second, and the export below must find
+    # its best round inside keep_rounds (20) rather than race the window.
+    return text + "max_rounds = 8\n"
 
 
 def _run_readme_line(line: str, cwd: Path, data_dir: Path) -> None:
@@ -212,8 +214,9 @@ def test_deploy_in_a_lab_as_written_three_machines_to_an_exported_model(tmp_path
             deadline = time.monotonic() + 300
             while not (rounds_trained_by_all_three() >= 2
                        and journal(0).count('"round_evaluated"') >= 2):
-                assert all(p.poll() is None for p, _ in procs), [journal(i)[-2000:]
-                                                                  for i in range(3)]
+                # exit 0 is --max-rounds reached; anything else is a failure
+                assert all(p.poll() in (None, 0) for p, _ in procs), [journal(i)[-2000:]
+                                                                       for i in range(3)]
                 assert time.monotonic() < deadline, (
                     "no two rounds trained by all three machines in 300 s",
                     [journal(i)[-2000:] for i in range(3)])

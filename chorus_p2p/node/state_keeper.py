@@ -78,7 +78,9 @@ class StateReader:
         pinned = store.pin_checkpoint()
         low, high = sorted((pinned.round, round_no))
         plan = residual_plan(ledger, blobs, low, high)
-        return None if plan is None else cls(store, round_no, plan, pinned)
+        if plan is None or not pinned.hold(plan):
+            return None
+        return cls(store, round_no, plan, pinned)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.store.read(self.round, self.plan, self.pinned)

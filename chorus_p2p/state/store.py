@@ -31,13 +31,14 @@ import shutil
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from chorus_p2p.atomic import fsync_dir
+from chorus_p2p.errors import AdapterError
 from chorus_p2p.lora.residual import ResidualFile
 from chorus_p2p.state.dense_file import DenseFile, DenseLayout, StateFileError, check_file, \
     create_zero_file
@@ -78,15 +79,29 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class PinnedCheckpoint:
-    """A checkpoint held open: reads from it still work after a newer checkpoint replaced it
-    (a node writes one every ``checkpoint_every`` rounds, deleting the old one, while an
-    export or a pull of ``R`` may be reading)."""
+    """A checkpoint, and optionally the residuals a plan needs, held open: reads still work
+    after the node deleted them (a new checkpoint every ``checkpoint_every`` rounds replaces
+    the old one, and garbage collection drops residuals outside the retention window) while an
+    export or a pull of ``R`` reads."""
     checkpoint: Checkpoint | None
     file: DenseFile | None
+    residuals: dict[Path, ResidualFile] = field(default_factory=dict)
 
     @property
     def round(self) -> int:
         return self.checkpoint.round if self.checkpoint is not None else 0
+
+    def hold(self, plan: Plan) -> bool:
+        """Open every residual of ``plan`` now; False if one is already gone."""
+        for _, path in plan:
+            if path is not None and path not in self.residuals:
+                try:
+                    self.residuals[path] = ResidualFile(path)
+                except AdapterError:
+                    if Path(path).exists():
+                        raise
+                    return False
+        return True
 
 
 @dataclass
@@ -470,7 +485,8 @@ class StateStore:
         if [n for n, _ in steps] != list(range(low + 1, high + 1)):
             raise StateError(f"R after round {round_no} needs the residuals of rounds "
                              f"{low + 1}..{high} (this node's checkpoint is of round {start})")
-        residuals = [ResidualFile(p) for _, p in steps if p is not None]
+        residuals = [pinned.residuals.get(p) or ResidualFile(p) for _, p in steps
+                     if p is not None]
         backward = start > round_no
         try:
             for prefix, d_out, d_in in self.layout.modules:
@@ -490,7 +506,8 @@ class StateStore:
                 yield prefix, dense.float() if backward else dense
         finally:
             for residual in residuals:
-                residual.close()
+                if residual not in pinned.residuals.values():
+                    residual.close()
 
     def write_copy(self, round_no: int, out: Path, plan: Plan = (),
                    pinned: PinnedCheckpoint | None = None) -> int:

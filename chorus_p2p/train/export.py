@@ -111,7 +111,9 @@ def export_from_data_dir(data_dir: str | Path, out: str | Path, *, round_no: int
         reader = StateReader.of(store, ledger, blobs, round_no)
         if reader is None:
             raise UsageError(f"a residual between the state's checkpoint and round {round_no} is "
-                             f"missing from {data_dir}; R after that round cannot be rebuilt here")
+                             f"missing from {data_dir} (pruned: a node keeps the files of its "
+                             "last --keep-rounds rounds); R after that round cannot be rebuilt "
+                             "here")
         with tempfile.TemporaryDirectory(prefix="chorus-export-") as tmp:
             adapter_dir = materialize_adapter(row, blobs, Path(tmp))
             try:
