@@ -42,6 +42,10 @@ async def test_three_nodes_elect_one_coordinator_and_replicate(federation):
     assert len(histories[0]) == 4 and histories[0] == histories[1] == histories[2]
     # A follower refuses uploads and says where the coordinator is.
     follower = next(n for n in fed.nodes.values() if n is not leader)
+    # and it recorded each commit, so a dashboard reconnecting to it with ?since= gets them
+    recorded = [e["round"] for e in follower.ledger.events_since(0)
+                if e["kind"] == "round_committed"]
+    assert sorted(set(recorded)) == [1, 2, 3]
     async with fed.client(follower, "x") as c:
         status = await c.status()
         assert status["role"] == "follower" and status["coordinator"] == leader.node_id

@@ -19,8 +19,6 @@ from chorus_p2p.cli.help import add_examples
 from chorus_p2p.cli.quiet import quiet_third_party
 from chorus_p2p.errors import ChorusError
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_IO = 5
 EXIT_INTERRUPTED = 130

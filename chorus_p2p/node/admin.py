@@ -29,7 +29,7 @@ from chorus_p2p.node.spec import UpdateRejected
 if TYPE_CHECKING:
     from chorus_p2p.node.service import Node
 
-log = logging.getLogger("chorus.admin")
+log = logging.getLogger("chorus_p2p.admin")  # under the node's logger: --headless and -v see it
 
 ACTIONS = ("close_round", "pause", "resume", "approve", "reject", "exclude")
 FORWARD_TIMEOUT_S = 30.0

@@ -2,8 +2,10 @@
 
 - **Members** are nodes that proved they hold the federation secret (a signed ``hello`` both
   ways). The coordinator's heartbeats carry the member list, so everyone converges on it. A
-  member that leaves gracefully is marked ``left`` and stops counting; one that crashes stays a
-  member (``lost``) and keeps counting, which is what makes a minority partition unable to act.
+  member that leaves gracefully is marked ``left`` and one that crashes ``lost``; both keep
+  counting toward the majority (only ``remove`` or ``--member-timeout`` changes that), which
+  is what makes a minority partition, or the first node back after everyone restarted, unable
+  to act alone.
 - **Election**: terms, randomised timeouts, one vote per term persisted before it is sent, and
   Raft's "at least as up to date" rule on (term, round) of the newest result a node holds. A
   coordinator needs a majority of members and keeps its role by heartbeats; it steps down when it
@@ -199,8 +201,11 @@ class Cluster:
         return len(self.voting_members()) // 2 + 1
 
     def has_quorum(self) -> bool:
+        """In contact with a majority now: as coordinator, heard from one within an election
+        timeout (it was True for any coordinator, even one cut off alone, until CheckQuorum
+        made it step down); as follower, heard its coordinator within one."""
         if self.role == COORDINATOR:
-            return True
+            return self.quorum_fresh()
         recent = time.monotonic() - self.last_heartbeat < self.timing.election_max_s
         return self.coordinator is not None and recent
 

@@ -1,8 +1,9 @@
 """Fan-out of node events to WebSocket subscribers (and the log).
 
-Events that record state (round opened/committed, update accepted) carry the ledger's event id, so
-a subscriber that reconnects with ``?since=ID`` misses nothing; the rest (update rejected,
-aggregation started, member seen/lost) are live-only. A subscriber that stops reading is dropped
+Events that record state carry the ledger's event id, so a subscriber that reconnects with
+``?since=ID`` misses none of them: round committed on every node; round opened and update
+accepted on the coordinator that took them. The rest (update rejected, aggregation started,
+member seen/lost) are live-only. A subscriber that stops reading is dropped
 rather than allowed to grow memory without bound.
 """
 

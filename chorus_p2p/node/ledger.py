@@ -32,7 +32,6 @@ OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
 PROPOSED, COMMITTED = "proposed", "committed"
 # A round is "proposed" once its result blobs exist and the coordinator is collecting
 # acknowledgements; it is "committed" when a majority of members hold the record.
-ROUND_STATES = (OPEN, COLLECTING, AGGREGATING, PROPOSED, COMMITTED)
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -223,9 +222,6 @@ class Ledger:
                 self.db["rounds"].insert(_encode_round(next_round))
             return self._insert_event(event[0], number, event[1])
 
-    def upsert_round(self, row: dict[str, Any]) -> None:
-        self.db["rounds"].upsert(_encode_round(row), pk="round")
-
     def settle_committed(self, rounds: list[dict[str, Any]], updates: list[dict[str, Any]]) -> None:
         """Record committed rounds from the coordinator. Their update lists are final: a row of
         ours that a committed round does not list is moved to ``dropped_updates`` (with the
@@ -396,14 +392,6 @@ class Ledger:
     def found_blob(self, sha: str) -> None:
         self.db.execute("delete from lost_blobs where sha = ?", [sha])
 
-    def delete_rounds_after(self, number: int) -> None:
-        """Drop uncommitted rounds past ``number`` (a new coordinator's history wins); their
-        updates go to ``dropped_updates``."""
-        with self.db.atomic():
-            for row in list(self.db.query("select round from rounds where round > ? and "
-                                          "state != ?", [number, COMMITTED])):
-                self._drop(self.updates(row["round"]), f"round {row['round']} was superseded")
-            self.db.execute("delete from rounds where round > ? and state != ?", [number, COMMITTED])
 
     # -- election state ----------------------------------------------------------------------
     def current_term(self) -> int:
@@ -454,9 +442,6 @@ class Ledger:
                                   "and round != ? order by round limit 1",
                                   [node_id, blob_sha, round_no]))
         return rows[0]["round"] if rows else None
-
-    def dropped_updates(self) -> list[dict[str, Any]]:
-        return list(self.db.query("select * from dropped_updates order by dropped_at"))
 
     def recent_norm_median(self, before: int, rounds: int = 5) -> float | None:
         """The federation's scale: the median, over the last ``rounds`` committed rounds before

@@ -891,8 +891,11 @@ class RoundManager:
         self.ledger.settle_committed([round_record(r) for r in rounds], updates)
         self.ledger.set_pruned([n for n in without_blobs if not self._holds_round(n)])
         for row in rounds:
-            self.bus.publish("round_committed", row["round"],
-                             {k: row[k] for k in ("adapter_sha", "residual_sha", "log_hash")})
+            # recorded here too, so a dashboard attached to a follower that reconnects with
+            # ?since= gets the commits it missed, as on the coordinator
+            data = {k: row[k] for k in ("adapter_sha", "residual_sha", "log_hash")}
+            self.bus.publish("round_committed", row["round"], data,
+                             event_id=self.ledger.add_event("round_committed", row["round"], data))
         self.on_committed()
 
     def _fetch_base(self, coordinator_state: dict[str, Any] | None) -> int:

@@ -305,6 +305,3 @@ def _full_problem(spec: "FederationSpec", source: AdapterSource) -> str | None:
         return f"lacks {missing[0]!r} (modules_to_save: {', '.join(spec.modules_to_save)})"
     return None
 
-
-def write_spec_file(path: Path, spec: FederationSpec) -> None:
-    path.write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True) + "\n")

@@ -183,7 +183,6 @@ class StateStore:
         self._lock = _ReadWriteLock()
         self._scratch: torch.Tensor | None = None  # one module's buffer, for updates
         self._latest: object = _UNKNOWN
-        self._round_changed = threading.Condition()
         if not read_only:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             for stray in self.checkpoint_dir.glob(".*"):  # a copy cut short by a crash
@@ -299,17 +298,7 @@ class StateStore:
         return sketch if self.probes is not None else None
 
     def _set_round(self, round_no: int) -> None:
-        with self._round_changed:
-            self.round = round_no
-            self._round_changed.notify_all()
-
-    def wait_for(self, round_no: int, timeout: float) -> bool:
-        """Block until the working state has reached ``round_no`` (True) or the timeout passes."""
-        with self._round_changed:
-            return self._round_changed.wait_for(lambda: self.round >= round_no, timeout)
-
-    def replay(self, plan: Plan) -> list[ApplyReport]:
-        return [self.apply(number, path) for number, path in plan]
+        self.round = round_no
 
     def reset_to_checkpoint(self) -> int:
         """Make the working file a copy of the newest checkpoint (or zeros); returns its round.
