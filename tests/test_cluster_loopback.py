@@ -52,6 +52,7 @@ async def test_three_nodes_elect_one_coordinator_and_replicate(federation):
         assert status["quorum"] is True
 
 
+@pytest.mark.timeout(300)  # three node processes and a restart: slow on a loaded machine
 def test_coordinator_kill9_mid_round_commits_every_update_once(processes, tmp_path, spec):
     """A real kill -9 of the coordinator with one update of round 2 in (replicated, not yet
     aggregated): the new coordinator keeps it, the client's re-send is a no-op, the round

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,7 +181,6 @@ def test_demo_command_runs_a_federation_offline(tmp_path):
 def test_demo_serve_keeps_the_federation_up_until_interrupted(tmp_path):
     import os
     import signal
-    import time
 
     proc = subprocess.Popen([sys.executable, "-m", "chorus_p2p.cli.main", "demo", "--rounds", "1",
                              "--steps", "2", "--serve", "--workdir", str(tmp_path)],
@@ -460,3 +460,48 @@ def test_models_loaded_in_parallel_threads_leave_transformers_as_it_was(tmp_path
     assert not errors and not any(t.is_alive() for t in threads)
     assert (PreTrainedModel.tie_weights, PreTrainedModel.init_weights,
             torch.nn.init.normal_) == before
+
+
+async def test_a_stopping_worker_waits_for_its_threads_and_ends_long_ones():
+    """The suite beside busy loops crashed (SIGSEGV) in sqlite: a node stopped while its
+    participant's DP release still wrote to the ledger in a thread; cancelling the await had
+    left the thread running, and stop closed the ledger under it. Now stop returns only after
+    the step's threads, and a long one (training) ends at its next progress call."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from chorus_p2p.train.worker import StepLoop, Stopping
+
+    entered, outcome = threading.Event(), []
+
+    class Releasing(StepLoop):
+        async def _step(self) -> None:
+            await self._in_thread(self.release)
+
+        def release(self) -> None:  # a write that must finish before the ledger closes
+            entered.set()
+            time.sleep(0.5)
+            outcome.append("written")
+
+    class Training(StepLoop):
+        async def _step(self) -> None:
+            await self._in_thread(self.train)
+
+        def train(self) -> None:
+            entered.set()
+            try:
+                for _ in range(10_000):  # far longer than any test: only Stopping ends it
+                    self._check_stopping()
+                    time.sleep(0.01)
+            except Stopping:
+                outcome.append("stopped")
+
+    node = SimpleNamespace(bus=SimpleNamespace(publish=lambda *a, **k: None))
+    for worker, expected in ((Releasing(node), "written"), (Training(node), "stopped")):
+        entered.clear()
+        outcome.clear()
+        worker.start()
+        await asyncio.to_thread(entered.wait, 30)
+        await worker.stop()
+        assert outcome == [expected]

@@ -299,8 +299,7 @@ def _round_number(request: web.Request) -> int:
     raw = request.match_info["round"]
     node = _node(request)
     if raw == "latest":
-        latest = node.ledger.latest_committed()
-        return latest["round"] if latest else 0
+        return node.ledger.committed_round()
     try:
         number = int(raw)
     except ValueError:

@@ -187,6 +187,12 @@ class Ledger:
             "select * from rounds where state = ? order by round desc limit 1", [COMMITTED]))
         return _decode_round(rows[0]) if rows else None
 
+    def committed_round(self) -> int:
+        """The number of the newest committed round (0 before any)."""
+        row = self.db.execute("select max(round) from rounds where state = ?",
+                              [COMMITTED]).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
     def list_rounds(self, limit: int = 50, before: int | None = None) -> list[dict[str, Any]]:
         if before is None:
             rows = self.db.query("select * from rounds order by round desc limit ?", [limit])

@@ -105,8 +105,7 @@ class Retention:
     async def collect(self, recovery_round: int, *, grace_s: float = ORPHAN_GRACE_S) -> GcReport:
         """Prune what the policy allows (ledger on the event loop, deletes in a thread)."""
         async with self.lock:
-            committed = self.ledger.latest_committed()
-            latest = committed["round"] if committed else 0
+            latest = self.ledger.committed_round()
             upto = prune_upto(latest, self.keep_rounds, recovery_round)
             report = GcReport()
             if upto is not None:

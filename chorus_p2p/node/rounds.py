@@ -826,8 +826,7 @@ class RoundManager:
         """For a coordinator waiting to acknowledge: hold its live round's updates durably now;
         returns the update hashes this node holds for that round."""
         async with self._sync_lock:
-            committed = self.ledger.latest_committed()
-            mine = committed["round"] if committed else 0
+            mine = self.ledger.committed_round()
             if self.is_coordinator or self.diverged or current["round"] != mine + 1 \
                     or current["trained_from"] != mine:
                 return []  # not caught up (the heartbeats will bring us there): holds nothing

@@ -147,8 +147,7 @@ class StateKeeper:
 
     # -- advancing -----------------------------------------------------------------------------
     def _target(self) -> int:
-        committed = self.node.ledger.latest_committed()
-        return committed["round"] if committed else 0
+        return self.node.ledger.committed_round()
 
     async def advance(self) -> None:
         """Bring the state to the latest committed round, one round at a time, checking each

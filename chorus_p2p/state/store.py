@@ -306,22 +306,31 @@ class StateStore:
         checkpoint = self.latest_checkpoint()
         start = checkpoint.round if checkpoint is not None else 0
         with self._lock.write():
-            _write_json_atomic(self.marker, {"round": start, "applying": "restore"})
-            self.dirty = True
-            tmp = self.root / f".{WORKING}.restore"
-            if checkpoint is not None:
-                shutil.copyfile(checkpoint.path, tmp)
-            else:
-                create_zero_file(tmp, self.layout)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.working)
-            fsync_dir(self.root)
-            _write_json_atomic(self.marker, {"round": start})
-            self.dirty = False
-            self._set_round(start)
+            self._replace_working("restore", start, checkpoint.path if checkpoint else None)
         log.info("state reset to %s", f"checkpoint {start}" if checkpoint else "zeros")
         return start
+
+    def _replace_working(self, why: str, round_no: int, source: Path | None) -> None:
+        """The one way the working file is replaced wholesale (restore, discard, install): the
+        marker says an update is under way, a copy of ``source`` (or zeros) is made durable
+        beside it and renamed over it, then the marker says clean at ``round_no``. A kill -9
+        at any point leaves a marker that makes the next start rebuild. Holds the write lock
+        (the caller's)."""
+        _write_json_atomic(self.marker, {"round": self.round if why == "install" else round_no,
+                                         "applying": why})
+        self.dirty = True
+        tmp = self.root / f".{WORKING}.{why}"
+        if source is not None:
+            shutil.copyfile(source, tmp)
+        else:
+            create_zero_file(tmp, self.layout)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.working)
+        fsync_dir(self.root)
+        _write_json_atomic(self.marker, {"round": round_no})
+        self.dirty = False
+        self._set_round(round_no)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _drop_checkpoints(self) -> None:
@@ -334,14 +343,7 @@ class StateStore:
         keeper then rebuilds it from the log or from the coordinator's checkpoint."""
         with self._lock.write():
             self._drop_checkpoints()
-            _write_json_atomic(self.marker, {"round": 0, "applying": "discard"})
-            self.dirty = True
-            tmp = self.root / f".{WORKING}.discard"
-            create_zero_file(tmp, self.layout)
-            os.replace(tmp, self.working)
-            _write_json_atomic(self.marker, {"round": 0})
-            self.dirty = False
-            self._set_round(0)
+            self._replace_working("discard", 0, None)
 
     def checkpoint_due(self) -> bool:
         latest = self.latest_checkpoint()
@@ -393,15 +395,7 @@ class StateStore:
             checkpoint = Checkpoint(round_no, final, sha256, final.stat().st_size)
             _write_json_atomic(final.with_suffix(".json"), checkpoint.to_json())
             self._latest = checkpoint
-            tmp = self.root / f".{WORKING}.install"
-            shutil.copyfile(final, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.working)
-            fsync_dir(self.root)
-            _write_json_atomic(self.marker, {"round": round_no})
-            self.dirty = False
-            self._set_round(round_no)
+            self._replace_working("install", round_no, final)
         return checkpoint
 
     def adopt_dense(self, round_no: int, modules: Iterable[tuple[str, torch.Tensor]]

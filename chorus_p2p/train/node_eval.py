@@ -55,10 +55,10 @@ class NodeEvaluator(StepLoop):
         started = time.perf_counter()
         adapter_dir, residual = await materialize_round(self.node, number, self.work)
         try:
-            losses = await asyncio.to_thread(eval_global, self.node.spec.model, adapter_dir,
+            losses = await self._in_thread(eval_global, self.node.spec.model, adapter_dir,
                                              residual, [self.dataset], self.config)
         finally:
-            await asyncio.to_thread(shutil.rmtree, adapter_dir, True)
+            await self._in_thread(shutil.rmtree, adapter_dir, True)
         loss = losses[self.dataset.name]
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
                    "seconds": round(time.perf_counter() - started, 3)}

@@ -130,6 +130,7 @@ class Participant(StepLoop):
         last_report = [0.0]
 
         def progress(step: int, loss: float) -> None:
+            self._check_stopping()  # a stopping node waits for this thread: end it now
             now = time.monotonic()
             if now - last_report[0] > 0.5 or step == self.config.steps:
                 last_report[0] = now
@@ -143,14 +144,14 @@ class Participant(StepLoop):
         config = TrainConfig(**{**asdict(self.config), "seed": self.config.seed + number,
                                 **dp_sgd_settings(self.budget and self.budget.config)})
         check = None if self.budget is None else lambda plan: self.budget.check(plan.to_json())
-        result = await asyncio.to_thread(train_round, self.node.spec.model, adapter_dir, residual,
+        result = await self._in_thread(train_round, self.node.spec.model, adapter_dir, residual,
                                          self.dataset, config, out, progress, check)
         update = self.outbox / f"round-{number}.safetensors"
         entry = {"round": number, "trained_from": base, "examples": result.examples,
                  "train_loss": result.train_loss, "eval_loss": result.eval_loss,
                  "seconds": round(result.seconds, 3), "file": update.name}
         if self.budget is not None:  # the noise comes from the OS's CSPRNG (secure_normal)
-            raw_norm, epsilon = await asyncio.to_thread(
+            raw_norm, epsilon = await self._in_thread(
                 release_update, self.budget, adapter_dir / "adapter_model.safetensors",
                 out / "adapter_model.safetensors", update, result.dp_release, number)
             entry.update({"train_loss": None, "eval_loss": None, "dp_raw_norm": raw_norm,
