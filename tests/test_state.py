@@ -83,15 +83,21 @@ def test_two_hundred_rounds_stay_exact_fingerprinted_and_bounded(tmp_path):
         assert sorted(handle.keys()) == sorted(p + ".residual" for p in SHAPES)
 
 
-def test_a_past_round_is_rebuilt_from_the_checkpoint_and_the_residuals_after_it(tmp_path):
-    fed = Federation(tmp_path, seed=1)
-    store = StateStore(tmp_path / "state", SHAPES, fed.probes, checkpoint_every=5)
+def _apply_rounds(store: StateStore, fed: Federation, numbers) -> dict[int, dict]:
+    """Apply these rounds as a node does (checkpoint when due); R after each, copied."""
     snapshots = {}
-    for number in range(1, 13):
+    for number in numbers:
         store.apply(number, fed.next(number))
         if store.checkpoint_due():
             store.checkpoint()
         snapshots[number] = {p: t.clone() for p, t in store.read(number)}
+    return snapshots
+
+
+def test_a_past_round_is_rebuilt_from_the_checkpoint_and_the_residuals_after_it(tmp_path):
+    fed = Federation(tmp_path, seed=1)
+    store = StateStore(tmp_path / "state", SHAPES, fed.probes, checkpoint_every=5)
+    snapshots = _apply_rounds(store, fed, range(1, 13))
     # R after round 11 from checkpoint 10 + D11: the same bits the working state had.
     rebuilt = dict(store.read(11, fed.plan(10, 11)))
     assert all(torch.equal(rebuilt[p], snapshots[11][p]) for p in SHAPES)
@@ -112,19 +118,11 @@ def test_a_pinned_checkpoint_still_reads_after_a_newer_one_replaced_it(tmp_path)
     (deleting this one) before the export reads: the open file still serves it."""
     fed = Federation(tmp_path, seed=3)
     store = StateStore(tmp_path / "state", SHAPES, fed.probes, checkpoint_every=3)
-    snapshots = {}
-    for number in range(1, 5):
-        store.apply(number, fed.next(number))
-        if store.checkpoint_due():
-            store.checkpoint()
-        snapshots[number] = {p: t.clone() for p, t in store.read(number)}
+    snapshots = _apply_rounds(store, fed, range(1, 5))
     reader = StateStore(tmp_path / "state", SHAPES, read_only=True)
     pinned = reader.pin_checkpoint()
     assert pinned.round == 3
-    for number in range(5, 7):  # the node goes on: checkpoint 6 replaces checkpoint 3
-        store.apply(number, fed.next(number))
-        if store.checkpoint_due():
-            store.checkpoint()
+    _apply_rounds(store, fed, range(5, 7))  # the node goes on: checkpoint 6 replaces 3
     assert not pinned.checkpoint.path.exists()
     plan = fed.plan(3, 4)
     assert pinned.hold(plan)  # its residuals held open too: garbage collection may drop them
