@@ -283,7 +283,12 @@ async def test_approve_joins_keeps_a_newcomer_pending_until_approved(federation)
             newcomer.node_id
     # Approved, it joins the majority: one coordinator both follow (either may win the term
     # the newcomer's failed elections pushed up).
-    leader = await fed.one_coordinator(timeout=10)
+    # (wait for the asserted condition itself: one_coordinator can return before the approval
+    # reached the leader's member list, as a fresh-clone run showed)
+    leader = await wait_for(lambda: next((n for n in fed.coordinators()
+                                          if n.cluster.quorum() == 2 and all(
+                                              m.cluster.coordinator == n.node_id
+                                              for m in fed.nodes.values())), None), timeout=15)
     assert leader.cluster.quorum() == 2
     third = await fed.start(2)
     await wait_for(lambda: third.node_id in leader.cluster.peers)
