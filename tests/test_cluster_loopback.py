@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chorus_p2p.client import AsyncNodeClient
+from chorus_p2p.client import AsyncNodeClient, ConflictError
 from chorus_p2p.node.cluster import Peer
 from chorus_p2p.node.spec import UpdateRejected
 
@@ -480,6 +480,34 @@ async def test_a_member_whose_budget_is_spent_is_not_waited_for(federation):
         await c.submit(write_update(fed.tmp_path / "alone.safetensors", leader.spec, 77))
     await wait_for(lambda: "participants_short" in events.kinds(), timeout=10)
     assert leader.ledger.round(3)["state"] == "collecting"
+
+
+async def test_a_member_that_came_too_late_is_waited_for_in_the_next_round(federation):
+    """A CI run of the lab test: machine C, a little slower than A and B, was still training
+    round t when t+1 opened; its update was refused (round_closed) and t+1 closed on A and B
+    alone again ("everyone who took part last round"), so C missed round after round. The
+    round after a late update waits for its sender; once counted it stays waited for."""
+    fed = federation(3, min_updates=2)
+    leader = await fed.start_all()
+    await run_round(fed, leader, 1, clients=("a", "b"))
+    late = write_update(fed.tmp_path / "late.safetensors", leader.spec, 91)
+    async with fed.client(leader, "c") as c:
+        with pytest.raises(ConflictError) as refused:
+            await c.submit(late, round=1, trained_from=0)
+    assert refused.value.code == "round_closed"
+    assert "next round waits" in str(refused.value)
+    for k, cid in enumerate(("a", "b")):
+        async with fed.client(leader, cid) as c:
+            await c.submit(write_update(fed.tmp_path / f"2{cid}.safetensors", leader.spec,
+                                        20 + k))
+    assert leader.status()["current_round"]["expected"] == 3
+    await heartbeats(leader)  # time to close on two, had it been going to
+    assert leader.ledger.round(2)["state"] == "collecting"
+    async with fed.client(leader, "c") as c:
+        await c.submit(write_update(fed.tmp_path / "2c.safetensors", leader.spec, 22))
+    await wait_for(lambda: leader.ledger.round(2)["state"] == "committed", timeout=30)
+    assert sorted(leader.ledger.round(2)["metrics"]["nodes"]) == ["a", "b", "c"]
+    assert leader.rounds.expected_participants(3) == 3  # counted once: waited for from now on
 
 
 async def test_member_timeout_lets_a_long_gone_member_stop_counting_and_back_again(federation):

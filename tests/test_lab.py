@@ -199,27 +199,30 @@ def test_deploy_in_a_lab_as_written_three_machines_to_an_exported_model(tmp_path
         def journal(i: int) -> str:
             return (machines[i] / "journal.log").read_text()
 
-        def rounds_trained_by_all_three() -> int:
+        def updates_per_round() -> dict[int, int]:
             try:
                 ledger = Ledger(node_dirs[0] / "ledger.sqlite")
             except sqlite3.Error:  # machine A still creating it
-                return 0
+                return {}
             try:
-                return sum(1 for r in ledger.list_rounds(limit=50)
-                           if r["state"] == "committed" and len(ledger.updates(r["round"])) == 3)
+                return {r["round"]: len(ledger.updates(r["round"]))
+                        for r in ledger.list_rounds(limit=50) if r["state"] == "committed"}
             finally:
                 ledger.close()
 
+        def why() -> tuple:
+            return ("updates per committed round on A", updates_per_round(),
+                    [journal(i)[-2000:] for i in range(3)])
+
         try:
             deadline = time.monotonic() + 300
-            while not (rounds_trained_by_all_three() >= 2
+            while not (list(updates_per_round().values()).count(3) >= 2
                        and journal(0).count('"round_evaluated"') >= 2):
                 # exit 0 is --max-rounds reached; anything else is a failure
-                assert all(p.poll() in (None, 0) for p, _ in procs), [journal(i)[-2000:]
-                                                                       for i in range(3)]
-                assert time.monotonic() < deadline, (
-                    "no two rounds trained by all three machines in 300 s",
-                    [journal(i)[-2000:] for i in range(3)])
+                assert all(p.poll() in (None, 0) for p, _ in procs), why()
+                assert procs[0][0].poll() is None, ("A reached --max-rounds first", *why())
+                assert time.monotonic() < deadline, ("no two rounds by all three in 300 s",
+                                                     *why())
                 time.sleep(1.0)
             # every node found the others over mDNS: nothing in the config names a peer
             assert all("mDNS: advertising" in journal(i) for i in range(3))

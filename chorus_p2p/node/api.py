@@ -394,7 +394,7 @@ async def submit_update(request: web.Request) -> web.Response:
                                             "application/x-safetensors"):
         raise ApiError("unsupported_media_type", f"send the adapter as application/octet-stream "
                        f"(safetensors bytes), not {ctype}")
-    node.rounds.check_open(number, trained_from)
+    node.rounds.check_open(number, trained_from, caller)
     limit = node.spec.max_update_bytes()
     if request.content_length is not None and request.content_length > limit:
         raise ApiError("too_large", f"update is {request.content_length} bytes; this federation's "

@@ -104,6 +104,9 @@ class RoundManager:
         self.voting_members: Callable[[], list[str]] = lambda: [node_id]
         self.abstaining: Callable[[], set[str]] = lambda: set()
         self._short_reported: int | None = None
+        # Round -> callers whose update for it came too late: the next round waits for them,
+        # so a machine a little slower than the rest misses one round, not every round.
+        self._late: dict[int, set[str]] = {}
         self.notify_followers: Callable[[], None] = lambda: None
         self.coordinator_hint: Callable[[], dict[str, Any]] = lambda: {}
         # Set by the node: wake the state keeper when rounds commit; what our state offers peers.
@@ -342,8 +345,12 @@ class RoundManager:
             raise UpdateRejected("not_coordinator", f"this node is not the coordinator; submit "
                                  f"to the coordinator{where}", extra=hint)
 
-    def check_open(self, round_no: int, trained_from: int | None) -> dict[str, Any]:
-        """Cheap checks done before an upload's body is read, and again before it is recorded."""
+    def check_open(self, round_no: int, trained_from: int | None,
+                   caller: str | None = None) -> dict[str, Any]:
+        """Cheap checks done before an upload's body is read, and again before it is recorded.
+
+        ``caller``: who sends it. A caller refused because it came too late is waited for in
+        the next round (``_participation``)."""
         self.require_coordinator()
         row = self.ledger.round(round_no)
         if row is None:
@@ -351,13 +358,22 @@ class RoundManager:
             raise UpdateRejected("unknown_round", f"round {round_no} does not exist (the current "
                                  f"round is {current['round'] if current else 'none'})")
         if row["state"] not in (OPEN, COLLECTING):
+            self._note_late(caller, round_no)
             raise UpdateRejected("round_closed", f"round {round_no} is {row['state']}; submit to "
-                                 "the current round")
+                                 "the current round (the next round waits for this sender)")
         if trained_from is not None and trained_from != row["trained_from"]:
+            self._note_late(caller, round_no - 1)
             raise UpdateRejected("stale_base", f"this update was trained from round {trained_from}"
                                  f" but round {round_no} builds on round {row['trained_from']}; "
                                  "pull the latest adapter and train again")
         return row
+
+    def _note_late(self, caller: str | None, round_no: int) -> None:
+        if caller is None or round_no < 1:
+            return
+        self._late.setdefault(round_no, set()).add(caller)
+        for old in [r for r in self._late if r < round_no - 4]:
+            del self._late[old]  # only the round before the collecting one is read
 
     async def accept(self, round_no: int, node_id: str, temp_path: Path, sha: str, size: int,
                      examples: int, trained_from: int, norm: float,
@@ -382,7 +398,7 @@ class RoundManager:
                         f"{node_id} sent these exact bytes to round {earlier} already; an update "
                         "counts once (pull the latest adapter and train again)"),
                         extra={"round": earlier})
-                row = self.check_open(round_no, trained_from)
+                row = self.check_open(round_no, trained_from, node_id)
                 existed = self.blobs.has(sha)
                 await asyncio.to_thread(self.blobs.adopt, temp_path, sha)
                 record = {"round": round_no, "node_id": node_id, "blob_sha": sha,
@@ -450,9 +466,15 @@ class RoundManager:
         return self._participation(round_no)[1]
 
     def _participation(self, round_no: int) -> tuple[int, int]:
-        """(updates needed at least, updates to wait for before the deadline)."""
+        """(updates needed at least, updates to wait for before the deadline).
+
+        Waited for: who took part in the previous round, and who tried to but came too late
+        (refused ``round_closed`` or ``stale_base``). Without the latter, a member a little
+        slower than the rest is still training round t when round t+1 opens, is refused, and
+        stays one round behind for good."""
         previous = {u["node_id"] for u in self.ledger.updates(round_no - 1)} \
             if round_no > 1 else set()
+        previous |= self._late.get(round_no - 1, set())
         gone = previous & self.abstaining()
         needed = self.policy.min_updates  # a floor an abstaining member never lowers (privacy)
         if not gone:
