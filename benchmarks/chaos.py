@@ -32,8 +32,8 @@ from pathlib import Path
 
 from chorus_p2p.chaos import Chaos
 from chorus_p2p.netlab import NetLab, namespaces_unavailable
-from chorus_p2p.node.identity import copy_admin_key, init_data_dir
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.trust.identity import copy_admin_key, init_data_dir
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.tiny import quiet_transformers, save_tiny_model, write_random_update
 
 RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")

@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.trust.identity import init_data_dir
 from chorus_p2p.tiny import quiet_transformers, save_tiny_model
 
 TARGET_S = 0.3

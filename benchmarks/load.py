@@ -47,8 +47,8 @@ from pathlib import Path
 import aiohttp
 
 from chorus_p2p.client import AsyncNodeClient, NodeError, NodeUnreachable
-from chorus_p2p.node.identity import init_data_dir, load_identity
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.trust.identity import init_data_dir, load_identity
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.tiny import quiet_transformers, save_tiny_model, write_random_update
 
 RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")

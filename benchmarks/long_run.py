@@ -56,9 +56,9 @@ import torch
 
 from chorus_p2p.client import AsyncNodeClient
 from chorus_p2p.lora.residual import ResidualFile
-from chorus_p2p.node.identity import init_data_dir, load_identity
+from chorus_p2p.trust.identity import init_data_dir, load_identity
 from chorus_p2p.node.retention import data_dir_bytes
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.tiny import write_random_update
 
 MB = 1e6

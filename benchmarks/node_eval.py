@@ -27,7 +27,7 @@ DATA = ROOT / "examples" / "data"
 
 async def rounds_with(model: Path, work: Path, rounds: int, steps: int, evaluate: bool
                       ) -> tuple[list[float], list[float]]:
-    from chorus_p2p.node.identity import init_data_dir
+    from chorus_p2p.trust.identity import init_data_dir
     from chorus_p2p.node.service import Node
     from chorus_p2p.node.settings import NodeSettings
 

@@ -24,8 +24,8 @@ import torch
 
 from chorus_p2p.client import NodeClient
 from chorus_p2p.netlab import NetLab, NodeProc, namespaces_unavailable, wait_until
-from chorus_p2p.node.identity import init_data_dir
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.trust.identity import init_data_dir
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.tiny import quiet_transformers, save_tiny_model, write_random_update
 
 RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")

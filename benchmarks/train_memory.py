@@ -75,7 +75,7 @@ def one_round(model: str, dtype: str, device: str, steps: int, batch: int, seq_l
     """In this (child) process: a round with a non-zero R, as a node trains it."""
     import torch
 
-    from chorus_p2p.node.spec import FederationSpec
+    from chorus_p2p.federation.spec import FederationSpec
     from chorus_p2p.tiny import write_random_update
     from chorus_p2p.lora.aggregate import aggregate_adapters
     from chorus_p2p.train.data import Dataset

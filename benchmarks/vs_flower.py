@@ -47,7 +47,7 @@ from chorus_p2p.flower.records import adapter_record
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.fold import iter_deltas
 from chorus_p2p.lora.residual import RESIDUAL_FILE
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.spec import FederationSpec
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -30,7 +30,7 @@ import aiohttp
 from chorus_p2p.atomic import atomic_output_dir, atomic_output_file
 from chorus_p2p.errors import ChorusError
 from chorus_p2p.lora.files import resolve_adapter_files
-from chorus_p2p.node.auth import EMPTY_SHA256, H_ADMIN, request_key, sign_headers
+from chorus_p2p.trust.auth import EMPTY_SHA256, H_ADMIN, request_key, sign_headers
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 T = TypeVar("T")
@@ -127,7 +127,7 @@ def _safe_extract(data: bytes, out_dir: Path) -> None:
 
 def _data_dir_credentials(data_dir: str | os.PathLike, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments for talking to the node that owns ``data_dir`` as itself."""
-    from chorus_p2p.node.identity import load_identity
+    from chorus_p2p.trust.identity import load_identity
 
     identity = load_identity(data_dir)
     kwargs.setdefault("client_id", identity.node_id)
@@ -135,7 +135,7 @@ def _data_dir_credentials(data_dir: str | os.PathLike, kwargs: dict[str, Any]) -
 
 
 def _token_credentials(token: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    from chorus_p2p.node.identity import decode_join_token
+    from chorus_p2p.trust.identity import decode_join_token
 
     _, secret = decode_join_token(token)
     return {"secret": secret, **kwargs}
@@ -181,7 +181,7 @@ class AsyncNodeClient:
         if self._session is None or self._session.closed:
             connector = None
             if self.url.startswith("https://"):
-                from chorus_p2p.node.tls import pinning_connector
+                from chorus_p2p.trust.tls import pinning_connector
 
                 pins = {self.url: self.node_id} if self.node_id else {}
                 connector = pinning_connector(pins)

@@ -79,7 +79,7 @@ def make_client_adapter(base_dir: str | Path, out_dir: str | Path, *, seed: int,
 def write_random_update(path: str | Path, spec, seed: int, scale: float = 0.05) -> Path:
     """A bare safetensors update with a federation's exact shapes (no model load: fast).
 
-    ``spec`` is a :class:`chorus_p2p.node.spec.FederationSpec`; both factors are random, as if
+    ``spec`` is a :class:`chorus_p2p.federation.spec.FederationSpec`; both factors are random, as if
     a client had trained."""
     from safetensors.torch import save_file
 

@@ -36,7 +36,7 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def spec(tiny_base):
     """The federation every node test trains: the tiny model at nodeutil's rank and targets."""
-    from chorus_p2p.node.spec import FederationSpec
+    from chorus_p2p.federation.spec import FederationSpec
     from nodeutil import ALPHA, RANK, TARGETS
 
     return FederationSpec.build(str(tiny_base), RANK, ALPHA, TARGETS)

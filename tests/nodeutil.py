@@ -18,10 +18,10 @@ from typing import Any, Iterator
 from chorus_p2p.client import (AsyncNodeClient, ConflictError, NodeClient, NodeError,
                                NodeUnreachable, ServerError)
 from chorus_p2p.netlab import free_loopback_ports
-from chorus_p2p.node.identity import copy_admin_key, init_data_dir
+from chorus_p2p.trust.identity import copy_admin_key, init_data_dir
 from chorus_p2p.node.service import Node
 from chorus_p2p.node.settings import NodeSettings
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.tiny import write_random_update
 
 RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")
@@ -71,7 +71,7 @@ def node_client(node: Node, client_id: str = "alice", *, admin: bool = False,
 def dir_client(url: str, data_dir: Path, client_id: str, *, admin: bool = False
                ) -> AsyncNodeClient:
     """A client of a node process, with the credentials in its data dir."""
-    from chorus_p2p.node.identity import load_identity
+    from chorus_p2p.trust.identity import load_identity
 
     identity = load_identity(data_dir)
     return AsyncNodeClient(url, secret=identity.secret, client_id=client_id,
@@ -214,7 +214,7 @@ class Federation:
     def grant_admin(self, *indexes: int) -> None:
         """Copy the founder's federation admin key into these nodes' data dirs (default: all),
         as a founder does for the people it trusts; call before starting them."""
-        from chorus_p2p.node.identity import copy_admin_key
+        from chorus_p2p.trust.identity import copy_admin_key
 
         for i in indexes or range(1, len(self.ports)):
             copy_admin_key(self.tmp_path / "n0", self.tmp_path / f"n{i}")

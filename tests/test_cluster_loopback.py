@@ -10,7 +10,7 @@ import pytest
 
 from chorus_p2p.client import AsyncNodeClient, ConflictError
 from chorus_p2p.node.cluster import Peer
-from chorus_p2p.node.spec import UpdateRejected
+from chorus_p2p.federation.refusals import UpdateRejected
 
 from nodeutil import (EventTap, Federation, chances_to_lead, committed_updates, heartbeats,
                       history, node_client, run_round, same_state_bytes, wait_for, wait_for_sync,
@@ -240,7 +240,7 @@ async def test_approval_is_the_federations_policy_not_one_nodes_flag(federation)
     with --peer elected one of themselves within 4 s, never approved, and the founder lost its
     quorum. The policy now travels in the join token: every node holds a peer it hears of as
     pending unless the founder (named by the token) or the coordinator's list vouches for it."""
-    from chorus_p2p.node.identity import init_data_dir
+    from chorus_p2p.trust.identity import init_data_dir
 
     fed = federation(3)  # none of them runs with --approve-joins: the token decides
     founder = init_data_dir(fed.tmp_path / "n0", "looplab", admission="approval", force=True)

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from chorus_p2p.client import AsyncNodeClient, NodeError
 from chorus_p2p.errors import UsageError
-from chorus_p2p.node.dp_policy import DECLARATION_KEY, UNIT, DPPolicy, check_update
-from chorus_p2p.node.identity import init_data_dir, join_token_extras
-from chorus_p2p.node.spec import UpdateRejected
+from chorus_p2p.federation.dp_policy import DECLARATION_KEY, UNIT, DPPolicy, check_update
+from chorus_p2p.trust.identity import init_data_dir, join_token_extras
+from chorus_p2p.federation.refusals import UpdateRejected
 from chorus_p2p.tiny import write_random_update
 from chorus_p2p.train.privacy import (BudgetExhausted, BudgetFile, DPConfig, PrivacyBudget,
                                       epsilon_of, privatize_file)

@@ -19,9 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from chorus_p2p.errors import UsageError
-from chorus_p2p.node.dp_policy import DECLARATION_KEY, UNITS, DPPolicy, check_update
-from chorus_p2p.node.identity import init_data_dir
-from chorus_p2p.node.spec import FederationSpec, UpdateRejected
+from chorus_p2p.federation.dp_policy import DECLARATION_KEY, UNITS, DPPolicy, check_update
+from chorus_p2p.trust.identity import init_data_dir
+from chorus_p2p.federation.refusals import UpdateRejected
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.tiny import build_tiny_model, write_random_update
 from chorus_p2p.train.data import Dataset
 from chorus_p2p.train.dp_sgd import (DPSGDRelease, PrivateGradients, per_record_loss,

@@ -236,7 +236,7 @@ def test_a_dp_sgd_run_trains_every_client_privately_and_prices_each_record(tmp_p
     from chorus_p2p.evaluation.experiment import Experiment
     from chorus_p2p.evaluation.runner import execute
     from chorus_p2p.train.dp_sgd import plan_release
-    from chorus_p2p.train.privacy import epsilon_of_releases
+    from chorus_p2p.federation.accounting import epsilon_of_releases
 
     with pytest.raises(UsageError, match="dp_mechanism 'dpsgd'"):
         Experiment.from_table({"dp_mechanism": "dpsgd"})

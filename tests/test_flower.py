@@ -20,7 +20,7 @@ flwr = pytest.importorskip("flwr", reason="the flower extra is not installed")
 from chorus_p2p.exactness import merged_state, weighted_mean_state  # noqa: E402
 from chorus_p2p.flower.local_run import LocalFlower  # noqa: E402
 from chorus_p2p.lora.fold import fold_base  # noqa: E402
-from chorus_p2p.node.spec import FederationSpec  # noqa: E402
+from chorus_p2p.federation.spec import FederationSpec  # noqa: E402
 from chorus_p2p.state.store import StateStore  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
@@ -206,7 +206,7 @@ def test_a_dp_policy_on_the_server_refuses_replies_as_a_node_does(tmp_path, tiny
     from chorus_p2p.flower import ExactLoRA
     from chorus_p2p.flower.inprocess import PreparedGrid
     from chorus_p2p.flower.records import DP_KEY, adapter_record, write_adapter_file
-    from chorus_p2p.node.dp_policy import DPPolicy, read_declaration
+    from chorus_p2p.federation.dp_policy import DPPolicy, read_declaration
     from chorus_p2p.tiny import write_random_update
     from chorus_p2p.train.privacy import BudgetFile, DPConfig, PrivacyBudget, privatize_file
 
@@ -254,7 +254,7 @@ def test_a_dp_client_trains_and_its_noised_reply_passes_the_servers_policy(tmp_p
     from chorus_p2p.flower import ExactLoRA, ExactLoRAClient
     from chorus_p2p.flower.inprocess import PreparedGrid
     from chorus_p2p.flower.records import DP_KEY
-    from chorus_p2p.node.dp_policy import DPPolicy
+    from chorus_p2p.federation.dp_policy import DPPolicy
     from chorus_p2p.train.data import Dataset
     from chorus_p2p.train.privacy import DPConfig
     from chorus_p2p.train.trainer import TrainConfig

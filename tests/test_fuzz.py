@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from chorus_p2p.node.auth import identity_headers, request_key, sign_headers
-from chorus_p2p.node.identity import node_id_for
+from chorus_p2p.trust.auth import identity_headers, request_key, sign_headers
+from chorus_p2p.trust.identity import node_id_for
 
 from nodeutil import blob_files, node_in_thread
 

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from chorus_p2p.cli.main import main
 from chorus_p2p.client import NodeError, RejectedError
-from chorus_p2p.node.auth import identity_headers, request_key, sign_headers
-from chorus_p2p.node.identity import init_data_dir, node_id_for
+from chorus_p2p.trust.auth import identity_headers, request_key, sign_headers
+from chorus_p2p.trust.identity import init_data_dir, node_id_for
 
 from nodeutil import (NodeProcess, blob_files, chances_to_lead, periodic_work, start_node,
                       wait_for, write_update)
@@ -519,7 +519,7 @@ def test_clumsy_command_lines_get_one_line_and_the_right_exit_code(tmp_path, cap
 
 
 def _token(data_dir: Path) -> str:
-    from chorus_p2p.node.identity import load_identity
+    from chorus_p2p.trust.identity import load_identity
 
     return load_identity(data_dir).join_token()
 

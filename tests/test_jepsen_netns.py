@@ -17,8 +17,8 @@ import pytest
 
 from chorus_p2p.chaos import Chaos
 from chorus_p2p.netlab import NetLab, namespaces_unavailable
-from chorus_p2p.node.identity import copy_admin_key, init_data_dir
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.trust.identity import copy_admin_key, init_data_dir
+from chorus_p2p.federation.spec import FederationSpec
 
 from nodeutil import ALPHA, RANK, TARGETS, write_update
 

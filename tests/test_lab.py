@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from chorus_p2p.netlab import NetLab, namespaces_unavailable, wait_until
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.trust.identity import init_data_dir
 from chorus_p2p.node.ledger import Ledger
 from chorus_p2p.node.settings import resolve_settings
 

@@ -17,10 +17,10 @@ from chorus_p2p.client import AsyncNodeClient, PrunedError
 from chorus_p2p.cli.main import main
 from chorus_p2p.lora.residual import ResidualFile
 from chorus_p2p.node.blobs import BlobStore
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.trust.identity import init_data_dir
 from chorus_p2p.node.ledger import SCHEMA_VERSION, Ledger
 from chorus_p2p.node.retention import FAULT_GC_DELAY_ENV, data_dir_bytes
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.state.store import FAULT_APPLY_DELAY_ENV, FAULT_CHECKPOINT_DELAY_ENV
 
 from nodeutil import (Federation, NodeProcess, blob_files, dir_client,

@@ -15,8 +15,8 @@ import pytest
 
 from chorus_p2p.client import AsyncNodeClient, ConflictError, NodeClient
 from chorus_p2p.netlab import free_loopback_ports
-from chorus_p2p.node import auth
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.trust import auth
+from chorus_p2p.trust.identity import init_data_dir
 
 from nodeutil import (EventTap, Federation, NodeProcess, chances_to_lead, committed_updates,
                       history, run_round, start_node, wait_for, wait_for_sync, write_update)
@@ -311,7 +311,8 @@ async def test_a_proposal_fetched_as_follower_never_replaces_the_round_it_then_c
     Here the fetch is held open until this node has led and committed that round."""
     from chorus_p2p.node.blobs import BlobStore
     from chorus_p2p.node.events import EventBus
-    from chorus_p2p.node.ledger import COMMITTED, Ledger, PROPOSED, round_record
+    from chorus_p2p.federation.round_states import COMMITTED, PROPOSED
+    from chorus_p2p.node.ledger import Ledger, round_record
     from chorus_p2p.node.rounds import RoundManager, RoundPolicy
 
     ledger = Ledger(tmp_path / "ledger.sqlite")

@@ -16,7 +16,7 @@ from chorus_p2p.client import (PROVENANCE_FILE, AsyncNodeClient, AuthenticationE
                                RejectedError)
 from chorus_p2p.exactness import merged_state, weighted_mean_state
 from chorus_p2p.lora.fold import fold_base
-from chorus_p2p.node.auth import H_ADMIN, request_key, sign_headers
+from chorus_p2p.trust.auth import H_ADMIN, request_key, sign_headers
 from chorus_p2p.tiny import make_client_adapter
 
 from nodeutil import (ALPHA, RANK, TARGETS, blob_files, node_client, start_node, wait_for,
@@ -577,7 +577,7 @@ async def test_a_round_older_than_the_newest_checkpoint_is_still_served_and_expo
     from safetensors.torch import load_file as load
 
     from chorus_p2p.lora.fold import iter_deltas
-    from chorus_p2p.train.export import export_from_data_dir
+    from chorus_p2p.node.export import export_from_data_dir
 
     node = await start_node(tmp_path / "node", tiny_base, checkpoint_every=2)
     try:

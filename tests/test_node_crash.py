@@ -9,9 +9,9 @@ import hashlib
 import aiohttp
 import pytest
 
-from chorus_p2p.node.auth import request_key, sign_headers
+from chorus_p2p.trust.auth import request_key, sign_headers
 from chorus_p2p.node.blobs import BlobStore, sha256_file
-from chorus_p2p.node.identity import init_data_dir, load_identity
+from chorus_p2p.trust.identity import init_data_dir, load_identity
 from chorus_p2p.node.ledger import Ledger
 from chorus_p2p.node.rounds import FAULT_DELAY_ENV
 

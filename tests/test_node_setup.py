@@ -13,7 +13,7 @@ import pytest
 
 from chorus_p2p.cli.main import main
 from chorus_p2p.errors import UsageError
-from chorus_p2p.node.identity import (decode_join_token, encode_join_token, init_data_dir,
+from chorus_p2p.trust.identity import (decode_join_token, encode_join_token, init_data_dir,
                                       load_identity)
 from chorus_p2p.node.settings import resolve_settings
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from chorus_p2p.client import ConflictError, NodeClient, NodeError
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.trust.identity import init_data_dir
 
 from chorus_p2p.netlab import NetLab, namespaces_unavailable, wait_until
 from nodeutil import ALPHA, RANK, TARGETS, write_update

@@ -206,7 +206,7 @@ async def test_a_node_federates_it_and_exports_a_plain_transformers_model(tmp_pa
     import asyncio
 
     from chorus_p2p.client import AsyncNodeClient
-    from chorus_p2p.train.export import export_from_data_dir
+    from chorus_p2p.node.export import export_from_data_dir
 
     from nodeutil import start_node, wait_for
 

@@ -96,7 +96,7 @@ def test_the_budget_composes_each_round_at_the_settings_it_was_released_under(tm
         restarted.check()
     # With room left, a round at z = 2 costs what the accountant says for the mix.
     roomy = PrivacyBudget(meta, DPConfig(epsilon=60.0, noise_multiplier=2.0))
-    from chorus_p2p.train.privacy import epsilon_of
+    from chorus_p2p.federation.accounting import epsilon_of
 
     assert roomy.check() == pytest.approx(epsilon_of([0.5] * 10 + [2.0], 1e-5))
     assert spent < roomy.record(11) < epsilon_after(11, loud)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from chorus_p2p.node.auth import identity_headers, request_key, sign_headers
-from chorus_p2p.node.identity import load_identity
+from chorus_p2p.trust.auth import identity_headers, request_key, sign_headers
+from chorus_p2p.trust.identity import load_identity
 
 from nodeutil import start_node
 
@@ -33,7 +33,7 @@ async def test_peer_calls_need_the_callers_identity_key(tmp_path, tiny_base):
     try:
         before = node.ledger.snapshot()
         stranger = Ed25519PrivateKey.generate()
-        from chorus_p2p.node.identity import node_id_for
+        from chorus_p2p.trust.identity import node_id_for
         from cryptography.hazmat.primitives import serialization
 
         stranger_id = node_id_for(stranger.public_key().public_bytes(
@@ -97,7 +97,7 @@ def test_identity_key_file_is_private(tmp_path):
     import os
     import stat
 
-    from chorus_p2p.node.identity import init_data_dir
+    from chorus_p2p.trust.identity import init_data_dir
 
     identity = init_data_dir(tmp_path / "d", "lab")
     mode = stat.S_IMODE(os.stat(tmp_path / "d" / "identity.key").st_mode)
@@ -110,7 +110,7 @@ async def test_a_member_cannot_speak_for_another(tmp_path, tiny_base):
 
     from cryptography.hazmat.primitives import serialization
 
-    from chorus_p2p.node.identity import node_id_for
+    from chorus_p2p.trust.identity import node_id_for
 
     node = await start_node(tmp_path / "node", tiny_base)
     try:
@@ -140,7 +140,7 @@ async def test_a_peer_answer_is_believed_only_when_signed_with_the_federation_ke
     import pytest
     from aiohttp import web
 
-    from chorus_p2p.node.auth import H_NONCE
+    from chorus_p2p.trust.auth import H_NONCE
     from chorus_p2p.node.peers import H_RESPONSE_SIG, PeerClient, PeerError, response_signature
 
     ours, theirs = request_key(b"o" * 32), request_key(b"t" * 32)
@@ -192,8 +192,8 @@ def test_a_state_changing_request_replayed_after_kill9_is_refused(tmp_path, tiny
     import urllib.request
 
     from chorus_p2p.netlab import free_loopback_ports
-    from chorus_p2p.node.auth import H_ADMIN
-    from chorus_p2p.node.identity import init_data_dir
+    from chorus_p2p.trust.auth import H_ADMIN
+    from chorus_p2p.trust.identity import init_data_dir
 
     from nodeutil import NodeProcess
 

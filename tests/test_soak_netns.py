@@ -15,8 +15,8 @@ import pytest
 
 from chorus_p2p.client import NodeClient, NodeError, NodeUnreachable
 from chorus_p2p.netlab import NetLab, namespaces_unavailable, wait_until
-from chorus_p2p.node.identity import init_data_dir
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.trust.identity import init_data_dir
+from chorus_p2p.federation.spec import FederationSpec
 
 from nodeutil import ALPHA, RANK, TARGETS, write_update
 

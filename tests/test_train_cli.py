@@ -112,7 +112,7 @@ def test_up_train_max_rounds_stops_with_exit_0_and_counts_across_restarts(tmp_pa
     """Issue 22 #9: `up --train` ran forever. With --max-rounds N it leaves once N committed
     rounds count its update, exit 0; the same command again finds the work done (a restart
     carries on from where it was, it does not start over)."""
-    from chorus_p2p.node.identity import init_data_dir
+    from chorus_p2p.trust.identity import init_data_dir
     from chorus_p2p.node.ledger import Ledger
 
     from nodeutil import NodeProcess
@@ -148,7 +148,7 @@ async def test_a_node_evaluates_each_committed_model_and_export_picks_the_best(t
     best."""
     import asyncio
 
-    from chorus_p2p.node.identity import init_data_dir
+    from chorus_p2p.trust.identity import init_data_dir
 
     from nodeutil import start_node, wait_for
 
@@ -193,7 +193,7 @@ def test_patience_leaves_after_evaluations_without_a_new_best(tmp_path):
     from types import SimpleNamespace
 
     from chorus_p2p.node.ledger import Ledger
-    from chorus_p2p.train.node_eval import NodeEvaluator
+    from chorus_p2p.node.evaluator import NodeEvaluator
 
     ledger = Ledger(tmp_path / "ledger.sqlite")
     finished: list[str] = []

@@ -15,7 +15,7 @@ from chorus_p2p.exactness import check_exactness, merged_state, weighted_mean_st
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.fold import fold_base
 from chorus_p2p.lora.residual import RESIDUAL_FILE
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.train.data import Dataset, load_texts
 from chorus_p2p.train.export import export_merged
 from chorus_p2p.train.simulate import initial_state, simulate
@@ -471,7 +471,7 @@ async def test_a_stopping_worker_waits_for_its_threads_and_ends_long_ones():
     import threading
     from types import SimpleNamespace
 
-    from chorus_p2p.train.worker import StepLoop, Stopping
+    from chorus_p2p.node.worker import StepLoop, Stopping
 
     entered, outcome = threading.Event(), []
 

@@ -14,7 +14,7 @@ from chorus_p2p.client import AsyncNodeClient
 from chorus_p2p.tui.app import ChorusApp
 from chorus_p2p.tui.state import FederationState
 
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.trust.identity import init_data_dir
 from chorus_p2p.tui.state import STALE_AFTER_S
 
 from nodeutil import Federation, NodeProcess, start_node, wait_for, write_update

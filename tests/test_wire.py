@@ -13,7 +13,7 @@ import time
 import pytest
 
 from chorus_p2p.node import api
-from chorus_p2p.node.auth import H_ADMIN, sign_headers
+from chorus_p2p.trust.auth import H_ADMIN, sign_headers
 from nodeutil import node_in_thread
 
 EXCLUDE_PATH = "/v1/admin/rounds/1/updates/nobody/exclude"

@@ -110,7 +110,7 @@ def _credential_token(args: argparse.Namespace, admin: bool) -> str | None:
     federation's token left in the shell signed with the wrong secret: ``bad_signature``).
     Without either flag, a caller that may act as admin (admin commands, the TUI) prefers the
     local data dir over ``$CHORUS_JOIN_TOKEN``: only the data dir holds the admin token."""
-    from chorus_p2p.node.identity import IDENTITY_FILE
+    from chorus_p2p.trust.identity import IDENTITY_FILE
 
     explicit = getattr(args, "join", None) or getattr(args, "join_file", None)
     local = (Path(_data_dir(args)) / IDENTITY_FILE).is_file()
@@ -137,8 +137,8 @@ def _when(ts: float | None) -> str:
 # -- init / up ------------------------------------------------------------------------------------
 def _cmd_init(args: argparse.Namespace) -> int:
     from chorus_p2p.errors import UsageError
-    from chorus_p2p.node.dp_policy import DPPolicy
-    from chorus_p2p.node.identity import init_data_dir
+    from chorus_p2p.federation.dp_policy import DPPolicy
+    from chorus_p2p.trust.identity import init_data_dir
 
     join = _join_token(args) if (args.join or args.join_file) else None
     dp_policy = None
@@ -197,7 +197,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
               file=sys.stderr)
     token = _join_token(args)
     if token:
-        from chorus_p2p.node.identity import IDENTITY_FILE, init_data_dir
+        from chorus_p2p.trust.identity import IDENTITY_FILE, init_data_dir
 
         if not (Path(settings.data_dir) / IDENTITY_FILE).exists():
             identity = init_data_dir(settings.data_dir, join_token=token)
@@ -301,7 +301,7 @@ def _offline_gc(data_dir: Path, keep_rounds: str | None) -> dict[str, Any]:
     from chorus_p2p.node.retention import Retention
     from chorus_p2p.node.service import BLOB_DIR, LEDGER_FILE, STATE_DIR
     from chorus_p2p.node.settings import parse_keep_rounds, resolve_settings
-    from chorus_p2p.node.spec import FederationSpec
+    from chorus_p2p.federation.spec import FederationSpec
     from chorus_p2p.state.store import StateStore
 
     if not (data_dir / LEDGER_FILE).exists():
@@ -444,7 +444,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_join_token(args: argparse.Namespace) -> int:
-    from chorus_p2p.node.identity import load_identity
+    from chorus_p2p.trust.identity import load_identity
 
     identity = load_identity(_data_dir(args))
     if args.json:
@@ -514,7 +514,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 def _cmd_tui(args: argparse.Namespace) -> int:
     from chorus_p2p.client import AsyncNodeClient
-    from chorus_p2p.node.identity import load_identity
+    from chorus_p2p.trust.identity import load_identity
     from chorus_p2p.tui.app import run_tui
 
     url = _node_url(args)

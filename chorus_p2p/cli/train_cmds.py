@@ -89,7 +89,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     the federation closes before our update arrives is not an error: train the next one."""
     from chorus_p2p.cli.node_cmds import _client
     from chorus_p2p.client import ConflictError
-    from chorus_p2p.node.spec import FederationSpec
+    from chorus_p2p.federation.spec import FederationSpec
     from chorus_p2p.state.store import StateStore
     from chorus_p2p.train.data import Dataset, DatasetOptions
     from chorus_p2p.train.remote_state import sync_from_node
@@ -203,7 +203,7 @@ def _privacy_budget(args: argparse.Namespace, info: dict):
     DP gets no raw update from here; a budget file that recorded releases before, used now
     without DP, gets a loud warning (its earlier guarantee says nothing of raw updates)."""
     from chorus_p2p.errors import UsageError
-    from chorus_p2p.node.dp_policy import DPPolicy
+    from chorus_p2p.federation.dp_policy import DPPolicy
     from chorus_p2p.node.settings import check_dp_mechanism
     from chorus_p2p.train.privacy import (BudgetFile, DPConfig, PrivacyBudget,
                                           default_budget_file)
@@ -277,7 +277,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from chorus_p2p.cli.node_cmds import _data_dir
-    from chorus_p2p.train.export import export_from_data_dir
+    from chorus_p2p.node.export import export_from_data_dir
 
     from chorus_p2p.errors import UsageError
 

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 from chorus_p2p.netlab import free_loopback_ports
-from chorus_p2p.node.identity import init_data_dir
+from chorus_p2p.trust.identity import init_data_dir
 from chorus_p2p.node.service import Node
 from chorus_p2p.node.settings import NodeSettings
 from chorus_p2p.tiny import quiet_transformers
 from chorus_p2p.train.data import Dataset
-from chorus_p2p.train.participant import materialize_round
+from chorus_p2p.node.participant import materialize_round
 from chorus_p2p.train.simulate import DEMO_TARGETS, RoundStats, format_round, plot_history
 from chorus_p2p.train.tiny_lm import build_tiny_lm
 from chorus_p2p.train.trainer import TrainConfig, eval_global

@@ -114,7 +114,7 @@ def _mean_worst(rows: list[dict[str, float]], task_kind: str) -> dict[str, dict[
 def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
             ) -> dict[str, Any]:
     """One run, start to end; returns its record (``run_experiment`` writes it)."""
-    from chorus_p2p.node.spec import FederationSpec
+    from chorus_p2p.federation.spec import FederationSpec
     from chorus_p2p.train.simulate import run_rounds
     from chorus_p2p.train.trainer import TrainConfig, load_global_model
 

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from chorus_p2p.flower.records import (DP_KEY, STATE_KEY, STATE_ROUND_METRIC, adapter_record,
                                        write_adapter_folder, write_delta)
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.state.store import StateStore
 from chorus_p2p.train.data import Dataset
 from chorus_p2p.train.privacy import DPConfig
@@ -101,7 +101,7 @@ class ExactLoRAClient:
                        "eval-loss": result.eval_loss, STATE_ROUND_METRIC: state.round}
             declared = None
             if self.budget is not None:  # the private update leaves; the losses stay here
-                from chorus_p2p.node.dp_policy import read_declaration
+                from chorus_p2p.federation.dp_policy import read_declaration
                 from chorus_p2p.train.privacy import release_update
 
                 noised = scratch / "noised.safetensors"

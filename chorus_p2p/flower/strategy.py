@@ -44,8 +44,9 @@ from chorus_p2p.errors import AdapterError
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
 from chorus_p2p.lora.residual import RESIDUAL_FILE
-from chorus_p2p.node.dp_policy import DPPolicy, check_declared, check_release, parse_declaration
-from chorus_p2p.node.spec import FederationSpec, UpdateRejected
+from chorus_p2p.federation.dp_policy import DPPolicy, check_declared, check_release, parse_declaration
+from chorus_p2p.federation.refusals import UpdateRejected
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.state.store import StateStore
 
 ADAPTER_FILE = "adapter_model.safetensors"

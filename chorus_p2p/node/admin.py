@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from chorus_p2p.node.peers import PeerError
-from chorus_p2p.node.spec import UpdateRejected
+from chorus_p2p.federation.refusals import UpdateRejected
 
 if TYPE_CHECKING:
     from chorus_p2p.node.service import Node

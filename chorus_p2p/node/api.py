@@ -1,6 +1,6 @@
 """The node's HTTP API under ``/v1/`` (aiohttp), and its WebSocket event stream.
 
-Every route except ``GET /v1/health`` is authenticated (see :mod:`chorus_p2p.node.auth`) before
+Every route except ``GET /v1/health`` is authenticated (see :mod:`chorus_p2p.trust.auth`) before
 its handler runs; admin routes also need the local admin token. Errors are always JSON
 ``{"error": code, "message": text}`` with a matching status, and every refusal is logged and sent
 to the event stream.
@@ -24,15 +24,15 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from chorus_p2p import __version__
 from chorus_p2p.node import admin
-from chorus_p2p.node.auth import AuthFailure, check_admin, verify_headers, verify_identity
+from chorus_p2p.trust.auth import AuthFailure, check_admin, verify_headers, verify_identity
 from chorus_p2p.node.blobs import BlobError, is_sha256
-from chorus_p2p.node.dp_policy import check_update as check_dp
+from chorus_p2p.federation.dp_policy import check_update as check_dp
 from chorus_p2p.node.guard import guard_middleware
 from chorus_p2p.node.events import CLOSING, recorded_level
 from chorus_p2p.node.ledger import round_record
 from chorus_p2p.node.peers import H_RESPONSE_SIG, response_signature
 from chorus_p2p.node.ratelimit import RateLimited
-from chorus_p2p.node.spec import UpdateRejected
+from chorus_p2p.federation.refusals import UpdateRejected
 
 if TYPE_CHECKING:
     from chorus_p2p.node.service import Node

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from chorus_p2p.node.dp_policy import policy_json
+from chorus_p2p.federation.dp_policy import policy_json
 from chorus_p2p.node.ledger import round_record
 from chorus_p2p.node.rounds import UPDATE_KEYS
 from chorus_p2p.node.peers import PeerClient, PeerError
@@ -278,7 +278,7 @@ class Cluster:
         coordinator exists because the dead node was needed for a majority (a 2-node
         federation), ``force`` removes it from this node only, with a warning: if that node is
         in fact alive elsewhere, the two can diverge."""
-        from chorus_p2p.node.spec import UpdateRejected
+        from chorus_p2p.federation.refusals import UpdateRejected
 
         if self.node.node_id.startswith(node_id):
             raise UpdateRejected("bad_request", "a node cannot remove itself; stop it with "
@@ -326,7 +326,7 @@ class Cluster:
 
     def decide(self, node_id: str, approve: bool) -> dict[str, Any]:
         """Admin decision on a pending member (on the coordinator; followers learn it by gossip)."""
-        from chorus_p2p.node.spec import UpdateRejected
+        from chorus_p2p.federation.refusals import UpdateRejected
 
         if self.node.node_id.startswith(node_id):
             raise UpdateRejected("not_pending", "that is this node itself; only pending members "
@@ -1116,7 +1116,7 @@ class Cluster:
 
     def on_hello(self, body: dict[str, Any]) -> dict[str, Any]:
         """A peer introduces itself; the signed request already proved it holds the secret."""
-        from chorus_p2p.node.spec import UpdateRejected
+        from chorus_p2p.federation.refusals import UpdateRejected
 
         if body.get("federation") != self.node.identity.federation:
             raise UpdateRejected("spec_mismatch", f"this node belongs to federation "

@@ -97,7 +97,7 @@ def ledger_problem(data_dir: Path) -> str | None:
 def diagnose(data_dir: str | Path, *, repair: bool = False) -> Report:
     data_dir = Path(data_dir)
     report = Report()
-    from chorus_p2p.node.identity import IdentityError, load_identity
+    from chorus_p2p.trust.identity import IdentityError, load_identity
 
     try:
         identity = load_identity(data_dir)

@@ -16,7 +16,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from chorus_p2p.node.spec import UpdateRejected
+from chorus_p2p.federation.refusals import UpdateRejected
 
 if TYPE_CHECKING:
     from chorus_p2p.node.service import Node

@@ -23,15 +23,12 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
+from chorus_p2p.federation.round_states import COMMITTED
+
 log = logging.getLogger("chorus_p2p.ledger")
 
 SCHEMA_VERSION = 8
 
-# Round states, in order. A round only moves forward.
-OPEN, COLLECTING, AGGREGATING = "open", "collecting", "aggregating"
-PROPOSED, COMMITTED = "proposed", "committed"
-# A round is "proposed" once its result blobs exist and the coordinator is collecting
-# acknowledgements; it is "committed" when a majority of members hold the record.
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:

@@ -17,7 +17,8 @@ import torch
 
 from chorus_p2p.lora.residual import ResidualFile
 from chorus_p2p.node.blobs import BlobStore
-from chorus_p2p.node.ledger import COMMITTED, Ledger, chain_hash
+from chorus_p2p.federation.round_states import COMMITTED
+from chorus_p2p.node.ledger import Ledger, chain_hash
 from chorus_p2p.state import sketch as sketches
 from chorus_p2p.state.store import StateStore
 

@@ -1,6 +1,6 @@
 """Signed node-to-node calls.
 
-Requests are signed like any client's (:mod:`chorus_p2p.node.auth`); responses to peer calls are
+Requests are signed like any client's (:mod:`chorus_p2p.trust.auth`); responses to peer calls are
 signed too (``X-Chorus-Response-Signature`` over the request nonce and the response body), so a
 node never believes an answer from something that does not hold the federation secret. That is
 what keeps a node with the wrong secret out even though it is visible on mDNS.
@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from chorus_p2p.node.auth import EMPTY_SHA256, H_NONCE, identity_headers, sign_headers
+from chorus_p2p.trust.auth import EMPTY_SHA256, H_NONCE, identity_headers, sign_headers
 
 H_RESPONSE_SIG = "X-Chorus-Response-Signature"
 
@@ -55,7 +55,7 @@ class PeerClient:
         if self._session is None or self._session.closed:
             connector = None
             if self.ssl_context is not None:
-                from chorus_p2p.node.tls import pinning_connector
+                from chorus_p2p.trust.tls import pinning_connector
 
                 connector = pinning_connector(self.pins)
             self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)

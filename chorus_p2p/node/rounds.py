@@ -36,10 +36,11 @@ from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
 from chorus_p2p.errors import AdapterError
 from chorus_p2p.node.blobs import BlobError, BlobStore
 from chorus_p2p.node.events import EventBus
-from chorus_p2p.node.ledger import (AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED, Ledger,
-                                    chain_hash, round_record)
+from chorus_p2p.federation.refusals import UpdateRejected
+from chorus_p2p.federation.round_states import AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED
+from chorus_p2p.federation.spec import FederationSpec
+from chorus_p2p.node.ledger import Ledger, chain_hash, round_record
 from chorus_p2p.node.robust import FilterPolicy, Scale, bound_exclusions, filter_updates
-from chorus_p2p.node.spec import FederationSpec, UpdateRejected
 from chorus_p2p.state import sketch as sketches
 
 log = logging.getLogger("chorus_p2p.rounds")

@@ -24,14 +24,14 @@ from aiohttp import web
 from chorus_p2p import __version__
 from chorus_p2p.errors import Refused, UsageError
 from chorus_p2p.node.api import build_app
-from chorus_p2p.node.auth import NonceCache, request_key
+from chorus_p2p.trust.auth import NonceCache, request_key
 from chorus_p2p.node.blobs import BlobStore
 from chorus_p2p.node.cluster import Cluster, ClusterTiming
 from chorus_p2p.node.discovery import Discovery
 from chorus_p2p.node.doctor import ledger_problem
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.guard import ConnectionGuard
-from chorus_p2p.node.identity import load_identity
+from chorus_p2p.trust.identity import load_identity
 from chorus_p2p.node.ledger import Ledger
 from chorus_p2p.node.cumulative import CumulativeFiles
 from chorus_p2p.node.lock import DataDirBusy, DataDirLock
@@ -43,8 +43,8 @@ from chorus_p2p.node.retention import Retention
 from chorus_p2p.node.rounds import RoundManager, RoundPolicy
 from chorus_p2p.node.model_identity import is_local_model, model_fingerprint
 from chorus_p2p.node.settings import NodeSettings
-from chorus_p2p.node.dp_policy import DPPolicy, policy_json
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.dp_policy import DPPolicy, policy_json
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.node.state_keeper import StateKeeper
 from chorus_p2p.state.store import StateStore
 
@@ -84,7 +84,7 @@ def load_or_create_spec(ledger: Ledger, settings: NodeSettings) -> FederationSpe
 
 
 def _mechanism_flag(mechanism: str) -> str:
-    from chorus_p2p.node.dp_policy import MECHANISM
+    from chorus_p2p.federation.dp_policy import MECHANISM
 
     return "" if mechanism == MECHANISM else f" with --dp-mechanism {mechanism}"
 
@@ -183,7 +183,7 @@ class Node:
         self.client_ssl = None
         self.server_ssl = None
         if settings.tls:
-            from chorus_p2p.node.tls import client_context, server_context
+            from chorus_p2p.trust.tls import client_context, server_context
 
             self.server_ssl = server_context(self.identity)
             self.client_ssl = client_context()
@@ -223,7 +223,7 @@ class Node:
         self.discovery: Discovery | None = None
         self.participant = None
         if settings.train:
-            from chorus_p2p.train.participant import Participant
+            from chorus_p2p.node.participant import Participant
             from chorus_p2p.train.trainer import TrainConfig
 
             from chorus_p2p.train.data import DatasetOptions
@@ -272,7 +272,7 @@ class Node:
         self.evaluator = None
         if settings.eval_data:
             from chorus_p2p.train.data import DatasetOptions
-            from chorus_p2p.train.node_eval import NodeEvaluator
+            from chorus_p2p.node.evaluator import NodeEvaluator
             from chorus_p2p.train.trainer import TrainConfig
 
             self.evaluator = NodeEvaluator(self, settings.eval_data, TrainConfig(

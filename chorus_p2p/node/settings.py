@@ -169,7 +169,7 @@ def _with_hint(key: str) -> str:
 def check_dp_mechanism(mechanism: str, grad_accum: int, gradient_checkpointing: bool,
                        dp_on: bool) -> None:
     """What DP-SGD cannot be combined with, said before any model loads."""
-    from chorus_p2p.node.dp_policy import DP_SGD, MECHANISMS
+    from chorus_p2p.federation.dp_policy import DP_SGD, MECHANISMS
 
     if mechanism not in MECHANISMS:
         raise UsageError(f"--dp-mechanism {mechanism}: one of {', '.join(MECHANISMS)}")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 import torch
 
-from chorus_p2p.node.ledger import COMMITTED
+from chorus_p2p.federation.round_states import COMMITTED
 from chorus_p2p.state import sketch as sketches
 from chorus_p2p.state.store import PinnedCheckpoint, Plan, StateError, StateStore
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from chorus_p2p.errors import UsageError
-from chorus_p2p.node.dp_policy import DP_SGD
+from chorus_p2p.federation.dp_policy import DP_SGD
 
 log = logging.getLogger("chorus_p2p.train")
 

@@ -26,10 +26,8 @@ while DP is on.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +36,9 @@ from typing import Any, Callable
 import torch
 
 from chorus_p2p.errors import UsageError
-from chorus_p2p.node.dp_policy import (DECLARATION_KEY, DP_SGD, MECHANISM as GAUSSIAN_LOCAL,
-                                      MECHANISMS, UNITS)
+from chorus_p2p.federation.accounting import epsilon_of, epsilon_of_releases
+from chorus_p2p.federation.dp_policy import (DECLARATION_KEY, DP_SGD, MECHANISM as GAUSSIAN_LOCAL,
+                                             MECHANISMS, UNITS)
 
 
 class BudgetExhausted(Exception):
@@ -77,50 +76,6 @@ class DPConfig:
 def epsilon_after(rounds: int, config: DPConfig) -> float:
     """Epsilon (at ``config.delta``) after ``rounds`` Gaussian releases, by the RDP accountant."""
     return epsilon_of([config.noise_multiplier] * max(rounds, 0), config.delta)
-
-
-def epsilon_of(noise_multipliers: list[float], delta: float) -> float:
-    """Epsilon at ``delta`` after one Gaussian release per noise multiplier, composed by the
-    RDP accountant: rounds released under different settings each count at their own price."""
-    return epsilon_of_releases([{"noise": z} for z in noise_multipliers], delta)
-
-
-class _SkippedOrders(logging.Filter):
-    """dp-accounting logs a warning each time its series for a fractional RDP order below 2
-    does not converge at a Poisson rate near 0.1, and drops that order (the bound stays valid:
-    fewer orders can only over-state epsilon). A DP-SGD round prices ~10 such orders, so a node
-    would log them every round: nothing a user can act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "failed to converge" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_SkippedOrders())
-
-
-def epsilon_of_releases(releases: list[dict[str, Any]], delta: float) -> float:
-    """Epsilon at ``delta`` after ``releases``, each at its own settings, composed by the RDP
-    accountant: a local-DP round is one Gaussian mechanism; a DP-SGD round is ``steps``
-    Poisson-subsampled Gaussian mechanisms at its sampling rate. (Releases of one budget share
-    one unit: ``PrivacyBudget`` refuses to mix them.)"""
-    if not releases:
-        return 0.0
-    from dp_accounting import dp_event, rdp
-
-    kinds: Counter = Counter()
-    for release in releases:
-        z = float(release["noise"])
-        if release.get("mechanism", GAUSSIAN_LOCAL) == DP_SGD:
-            kinds[(z, float(release["sampling_rate"]))] += int(release["steps"])
-        else:
-            kinds[(z, 1.0)] += 1
-    accountant = rdp.RdpAccountant()
-    for (z, rate), count in sorted(kinds.items()):
-        event = dp_event.GaussianDpEvent(z)
-        if rate < 1.0:
-            event = dp_event.PoissonSampledDpEvent(rate, event)
-        accountant.compose(event, count)
-    return float(accountant.get_epsilon(delta))
 
 
 class PrivacyBudget:

@@ -18,7 +18,7 @@ from chorus_p2p.lora.adapter_io import write_adapter
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.residual import RESIDUAL_FILE
 from chorus_p2p.state.store import StateStore
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.train.data import Dataset
 from chorus_p2p.train.trainer import TrainConfig, TrainResult, eval_global, train_round
 

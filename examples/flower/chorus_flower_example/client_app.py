@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 
 from chorus_p2p.demos.federation import shard_paths
 from chorus_p2p.flower import ExactLoRAClient
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.train.data import Dataset
 from chorus_p2p.train.trainer import TrainConfig
 

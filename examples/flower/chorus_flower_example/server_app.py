@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 from chorus_flower_example.settings import targets, workdir
 from chorus_p2p.demos.federation import ensure_tiny_model, shard_paths
 from chorus_p2p.flower import ExactLoRA
-from chorus_p2p.node.spec import FederationSpec
+from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.train.data import Dataset
 from chorus_p2p.train.trainer import TrainConfig
 
@@ -23,7 +23,7 @@ def _dp_policy(config):
     federation sets with ``init --require-dp``)."""
     if float(config.get("dp-epsilon", 0.0)) <= 0:
         return None
-    from chorus_p2p.node.dp_policy import DPPolicy
+    from chorus_p2p.federation.dp_policy import DPPolicy
 
     return DPPolicy(max_epsilon=float(config["dp-epsilon"]),
                     min_noise=float(config.get("dp-noise", 1.0)),

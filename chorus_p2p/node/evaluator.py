@@ -11,14 +11,13 @@ node leaves (exit 0) once K evaluations in a row did not beat the best one.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import shutil
 import time
 from typing import TYPE_CHECKING
 
 from chorus_p2p.train.data import Dataset, DatasetOptions, load_texts
-from chorus_p2p.train.worker import StepLoop
+from chorus_p2p.node.worker import StepLoop
 
 if TYPE_CHECKING:
     from chorus_p2p.node.service import Node
@@ -49,7 +48,7 @@ class NodeEvaluator(StepLoop):
         number = self._due()
         if number is None:
             return
-        from chorus_p2p.train.participant import materialize_round
+        from chorus_p2p.node.participant import materialize_round
         from chorus_p2p.train.trainer import eval_global
 
         started = time.perf_counter()

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from chorus_p2p.node.identity import IDENTITY_FILE, NodeIdentity, node_id_for
+from chorus_p2p.trust.identity import IDENTITY_FILE, NodeIdentity, node_id_for
 
 CERT_FILE = "tls.crt"
 

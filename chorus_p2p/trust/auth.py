@@ -89,7 +89,7 @@ def verify_identity(headers, method: str, path_qs: str) -> str:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from chorus_p2p.node.identity import node_id_for
+    from chorus_p2p.trust.identity import node_id_for
 
     try:
         public = bytes.fromhex(headers.get(H_PUBKEY, ""))

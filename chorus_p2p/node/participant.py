@@ -23,7 +23,7 @@ from chorus_p2p.train.data import Dataset, DatasetOptions
 from chorus_p2p.train.privacy import (BudgetExhausted, DPConfig, PrivacyBudget, dp_sgd_settings,
                                       release_update)
 from chorus_p2p.train.trainer import TrainConfig, train_round
-from chorus_p2p.train.worker import StepLoop
+from chorus_p2p.node.worker import StepLoop
 
 if TYPE_CHECKING:
     from chorus_p2p.node.service import Node

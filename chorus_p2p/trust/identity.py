@@ -118,7 +118,7 @@ def join_token_extras(token: str
         admission = str(data.get("p") or "open")
         if admission not in ADMISSIONS:
             raise ValueError(admission)
-        from chorus_p2p.node.dp_policy import DPPolicy, policy_json
+        from chorus_p2p.federation.dp_policy import DPPolicy, policy_json
 
         return (bytes.fromhex(data["k"]) if data.get("k") else None, admission,
                 str(data["r"]) if data.get("r") else None,
