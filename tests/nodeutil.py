@@ -225,8 +225,10 @@ class Federation:
                              peers=peers, **{"election_timeout": LOOPBACK_ELECTION_S,
                                              **self.overrides})
 
-    async def start(self, i: int) -> Node:
+    async def start(self, i: int, *, wire_version: int | None = None) -> Node:
         node = Node(self.settings(i))
+        if wire_version is not None:  # a node of another release (test_wire_format.py)
+            node.wire_version = node.cluster.client.wire_version = wire_version
         await node.start()
         self.nodes[i] = node
         return node

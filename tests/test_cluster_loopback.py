@@ -368,14 +368,14 @@ async def test_a_newcomer_counts_members_that_left_before_it_joined(federation):
     leader = await fed.one_coordinator()
     gone = fed.nodes[2].node_id
     await fed.stop(2)  # SIGTERM-like: it says goodbye and is "left"
-    await wait_for(lambda: leader.cluster.peers[gone].status == "left", timeout=10)
-    leader = await fed.one_coordinator()
+    await wait_for(lambda: leader.cluster.peers[gone].status == "left")
     newcomer = await fed.start(3)  # never reached node 2 (it is down)
-    await wait_for(lambda: newcomer.cluster.coordinator == leader.node_id, timeout=15)
-    await wait_for(lambda: gone in newcomer.cluster.peers, timeout=10)
+    # whoever leads now (a loaded machine may have elected another): all three follow it
+    leader = await fed.one_coordinator(timeout=30)
+    await wait_for(lambda: gone in newcomer.cluster.peers)
     assert newcomer.cluster.peers[gone].status == "left"
     assert gone in newcomer.cluster.voting_members()
-    await wait_for(lambda: newcomer.cluster.quorum() == leader.cluster.quorum() == 3, timeout=10)
+    await wait_for(lambda: newcomer.cluster.quorum() == leader.cluster.quorum() == 3)
 
     stranger = "ff" * 16
     leader.cluster.peers[stranger] = Peer(stranger, "http://127.0.0.1:9", status="pending")

@@ -312,7 +312,8 @@ async def test_a_proposal_fetched_as_follower_never_replaces_the_round_it_then_c
     from chorus_p2p.node.blobs import BlobStore
     from chorus_p2p.node.events import EventBus
     from chorus_p2p.federation.round_states import COMMITTED, PROPOSED
-    from chorus_p2p.node.ledger import Ledger, round_record
+    from chorus_p2p.federation.wire import round_record
+    from chorus_p2p.node.ledger import Ledger
     from chorus_p2p.node.rounds import RoundManager, RoundPolicy
 
     ledger = Ledger(tmp_path / "ledger.sqlite")

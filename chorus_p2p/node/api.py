@@ -23,16 +23,17 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from chorus_p2p import __version__
-from chorus_p2p.node import admin
-from chorus_p2p.trust.auth import AuthFailure, check_admin, verify_headers, verify_identity
-from chorus_p2p.node.blobs import BlobError, is_sha256
+from chorus_p2p.federation import wire
 from chorus_p2p.federation.dp_policy import check_update as check_dp
-from chorus_p2p.node.guard import guard_middleware
+from chorus_p2p.federation.refusals import UpdateRejected
+from chorus_p2p.federation.wire import round_record
+from chorus_p2p.node import admin
+from chorus_p2p.node.blobs import BlobError, is_sha256
 from chorus_p2p.node.events import CLOSING, recorded_level
-from chorus_p2p.node.ledger import round_record
+from chorus_p2p.node.guard import guard_middleware
 from chorus_p2p.node.peers import H_RESPONSE_SIG, response_signature
 from chorus_p2p.node.ratelimit import RateLimited
-from chorus_p2p.federation.refusals import UpdateRejected
+from chorus_p2p.trust.auth import AuthFailure, check_admin, verify_headers, verify_identity
 
 if TYPE_CHECKING:
     from chorus_p2p.node.service import Node
@@ -58,7 +59,7 @@ STATUS_FOR_CODE = {
     "busy": 409, "coordinator_unreachable": 503, "coordinator_error": 502,
     "too_large": 413, "unsupported_media_type": 415, "bad_request": 400, "body_mismatch": 400,
     "bad_adapter": 422, "wrong_shape": 422, "non_finite": 422, "insufficient_storage": 507,
-    "dp_required": 403, "dp_insufficient": 403, "dp_noise_missing": 422,
+    "dp_required": 403, "dp_insufficient": 403, "dp_noise_missing": 422, "wire_version": 409,
     "internal": 500,
 }
 
@@ -144,6 +145,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                               "node's log")
 
 
+def _check_wire_version(node: "Node", request: web.Request) -> None:
+    """Refused in words, and signed (the caller believes it): two releases whose peer messages
+    differ must say so rather than misread each other."""
+    theirs = wire.version_of(request.headers.get(wire.WIRE_HEADER))
+    reason = wire.incompatible(theirs, node.wire_version)
+    if reason is not None:
+        node.bus.publish("peer_refused", None, {"node_id": request.get(CALLER),
+                                                "url": request.remote, "code": "wire_version",
+                                                "reason": reason}, level="warning")
+        raise UpdateRejected("wire_version", reason,
+                             extra={"wire_version": node.wire_version, "theirs": theirs})
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -200,6 +214,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise ApiError("forbidden", "this action needs the node's admin token "
                        "(DATA_DIR/admin.token)")
     try:
+        if request.path.startswith("/v1/peer/"):
+            _check_wire_version(node, request)
         response = await handler(request)
     except (ApiError, UpdateRejected) as exc:
         if not request.path.startswith("/v1/peer/"):
@@ -372,9 +388,7 @@ async def round_detail(request: web.Request) -> web.Response:
     stored = node.ledger.round(number)
     row = {**round_record(stored), "pruned": stored.get("pruned_at") is not None,
            "evaluations": node.ledger.evaluations([number]).get(number, {})}
-    row["updates"] = [{k: u.get(k) for k in ("node_id", "blob_sha", "examples", "trained_from",
-                                             "size", "norm", "received_at", "eval_loss",
-                                             "train_loss", "status", "reason")}
+    row["updates"] = [{k: v for k, v in wire.update_record(u).items() if k not in ("round", "term")}
                       for u in node.ledger.updates(number)]
     return web.json_response(row)
 
@@ -627,57 +641,14 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 # -- peer protocol (see cluster.py) -----------------------------------------------------------------
-_OPTIONAL = object()
-PEER_SCHEMAS: dict[str, dict[str, Any]] = {
-    "hello": {"node_id": str, "url": str, "federation": str, "fingerprint": str,
-              "members": (list, _OPTIONAL), "name": (str, _OPTIONAL),
-              "public_key": (str, _OPTIONAL)},
-    "vote": {"term": int, "candidate": str, "url": str, "last_term": int, "last_round": int,
-             "pre": (bool, _OPTIONAL), "transfer": (bool, _OPTIONAL)},
-    "hold": {"term": int, "coordinator": str, "url": str, "current": dict},
-    "handoff": {"update": dict},
-    "append": {"term": int, "coordinator": str, "url": str, "commit": int,
-               "commit_id": (str, None, _OPTIONAL),
-               "members": (list, _OPTIONAL), "proposal": (dict, None), "current": (dict, None),
-               "state": (dict, None, _OPTIONAL)},
-    "leave": {"node_id": str},
-    "timeout-now": {"term": int},
-    "evaluation": {"node_id": str, "evaluations": list},
-}
-MEMBER_SCHEMA = {"node_id": str, "url": (str, _OPTIONAL), "status": (str, _OPTIONAL),
-                 "name": (str, None, _OPTIONAL), "public_key": (str, None, _OPTIONAL)}
-
-
-def _check_fields(body: Any, schema: dict[str, Any], what: str) -> dict[str, Any]:
-    """Shape-check a peer message before any of it is believed (hostile peers send anything)."""
-    if not isinstance(body, dict):
-        raise ApiError("bad_request", f"{what}: expected a JSON object")
-    for key, spec in schema.items():
-        kinds = spec if isinstance(spec, tuple) else (spec,)
-        if key not in body:
-            if _OPTIONAL in kinds or None in kinds:
-                continue
-            raise ApiError("bad_request", f"{what}: missing field {key!r}")
-        value = body[key]
-        allowed = tuple(k for k in kinds if isinstance(k, type))
-        ok = (value is None and None in kinds) or (
-            isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed))
-        if not ok:
-            raise ApiError("bad_request", f"{what}: field {key!r} has the wrong type")
-    for member in body.get("members") or []:
-        _check_fields(member, MEMBER_SCHEMA, f"{what} member")
-    return body
-
-
-SENDER_FIELD = {"hello": "node_id", "vote": "candidate", "append": "coordinator",
-                "leave": "node_id", "hold": "coordinator", "evaluation": "node_id"}
-
-
 async def _peer_body(request: web.Request, kind: str) -> dict[str, Any]:
     """A shape-checked peer message whose named sender is the node that signed the request:
     one member can never speak for another (or for an id it made up)."""
-    body = _check_fields(await read_json_body(request), PEER_SCHEMAS[kind], f"peer {kind}")
-    field = SENDER_FIELD.get(kind)
+    try:
+        body = wire.check_message(kind, await read_json_body(request))
+    except wire.WireError as exc:
+        raise ApiError("bad_request", str(exc)) from None
+    field = wire.SENDER_FIELD.get(kind)
     if field is not None and body[field] != request[CALLER]:
         raise ApiError("forbidden", f"peer {kind}: {field} must be the signing node")
     return body
@@ -737,8 +708,9 @@ async def peer_history(request: web.Request) -> web.Response:
     node = _node(request)
     after = _int_param(request, "after", default=0)
     rows = node.ledger.committed_after(after, limit=100)
-    updates = [u for r in rows for u in node.ledger.updates(r["round"])]
-    return web.json_response({"rounds": [round_record(r) for r in rows], "updates": updates})
+    updates = [wire.update_record(u) for r in rows for u in node.ledger.updates(r["round"])]
+    return web.json_response({"rounds": [wire.round_record(r) for r in rows],
+                              "updates": updates})
 
 
 async def admin_close_round(request: web.Request) -> web.Response:

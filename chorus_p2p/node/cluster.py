@@ -28,9 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from chorus_p2p.federation import wire
 from chorus_p2p.federation.dp_policy import policy_json
-from chorus_p2p.node.ledger import round_record
-from chorus_p2p.node.rounds import UPDATE_KEYS
 from chorus_p2p.node.peers import PeerClient, PeerError
 
 if TYPE_CHECKING:
@@ -498,13 +497,13 @@ class Cluster:
                         log.info("giving up on %s after %d tries (named by a member list "
                                  "only): %s", url, failures, exc)
                         return
-                    if exc.code == "spec_mismatch" and not self.joined:
+                    if exc.code in ("spec_mismatch", "wire_version") and not self.joined:
                         # A node that never took part refuses to start a federation of its own
                         # beside the one its token names: stop, and say why.
                         self.node.fatal(f"the federation at {url} refused this node: {exc}")
                         return
                     if exc.code in ("bad_peer", "bad_signature", "spec_mismatch",
-                                    "stale_request", "removed"):
+                                    "stale_request", "removed", "wire_version"):
                         self.node.bus.publish("peer_refused", None, {"url": url, "reason": str(exc),
                                                                      "code": exc.code},
                                               level="warning")
@@ -981,8 +980,7 @@ class Cluster:
         if row is None or row["state"] == "committed":
             return {"round": round_no, "updates": []}
         return {"round": round_no, "trained_from": row["trained_from"],
-                "updates": [{k: u.get(k) for k in UPDATE_KEYS}
-                            for u in self.node.ledger.updates(round_no)]}
+                "updates": [wire.update_record(u) for u in self.node.ledger.updates(round_no)]}
 
     async def on_handoff(self, caller: str, body: dict[str, Any]) -> dict[str, Any]:
         """A member hands us an update of our live round that we lack."""
@@ -1011,8 +1009,7 @@ class Cluster:
         row = self.node.ledger.round(round_no)
         if row is not None and row["state"] == "committed":
             return len(voters) + 1  # committed by a majority, with its updates
-        record = {**round_record(row), "updates": [
-            {k: u.get(k) for k in UPDATE_KEYS} for u in self.node.ledger.updates(round_no)]}
+        record = wire.live_round(row, self.node.ledger.updates(round_no))
         body = {"term": self.term, "coordinator": self.node.node_id, "url": self.node.url,
                 "current": record}
 
@@ -1054,8 +1051,12 @@ class Cluster:
                 return None
             if not isinstance(reply, dict) or not isinstance(reply.get("updates"), list):
                 return None
-            rows = [u for u in reply["updates"] if isinstance(u, dict)
-                    and isinstance(u.get("blob_sha"), str) and isinstance(u.get("node_id"), str)]
+            rows = []
+            for row in reply["updates"]:
+                try:
+                    rows.append(wire.read_update(row, f"round-updates from {peer.node_id[:12]}"))
+                except wire.WireError as exc:  # a peer's data is never trusted as it came
+                    log.warning("%s", exc)
             return (peer.node_id[:12], lambda sha, url=peer.url: self._fetch_blob_from(url, sha),
                     rows)
 
@@ -1070,7 +1071,7 @@ class Cluster:
             return
         self._handed_off[key] = now
         url = self.coordinator_url
-        body = {"update": {k: update.get(k) for k in UPDATE_KEYS}}
+        body = {"update": wire.update_record(update)}
         self._spawn(self._quiet(self.client.call(url, "POST", "/v1/peer/handoff", body,
                                                  timeout=self.timing.replicate_timeout_s,
                                                  expect_node=self.coordinator)))
@@ -1104,8 +1105,9 @@ class Cluster:
             await self._fetch_blob_from(url, sha)
 
         async def fetch_history(after: int) -> dict[str, Any]:
-            return await self.client.call(url, "GET", f"/v1/peer/history?after={after}",
-                                          timeout=30.0, expect_node=body["coordinator"])
+            return wire.read_history(await self.client.call(
+                url, "GET", f"/v1/peer/history?after={after}", timeout=30.0,
+                expect_node=body["coordinator"]))
 
         try:
             await self.node.rounds.apply_from_coordinator(body, fetch_blob, fetch_history)

@@ -574,16 +574,6 @@ class Ledger:
 
 
 
-ROUND_FIELDS = ("round", "term", "coordinator", "state", "strategy", "config", "trained_from",
-                "opened_at", "deadline_at", "aggregating_at", "committed_at", "adapter_sha",
-                "adapter_config_sha", "residual_sha", "state_sketch", "log_hash", "metrics")
-
-
-def round_record(row: dict[str, Any]) -> dict[str, Any]:
-    """A round row as it is served and replicated: the same fields on every node."""
-    return {k: row.get(k) for k in ROUND_FIELDS}
-
-
 def _encode_round(row: dict[str, Any]) -> dict[str, Any]:
     out = dict(row)
     for key in ("config", "metrics"):

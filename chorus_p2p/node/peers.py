@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from chorus_p2p.federation.wire import WIRE_HEADER, WIRE_VERSION
 from chorus_p2p.trust.auth import EMPTY_SHA256, H_NONCE, identity_headers, sign_headers
 
 H_RESPONSE_SIG = "X-Chorus-Response-Signature"
@@ -48,6 +49,7 @@ class PeerClient:
         self.ssl_context = ssl_context
         # origin -> node id its TLS key proved: trusted on first use, then held to it
         self.pins: dict[str, str] = {}
+        self.wire_version = WIRE_VERSION  # sent with every call (see federation/wire.py)
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 1.0))
         self._session: aiohttp.ClientSession | None = None
 
@@ -77,6 +79,7 @@ class PeerClient:
         headers = sign_headers(self.key, method, path, self.node_id, body_sha, to=expect_node)
         if self.private_key is not None:
             headers = identity_headers(self.private_key, headers, method, path)
+        headers[WIRE_HEADER] = str(self.wire_version)
         if data:
             headers["Content-Type"] = "application/json"
         kwargs: dict[str, Any] = {}

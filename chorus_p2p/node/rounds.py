@@ -34,12 +34,14 @@ from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.residual import RESIDUAL_FILE, iter_residual_file
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
 from chorus_p2p.errors import AdapterError
-from chorus_p2p.node.blobs import BlobError, BlobStore
-from chorus_p2p.node.events import EventBus
+from chorus_p2p.federation import wire
 from chorus_p2p.federation.refusals import UpdateRejected
 from chorus_p2p.federation.round_states import AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED
 from chorus_p2p.federation.spec import FederationSpec
-from chorus_p2p.node.ledger import Ledger, chain_hash, round_record
+from chorus_p2p.federation.wire import round_record
+from chorus_p2p.node.blobs import BlobError, BlobStore
+from chorus_p2p.node.events import EventBus
+from chorus_p2p.node.ledger import Ledger, chain_hash
 from chorus_p2p.node.robust import FilterPolicy, Scale, bound_exclusions, filter_updates
 from chorus_p2p.state import sketch as sketches
 
@@ -51,8 +53,6 @@ RESULT_KEYS = ("adapter_sha", "adapter_config_sha", "residual_sha")
 # A follower this many rounds (or fewer) behind the coordinator's checkpoint replays residuals;
 # further behind, one checkpoint is cheaper than the residuals since (each D is up to ~1/8 of R).
 REPLAY_RATHER_THAN_FETCH = 2
-UPDATE_KEYS = ("round", "node_id", "blob_sha", "examples", "trained_from", "size", "norm",
-               "received_at", "eval_loss", "train_loss", "status", "reason", "term")
 
 
 @dataclass
@@ -275,7 +275,8 @@ class RoundManager:
             if existing is not None:  # ours is from an earlier term: it was never acknowledged
                 self.ledger.drop_updates([existing], "a different update from this client was "
                                          f"accepted in a later term ({update.get('term')})")
-            record = {k: update.get(k) for k in UPDATE_KEYS if k not in ("status", "reason")}
+            record = {k: v for k, v in wire.update_record(update).items()
+                      if k not in ("status", "reason")}
             self.ledger.add_update(record, {"node_id": update["node_id"],
                                             "sha256": update["blob_sha"],
                                             "examples": update["examples"], "recovered": why})
@@ -749,8 +750,7 @@ class RoundManager:
         if latest is not None and latest["state"] != COMMITTED:
             # A proposal travels with its updates: a follower that becomes coordinator before
             # the commit must be able to re-propose it with its full record.
-            row = {**round_record(latest), "updates": [
-                {k: u.get(k) for k in UPDATE_KEYS} for u in self.ledger.updates(latest["round"])]}
+            row = wire.live_round(latest, self.ledger.updates(latest["round"]))
             payload["proposal" if latest["state"] == PROPOSED else "current"] = row
         return payload
 

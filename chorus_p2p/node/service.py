@@ -45,6 +45,7 @@ from chorus_p2p.node.model_identity import is_local_model, model_fingerprint
 from chorus_p2p.node.settings import NodeSettings
 from chorus_p2p.federation.dp_policy import DPPolicy, policy_json
 from chorus_p2p.federation.spec import FederationSpec
+from chorus_p2p.federation.wire import WIRE_VERSION
 from chorus_p2p.node.state_keeper import StateKeeper
 from chorus_p2p.state.store import StateStore
 
@@ -180,6 +181,7 @@ class Node:
             raise
         self.blobs = BlobStore(self.data_dir / BLOB_DIR)
         self.request_key = request_key(self.identity.secret)
+        self.wire_version = WIRE_VERSION  # what peers must speak (a test makes a newer node)
         self.client_ssl = None
         self.server_ssl = None
         if settings.tls:
