@@ -268,8 +268,12 @@ async def test_kill_during_a_checkpoint_leaves_a_usable_state(tmp_path, tiny_bas
         final = data_dir / "state" / "checkpoints" / "R-00000001.safetensors"
         await wait_for(lambda: final.exists() and not partial.exists(), timeout=30)
         await _process_round(url, data_dir, tmp_path, spec, 2)
-        state = await _wait_state(url, data_dir, 2)
-        assert state["checkpoint"]["round"] == 2
+        await _wait_state(url, data_dir, 2)
+
+        async def checkpointed() -> bool:  # written after the state reaches the round
+            async with _client(url, data_dir, "probe") as c:
+                return ((await c.state()).get("checkpoint") or {}).get("round") == 2
+        await wait_for(checkpointed, timeout=60, interval=0.2)
         assert _working_error(data_dir, _exact_state(data_dir, 2)) <= 1e-6
         assert sorted(p.name for p in (data_dir / "state" / "checkpoints").iterdir()) == [
             "R-00000002.json", "R-00000002.safetensors"]

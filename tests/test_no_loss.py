@@ -345,8 +345,9 @@ async def test_a_proposal_fetched_as_follower_never_replaces_the_round_it_then_c
         await asyncio.wait_for(fetching.wait(), 10)
         # meanwhile this node leads term 9 and commits round 2 with its own result
         rounds.leading_term = 9
-        ledger.commit_round(2, {"term": 9, "coordinator": "b2b5", "adapter_sha": "c" * 64,
-                                "committed_at": 1.0}, None, ("round_committed", {}))
+        ledger.set_round_state(2, "aggregating")
+        ledger.set_round_state(2, PROPOSED, term=9, coordinator="b2b5", adapter_sha="c" * 64)
+        ledger.commit_round(2, {"committed_at": 1.0}, None, ("round_committed", {}))
         release.set()
         await asyncio.wait_for(follow, 10)
         row = ledger.round(2)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
-from chorus_p2p.federation.round_states import COMMITTED
+from chorus_p2p.federation.round_states import COMMITTED, InvalidMove, check_move
 
 log = logging.getLogger("chorus_p2p.ledger")
 
@@ -214,12 +214,22 @@ class Ledger:
         self.db["rounds"].insert(_encode_round(row))
 
     def set_round_state(self, number: int, state: str, **fields: Any) -> None:
-        self.db["rounds"].update(number, _encode_round({"state": state, **fields}))
+        """Move a round (``round_states.MOVES``: any other move raises, nothing is written)."""
+        with self.db.atomic():
+            self._move(number, state)
+            self.db["rounds"].update(number, _encode_round({"state": state, **fields}))
+
+    def _move(self, number: int, state: str) -> None:
+        row = self.db.execute("select state from rounds where round = ?", [number]).fetchone()
+        if row is None:
+            raise InvalidMove(f"round {number} does not exist")
+        check_move(number, row[0], state)
 
     def commit_round(self, number: int, fields: dict[str, Any], next_round: dict[str, Any] | None,
                      event: tuple[str, dict[str, Any]]) -> int:
         """Mark a round committed, open the next and log it: one transaction, all or nothing."""
         with self.db.atomic():
+            self._move(number, COMMITTED)
             self.db["rounds"].update(number, _encode_round({"state": COMMITTED, **fields}))
             if next_round is not None:
                 self.db["rounds"].insert(_encode_round(next_round))

@@ -364,7 +364,8 @@ class RoundManager:
             raise UpdateRejected("round_closed", f"round {round_no} is {row['state']}; submit to "
                                  "the current round (the next round waits for this sender)")
         if trained_from is not None and trained_from != row["trained_from"]:
-            self._note_late(caller, round_no - 1)
+            # Not noted as late: a client that trained from an old round is told to pull and
+            # train again, and may not; one that sent to a round just closed was in step.
             raise UpdateRejected("stale_base", f"this update was trained from round {trained_from}"
                                  f" but round {round_no} builds on round {row['trained_from']}; "
                                  "pull the latest adapter and train again")
@@ -470,8 +471,8 @@ class RoundManager:
     def _participation(self, round_no: int) -> tuple[int, int]:
         """(updates needed at least, updates to wait for before the deadline).
 
-        Waited for: who took part in the previous round, and who tried to but came too late
-        (refused ``round_closed`` or ``stale_base``). Without the latter, a member a little
+        Waited for: who took part in the previous round, and who sent an update to it after
+        it closed (refused ``round_closed``). Without the latter, a member a little
         slower than the rest is still training round t when round t+1 opens, is refused, and
         stays one round behind for good."""
         previous = {u["node_id"] for u in self.ledger.updates(round_no - 1)} \
