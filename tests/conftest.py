@@ -64,6 +64,23 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+async def federation(tmp_path, tiny_base):
+    """Make ``nodeutil.Federation``s of in-process nodes on loopback; all stopped at the end."""
+    from nodeutil import Federation
+
+    feds = []
+
+    def make(n, **overrides):
+        fed = Federation(tmp_path, tiny_base, n, **overrides)
+        feds.append(fed)
+        return fed
+
+    yield make
+    for fed in feds:
+        await fed.close()
+
+
+@pytest.fixture
 def processes(tmp_path, tiny_base):
     """Make ``nodeutil.Processes`` federations of real node processes; all killed at the end."""
     from nodeutil import Processes

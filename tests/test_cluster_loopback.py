@@ -19,20 +19,6 @@ from nodeutil import (EventTap, Federation, chances_to_lead, committed_updates, 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-async def federation(tmp_path, tiny_base):
-    feds = []
-
-    def make(n, **overrides):
-        fed = Federation(tmp_path, tiny_base, n, **overrides)
-        feds.append(fed)
-        return fed
-
-    yield make
-    for fed in feds:
-        await fed.close()
-
-
 async def test_three_nodes_elect_one_coordinator_and_replicate(federation):
     fed = federation(3)
     leader = await fed.start_all()
@@ -546,8 +532,6 @@ async def test_every_member_holds_every_members_evaluations(tmp_path, tiny_lm_di
     node) holds all three nodes' evaluations of the round, each as its author recorded it. A
     member cannot send figures in another's name, nor malformed ones."""
     from chorus_p2p.node.peers import PeerError
-
-    from nodeutil import Federation, run_round
 
     held_out = Path(__file__).resolve().parents[1] / "examples" / "data" / "weather.jsonl"
     fed = Federation(tmp_path, tiny_lm_dir, 3, eval_data=str(held_out), eval_every=1)

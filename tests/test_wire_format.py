@@ -13,7 +13,7 @@ import pytest
 from chorus_p2p.federation import wire
 from chorus_p2p.node.peers import PeerClient
 
-from nodeutil import EventTap, Federation, run_round, wait_for, write_update
+from nodeutil import EventTap, run_round, wait_for, write_update
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -95,20 +95,6 @@ def _record_problems(kind: str, body: dict, direction: str) -> list[str]:
         for row in body.get("updates", []):
             problems += _shape_problems(row, wire.UPDATE_FIELDS, f"{kind} update")
     return problems
-
-
-@pytest.fixture
-async def federation(tmp_path, tiny_base):
-    feds = []
-
-    def make(n, **overrides):
-        fed = Federation(tmp_path, tiny_base, n, **overrides)
-        feds.append(fed)
-        return fed
-
-    yield make
-    for fed in feds:
-        await fed.close()
 
 
 async def test_what_running_nodes_send_is_what_the_schema_declares(federation, monkeypatch):
