@@ -53,6 +53,13 @@ async def test_full_round_trip_is_exact_through_peft(node, tiny_base, tmp_path):
         detail = await c.round(1)
         status = await c.status()
     assert detail["metrics"]["updates"] == 2 and len(detail["updates"]) == 2
+    # bytes per client: the mean upload, and what a member fetches (the adapter and D)
+    uploads = [(c / "adapter_model.safetensors").stat().st_size for c in clients]
+    down = sum(node.blobs.path(detail[k]).stat().st_size for k in ("adapter_sha", "residual_sha"))
+    assert detail["metrics"]["bytes"] == {"up_per_client": round(sum(uploads) / 2),
+                                          "down_per_client": down}
+    assert (out / "adapter_model.safetensors").stat().st_size < down  # D travels too
+    assert status["latest_committed"]["bytes"] == detail["metrics"]["bytes"]
     assert status["current_round"]["round"] == 2 and status["current_round"]["trained_from"] == 1
     fold_base(tiny_base, tmp_path / "R.safetensors", tmp_path / "base+R")
     result = merged_state(tmp_path / "base+R", out)

@@ -724,6 +724,13 @@ class RoundManager:
                          for p, left, right in iter_residual_file(residual_file)}))
                 residual_sha = self.blobs.put_file(residual_file, move=True)
             reported = [u["eval_loss"] for u in updates if u.get("eval_loss") is not None]
+            # What the round cost the network, per client: its upload, and what every member
+            # fetches afterwards (the global adapter and, for the exact strategies, D; never R).
+            down = sum(self.blobs.path(sha).stat().st_size
+                       for sha in (adapter_sha, residual_sha) if sha is not None)
+            traffic = {"up_per_client": round(sum(int(u["size"] or 0) for u in updates)
+                                              / len(updates)),
+                       "down_per_client": down}
             metrics = {"updates": len(updates), "examples": sum(u["examples"] for u in updates),
                        "mean_eval_loss": sum(reported) / len(reported) if reported else None,
                        "strategy": self.policy.strategy,
@@ -731,7 +738,7 @@ class RoundManager:
                        "total_ms": round((time.perf_counter() - started) * 1000, 3),
                        "residual_energy": (None if self.policy.strategy == "fedavg"
                                            else report.residual_energy),
-                       "nodes": [u["node_id"] for u in updates]}
+                       "nodes": [u["node_id"] for u in updates], "bytes": traffic}
             return {"adapter_sha": adapter_sha, "adapter_config_sha": config_sha,
                     "residual_sha": residual_sha, "state_sketch": sketch,
                     "metrics": metrics}

@@ -357,7 +357,8 @@ class Node:
             "current_round": current_json,
             "latest_committed": None if committed is None else {
                 "round": committed["round"], "adapter_sha": committed["adapter_sha"],
-                "log_hash": committed["log_hash"], "committed_at": committed["committed_at"]},
+                "log_hash": committed["log_hash"], "committed_at": committed["committed_at"],
+                "bytes": (committed.get("metrics") or {}).get("bytes")},
             "state": self.state.info(),
             "counts": {"rounds": self.ledger.count_rounds(), "updates": self.ledger.count_updates(),
                        "members": self.ledger.count_members()},
