@@ -218,10 +218,19 @@ async def test_selection_stays_on_its_member_and_reject_asks_first():
 async def test_small_terminals_keep_help_and_quit_and_the_help_scrolls(size):
     app = recorded_app()
     async with app.run_test(size=size) as pilot:
-        await pilot.pause()
-        keys = {k.key: k for k in app.query("FooterKey")}
+        def footer_keys() -> dict:
+            return {k.key: k.region for k in app.query("FooterKey")}
+
+        # the footer is laid out a refresh or more after start (on a loaded machine, later
+        # than one pause): wait, bounded, for it to have a size before reading its regions
+        for _ in range(100):
+            await pilot.pause(0.05)
+            regions = footer_keys()
+            if all(regions.get(k) is not None and regions[k].width > 0
+                   for k in ("question_mark", "q")):
+                break
         for key in ("question_mark", "q"):
-            region = keys[key].region
+            region = footer_keys()[key]
             assert region.width > 0 and region.right <= size[0], (key, region)
         # every column but the address (last, the one to lose) is shown whole
         table = app.query_one("#members", DataTable)
