@@ -60,9 +60,7 @@ def _shape_problems(value, fields: dict, what: str) -> list[str]:
             continue
         spec = fields[key]
         kinds = spec if isinstance(spec, tuple) else (spec,)
-        allowed = tuple(k for k in kinds if isinstance(k, type))
-        if not ((item is None and None in kinds) or (
-                isinstance(item, allowed) and not (isinstance(item, bool) and bool not in allowed))):
+        if not wire.type_ok(item, kinds):
             problems.append(f"{what}: {key!r} is {type(item).__name__}")
     try:
         wire.check(value, fields, what)

@@ -8,8 +8,8 @@ format before the header existed).
 
 Nothing a peer sends reaches the ledger as it came: rounds and updates are read through
 :func:`read_round` and :func:`read_update`, which keep the known fields, check their types and
-drop the rest. ``tests/test_wire_format.py`` holds each message's shape against golden JSON
-captured from running nodes.
+drop the rest. ``tests/test_wire_format.py`` holds these declarations against the golden file of
+their version, and what running nodes send against these declarations.
 """
 
 from __future__ import annotations
@@ -88,6 +88,13 @@ SENDER_FIELD = {"hello": "node_id", "vote": "candidate", "append": "coordinator"
                 "leave": "node_id", "hold": "coordinator", "evaluation": "node_id"}
 
 
+def type_ok(value: Any, kinds: tuple) -> bool:
+    """``value`` is one of ``kinds`` (types, None for null); a bool is not an int here."""
+    allowed = tuple(k for k in kinds if isinstance(k, type))
+    return (value is None and None in kinds) or (
+        isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed))
+
+
 def check(body: Any, fields: dict[str, Any], what: str) -> dict[str, Any]:
     """``body`` if it has every required field with an allowed type (extra fields pass: a newer
     node of the same version may add some), else :class:`WireError` naming the field."""
@@ -99,11 +106,7 @@ def check(body: Any, fields: dict[str, Any], what: str) -> dict[str, Any]:
             if OPTIONAL in kinds or None in kinds:
                 continue
             raise WireError(f"{what}: missing field {key!r}")
-        value = body[key]
-        allowed = tuple(k for k in kinds if isinstance(k, type))
-        ok = (value is None and None in kinds) or (
-            isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed))
-        if not ok:
+        if not type_ok(body[key], kinds):
             raise WireError(f"{what}: field {key!r} has the wrong type")
     for member in body.get("members") or []:
         check(member, MEMBER_FIELDS, f"{what} member")
