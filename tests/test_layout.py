@@ -131,6 +131,16 @@ def test_the_shared_package_imports_none_of_its_users():
     assert reached == set()
 
 
+def test_the_consensus_core_stands_alone():
+    """The election's rules import nothing else of chorus_p2p: the node drives them, never the
+    other way round (what they may import from the standard library is in
+    test_consensus_core)."""
+    reached = {(module, target) for module, targets in _graph().items()
+               if module.startswith("chorus_p2p.consensus") for target in targets
+               if _package_of(target) != "chorus_p2p.consensus"}
+    assert reached == set()
+
+
 def test_the_wheel_lists_every_package():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
                  ["tool"]["setuptools"]["packages"])

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from chorus_p2p.consensus.election import (CANDIDATE, COORDINATOR, FOLLOWER, Election,
+                                            ElectionTiming, Ready, VoteRequest)
 from chorus_p2p.federation import wire
 from chorus_p2p.federation.dp_policy import policy_json
 from chorus_p2p.node.peers import PeerClient, PeerError
@@ -42,7 +44,7 @@ MAX_MEMBERS_FOLLOWED = 64  # new addresses tried per hello
 MAX_PENDING_HELLOS = 256  # second-hand addresses being tried at once
 SECOND_HAND_ATTEMPTS = 5  # tries for an address only a member list names
 
-FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
+__all__ = ["CANDIDATE", "COORDINATOR", "FOLLOWER", "Cluster", "ClusterTiming", "Peer"]
 # Members in these states do not vote or count toward a majority ("dormant": unseen for
 # --member-timeout; it counts again the moment it is back). A member that *left* (stopped
 # cleanly: a restart, a laptop closing) still counts: if a goodbye shrank the majority, a node
@@ -101,16 +103,15 @@ class Cluster:
         self.client = PeerClient(node.request_key, node.node_id, timeout=max(
             0.5, self.timing.election_min_s * 0.8), private_key=node.identity.private_key,
             ssl_context=node.client_ssl)
-        self.role = FOLLOWER
-        self.term = node.ledger.current_term()
-        self.coordinator: str | None = None
-        self.coordinator_url: str | None = None
+        # The election's rules live in a pure core (consensus.election); this class is its
+        # shell: it feeds in the time and what peers said, and persists, sends and publishes
+        # what the core decides.
+        term = node.ledger.current_term()
+        self.election = Election(
+            node.node_id, term, node.ledger.vote(term), time.monotonic(), random.Random(),
+            ElectionTiming(self.timing.heartbeat_s, self.timing.election_min_s,
+                           self.timing.election_max_s))
         self.peers: dict[str, Peer] = {}
-        self.last_heartbeat = 0.0
-        self.last_quorum_at = time.monotonic()
-        self._election_deadline = 0.0
-        self.election_timeouts = 0  # election timers that fired (a chance to lead)
-        self.heartbeats_sent = 0  # heartbeat rounds sent as coordinator
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self._wake = asyncio.Event()
@@ -118,7 +119,6 @@ class Cluster:
         self._second_hand: set[str] = set()  # pending URLs only a member list names
         self._sync_body: dict[str, Any] | None = None
         self._sync_worker: asyncio.Task | None = None
-        self._transfer = False  # the next election is a handover (timeout-now): no pre-vote
         self._handed_off: dict[tuple[int, str, str], float] = {}
         self._rediscover_at = 0.0
         self._heal_at = 0.0
@@ -143,6 +143,41 @@ class Cluster:
         self.joined = (self.founder or node.ledger.get_meta("joined") == "1"
                        or (committed is not None and committed["round"] > 0))
         self._load_members()
+
+    # The core's state, read-only here: only the core changes it.
+    role = property(lambda self: self.election.role)
+    term = property(lambda self: self.election.term)
+    coordinator = property(lambda self: self.election.coordinator)
+    coordinator_url = property(lambda self: self.election.coordinator_url)
+    last_quorum_at = property(lambda self: self.election.last_quorum_at)
+    election_timeouts = property(lambda self: self.election.election_timeouts)
+    heartbeats_sent = property(lambda self: self.election.heartbeats_sent)
+
+    def _apply(self, ready: Ready) -> None:
+        """Do what the core decided: persist, start, publish (the caller answers). "lead" is
+        awaited by the caller that asked for it (:meth:`_lead`)."""
+        ledger = self.node.ledger
+        if ready.persist_term is not None:
+            ledger.set_term(ready.persist_term)
+        if ready.persist_vote is not None:
+            ledger.record_vote(*ready.persist_vote)  # FULL sync, before any answer leaves
+        if ready.persist_leader is not None:
+            ledger.record_term(*ready.persist_leader)
+        for action in ready.start:
+            if action == "heartbeat":
+                self._spawn(self._heartbeat_all(self.term))
+            elif action == "election":
+                self._spawn(self._run_election())
+            elif action == "follow":
+                self.node.rounds.follow()
+        for event, data, level in ready.publish:
+            self.node.bus.publish(event, None, data, level=level)
+
+    async def _lead(self, ready: Ready) -> None:
+        self._apply(ready)
+        if "lead" in ready.start:
+            await self.node.rounds.lead(self.term)
+            self._wake.set()
 
     # -- members -------------------------------------------------------------------------------
     def _load_members(self) -> None:
@@ -201,12 +236,8 @@ class Cluster:
 
     def has_quorum(self) -> bool:
         """In contact with a majority now: as coordinator, heard from one within an election
-        timeout (it was True for any coordinator, even one cut off alone, until CheckQuorum
-        made it step down); as follower, heard its coordinator within one."""
-        if self.role == COORDINATOR:
-            return self.quorum_fresh()
-        recent = time.monotonic() - self.last_heartbeat < self.timing.election_max_s
-        return self.coordinator is not None and recent
+        timeout (CheckQuorum); as follower, heard its coordinator within one."""
+        return self.election.has_quorum(time.monotonic(), self.quorum())
 
     def member_json(self) -> list[dict[str, Any]]:
         me = {"node_id": self.node.node_id, "url": self.node.url, "name": socket.gethostname(),
@@ -305,8 +336,7 @@ class Cluster:
             log.warning("removed %s from this node's membership WITHOUT a majority: if it is alive "
                         "on another network, the two sides can now diverge; never start it again "
                         "with its data dir", peer.node_id[:12])
-            self._election_deadline = 0.0
-            self._bootstrap_until = 0.0
+            self.election.campaign_soon()
             self._wake.set()
             return {"node_id": peer.node_id, "status": "removed", "forced": True}
         peer.extra["removing"] = True
@@ -412,10 +442,9 @@ class Cluster:
 
             raise UsageError("this node joined with a token but has no way to reach the "
                              "federation: give --peer HOST:PORT of a member, or leave mDNS on")
-        if alone:
-            await self._become_coordinator(self.term + 1)
-        self._bootstrap_until = time.monotonic() + (0 if alone else self.timing.bootstrap_s)
-        self._reset_election_timer()
+        await self._lead(self.election.start(
+            time.monotonic(), alone=alone, bootstrap_s=self.timing.bootstrap_s,
+            url=self.node.url if self.node.address else None))
         for url in self.static_peers:
             self.consider(url)
         for peer in list(self.peers.values()):
@@ -427,11 +456,9 @@ class Cluster:
         self._stopping = True
         live = [p for p in self.peers.values() if p.status == "live"]
         was_coordinator = self.role == COORDINATOR
-        if was_coordinator:
-            # Stop acting as coordinator before anything else: no upload may be acknowledged
-            # that this node will no longer replicate, and no late result may be proposed.
-            self.role = FOLLOWER
-            self.node.rounds.follow()
+        # Stop acting as coordinator before anything else: no upload may be acknowledged
+        # that this node will no longer replicate, and no late result may be proposed.
+        self._apply(self.election.resign())
         if was_coordinator and live:
             target = max(live, key=lambda p: p.extra.get("ack_round", -1))
             try:
@@ -596,12 +623,7 @@ class Cluster:
         self._wake.set()
 
     # -- the clock -----------------------------------------------------------------------------------
-    def _reset_election_timer(self) -> None:
-        self._election_deadline = time.monotonic() + random.uniform(
-            self.timing.election_min_s, self.timing.election_max_s)
-
     async def _ticker(self) -> None:
-        next_beat = 0.0
         while not self._stopping:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=0.05)
@@ -613,43 +635,20 @@ class Cluster:
             self._check_lost()
             self._maybe_rediscover(now)
             self._maybe_heal_blobs(now)
-            if self.role == COORDINATOR:
-                if woke or now >= next_beat:
-                    next_beat = now + self.timing.heartbeat_s
-                    self.heartbeats_sent += 1
-                    self._spawn(self._heartbeat_all(self.term))
-                if not self.quorum_fresh():
-                    # CheckQuorum: no majority within an election timeout; writes already stop
-                    # (quorum_fresh), and the role goes so the majority side can elect.
-                    self._step_down(self.term, "lost contact with a majority (no quorum)")
-                continue
-            if self.coordinator is not None and \
-                    now - self.last_heartbeat > self.timing.election_max_s:
-                # Our coordinator went quiet: stop sending writers to it.
-                self.coordinator = self.coordinator_url = None
-                self.node.bus.publish("coordinator_lost", None, {"term": self.term},
-                                      level="warning")
-            if not self.joined:
-                if now - self._waiting_logged > 10.0:
-                    self._waiting_logged = now
-                    ways = (["mDNS"] if self.discovery_enabled else []) + [
-                        f"--peer {p.split('//', 1)[-1]}" for p in self.static_peers]
-                    log.warning("waiting to reach a member of federation %r (%s); this node "
-                                "joined with a token and never creates a history of its own",
-                                self.node.identity.federation, ", ".join(ways) or "no way set")
-            if now >= self._election_deadline and now >= self._bootstrap_until:
-                # A chance to lead, taken when joined. Counted: `status` shows it, and a check
-                # that "nobody took the lead" waits for chances, not for seconds.
-                self.election_timeouts += 1
-                if self.joined:
-                    self._spawn(self._run_election())
-                self._reset_election_timer()
+            self._apply(self.election.tick(now, quorum=self.quorum(), joined=self.joined,
+                                           woke=woke))
+            if self.role != COORDINATOR and not self.joined \
+                    and now - self._waiting_logged > 10.0:
+                self._waiting_logged = now
+                ways = (["mDNS"] if self.discovery_enabled else []) + [
+                    f"--peer {p.split('//', 1)[-1]}" for p in self.static_peers]
+                log.warning("waiting to reach a member of federation %r (%s); this node "
+                            "joined with a token and never creates a history of its own",
+                            self.node.identity.federation, ", ".join(ways) or "no way set")
 
     def quorum_fresh(self) -> bool:
         """A coordinator that heard from a majority within an election timeout."""
-        return self.role == COORDINATOR and (
-            self.quorum() <= 1
-            or time.monotonic() - self.last_quorum_at <= self.timing.election_min_s)
+        return self.election.quorum_fresh(time.monotonic(), self.quorum())
 
     def _maybe_rediscover(self, now: float) -> None:
         """mDNS answers a browser's first query; a node that missed it (a link that was down)
@@ -700,33 +699,8 @@ class Cluster:
                 self.node.bus.publish("blob_recovered", None, {"sha256": sha})
 
     # -- coordinator side ------------------------------------------------------------------------
-    async def _become_coordinator(self, term: int) -> None:
-        self.term = term
-        self.role = COORDINATOR
-        self.coordinator = self.node.node_id
-        self.coordinator_url = self.node.url if self.node.address else None
-        self.last_quorum_at = time.monotonic()
-        if self.node.ledger.vote(term) is None:
-            self.node.ledger.record_vote(term, self.node.node_id)
-        self.node.ledger.record_term(term, self.node.node_id)
-        self.node.bus.publish("coordinator_elected", None, {"term": term,
-                                                            "node_id": self.node.node_id})
-        await self.node.rounds.lead(term)
-        self._wake.set()
-
     def _step_down(self, term: int, reason: str) -> None:
-        was = self.role
-        if term > self.term:
-            self.term = term
-            self.node.ledger.set_term(term)
-        self.role = FOLLOWER
-        if was == COORDINATOR:
-            self.coordinator = self.coordinator_url = None
-            self.node.rounds.follow()
-            self.node.bus.publish("coordinator_stepped_down", None, {"term": self.term,
-                                                                     "reason": reason},
-                                  level="warning")
-        self._reset_election_timer()
+        self._apply(self.election.step_down(term, time.monotonic(), reason))
 
     async def _heartbeat_all(self, term: int) -> None:
         """One heartbeat to every member; the moment a majority has answered, the coordinator
@@ -737,12 +711,12 @@ class Cluster:
                 "members": self.member_json(), **self.node.rounds.replication_payload()}
         reached = 1
         if reached >= self.quorum():
-            self.last_quorum_at = max(self.last_quorum_at, sent)
+            self.election.heartbeat_quorum(term, sent)
         for done in asyncio.as_completed([self._heartbeat(p, body) for p in targets]):
             if await done and self.role == COORDINATOR and self.term == term:
                 reached += 1
                 if reached >= self.quorum():
-                    self.last_quorum_at = max(self.last_quorum_at, sent)
+                    self.election.heartbeat_quorum(term, sent)
 
     async def _heartbeat(self, peer: Peer, body: dict[str, Any]) -> bool:
         try:
@@ -757,7 +731,8 @@ class Cluster:
         if not isinstance(reply, dict) or not isinstance(reply.get("term"), int):
             return False
         if reply["term"] > self.term:
-            self._step_down(reply["term"], f"{peer.node_id[:12]} is in a newer term")
+            self._apply(self.election.on_reply_term(reply["term"], time.monotonic(),
+                                                    who=peer.node_id[:12]))
             return False
         if not reply.get("ok"):
             return False
@@ -789,10 +764,11 @@ class Cluster:
             self._seen(peer)
             if not isinstance(reply, dict) or not isinstance(reply.get("term"), int):
                 return False
-            if reply["term"] > self.term and not reply.get("granted"):
-                self._step_down(reply["term"], "a newer term exists")
-                return False
-            return reply.get("granted") is True
+            stepped = self.election.on_reply_term(reply["term"], time.monotonic(),
+                                                  reply.get("granted") is True,
+                                                  who=peer.node_id[:12])
+            self._apply(stepped)
+            return reply.get("granted") is True and stepped.persist_term is None
 
         votes, needed = 1, self.quorum()
         pending = {asyncio.ensure_future(ask(p)) for p in voters}
@@ -810,70 +786,39 @@ class Cluster:
         majority would vote for us (they would not while they hear from a live coordinator).
         An isolated or partitioned node therefore never inflates its term, and cannot depose a
         healthy coordinator when it comes back. A handover (timeout-now) skips the pre-vote."""
-        if self.role == COORDINATOR or self._stopping or not self.joined \
-                or self.node.rounds.diverged:
-            return  # a node whose history diverged must not lead anyone into it
-        transfer, self._transfer = self._transfer, False
-        last_term, last_round = self.node.rounds.log_position()
+        core = self.election
+        if self._stopping or not core.may_campaign(joined=self.joined,
+                                                   diverged=bool(self.node.rounds.diverged)):
+            return
+        transfer = core.take_transfer()
+        position = self.node.rounds.log_position()
         voters = self.voters()
         needed = self.quorum()
-        base = {"candidate": self.node.node_id, "url": self.node.url, "last_term": last_term,
-                "last_round": last_round}
+        url = self.node.url
         if not transfer and needed > 1:
-            start_term = self.term
-            pre_votes = await self._gather_votes({**base, "term": start_term + 1, "pre": True},
-                                                 voters)
-            if pre_votes < needed or self.term != start_term or self.role == COORDINATOR:
+            start_term = core.term
+            request = core.vote_request(start_term + 1, position, pre=True)
+            pre_votes = await self._gather_votes({**_vote_body(request), "url": url}, voters)
+            if not core.pre_vote_won(start_term, pre_votes, needed):
                 return  # no majority would follow us now; our term stays where it is
-        term = self.term + 1
-        self.term = term
-        self.role = CANDIDATE
-        self.coordinator = self.coordinator_url = None
-        self.node.ledger.record_vote(term, self.node.node_id)  # persisted before asking anyone
-        self.node.bus.publish("election_started", None, {"term": term, "voters": len(voters) + 1})
-        votes = await self._gather_votes({**base, "term": term, "transfer": transfer}, voters)
-        if self.role == CANDIDATE and self.term == term and votes >= needed:
-            await self._become_coordinator(term)
-        elif self.role == CANDIDATE and self.term == term:
-            self.role = FOLLOWER
-            self.node.bus.publish("no_quorum", None, {"term": term, "votes": votes,
-                                                      "needed": needed}, level="warning")
+        term, ready = core.campaign(time.monotonic(), len(voters) + 1)
+        self._apply(ready)  # our own vote persisted before anyone is asked
+        request = core.vote_request(term, position, transfer=transfer)
+        votes = await self._gather_votes({**_vote_body(request), "url": url}, voters)
+        await self._lead(core.election_result(term, votes, needed, time.monotonic(),
+                                              url if self.node.address else None))
 
     # -- handlers for peer requests --------------------------------------------------------------
-    def _hears_coordinator(self) -> bool:
-        """We lead with a majority, or heard our coordinator within an election timeout."""
-        if self.role == COORDINATOR:
-            return self.quorum_fresh()
-        return self.coordinator is not None and \
-            time.monotonic() - self.last_heartbeat < self.timing.election_min_s
-
     def on_vote(self, body: dict[str, Any]) -> dict[str, Any]:
-        term = int(body["term"])
+        request = VoteRequest.from_body(body)
         if not self.approve_joins and body.get("url"):
-            self._admit({"node_id": body["candidate"], "url": body["url"]}, body["url"], True)
-        if not self.is_member(body["candidate"]):
-            # A pending, rejected or unknown node cannot win votes or push our term up.
-            return {"term": self.term, "granted": False}
-        mine = self.node.rounds.log_position()
-        up_to_date = (int(body["last_term"]), int(body["last_round"])) >= mine
-        if body.get("pre") is True:
-            # Pre-Vote: would we vote? Nothing is recorded and no term changes.
-            return {"term": self.term, "granted": term > self.term and up_to_date
-                    and not self._hears_coordinator()}
-        if term < self.term:
-            return {"term": self.term, "granted": False}
-        if not body.get("transfer") and self._hears_coordinator():
-            # CheckQuorum's other half: while a coordinator is alive, a candidate (say, one
-            # coming back from a partition) neither gets our vote nor raises our term.
-            return {"term": self.term, "granted": False}
-        if term > self.term:
-            self._step_down(term, "a candidate started a newer term")
-        voted = self.node.ledger.vote(term)
-        granted = voted in (None, body["candidate"]) and up_to_date
-        if granted:
-            self.node.ledger.record_vote(term, body["candidate"])  # persisted before replying
-            self._reset_election_timer()
-        return {"term": self.term, "granted": granted}
+            self._admit({"node_id": request.candidate, "url": body["url"]}, body["url"], True)
+        ready = self.election.on_vote(request, time.monotonic(),
+                                      member=self.is_member(request.candidate),
+                                      quorum=self.quorum(),
+                                      log_position=self.node.rounds.log_position())
+        self._apply(ready)  # the vote is on disk before the answer leaves
+        return ready.answer or {"term": self.term, "granted": False}
 
     def _follow_leader(self, term: int, coordinator: str, url: str) -> bool:
         """Accept ``coordinator`` as the leader of ``term`` if Raft's rules allow it. It must be
@@ -889,21 +834,11 @@ class Cluster:
         if self.approve_joins and (sender.status == "pending" if sender is not None
                                    else self.established()):
             return False  # only an admitted member may lead an established federation
-        if term < self.term or self.node.rounds.diverged:
+        followed, ready = self.election.follow(term, coordinator, url, time.monotonic(),
+                                               diverged=bool(self.node.rounds.diverged))
+        self._apply(ready)
+        if not followed:
             return False
-        if self.role == COORDINATOR and term == self.term and coordinator != self.node.node_id:
-            # Two coordinators in one term can only come from disjoint bootstraps: both yield.
-            self._step_down(term, "another coordinator holds this term")
-            return False
-        if term > self.term or self.role != FOLLOWER:
-            self._step_down(term, "following a coordinator")
-        if self.coordinator != coordinator:
-            self.node.ledger.record_term(term, coordinator)
-            self.node.bus.publish("coordinator_seen", None, {"term": term, "node_id": coordinator})
-        self.coordinator = coordinator
-        self.coordinator_url = url
-        self.last_heartbeat = time.monotonic()
-        self._reset_election_timer()
         self.mark_joined()  # a coordinator is the federation: we have reached it
         return True
 
@@ -1153,15 +1088,11 @@ class Cluster:
             peer.status = "left"
             self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "left"})
             self.node.bus.publish("member_left", None, {"node_id": peer.node_id})
-            if body["node_id"] == self.coordinator:
-                self.coordinator = self.coordinator_url = None
+            self.election.on_leave(body["node_id"])
             self._wake.set()
 
     def on_timeout_now(self, body: dict[str, Any]) -> None:
-        if int(body["term"]) >= self.term and self.role != COORDINATOR:
-            self._transfer = True  # a handover: voters know the old coordinator is going
-            self._bootstrap_until = 0.0
-            self._election_deadline = 0.0
+        if self.election.on_timeout_now(int(body["term"])):
             self._wake.set()
 
     def status_json(self) -> dict[str, Any]:
@@ -1170,3 +1101,14 @@ class Cluster:
                 "quorum_size": self.quorum(), "voting_members": len(self.voting_members()),
                 "split": self.split, "election_timeouts": self.election_timeouts,
                 "heartbeats_sent": self.heartbeats_sent}
+
+
+def _vote_body(request: VoteRequest) -> dict[str, Any]:
+    """A vote request as it travels (wire.MESSAGES["vote"])."""
+    body: dict[str, Any] = {"candidate": request.candidate, "last_term": request.last_term,
+                            "last_round": request.last_round, "term": request.term}
+    if request.pre:
+        body["pre"] = True
+    else:
+        body["transfer"] = request.transfer
+    return body

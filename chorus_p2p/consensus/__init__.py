@@ -1,0 +1,10 @@
+"""The protocol's decisions, with no clock, network, disk or global random of their own.
+
+``election`` is the coordinator election (Raft with Pre-Vote, CheckQuorum and leadership
+transfer): the node's ``Cluster`` drives it, feeding in the time and what peers said, and does
+what each step returns. ``simulation`` runs several of the same cores over a seeded, simulated
+network, clock and crash schedule, and checks the election's safety after every step.
+
+This package imports nothing from the rest of chorus_p2p (``tests/test_layout.py``) and
+nothing that does I/O (``tests/test_consensus_core.py``).
+"""

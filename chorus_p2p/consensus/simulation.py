@@ -1,0 +1,516 @@
+"""Seeded fault schedules for the election core: several :class:`Election` cores over a
+simulated network, clock and disk, checked after every step.
+
+Why: a wall-clock chaos run on real processes tries one schedule in 25 minutes; this tries
+hundreds a second against the same rules the node runs (``Cluster`` is only their shell). One
+seed is one exact schedule of message delays, losses, duplicates, one-way partitions, crashes,
+restarts, clock drift and jumps and stalled event loops, so every failure replays from its seed:
+``Simulation(seed).run()`` (or ``benchmarks/simulate_faults.py --seed N``).
+
+The shell here mirrors ``Cluster``'s: a campaign asks everyone at once and decides on a
+majority or when the peer timeout passes; heartbeats count a majority of answers. Each node also
+holds a log of rounds (one entry per heartbeat a coordinator sends while it has a majority), so
+that "at least as up to date" is exercised and a committed round can be seen to change.
+
+Checked after every step:
+- at most one coordinator per term (election safety);
+- no node votes for two candidates in one term, and no persisted term goes back;
+- a committed round (held by a majority, of the coordinator's own term) is never changed, is
+  held by every coordinator of a later term (leader completeness: the analogue of an
+  acknowledged update lost), and no follower is told to drop it;
+- once faults stop, one coordinator is followed by every node within ``settle_s``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from chorus_p2p.consensus.election import (COORDINATOR, FOLLOWER, Election, ElectionTiming,
+                                           Ready, VoteRequest)
+
+TIMING = ElectionTiming(heartbeat_s=0.25, election_min_s=1.0, election_max_s=2.0)
+PEER_TIMEOUT_S = max(0.5, TIMING.election_min_s * 0.8)  # as Cluster's PeerClient
+TICK_S = 0.05  # Cluster's ticker wakes at least this often
+MAX_LOG = 256  # rounds a coordinator opens at most in one schedule (enough for any run)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """How hostile one schedule is; every number is a probability per opportunity or a range."""
+
+    loss: float = 0.05
+    duplicate: float = 0.03
+    delay_s: tuple[float, float] = (0.001, 0.08)
+    slow_delay_s: float = 1.5  # now and then a message takes this long (reordering)
+    slow: float = 0.03
+    partition: float = 0.02  # per fault step: a new partition (a third of them one-way)
+    crash: float = 0.02  # per fault step, per schedule: crash one node
+    crash_after_answer: float = 0.01  # per answer sent: kill -9 right after it leaves
+    stall: float = 0.02  # per fault step: one node's event loop stops (training, swapping)
+    stall_s: tuple[float, float] = (0.5, 4.0)
+    clock_jump: float = 0.01  # per fault step: one node's clock jumps forward (a laptop slept)
+    drift: float = 0.05  # clock rates in [1 - drift, 1 + drift]
+
+
+QUIET = Faults(loss=0, duplicate=0, delay_s=(0.001, 0.02), slow=0, partition=0, crash=0,
+               crash_after_answer=0, stall=0, clock_jump=0)
+
+
+@dataclass
+class Disk:
+    """What survives a crash: everything the core asked to persist (votes are FULL sync)."""
+
+    term: int = 0
+    votes: dict[int, str] = field(default_factory=dict)
+    log: list[int] = field(default_factory=list)  # the term of each round, in order
+    log_from: tuple[int, str] | None = None  # (term, coordinator) the log was last taken from
+
+
+@dataclass
+class Campaign:
+    id: int
+    phase: str  # "pre" or "vote"
+    start_term: int
+    term: int
+    votes: int = 1
+    answered: set[str] = field(default_factory=set)
+    transfer: bool = False
+
+
+@dataclass
+class Beat:
+    term: int
+    sent: float
+    reached: set[str]
+
+
+class SimNode:
+    def __init__(self, node_id: str, rate: float, offset: float):
+        self.node_id = node_id
+        self.disk = Disk()
+        self.core: Election | None = None
+        self.rate = rate
+        self.offset = offset
+        self.stalled_until = 0.0
+        self.campaign: Campaign | None = None
+        self.beats: dict[int, Beat] = {}
+        self.acked: dict[str, int] = {}  # as coordinator: log length each follower holds
+        self.generation = 0  # incarnation: timers of a crashed one never fire
+
+    def clock(self, t: float) -> float:
+        return self.offset + self.rate * t
+
+    def log_position(self) -> tuple[int, int]:
+        return (self.disk.log[-1], len(self.disk.log)) if self.disk.log else (0, 0)
+
+
+@dataclass
+class Outcome:
+    seed: int
+    events: int  # messages, faults, restarts and timeouts (clock ticks not counted)
+    violations: list[str]
+    terms: int  # the highest term reached
+    digest: str  # of the whole trace: the same seed gives the same digest
+    trace: list[str]
+
+
+class Simulation:
+    def __init__(self, seed: int, *, nodes: int | None = None, events: int = 300,
+                 faults: Faults | None = None, settle_s: float = 30.0, keep_trace: bool = False):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.size = nodes or self.rng.choice((3, 3, 4, 5))
+        self.min_events = events
+        self.faults = faults or _mixed(self.rng)
+        self.settle_s = settle_s
+        self.keep_trace = keep_trace
+        self.t = 0.0
+        self.queue: list[tuple[float, int, str, Any]] = []
+        self.seq = 0
+        self.nodes = {f"n{i}": SimNode(f"n{i}", self.rng.uniform(1 - self.faults.drift,
+                                                                 1 + self.faults.drift),
+                                       self.rng.uniform(0, 1000)) for i in range(self.size)}
+        self.blocked: set[tuple[str, str]] = set()
+        self.leaders: dict[int, str] = {}  # term -> the coordinator elected in it
+        self.committed: dict[int, int] = {}  # round index -> its term
+        self.committed_in: dict[int, int] = {}  # round index -> the term that committed it
+        self.violations: list[str] = []
+        self.trace: list[str] = []
+        self.digest = hashlib.sha256()
+        self.events = 0
+        self.faulty = True
+        self.campaign_ids = 0
+
+    # -- plumbing --------------------------------------------------------------------------
+    def schedule(self, delay: float, kind: str, payload: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.queue, (self.t + delay, self.seq, kind, payload))
+
+    def note(self, text: str) -> None:
+        line = f"{self.t:9.4f} {text}"
+        self.digest.update(line.encode())
+        if self.keep_trace:
+            self.trace.append(line)
+
+    def send(self, src: str, dst: str, kind: str, body: dict[str, Any]) -> None:
+        if (src, dst) in self.blocked:
+            return
+        f = self.faults if self.faulty else QUIET
+        if self.rng.random() < f.loss:
+            return
+        copies = 2 if self.rng.random() < f.duplicate else 1
+        for _ in range(copies):
+            delay = f.slow_delay_s if self.rng.random() < f.slow else self.rng.uniform(*f.delay_s)
+            self.schedule(delay, "deliver", (src, dst, kind, body))
+
+    def quorum(self) -> int:
+        return self.size // 2 + 1
+
+    def apply(self, node: SimNode, ready: Ready) -> None:
+        """Cluster._apply's twin: persist, then start."""
+        core = node.core
+        assert core is not None
+        if ready.persist_term is not None:
+            self.persist_term(node, ready.persist_term)
+        if ready.persist_vote is not None:
+            term, candidate = ready.persist_vote
+            earlier = node.disk.votes.get(term)
+            if earlier not in (None, candidate):
+                self.violate(f"{node.node_id} voted for {earlier} and {candidate} in term {term}")
+            node.disk.votes[term] = candidate
+            self.persist_term(node, max(node.disk.term, term))
+        for action in ready.start:
+            if action == "heartbeat":
+                self.heartbeat(node)
+            elif action == "election":
+                self.begin_campaign(node)
+            elif action == "lead":
+                self.on_elected(node)
+        for event, data, _ in ready.publish:
+            self.note(f"{node.node_id} {event} {sorted(data.items())}")
+
+    def persist_term(self, node: SimNode, term: int) -> None:
+        if term < node.disk.term:
+            self.violate(f"{node.node_id}'s persisted term went back {node.disk.term} -> {term}")
+        node.disk.term = term
+
+    def violate(self, text: str) -> None:
+        self.note(f"VIOLATION {text}")
+        self.violations.append(f"seed {self.seed} t={self.t:.3f}: {text}")
+
+    # -- the shell, as Cluster ---------------------------------------------------------------
+    def boot(self, node: SimNode) -> None:
+        now = node.clock(self.t)
+        term = node.disk.term
+        node.core = Election(node.node_id, term, node.disk.votes.get(term), now,
+                             random.Random(self.rng.random()), TIMING)
+        node.campaign, node.beats, node.acked = None, {}, {}
+        node.generation += 1
+        self.apply(node, node.core.start(now, alone=False, bootstrap_s=self.rng.uniform(0, 2),
+                                         url=node.node_id))
+        self.schedule(TICK_S, "tick", (node.node_id, node.generation))
+
+    def on_elected(self, node: SimNode) -> None:
+        term = node.core.term
+        other = self.leaders.get(term)
+        if other not in (None, node.node_id):
+            self.violate(f"two coordinators in term {term}: {other} and {node.node_id}")
+        self.leaders[term] = node.node_id
+        node.acked = {}
+        for index, round_term in self.committed.items():
+            if self.committed_in[index] >= term:
+                continue  # committed by a later term: a late winner of an older term lacks it
+            if index >= len(node.disk.log) or node.disk.log[index] != round_term:
+                self.violate(f"{node.node_id} leads term {term} without committed round "
+                             f"{index} (term {round_term})")
+        self.note(f"{node.node_id} elected term {term} log {node.log_position()}")
+
+    def begin_campaign(self, node: SimNode) -> None:
+        core = node.core
+        if not core.may_campaign(joined=True, diverged=False):
+            return
+        transfer = core.take_transfer()
+        self.campaign_ids += 1
+        camp = Campaign(self.campaign_ids, "pre", core.term, core.term + 1, transfer=transfer)
+        node.campaign = camp
+        if transfer or self.quorum() <= 1:
+            self.campaign_vote(node, camp)
+            return
+        self.ask(node, camp, pre=True)
+
+    def ask(self, node: SimNode, camp: Campaign, *, pre: bool) -> None:
+        request = node.core.vote_request(camp.term, node.log_position(), pre=pre,
+                                         transfer=camp.transfer and not pre)
+        for other in self.nodes:
+            if other != node.node_id:
+                self.send(node.node_id, other, "vote", {"request": request, "campaign": camp.id,
+                                                        "phase": camp.phase})
+        self.schedule(PEER_TIMEOUT_S / node.rate, "campaign_timeout", (node.node_id, camp.id))
+
+    def campaign_vote(self, node: SimNode, camp: Campaign) -> None:
+        term, ready = node.core.campaign(node.clock(self.t), self.size)
+        camp.phase, camp.term, camp.votes, camp.answered = "vote", term, 1, set()
+        self.apply(node, ready)
+        self.ask(node, camp, pre=False)
+        if camp.votes >= self.quorum():
+            self.decide(node, camp)
+
+    def decide(self, node: SimNode, camp: Campaign, timed_out: bool = False) -> None:
+        core = node.core
+        if camp.phase == "pre":
+            node.campaign = None
+            if core.pre_vote_won(camp.start_term, camp.votes, self.quorum()):
+                node.campaign = camp
+                self.campaign_vote(node, camp)
+            return
+        node.campaign = None
+        self.apply(node, core.election_result(camp.term, camp.votes, self.quorum(),
+                                              node.clock(self.t), node.node_id))
+
+    def heartbeat(self, node: SimNode) -> None:
+        core = node.core
+        if core.quorum_fresh(node.clock(self.t), self.quorum()) and len(node.disk.log) < MAX_LOG:
+            # A coordinator with a majority opens a new round (one entry of its term).
+            node.disk.log = node.disk.log + [core.term]
+            node.disk.log_from = (core.term, node.node_id)
+        beat = Beat(core.term, node.clock(self.t), {node.node_id})
+        self.seq += 1
+        node.beats[self.seq] = beat
+        if len(node.beats) > 16:
+            node.beats.pop(next(iter(node.beats)))
+        for other in self.nodes:
+            if other != node.node_id:
+                self.send(node.node_id, other, "append", {
+                    "term": core.term, "coordinator": node.node_id, "beat": self.seq,
+                    "log": list(node.disk.log)})
+        self.heartbeat_counted(node, beat)
+
+    def heartbeat_counted(self, node: SimNode, beat: Beat) -> None:
+        if len(beat.reached) >= self.quorum():
+            node.core.heartbeat_quorum(beat.term, beat.sent)
+
+    def commit(self, node: SimNode) -> None:
+        """Raft's rule: a round of the coordinator's own term held by a majority commits."""
+        core = node.core
+        lengths = sorted([len(node.disk.log)] + [node.acked.get(o, 0) for o in self.nodes
+                                                  if o != node.node_id], reverse=True)
+        held = lengths[self.quorum() - 1]
+        for index in range(held):
+            if node.disk.log[index] == core.term and index not in self.committed:
+                for earlier in range(index + 1):
+                    if earlier in self.committed and \
+                            self.committed[earlier] != node.disk.log[earlier]:
+                        self.violate(f"committed round {earlier} changed "
+                                     f"{self.committed[earlier]} -> {node.disk.log[earlier]}")
+                    self.committed.setdefault(earlier, node.disk.log[earlier])
+                    self.committed_in.setdefault(earlier, core.term)
+
+    def receive(self, src: str, dst: str, kind: str, body: dict[str, Any]) -> None:
+        node = self.nodes[dst]
+        core = node.core
+        now = node.clock(self.t)
+        if kind == "vote":
+            request: VoteRequest = body["request"]
+            ready = core.on_vote(request, now, member=True, quorum=self.quorum(),
+                                 log_position=node.log_position())
+            self.apply(node, ready)
+            self.send(dst, src, "vote_reply", {"campaign": body["campaign"],
+                                               "phase": body["phase"], **ready.answer})
+            self.maybe_crash_after_answer(node)
+        elif kind == "vote_reply":
+            stepped = core.on_reply_term(body["term"], now, body["granted"], who=src)
+            self.apply(node, stepped)
+            camp = node.campaign
+            if camp is None or camp.id != body["campaign"] or camp.phase != body["phase"] \
+                    or src in camp.answered:
+                return
+            camp.answered.add(src)
+            if body["granted"] and stepped.persist_term is None:
+                camp.votes += 1
+                if camp.votes >= self.quorum():
+                    self.decide(node, camp)
+        elif kind == "append":
+            followed, ready = core.follow(body["term"], body["coordinator"], body["coordinator"],
+                                          now, diverged=False)
+            self.apply(node, ready)
+            source = (body["term"], body["coordinator"])
+            log = body["log"]
+            if followed and not (node.disk.log_from == source
+                                 and node.disk.log[:len(log)] == log):
+                # (a late, shorter copy from the same coordinator and term changes nothing)
+                for index, round_term in self.committed.items():
+                    held = index < len(node.disk.log) and node.disk.log[index] == round_term
+                    if held and (index >= len(log) or log[index] != round_term):
+                        self.violate(f"{dst} told to drop committed round {index} by "
+                                     f"{body['coordinator']} (term {body['term']})")
+                node.disk.log, node.disk.log_from = list(log), source
+            self.send(dst, src, "append_reply", {"term": core.term, "ok": followed,
+                                                 "beat": body["beat"],
+                                                 "length": len(node.disk.log)})
+            self.maybe_crash_after_answer(node)
+        elif kind == "append_reply":
+            self.apply(node, core.on_reply_term(body["term"], now, who=src))
+            beat = node.beats.get(body["beat"])
+            if not body["ok"] or beat is None or core.role != COORDINATOR \
+                    or core.term != beat.term:
+                return
+            node.acked[src] = max(node.acked.get(src, 0), body["length"])
+            beat.reached.add(src)
+            self.heartbeat_counted(node, beat)
+            self.commit(node)
+
+    # -- faults -------------------------------------------------------------------------------
+    def crash(self, node: SimNode, how: str) -> None:
+        self.note(f"{how} {node.node_id}")
+        node.core = None
+        self.schedule(self.rng.uniform(0.05, 5), "restart", node.node_id)
+
+    def maybe_crash_after_answer(self, node: SimNode) -> None:
+        if self.faulty and self.rng.random() < self.faults.crash_after_answer:
+            self.crash(node, "kill -9 after answering:")
+
+    def fault_step(self) -> None:
+        f, rng = self.faults, self.rng
+        ids = sorted(self.nodes)
+        if rng.random() < f.partition:
+            side = set(rng.sample(ids, rng.randint(1, self.size - 1)))
+            pairs = {(a, b) for a in side for b in ids if b not in side}
+            if rng.random() < 1 / 3:
+                self.note(f"one-way partition from {sorted(side)}")
+            else:
+                pairs |= {(b, a) for a, b in pairs}
+                self.note(f"partition {sorted(side)}")
+            self.blocked = pairs
+            self.schedule(rng.uniform(0.5, 6), "heal", None)
+        if rng.random() < f.crash:
+            node = self.nodes[rng.choice(ids)]
+            if node.core is not None:
+                self.crash(node, "crash")
+        if rng.random() < f.stall:
+            node = self.nodes[rng.choice(ids)]
+            node.stalled_until = max(node.stalled_until, self.t + rng.uniform(*f.stall_s))
+            self.note(f"stall {node.node_id} until {node.stalled_until:.3f}")
+        if rng.random() < f.clock_jump:
+            node = self.nodes[rng.choice(ids)]
+            jump = rng.uniform(0.5, 10)
+            node.offset += jump
+            self.note(f"clock of {node.node_id} jumps {jump:.3f}s")
+
+    # -- the run -------------------------------------------------------------------------------
+    def step(self) -> bool:
+        if not self.queue:
+            return False
+        self.t, _, kind, payload = heapq.heappop(self.queue)
+        if kind != "tick":  # a tick is a clock reading, not an event of the schedule
+            self.events += 1
+        if kind == "fault":
+            if self.faulty:
+                self.fault_step()
+                self.schedule(self.rng.uniform(0.05, 0.3), "fault", None)
+            return True
+        if kind == "heal":
+            self.blocked = set()
+            self.note("heal")
+            return True
+        if kind == "restart":
+            node = self.nodes[payload]
+            if node.core is None:
+                self.note(f"restart {payload}")
+                self.boot(node)
+            return True
+        target = payload[1] if kind == "deliver" else payload[0]
+        node = self.nodes[target]
+        if node.core is None or (kind == "tick" and payload[1] != node.generation):
+            return True  # crashed: its timers and inbox are gone
+        if node.stalled_until > self.t:
+            self.seq += 1
+            heapq.heappush(self.queue, (node.stalled_until, self.seq, kind, payload))
+            return True
+        if kind == "tick":
+            ready = node.core.tick(node.clock(self.t), quorum=self.quorum(), joined=True)
+            self.apply(node, ready)
+            self.schedule(TICK_S / node.rate, "tick", payload)
+        elif kind == "deliver":
+            src, dst, message, body = payload
+            self.note(f"{src}->{dst} {message} {_brief(body)}")
+            self.receive(src, dst, message, body)
+        elif kind == "campaign_timeout":
+            camp = node.campaign
+            if camp is not None and camp.id == payload[1]:
+                self.decide(node, camp, timed_out=True)
+        return True
+
+    def settled(self) -> bool:
+        """One coordinator, with a majority, followed by every node."""
+        cores = [n.core for n in self.nodes.values()]
+        if any(c is None for c in cores):
+            return False
+        leaders = [c for c in cores if c.role == COORDINATOR]
+        if len(leaders) != 1:
+            return False
+        leader = leaders[0]
+        return all(c is leader or (c.role == FOLLOWER and c.coordinator == leader.node_id
+                                   and c.term == leader.term) for c in cores)
+
+    def run(self) -> Outcome:
+        for node in self.nodes.values():
+            self.boot(node)
+        self.schedule(self.rng.uniform(0.05, 0.3), "fault", None)
+        while self.events < self.min_events and self.step():
+            pass
+        # Faults stop: heal, restart, and the federation must settle (liveness).
+        self.faulty = False
+        self.blocked = set()
+        for node in self.nodes.values():
+            node.stalled_until = min(node.stalled_until, self.t)
+            if node.core is None:
+                self.boot(node)
+        self.note("faults stop")
+        quiet_from = self.t
+        while self.t - quiet_from < self.settle_s and self.step():
+            if self.settled():
+                break
+        if not self.settled():
+            states = {n.node_id: (n.core.role, n.core.term, n.core.coordinator)
+                      for n in self.nodes.values() if n.core is not None}
+            self.violate(f"no single coordinator {self.settle_s:.0f}s after faults stopped: "
+                         f"{states}")
+        return Outcome(self.seed, self.events, self.violations, max(self.leaders, default=0),
+                       self.digest.hexdigest(), self.trace)
+
+
+def _mixed(rng: random.Random) -> Faults:
+    """Each seed weighs the faults differently: some schedules are mostly crashes, some mostly
+    partitions or lossy links, so that rarer interleavings come up too."""
+    base = Faults()
+    scale = {name: rng.choice((0.0, 0.5, 1.0, 3.0, 6.0)) for name in
+             ("loss", "duplicate", "slow", "partition", "crash", "crash_after_answer", "stall",
+              "clock_jump")}
+    return Faults(**{name: min(0.5, getattr(base, name) * factor)
+                     for name, factor in scale.items()})
+
+
+def _brief(body: dict[str, Any]) -> str:
+    out = []
+    for key, value in sorted(body.items()):
+        if isinstance(value, VoteRequest):
+            value = (value.term, value.candidate, value.last_term, value.last_round, value.pre,
+                     value.transfer)
+        elif isinstance(value, list):
+            value = (len(value), value[-1] if value else None)
+        out.append(f"{key}={value}")
+    return " ".join(out)
+
+
+def explore(seeds: range, **kwargs: Any) -> tuple[int, int, list[str]]:
+    """Run one schedule per seed; returns (schedules, events, violations)."""
+    events, violations = 0, []
+    for seed in seeds:
+        outcome = Simulation(seed, **kwargs).run()
+        events += outcome.events
+        violations += outcome.violations
+    return len(seeds), events, violations

@@ -1,0 +1,345 @@
+"""The election core without sockets, sleeps or disks: every transition from a table, the core's
+purity, and the seeded fault simulator (thousands of schedules, each replayable, and able to
+find each election bug it is shown)."""
+
+from __future__ import annotations
+
+import ast
+import time
+from pathlib import Path
+
+import pytest
+
+from chorus_p2p.consensus import election
+from chorus_p2p.consensus.election import (CANDIDATE, COORDINATOR, FOLLOWER, Election,
+                                           ElectionTiming, VoteRequest)
+from chorus_p2p.consensus.simulation import Faults, Simulation, explore
+
+CONSENSUS = Path(election.__file__).resolve().parent
+TIMING = ElectionTiming(heartbeat_s=0.25, election_min_s=1.0, election_max_s=2.0)
+
+
+class Lowest:
+    """A 'random' source that always picks the shortest timeout: deadlines are exact."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+def core(term: int = 3, voted_for: str | None = None, now: float = 100.0) -> Election:
+    return Election("me", term, voted_for, now, Lowest(), TIMING)
+
+
+def following(term: int = 3, heard_at: float = 100.0) -> Election:
+    c = core(term)
+    ok, _ = c.follow(term, "lead", "http://lead", heard_at, diverged=False)
+    assert ok
+    return c
+
+
+def leading(term: int = 3, now: float = 100.0) -> Election:
+    c = core(term - 1)
+    c.become_coordinator(term, now, "http://me")
+    return c
+
+
+# -- votes ---------------------------------------------------------------------------------------
+VOTES = [
+    # (case, the voter, request, member, voter's log, granted, term after, vote persisted)
+    ("a non-member gets nothing and moves no term", core(),
+     VoteRequest(9, "c", 9, 9), False, (3, 5), False, 3, None),
+    ("pre-vote: granted, nothing recorded", core(),
+     VoteRequest(4, "c", 3, 5, pre=True), True, (3, 5), True, 3, None),
+    ("pre-vote refused while our coordinator is heard", following(heard_at=100.0),
+     VoteRequest(4, "c", 3, 5, pre=True), True, (3, 5), False, 3, None),
+    ("pre-vote refused to a staler log", core(),
+     VoteRequest(4, "c", 3, 4, pre=True), True, (3, 5), False, 3, None),
+    ("pre-vote for our own term is refused", core(),
+     VoteRequest(3, "c", 3, 5, pre=True), True, (3, 5), False, 3, None),
+    ("a vote from an older term is refused", core(),
+     VoteRequest(2, "c", 9, 9), True, (3, 5), False, 3, None),
+    ("a newer term, free: granted, term and vote persisted", core(),
+     VoteRequest(4, "c", 3, 5), True, (3, 5), True, 4, (4, "c")),
+    ("a newer log term wins over a longer log", core(),
+     VoteRequest(4, "c", 4, 1), True, (3, 9), True, 4, (4, "c")),
+    ("one vote per term: refused to a second candidate", core(3, voted_for="other"),
+     VoteRequest(3, "c", 3, 5), True, (3, 5), False, 3, None),
+    ("asking again for the same vote is granted again", core(3, voted_for="c"),
+     VoteRequest(3, "c", 3, 5), True, (3, 5), True, 3, (3, "c")),
+    ("a staler log moves our term but gets no vote", core(),
+     VoteRequest(5, "c", 2, 9), True, (3, 5), False, 5, None),
+    ("CheckQuorum: no vote and no new term while our coordinator lives",
+     following(heard_at=100.0), VoteRequest(5, "c", 3, 5), True, (3, 5), False, 3, None),
+    ("a handover (transfer) is voted for though the coordinator lives",
+     following(heard_at=100.0), VoteRequest(4, "c", 3, 5, transfer=True), True, (3, 5), True,
+     4, (4, "c")),
+    ("a coordinator with a majority refuses a candidate", leading(3),
+     VoteRequest(4, "c", 3, 5), True, (3, 5), False, 3, None),
+]
+
+
+@pytest.mark.parametrize("case,voter,request_,member,log,granted,term,persisted", VOTES,
+                         ids=[v[0] for v in VOTES])
+def test_vote_table(case, voter, request_, member, log, granted, term, persisted):
+    ready = voter.on_vote(request_, 100.5, member=member, quorum=2, log_position=log)
+    assert ready.answer == {"term": term, "granted": granted}
+    assert voter.term == term
+    assert ready.persist_vote == persisted
+    if term > 3 and not request_.pre:
+        assert ready.persist_term == term  # a newer term is on disk before the answer leaves
+    if granted and not request_.pre:
+        assert voter.voted_for == request_.candidate
+        assert voter.deadline == pytest.approx(100.5 + TIMING.election_min_s)
+
+
+def test_a_stepped_down_coordinator_can_vote_in_the_new_term():
+    c = leading(3)
+    ready = c.on_vote(VoteRequest(4, "c", 3, 5), 102.0, member=True, quorum=2,
+                      log_position=(3, 5))  # 2 s without a majority: quorum is stale
+    assert ready.answer == {"term": 4, "granted": True}
+    assert c.role == FOLLOWER and "follow" in ready.start
+    assert ("coordinator_stepped_down" in [e for e, _, _ in ready.publish])
+
+
+# -- ticks -------------------------------------------------------------------------------------
+TICKS = [
+    # (case, core, now, joined, woke, role after, starts, published)
+    ("before the deadline nothing happens", core(), 100.5, True, False, FOLLOWER, [], []),
+    ("the deadline passes: an election", core(), 101.0, True, False, FOLLOWER, ["election"], []),
+    ("not joined: the chance is counted, not taken", core(), 101.0, False, False, FOLLOWER,
+     [], []),
+    ("a quiet coordinator is forgotten", following(heard_at=100.0), 102.1, True, False,
+     FOLLOWER, ["election"], ["coordinator_lost"]),
+    ("a coordinator beats at once", leading(), 100.0, True, False, COORDINATOR,
+     ["heartbeat"], []),
+    ("CheckQuorum: no majority for an election timeout, it steps down", leading(), 101.5, True,
+     False, FOLLOWER, ["heartbeat", "follow"], ["coordinator_stepped_down"]),
+]
+
+
+@pytest.mark.parametrize("case,c,now,joined,woke,role,starts,published", TICKS,
+                         ids=[t[0] for t in TICKS])
+def test_tick_table(case, c, now, joined, woke, role, starts, published):
+    before = c.election_timeouts
+    ready = c.tick(now, quorum=2, joined=joined, woke=woke)
+    assert c.role == role
+    assert ready.start == starts
+    assert [event for event, _, _ in ready.publish] == published
+    if "election" in starts or not joined and now >= 101.0:
+        assert c.election_timeouts == before + 1
+        assert c.deadline == pytest.approx(now + TIMING.election_min_s)
+
+
+def test_heartbeats_follow_their_interval_and_a_wake():
+    c = leading(now=100.0)
+    assert c.tick(100.0, quorum=2, joined=True).start == ["heartbeat"]
+    assert c.tick(100.1, quorum=2, joined=True).start == []
+    assert c.tick(100.1, quorum=2, joined=True, woke=True).start == ["heartbeat"]
+    assert c.tick(100.36, quorum=2, joined=True).start == ["heartbeat"]
+    assert c.heartbeats_sent == 3
+
+
+def test_a_majority_answering_keeps_the_role():
+    c = leading(now=100.0)
+    c.heartbeat_quorum(3, 100.9)
+    assert c.tick(101.5, quorum=2, joined=True).start == ["heartbeat"]
+    assert c.role == COORDINATOR
+    c.heartbeat_quorum(2, 101.6)  # an answer to an older term's heartbeat proves nothing
+    assert c.last_quorum_at == 100.9
+
+
+def test_the_bootstrap_wait_holds_the_first_election():
+    c = core(now=100.0)
+    c.start(100.0, alone=False, bootstrap_s=5.0, url=None)
+    assert c.tick(103.0, quorum=2, joined=True).start == []
+    assert c.tick(105.0, quorum=2, joined=True).start == ["election"]
+
+
+def test_a_node_alone_leads_at_once_and_votes_for_itself():
+    c = core(term=3)
+    ready = c.start(100.0, alone=True, bootstrap_s=5.0, url="http://me")
+    assert (c.role, c.term, c.coordinator) == (COORDINATOR, 4, "me")
+    assert ready.persist_vote == (4, "me") and ready.persist_leader == (4, "me")
+    assert ready.start == ["lead"]
+
+
+# -- a campaign --------------------------------------------------------------------------------
+def test_a_campaign_persists_its_own_vote_and_wins_with_a_majority():
+    c = core(term=3)
+    assert c.may_campaign(joined=True, diverged=False)
+    assert not c.may_campaign(joined=True, diverged=True)
+    assert c.pre_vote_won(3, 2, 2) and not c.pre_vote_won(3, 1, 2)
+    assert not c.pre_vote_won(2, 2, 2)  # our term moved while we asked
+    term, ready = c.campaign(100.0, voters=3)
+    assert (term, c.role, c.voted_for, ready.persist_vote) == (4, CANDIDATE, "me", (4, "me"))
+    won = c.election_result(4, 2, 2, 100.2, "http://me")
+    assert (c.role, c.coordinator) == (COORDINATOR, "me")
+    assert won.start == ["lead"] and won.persist_leader == (4, "me")
+    assert won.persist_vote is None  # already on disk from the campaign
+
+
+@pytest.mark.parametrize("case,votes,moved,role,published", [
+    ("too few votes", 1, False, FOLLOWER, ["no_quorum"]),
+    ("a newer term came while asking", 2, True, FOLLOWER, []),
+])
+def test_a_campaign_that_fails(case, votes, moved, role, published):
+    c = core(term=3)
+    term, _ = c.campaign(100.0, voters=3)
+    if moved:
+        c.on_reply_term(7, 100.1, who="x")
+    ready = c.election_result(term, votes, 2, 100.2, None)
+    assert c.role == role and [e for e, _, _ in ready.publish] == published
+    assert c.coordinator is None
+
+
+def test_a_handover_skips_the_pre_vote_and_campaigns_at_the_next_tick():
+    c = following(heard_at=100.0)
+    assert not c.on_timeout_now(2)  # from an older term: ignored
+    assert c.on_timeout_now(3)
+    assert c.tick(100.01, quorum=2, joined=True).start == ["election"]
+    assert c.take_transfer() and not c.take_transfer()
+    assert not leading().on_timeout_now(3)
+
+
+# -- following ---------------------------------------------------------------------------------
+FOLLOWS = [
+    # (case, core, term, coordinator, diverged, followed, role, term after, persisted leader)
+    ("an older term is refused", core(3), 2, "lead", False, False, FOLLOWER, 3, None),
+    ("a diverged history follows nobody", core(3), 3, "lead", True, False, FOLLOWER, 3, None),
+    ("a newer term is followed and recorded", core(3), 4, "lead", False, True, FOLLOWER, 4,
+     (4, "lead")),
+    ("a candidate yields to its term's coordinator", None, 4, "lead", False, True, FOLLOWER, 4,
+     (4, "lead")),
+    ("two coordinators in one term both yield", leading(3), 3, "other", False, False, FOLLOWER,
+     3, None),
+    ("a coordinator follows a newer term", leading(3), 5, "other", False, True, FOLLOWER, 5,
+     (5, "other")),
+]
+
+
+@pytest.mark.parametrize("case,c,term,coordinator,diverged,followed,role,after,leader", FOLLOWS,
+                         ids=[f[0] for f in FOLLOWS])
+def test_follow_table(case, c, term, coordinator, diverged, followed, role, after, leader):
+    if c is None:
+        c = core(3)
+        c.campaign(99.0, voters=3)  # a candidate of term 4
+    ok, ready = c.follow(term, coordinator, "http://x", 100.0, diverged=diverged)
+    assert (ok, c.role, c.term) == (followed, role, after)
+    assert ready.persist_leader == leader
+    if ok:
+        assert (c.coordinator, c.last_heartbeat) == (coordinator, 100.0)
+
+
+def test_the_same_coordinator_is_recorded_once_and_a_leave_forgets_it():
+    c = following()
+    again, ready = c.follow(3, "lead", "http://lead", 100.2, diverged=False)
+    assert again and ready.persist_leader is None and ready.publish == []
+    c.on_leave("someone-else")
+    assert c.coordinator == "lead"
+    c.on_leave("lead")
+    assert c.coordinator is None
+
+
+def test_a_reply_from_a_newer_term_sends_a_coordinator_back():
+    c = leading(3)
+    assert c.on_reply_term(4, 100.1, granted=True).start == []  # a granted vote: our own term
+    ready = c.on_reply_term(4, 100.1, who="x")
+    assert (c.role, c.term, ready.persist_term) == (FOLLOWER, 4, 4)
+    assert c.resign().start == []  # nothing left to resign
+    assert leading().resign().start == ["follow"]
+
+
+# -- purity ------------------------------------------------------------------------------------
+IO_MODULES = {"asyncio", "socket", "sqlite3", "sqlite_utils", "time", "aiohttp", "os",
+              "threading", "subprocess", "selectors", "zeroconf", "datetime", "torch"}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add((node.module or "").split(".")[0])
+    return names
+
+
+def test_the_core_has_no_clock_network_disk_or_global_random():
+    for path in CONSENSUS.glob("*.py"):
+        imported = _imports(path)
+        assert not imported & IO_MODULES, f"{path.name} imports {imported & IO_MODULES}"
+        assert imported <= {"__future__", "dataclasses", "typing", "heapq", "hashlib", "random",
+                            "chorus_p2p"}, f"{path.name}: {imported}"
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):  # randomness only from a seeded or injected generator
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "random":
+                assert node.attr == "Random", f"{path.name} uses random.{node.attr}"
+        if path.name == "election.py":
+            assert "random" not in imported  # the election draws only from what it is given
+
+
+def test_the_node_drives_this_core():
+    """Cluster is the shell: its election state is the core's, read-only."""
+    from chorus_p2p.node import cluster
+
+    source = Path(cluster.__file__).read_text()
+    assert "Election(" in source
+    for field in ("role", "term", "coordinator", "coordinator_url", "last_quorum_at"):
+        assert f"self.{field} = " not in source, f"Cluster writes {field} itself"
+
+
+# -- the simulator -----------------------------------------------------------------------------
+def test_ten_thousand_seeded_fault_schedules_break_no_election_rule():
+    started = time.monotonic()
+    schedules, events, violations = explore(range(10_000))
+    elapsed = time.monotonic() - started
+    assert violations == []
+    assert events >= 200 * schedules
+    print(f"{schedules} schedules, {events} events in {elapsed:.1f} s "
+          f"({schedules / elapsed:.0f} schedules/s)")
+
+
+def test_a_seed_replays_exactly():
+    first, again, other = Simulation(41).run(), Simulation(41).run(), Simulation(42).run()
+    assert first.digest == again.digest and first.events == again.events
+    assert first.digest != other.digest
+
+
+def test_schedules_really_are_hostile():
+    """A simulator that never crashes or partitions anything proves nothing."""
+    seen = set()
+    for seed in range(60):
+        simulation = Simulation(seed, keep_trace=True)
+        outcome = simulation.run()
+        for line in outcome.trace:
+            word = line.split()[1]
+            if word in ("crash", "kill", "partition", "one-way", "stall", "clock"):
+                seen.add(word)
+            if "elected" in line:
+                seen.add("elected")
+        seen.add(f"terms>={min(outcome.terms, 3)}")
+    assert {"crash", "kill", "partition", "one-way", "stall", "clock", "elected",
+            "terms>=3"} <= seen
+
+
+def test_faults_stopping_leaves_one_coordinator_that_everyone_follows():
+    simulation = Simulation(7, faults=Faults(loss=0.3, partition=0.2, crash=0.1))
+    outcome = simulation.run()
+    assert outcome.violations == []
+    assert simulation.settled()
+
+
+@pytest.mark.parametrize("mutant", ["vote_twice", "unpersisted_vote", "vote_for_stale_log"])
+def test_the_simulator_finds_each_election_bug_within_a_minute(mutant):
+    election.MUTANTS.add(mutant)
+    try:
+        started, seed, found = time.monotonic(), 0, []
+        while not found and time.monotonic() - started < 60:
+            found = Simulation(seed).run().violations
+            seed += 1
+    finally:
+        election.MUTANTS.discard(mutant)
+    assert found, f"{mutant}: no violation in {seed} schedules"
+    print(f"{mutant}: {found[0]} (after {seed} schedules)")
+    assert Simulation(seed - 1).run().violations == []  # and it was the mutant, not the seed
