@@ -249,6 +249,63 @@ def test_a_reply_from_a_newer_term_sends_a_coordinator_back():
     assert leading().resign().start == ["follow"]
 
 
+# -- membership ---------------------------------------------------------------------------------
+# Every (status, event) pair, written out rather than derived from the module's table.
+# (columns: live, lost, left, dormant, pending, rejected, removed)
+MEMBERSHIP = {
+    "answered": ("live", "live", "live", "live", "pending", "rejected", "removed"),
+    "silent": ("lost", "lost", "left", "dormant", "pending", "rejected", "removed"),
+    "member_timeout": ("live", "dormant", "dormant", "dormant", "pending", "rejected", "removed"),
+    "said_goodbye": ("left", "left", "left", "left", "pending", "rejected", "removed"),
+    "came_back": ("live", "lost", "lost", "dormant", "pending", "rejected", "removed"),
+    "approved": ("live", "lost", "left", "dormant", "lost", "rejected", "removed"),
+    "rejected": ("live", "lost", "left", "dormant", "rejected", "rejected", "removed"),
+    "removed": ("removed", "removed", "removed", "removed", "removed", "removed", "removed"),
+    "listed_live": ("live", "live", "live", "live", "live", "rejected", "removed"),
+    "listed_lost": ("lost", "lost", "left", "dormant", "pending", "rejected", "removed"),
+    "listed_left": ("left", "left", "left", "left", "left", "rejected", "removed"),
+    "listed_dormant": ("dormant", "dormant", "dormant", "dormant", "dormant",
+                       "rejected", "removed"),
+    "listed_rejected": ("rejected", "rejected", "rejected", "rejected", "rejected",
+                        "rejected", "removed"),
+    "listed_removed": ("removed", "removed", "removed", "removed", "removed",
+                       "removed", "removed"),
+}
+
+
+@pytest.mark.parametrize("event", sorted(MEMBERSHIP))
+def test_membership_table(event):
+    from chorus_p2p.consensus import membership
+
+    assert set(MEMBERSHIP) == set(membership.EVENTS)
+    for status, expected in zip(membership.STATUSES, MEMBERSHIP[event]):
+        assert membership.after(status, event) == expected, (status, event)
+
+
+def test_an_admins_decision_stands_against_a_stale_member_list():
+    """The old code let a list saying "dormant" turn a removed member into a dormant one, which
+    counts again the moment it answers."""
+    from chorus_p2p.consensus import membership
+
+    for decided in ("rejected", "removed"):
+        for status in ("live", "lost", "left", "dormant"):
+            assert membership.after(decided, membership.listed(status)) == decided
+            assert not membership.counts(membership.after(decided, "answered"), True)
+    assert membership.listed("pending") is None
+    with pytest.raises(ValueError, match="unknown membership event"):
+        membership.after("live", "listed_pending")
+    with pytest.raises(ValueError, match="unknown member status"):
+        membership.after("gone", "answered")
+
+
+def test_who_counts_toward_a_majority():
+    from chorus_p2p.consensus import membership
+
+    counted = [s for s in membership.STATUSES if membership.counts(s, True)]
+    assert counted == ["live", "lost", "left"]  # a goodbye never shrinks the majority
+    assert not membership.counts("live", False)  # unverified: a hello from a made-up key
+
+
 # -- purity ------------------------------------------------------------------------------------
 IO_MODULES = {"asyncio", "socket", "sqlite3", "sqlite_utils", "time", "aiohttp", "os",
               "threading", "subprocess", "selectors", "zeroconf", "datetime", "torch"}

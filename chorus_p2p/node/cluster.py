@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from chorus_p2p.consensus import membership
 from chorus_p2p.consensus.election import (CANDIDATE, COORDINATOR, FOLLOWER, Election,
                                             ElectionTiming, Ready, VoteRequest)
 from chorus_p2p.federation import wire
@@ -45,18 +46,14 @@ MAX_PENDING_HELLOS = 256  # second-hand addresses being tried at once
 SECOND_HAND_ATTEMPTS = 5  # tries for an address only a member list names
 
 __all__ = ["CANDIDATE", "COORDINATOR", "FOLLOWER", "Cluster", "ClusterTiming", "Peer"]
-# Members in these states do not vote or count toward a majority ("dormant": unseen for
-# --member-timeout; it counts again the moment it is back). A member that *left* (stopped
-# cleanly: a restart, a laptop closing) still counts: if a goodbye shrank the majority, a node
-# that heard every other node restart would be a majority of one and commit alone (the chaos
-# checker found exactly that). Leaving for good is `remove`, or --member-timeout.
-NOT_COUNTED = ("pending", "rejected", "removed", "dormant")
-# These get no heartbeats (a member that left says hello again when it is back).
-NOT_CONTACTED = ("left", "pending", "rejected", "removed")
-# An admin's decisions: only another admin decision changes them.
-DECIDED = ("pending", "rejected", "removed")
-# Statuses with which a coordinator's member list vouches for a node: admitted, gone or not.
-VOUCHED = ("live", "lost", "left", "dormant")
+# Member statuses and what each event does to them: consensus.membership (one table). A member
+# that *left* (stopped cleanly: a restart, a laptop closing) still counts: if a goodbye shrank
+# the majority, a node that heard every other node restart would be a majority of one and commit
+# alone (the chaos checker found exactly that). Leaving for good is `remove`, or
+# --member-timeout ("dormant", which counts again the moment it is back).
+NOT_CONTACTED = membership.NOT_CONTACTED
+DECIDED = membership.DECIDED
+VOUCHED = membership.VOUCHED
 
 
 @dataclass
@@ -199,7 +196,7 @@ class Cluster:
         return out | ({self.node.node_id} if self.node.abstaining else set())
 
     def voters(self) -> list[Peer]:
-        return [p for p in self.peers.values() if p.status not in NOT_COUNTED and p.verified]
+        return [p for p in self.peers.values() if membership.counts(p.status, p.verified)]
 
     def voting_members(self) -> list[str]:
         return [self.node.node_id] + [p.node_id for p in self.voters()]
@@ -229,7 +226,7 @@ class Cluster:
 
     def is_member(self, node_id: str) -> bool:
         peer = self.peers.get(node_id)
-        return peer is not None and peer.status not in NOT_COUNTED and peer.verified
+        return peer is not None and membership.counts(peer.status, peer.verified)
 
     def quorum(self) -> int:
         return len(self.voting_members()) // 2 + 1
@@ -268,11 +265,10 @@ class Cluster:
             bound = self.established() or self.node.identity.admission == "approval"
             status = "pending" if self.approve_joins and bound and not vouched else "live"
             peer = self.peers[node_id] = Peer(node_id, url, status=status)
-        if peer.status not in DECIDED:  # only an admin's decision moves those
-            if direct and peer.status == "left":
-                peer.status = "lost"  # it came back; _seen makes it live
-            elif info.get("status") == "left":
-                peer.status = "left"
+        if direct:
+            self._move(peer, "came_back")  # from left: lost, and its answer makes it live
+        elif info.get("status") == "left":
+            self._move(peer, "said_goodbye")
         moved = bool(url) and url != peer.url and not is_new
         newly_verified = verified and not peer.verified
         peer.verified = peer.verified or verified
@@ -327,8 +323,7 @@ class Cluster:
                 extra={"coordinator_url": self.coordinator_url})
         if self.role == COORDINATOR and any(p.extra.get("removing") for p in self.peers.values()):
             raise UpdateRejected("busy", "another membership change is still being acknowledged")
-        peer.status = "removed"
-        self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "removed"})
+        self._move(peer, "removed")
         forced = self.role != COORDINATOR
         self.node.bus.publish("member_removed", None, {"node_id": peer.node_id, "forced": forced},
                               level="warning")
@@ -370,29 +365,32 @@ class Cluster:
             raise UpdateRejected("not_pending", f"member {peer.node_id[:12]} is {peer.status}; only "
                                  "pending members (nodes started with --approve-joins) can be "
                                  "approved or rejected")
-        peer.status = "lost" if approve else "rejected"
+        self._move(peer, "approved" if approve else "rejected")
         if approve:
             self._seen(peer)
-        self.node.ledger.upsert_member({"node_id": peer.node_id, "status": peer.status})
         self.node.bus.publish("member_approved" if approve else "member_rejected", None,
                               {"node_id": peer.node_id})
         self._wake.set()
         return {"node_id": peer.node_id, "status": peer.status}
 
-    def _seen(self, peer: Peer) -> None:
+    def _move(self, peer: Peer, event: str, **fields: Any) -> str:
+        """Apply ``event`` to the member's status (membership.MOVES) and persist a change, so a
+        restart counts the same members. Returns the status it had."""
         was = peer.status
+        peer.status = membership.after(was, event)
+        if peer.status != was:
+            self.node.ledger.upsert_member({"node_id": peer.node_id, "status": peer.status,
+                                            **fields})
+        return was
+
+    def _seen(self, peer: Peer, event: str = "answered") -> None:
         peer.last_seen = time.monotonic()
         peer.fail_count = 0
-        if was not in NOT_COUNTED or was == "dormant":
-            peer.status = "live"
-        if was == "dormant":
+        was = self._move(peer, event, last_seen=time.time())
+        if peer.status == "live" and was == "dormant":
             self.node.bus.publish("member_back", None, {"node_id": peer.node_id})
-            self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "live",
-                                            "last_seen": time.time()})
-        if was == "lost":
+        elif peer.status == "live" and was in ("lost", "pending"):
             self.node.bus.publish("member_seen", None, {"node_id": peer.node_id, "url": peer.url})
-            self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "live",
-                                            "last_seen": time.time()})
 
     def _check_lost(self) -> None:
         """The coordinator judges everyone by heartbeat replies; a follower talks only to the
@@ -409,8 +407,7 @@ class Cluster:
                      and now - p.last_seen > timeout]
             if stale:
                 peer = stale[0]
-                peer.status = "dormant"
-                self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "dormant"})
+                self._move(peer, "member_timeout")
                 self.node.bus.publish("member_dormant", None, {
                     "node_id": peer.node_id, "unseen_s": round(now - peer.last_seen)},
                     level="warning")
@@ -418,8 +415,7 @@ class Cluster:
             if self.role != COORDINATOR and peer.node_id != self.coordinator:
                 continue
             if peer.status == "live" and now - peer.last_seen > self.timing.lost_after_s:
-                peer.status = "lost"
-                self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "lost"})
+                self._move(peer, "silent")
                 self.node.bus.publish("member_lost", None, {"node_id": peer.node_id},
                                       level="warning")
 
@@ -861,31 +857,23 @@ class Cluster:
                 # A member we never met (it left before we joined, or mDNS has not shown it):
                 # our coordinator counts it, so we must too, or our majorities would differ.
                 peer = self._admit(member, member["url"], verified=True)
-                if peer is not None and member["status"] != peer.status:
-                    peer.status = member["status"]
-                    self.node.ledger.upsert_member({"node_id": peer.node_id,
-                                                    "status": peer.status})
+                if peer is not None:
+                    self._move(peer, membership.listed(member["status"]))
             if peer is None or peer.node_id == body["coordinator"]:
                 continue
             if member.get("url") and member["url"] != peer.url and peer.status not in DECIDED:
                 self._admit({"node_id": peer.node_id}, member["url"])  # it moved
-            if member.get("status") == "left" and peer.status in ("rejected", "removed"):
-                continue  # an admin's decision stands; a stale list cannot bring it back
-            if member.get("status") in ("left", "rejected", "removed"):
-                if member["status"] == "removed" and peer.status != "removed":
-                    self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "removed"})
+            # What the list says moves the status by the table: an admin's decision (rejected,
+            # removed) stands against a stale list; approvals and removals spread.
+            event = membership.listed(member.get("status", ""))
+            if event == "listed_live":
+                peer.verified = True  # our coordinator reached it
+                self._seen(peer, event)
+            elif event is not None:
+                was = self._move(peer, event)
+                if peer.status == "removed" and was != "removed":
                     self.node.bus.publish("member_removed", None, {"node_id": peer.node_id},
                                           level="warning")
-                peer.status = member["status"]
-            elif member.get("status") == "live":
-                if peer.status == "pending":
-                    peer.status = "lost"  # the coordinator approved it
-                peer.verified = True  # our coordinator reached it
-                self._seen(peer)
-            elif member.get("status") == "lost" and peer.status == "live":
-                peer.status = "lost"
-            elif member.get("status") == "dormant" and peer.status != "dormant":
-                peer.status = "dormant"
         paused = body.get("paused")
         if isinstance(paused, bool) and paused != self.node.rounds.paused:
             self.node.rounds.set_paused(paused)  # the coordinator's word: a successor keeps it
@@ -1085,8 +1073,7 @@ class Cluster:
         # would count toward the majority (members that left still count), which an admin
         # never granted it.
         if peer is not None and peer.status not in DECIDED:
-            peer.status = "left"
-            self.node.ledger.upsert_member({"node_id": peer.node_id, "status": "left"})
+            self._move(peer, "said_goodbye")
             self.node.bus.publish("member_left", None, {"node_id": peer.node_id})
             self.election.on_leave(body["node_id"])
             self._wake.set()
