@@ -1,15 +1,16 @@
 """Membership, coordinator election and replication between peers (Raft-style, simplified).
 
 - **Members** are nodes that proved they hold the federation secret (a signed ``hello`` both
-  ways). The coordinator's heartbeats carry the member list, so everyone converges on it. A
-  member that leaves gracefully is marked ``left`` and one that crashes ``lost``; both keep
-  counting toward the majority (only ``remove`` or ``--member-timeout`` changes that), which
-  is what makes a minority partition, or the first node back after everyone restarted, unable
-  to act alone.
-- **Election**: terms, randomised timeouts, one vote per term persisted before it is sent, and
-  Raft's "at least as up to date" rule on (term, round) of the newest result a node holds. A
-  coordinator needs a majority of members and keeps its role by heartbeats; it steps down when it
-  cannot reach a majority for an election timeout. Messages from older terms are refused.
+  ways), or that our coordinator's member list vouches for. The coordinator's heartbeats carry
+  that list, so everyone converges on it. A member that leaves gracefully is marked ``left``
+  and one that crashes ``lost``; both keep counting toward the majority (only ``remove`` or
+  ``--member-timeout`` changes that), which is what makes a minority partition, or the first
+  node back after everyone restarted, unable to act alone. What each event does to a status
+  is ``consensus.membership``'s table.
+- **Election**: the rules are ``consensus.election`` (pure; this class feeds it the time and
+  what peers said, and persists, sends and publishes what it decides): terms, randomised
+  timeouts, one vote per term persisted before it is sent, Pre-Vote, CheckQuorum, and Raft's
+  "at least as up to date" rule on (term, round) of the newest result a node holds.
 - **Replication**: heartbeats carry the commit point, a pending proposal and the live round; a
   follower fetches what it lacks (ledger rows, then blobs, hash-verified) from the coordinator.
   A proposal commits once a majority hold it.
@@ -135,7 +136,7 @@ class Cluster:
         if rebuilding and node.settings.bootstrap:
             log.warning("--bootstrap: founding from this node's own (repaired) ledger instead "
                         "of catching the history up from the federation")
-            node.ledger.db.execute("delete from meta where key = 'rebuild'")
+            node.ledger.delete_meta("rebuild")
         committed = node.ledger.latest_committed()
         self.joined = (self.founder or node.ledger.get_meta("joined") == "1"
                        or (committed is not None and committed["round"] > 0))
@@ -220,7 +221,7 @@ class Cluster:
         if not self.joined:
             self.joined = True
             self.node.ledger.set_meta("joined", "1")
-            self.node.ledger.db.execute("delete from meta where key = 'rebuild'")
+            self.node.ledger.delete_meta("rebuild")
             self.node.bus.publish("federation_joined", None,
                                   {"federation": self.node.identity.federation})
 

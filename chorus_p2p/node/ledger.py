@@ -170,6 +170,9 @@ class Ledger:
     def set_meta(self, key: str, value: str) -> None:
         self.db["meta"].upsert({"key": key, "value": value}, pk="key")
 
+    def delete_meta(self, key: str) -> None:
+        self.db.execute("delete from meta where key = ?", [key])
+
     # -- rounds ---------------------------------------------------------------------------
     def round(self, number: int) -> dict[str, Any] | None:
         rows = list(self.db.query("select * from rounds where round = ?", [number]))
