@@ -156,6 +156,11 @@ def test_a_two_seed_matrix_runs_end_to_end_resumes_after_kill9_and_reproduces(tm
     assert set(entries) == {"local", "centralized", "fedavg", "fedex"}
     assert entries["fedex"]["vs_fedavg"]["pairs"] == 2
     assert "| centralized |" in (out / "summary.md").read_text()
+    # what a client sends and fetches per round: fedex fetches D besides the adapter, the
+    # bounds send nothing
+    down = {k: entries[k]["bytes_down_per_client_round"] for k in entries}
+    assert down["fedex"] > down["fedavg"] > 0 and down["local"] == down["centralized"] == 0
+    assert entries["fedavg"]["bytes_per_client_round"] > 0
     # the same seed on the same machine: the same numbers to the last digit (a federated run
     # and a local one again, in this process, against what the CLI wrote)
     from chorus_p2p.evaluation.runner import execute

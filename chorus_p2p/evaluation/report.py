@@ -75,6 +75,9 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "personal_worst": mean_ci(values(("personal", "worst", name))),
                      "bytes_per_client_round": statistics.fmean(
                          r["cost"]["bytes_per_client_round"] for r in seeds.values()),
+                     # (run records written before downloads were measured have none)
+                     "bytes_down_per_client_round": _mean_or_none(
+                         r["cost"].get("bytes_down_per_client_round") for r in seeds.values()),
                      "seconds_per_round": statistics.fmean(
                          r["cost"]["seconds_per_round"] for r in seeds.values())}
             for against in ("fedavg", "local"):
@@ -97,6 +100,15 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 ORDER = ("local", "fedavg", "fedex", "fedex-svd", "centralized")
 
 
+def _mean_or_none(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
+def _bytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def markdown(summary: list[dict[str, Any]], title: str) -> str:
     lines = [f"# {title}", ""]
     for block in summary:
@@ -117,7 +129,8 @@ def markdown(summary: list[dict[str, Any]], title: str) -> str:
                   "per seed; wins count the seeds where the strategy is better.",
                   "",
                   f"| strategy | global {metric} | worst client | personal (own split) | "
-                  "loss | vs fedavg (wins) | vs local (wins) | bytes/client/round |",
+                  "loss | vs fedavg (wins) | vs local (wins) | bytes up / down per client "
+                  "per round |",
                   "|---|---|---|---|---|---|---|---|"]
         entries = block["strategies"]
         for strategy in [x for x in ORDER if x in entries] + \
@@ -132,7 +145,8 @@ def markdown(summary: list[dict[str, Any]], title: str) -> str:
             lines.append(
                 f"| {strategy} | {_fmt(*e['global'])} | {_fmt(*e['worst_client'])} | "
                 f"{_fmt(*e['personal'])} | {_fmt(*e['global_loss'])} | {versus('vs_fedavg')} | "
-                f"{versus('vs_local')} | {e['bytes_per_client_round']:.0f} |")
+                f"{versus('vs_local')} | {e['bytes_per_client_round']:.0f} / "
+                f"{_bytes(e.get('bytes_down_per_client_round'))} |")
         lines.append("")
     return "\n".join(lines)
 

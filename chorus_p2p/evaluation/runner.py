@@ -20,6 +20,7 @@ from typing import Any, Callable
 from chorus_p2p.evaluation.experiment import Experiment, Run
 from chorus_p2p.evaluation.partition import label_skew, split
 from chorus_p2p.evaluation.tasks import BUILT_IN, Example, Task
+from chorus_p2p.lora.residual import RESIDUAL_FILE
 
 RUNS_DIR = "runs"
 TINY_PRETRAIN_STEPS = 300  # on the demo shards only: the base never sees a task
@@ -139,7 +140,8 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
     curve: list[dict[str, Any]] = []
     # (adapter, state, client index or -1, its metrics on the shared held-out set)
     finals: list[tuple[Path, Any, int, dict[str, float]]] = []
-    sent: list[int] = []
+    sent: list[int] = []  # each client's upload, every round
+    fetched: list[int] = []  # what each client downloads after a round
     timer = {"start": time.perf_counter(), "eval": 0.0}
 
     def evaluate(adapter: Path, residual, examples: list[Example]) -> dict[str, float]:
@@ -156,6 +158,11 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
             if run.strategy not in ("local", "centralized"):
                 sent.extend((r.adapter_dir / "adapter_model.safetensors").stat().st_size
                             for r in done.clients)
+                # what every client fetches after the round, as from a node: the global
+                # adapter and, for the exact strategies, D (never R)
+                fetched.append(sum(path.stat().st_size for path in (
+                    done.global_dir / "adapter_model.safetensors",
+                    done.global_dir / RESIDUAL_FILE) if path.exists()))
             curve.append({"round": done.number, "client": index, **metrics})
             if done.number == s["rounds"]:
                 finals.append((done.global_dir, done.state, index, metrics))
@@ -198,6 +205,7 @@ def execute(run: Run, out: Path, cache: Path, log: Callable[[str], None] = print
                   "personal": _mean_worst(personal, task.kind)},
         "dp": dp() if dp else None,
         "cost": {"bytes_per_client_round": (sum(sent) / len(sent)) if sent else 0,
+                 "bytes_down_per_client_round": (sum(fetched) / len(fetched)) if fetched else 0,
                  "seconds_per_round": round((total - timer["eval"]) / s["rounds"], 3),
                  "eval_seconds": round(timer["eval"], 3)},
     }
