@@ -21,16 +21,16 @@ import os
 import sys
 import time
 
-from chorus_p2p.consensus import election
+from chorus_p2p.consensus import mutants
 from chorus_p2p.consensus.simulation import Simulation
 
 BATCH = 200
 
 
 def _batch(args: tuple[int, tuple[str, ...]]) -> tuple[int, int, list[str]]:
-    first, mutants = args
-    election.MUTANTS.clear()
-    election.MUTANTS.update(mutants)
+    first, switched_on = args
+    mutants.MUTANTS.clear()
+    mutants.MUTANTS.update(switched_on)
     events, violations = 0, []
     for seed in range(first, first + BATCH):
         outcome = Simulation(seed).run()
@@ -47,11 +47,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, help="replay this one schedule")
     parser.add_argument("--trace", action="store_true", help="with --seed: print every step")
     parser.add_argument("--mutant", action="append", default=[],
-                        choices=["vote_twice", "unpersisted_vote", "vote_for_stale_log"],
-                        help="bring back an election bug (to see the simulator find it)")
+                        choices=mutants.KNOWN,
+                        help="bring back a protocol bug (to see the simulator find it)")
     args = parser.parse_args()
     if args.seed is not None:
-        election.MUTANTS.update(args.mutant)
+        mutants.MUTANTS.update(args.mutant)
         outcome = Simulation(args.seed, keep_trace=args.trace).run()
         if args.trace:
             print("\n".join(outcome.trace))

@@ -271,7 +271,7 @@ def test_of_two_updates_from_one_client_the_later_terms_wins(tmp_path):
     a follower keeps it (and hands it on) however the coordinator's list reads, and gives way
     only to a later term's."""
     from chorus_p2p.node.ledger import Ledger
-    from chorus_p2p.node.rounds import _takes_over
+    from chorus_p2p.consensus.rounds import takes_over as _takes_over
 
     ledger = Ledger(tmp_path / "ledger.sqlite")
     record = {"round": 1, "term": 5, "coordinator": "c", "state": "collecting",
@@ -300,6 +300,54 @@ def test_of_two_updates_from_one_client_the_later_terms_wins(tmp_path):
                             "reason": "the coordinator holds a different update from this client"}]
     finally:
         ledger.close()
+
+
+def test_a_late_hold_never_turns_a_proposal_back_into_a_live_round(tmp_path):
+    """Found by the fault simulator: a hold of round 5 from the term-1 coordinator, delayed
+    on the network, arrived after that coordinator's proposal of round 5, which this member had
+    acknowledged (and which may have committed on that acknowledgement). Mirroring it made
+    round 5 'collecting' again here; elected later, this member would have closed round 5
+    anew. A live round of a later term does replace a proposal (the earlier coordinator's,
+    never committed)."""
+    from chorus_p2p.node.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+
+    def record(state: str, term: int) -> dict:
+        return {"round": 1, "term": term, "coordinator": "c", "state": state,
+                "strategy": "fedex", "config": {}, "trained_from": 0, "opened_at": 0.0,
+                "deadline_at": 0.0, "adapter_sha": "a" * 64 if state == "proposed" else None}
+
+    update = {"round": 1, "node_id": "alice", "blob_sha": "b" * 64, "examples": 1,
+              "trained_from": 0, "size": 1, "norm": 1.0, "received_at": 0.0, "term": 1}
+    try:
+        ledger.mirror_round(record("proposed", 1), [update], 0)
+        assert ledger.mirror_round(record("collecting", 1), [update], 0) == []
+        assert ledger.round(1)["state"] == "proposed"
+        assert ledger.round(1)["adapter_sha"] == "a" * 64
+        ledger.mirror_round(record("collecting", 2), [update], 0)  # a later term's
+        assert ledger.round(1)["state"] == "collecting" and ledger.round(1)["term"] == 2
+    finally:
+        ledger.close()
+
+
+async def test_a_member_holding_the_live_rounds_updates_says_so_in_its_vote(federation, spec):
+    """The log position a node sends in its vote requests counts the updates it holds for the
+    live round, in the term they were accepted in (consensus.rounds.log_position)."""
+    fed = federation(3, min_updates=9)
+    leader = await fed.start_all()
+    followers = [n for n in fed.nodes.values() if n is not leader]
+    before = [n.rounds.log_position() for n in fed.nodes.values()]
+    assert all(p[2] == 1 for p in before)  # a closed round (round 0) and nothing held
+    async with fed.client(leader, "alice") as c:
+        answer = await c.submit(write_update(fed.tmp_path / "alice.safetensors", spec, 7))
+    assert answer["durable"]
+    term = leader.cluster.term
+    holders = [n for n in fed.nodes.values() if n.ledger.update(1, "alice") is not None]
+    assert len(holders) >= 2  # a majority held it before the answer
+    for node in holders:
+        assert node.rounds.log_position() == (term, 1, 0)
+    assert {n.node_id for n in holders} >= {leader.node_id} and followers
 
 
 async def test_a_proposal_fetched_as_follower_never_replaces_the_round_it_then_committed(

@@ -19,14 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
+from chorus_p2p.consensus.mutants import MUTANTS  # test-only bug switches; empty in real runs
 
-# Test-only switches that bring back election bugs, so a test can show that the simulator
-# finds them (a mutation check): "vote_twice" (a vote ignores the one already given this
-# term), "unpersisted_vote" (a vote answered before it is on disk: a restart forgets it),
-# "vote_for_stale_log" (no "at least as up to date" check: a coordinator without a committed
-# round). Empty in every real run.
-MUTANTS: set[str] = set()
+FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
 
 
 class Uniform(Protocol):
@@ -73,12 +68,19 @@ class VoteRequest:
     last_round: int
     pre: bool = False  # a pre-vote: "would you vote for me?", changing nothing
     transfer: bool = False  # the coordinator handed over (timeout-now): vote even if it lives
+    # the candidate's newest round is closed (proposed or committed), not only updates held
+    # for it (consensus.rounds.log_position); absent from older nodes, which meant closed
+    last_closed: bool = True
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> "VoteRequest":
         return cls(int(body["term"]), str(body["candidate"]), int(body["last_term"]),
                    int(body["last_round"]), body.get("pre") is True,
-                   body.get("transfer") is True)
+                   body.get("transfer") is True, body.get("last_closed") is not False)
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        return (self.last_term, self.last_round, int(self.last_closed))
 
 
 class Election:
@@ -217,9 +219,10 @@ class Election:
         transfer, self.transfer = self.transfer, False
         return transfer
 
-    def vote_request(self, term: int, log_position: tuple[int, int], *, pre: bool = False,
+    def vote_request(self, term: int, log_position: tuple[int, ...], *, pre: bool = False,
                      transfer: bool = False) -> VoteRequest:
-        return VoteRequest(term, self.node_id, log_position[0], log_position[1], pre, transfer)
+        term_, round_, closed = _position(log_position)
+        return VoteRequest(term, self.node_id, term_, round_, pre, transfer, bool(closed))
 
     def pre_vote_won(self, start_term: int, votes: int, quorum: int) -> bool:
         """A pre-vote counts only if nothing changed while we asked."""
@@ -261,12 +264,12 @@ class Election:
 
     # -- other nodes' requests -----------------------------------------------------------------
     def on_vote(self, request: VoteRequest, now: float, *, member: bool, quorum: int,
-                log_position: tuple[int, int]) -> Ready:
+                log_position: tuple[int, ...]) -> Ready:
         """Answer a (pre-)vote. ``member``: the candidate is a verified member (a pending,
         rejected or unknown node can neither win votes nor push our term up)."""
         if not member:
             return Ready(answer={"term": self.term, "granted": False})
-        up_to_date = (request.last_term, request.last_round) >= log_position \
+        up_to_date = request.position >= _position(log_position) \
             or "vote_for_stale_log" in MUTANTS
         if request.pre:
             # Pre-Vote: would we vote? Nothing is recorded and no term changes.
@@ -330,3 +333,8 @@ class Election:
     def on_leave(self, node_id: str) -> None:
         if node_id == self.coordinator:
             self.coordinator = self.coordinator_url = None
+
+
+def _position(log_position: tuple[int, ...]) -> tuple[int, int, int]:
+    """(term, round, closed); a (term, round) pair is a closed round."""
+    return (*log_position, 1)[:3] if len(log_position) == 2 else tuple(log_position)[:3]

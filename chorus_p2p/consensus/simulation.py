@@ -31,11 +31,19 @@ from typing import Any
 
 from chorus_p2p.consensus.election import (COORDINATOR, FOLLOWER, Election, ElectionTiming,
                                            Ready, VoteRequest)
+from chorus_p2p.consensus.rounds import (log_position, recovers_first, replaces_closed,
+                                         takes_over)
 
 TIMING = ElectionTiming(heartbeat_s=0.25, election_min_s=1.0, election_max_s=2.0)
 PEER_TIMEOUT_S = max(0.5, TIMING.election_min_s * 0.8)  # as Cluster's PeerClient
 TICK_S = 0.05  # Cluster's ticker wakes at least this often
-MAX_LOG = 256  # rounds a coordinator opens at most in one schedule (enough for any run)
+CLIENTS = 3  # each submits one update per round through whichever node it thinks leads
+ROUND_SIZE = 2  # a round closes with this many updates (a coordinator's min_updates)
+CLIENT_TIMEOUT_S = 1.0  # a client that heard nothing tries again (maybe elsewhere)
+PROGRESS_S = 8.0  # once settled, a round must commit within this (liveness of rounds)
+
+# A log entry is a closed round: (term, round, ((client, digest), ...)).
+Entry = tuple[int, int, tuple[tuple[str, str], ...]]
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,11 @@ class Disk:
 
     term: int = 0
     votes: dict[int, str] = field(default_factory=dict)
-    log: list[int] = field(default_factory=list)  # the term of each round, in order
+    log: list[Entry] = field(default_factory=list)  # closed rounds, in order
+    # the live round's updates as held here: round -> client -> (digest, accepted in term)
+    live: dict[int, dict[str, tuple[str, int]]] = field(default_factory=dict)
     log_from: tuple[int, str] | None = None  # (term, coordinator) the log was last taken from
+    commit: int = 0  # how many of the log's rounds this node knows to be committed
 
 
 @dataclass
@@ -100,12 +111,43 @@ class SimNode:
         self.beats: dict[int, Beat] = {}
         self.acked: dict[str, int] = {}  # as coordinator: log length each follower holds
         self.generation = 0  # incarnation: timers of a crashed one never fire
+        self.recovering: int | None = None  # as a new coordinator: the round being gathered
+        self.recover_next = False  # as a new coordinator: recover the first round it opens
+        self.recovered: dict[str, dict[str, tuple[str, int]]] = {}  # answers, by member
+        self.pending: dict[tuple[int, str, str], set[str]] = {}  # unacked update -> holders
 
     def clock(self, t: float) -> float:
         return self.offset + self.rate * t
 
     def log_position(self) -> tuple[int, int]:
-        return (self.disk.log[-1], len(self.disk.log)) if self.disk.log else (0, 0)
+        """As RoundManager.log_position (the same function)."""
+        held = self.disk.live.get(self.live_round(), {})
+        return log_position((self.disk.log[-1][0], len(self.disk.log)) if self.disk.log else None,
+                            self.live_round(), [term for _, term in held.values()])
+
+    def live_round(self) -> int:
+        return len(self.disk.log) + 1
+
+    def live(self) -> dict[str, tuple[str, int]]:
+        return self.disk.live.setdefault(self.live_round(), {})
+
+
+@dataclass
+class Client:
+    """A training machine: one update per round, retried until acknowledged."""
+
+    name: str
+    target: str | None = None  # the node it believes coordinates
+    round: int | None = None
+    digest: str | None = None
+    made: int = 0
+    sent_at: float | None = None  # awaiting an answer since
+    next_at: float = 0.0  # when to send (again) if not awaiting one
+    acked_round: int | None = None  # the round its last acknowledged update went to
+
+    def new_update(self, round_no: int) -> None:
+        self.made += 1
+        self.round, self.digest = round_no, f"{self.name}.{self.made}"
 
 
 @dataclass
@@ -119,8 +161,10 @@ class Outcome:
 
 
 class Simulation:
-    def __init__(self, seed: int, *, nodes: int | None = None, events: int = 300,
-                 faults: Faults | None = None, settle_s: float = 30.0, keep_trace: bool = False):
+    def __init__(self, seed: int, *, nodes: int | None = None, events: int = 500,
+                 faults: Faults | None = None, settle_s: float = 30.0, keep_trace: bool = False,
+                 clients: int = CLIENTS):
+        """``clients=0``: elections only (more of them per event: what finds vote bugs)."""
         self.seed = seed
         self.rng = random.Random(seed)
         self.size = nodes or self.rng.choice((3, 3, 4, 5))
@@ -136,7 +180,7 @@ class Simulation:
                                        self.rng.uniform(0, 1000)) for i in range(self.size)}
         self.blocked: set[tuple[str, str]] = set()
         self.leaders: dict[int, str] = {}  # term -> the coordinator elected in it
-        self.committed: dict[int, int] = {}  # round index -> its term
+        self.committed: dict[int, Entry] = {}  # log index -> the entry committed there
         self.committed_in: dict[int, int] = {}  # round index -> the term that committed it
         self.violations: list[str] = []
         self.trace: list[str] = []
@@ -144,6 +188,10 @@ class Simulation:
         self.events = 0
         self.faulty = True
         self.campaign_ids = 0
+        self.clients = {f"c{i}": Client(f"c{i}") for i in range(clients)}
+        self.acked: dict[tuple[int, str], str] = {}  # (round, client) -> digest acknowledged
+        self.acks = 0
+        self.counted: dict[str, int] = {}  # digest -> the committed round that counts it
 
     # -- plumbing --------------------------------------------------------------------------
     def schedule(self, delay: float, kind: str, payload: Any) -> None:
@@ -190,6 +238,8 @@ class Simulation:
                 self.begin_campaign(node)
             elif action == "lead":
                 self.on_elected(node)
+            elif action == "follow":
+                node.recovering, node.recovered, node.pending = None, {}, {}
         for event, data, _ in ready.publish:
             self.note(f"{node.node_id} {event} {sorted(data.items())}")
 
@@ -209,6 +259,7 @@ class Simulation:
         node.core = Election(node.node_id, term, node.disk.votes.get(term), now,
                              random.Random(self.rng.random()), TIMING)
         node.campaign, node.beats, node.acked = None, {}, {}
+        node.recovering, node.recovered, node.pending = None, {}, {}
         node.generation += 1
         self.apply(node, node.core.start(now, alone=False, bootstrap_s=self.rng.uniform(0, 2),
                                          url=node.node_id))
@@ -221,13 +272,124 @@ class Simulation:
             self.violate(f"two coordinators in term {term}: {other} and {node.node_id}")
         self.leaders[term] = node.node_id
         node.acked = {}
-        for index, round_term in self.committed.items():
+        for index, entry in self.committed.items():
             if self.committed_in[index] >= term:
                 continue  # committed by a later term: a late winner of an older term lacks it
-            if index >= len(node.disk.log) or node.disk.log[index] != round_term:
+            if index >= len(node.disk.log) or not _same(node.disk.log[index], entry):
                 self.violate(f"{node.node_id} leads term {term} without committed round "
-                             f"{index} (term {round_term})")
+                             f"{entry[1]} (term {entry[0]})")
         self.note(f"{node.node_id} elected term {term} log {node.log_position()}")
+        # RoundManager.lead: a proposed round is proposed again in this term; the live round
+        # (now, or the first one opened after that proposal commits) is first recovered.
+        node.recover_next = recovers_first(self.quorum())
+        if len(node.disk.log) > node.disk.commit:
+            *rest, (_, number, updates) = node.disk.log
+            node.disk.log = [*rest, (term, number, updates)]
+            node.disk.log_from = (term, node.node_id)
+            self.note(f"{node.node_id} proposes round {number} again in term {term}")
+        else:
+            self.open_round(node)
+
+    def open_round(self, node: SimNode) -> None:
+        if node.recover_next:
+            node.recover_next = False
+            node.recovering = node.live_round()
+            node.recovered = {node.node_id: dict(node.live())}
+            self.collect(node)
+        self.maybe_close(node)
+
+    # -- rounds, as RoundManager ----------------------------------------------------------------
+    def collect(self, node: SimNode) -> None:
+        for other in self.nodes:
+            if other != node.node_id and other not in node.recovered:
+                self.send(node.node_id, other, "collect", {"round": node.recovering,
+                                                           "term": node.core.term})
+        self.schedule(0.5 / node.rate, "recover_retry",
+                      (node.node_id, node.generation, node.core.term, node.recovering))
+
+    def finish_recovery(self, node: SimNode) -> None:
+        """Every update a majority holds is now ours: the later term's wins (takes_over)."""
+        mine = node.live()
+        for answer in node.recovered.values():
+            for client, (digest, term) in sorted(answer.items()):
+                existing = mine.get(client)
+                if takes_over(None if existing is None else
+                              {"blob_sha": existing[0], "term": existing[1]},
+                              {"blob_sha": digest, "term": term}):
+                    mine[client] = (digest, term)
+        self.note(f"{node.node_id} recovered round {node.recovering}: {sorted(mine.items())}")
+        node.recovering, node.recovered = None, {}
+        self.maybe_close(node)
+
+    def may_write(self, node: SimNode) -> bool:
+        """A coordinator with a majority, its live round recovered, no proposal pending."""
+        return node.core.role == COORDINATOR and node.recovering is None and \
+            not node.recover_next and node.disk.commit == len(node.disk.log) and \
+            node.core.quorum_fresh(node.clock(self.t), self.quorum())
+
+    def on_submit(self, node: SimNode, src: str, body: dict[str, Any]) -> None:
+        """RoundManager.accept: record, hold at a majority, then acknowledge."""
+        core = node.core
+        if not self.may_write(node):
+            self.send(node.node_id, src, "refused", {"why": "not_coordinator",
+                                                     "hint": core.coordinator,
+                                                     "round": None})
+            return
+        number, client, digest = node.live_round(), body["client"], body["digest"]
+        if body["round"] != number:
+            self.send(node.node_id, src, "refused", {"why": "round", "hint": node.node_id,
+                                                     "round": number})
+            return
+        live = node.live()
+        existing = live.get(client)
+        if existing is not None and existing[0] != digest:
+            self.send(node.node_id, src, "refused", {"why": "conflict", "hint": node.node_id,
+                                                     "round": number + 1})
+            return
+        if existing is None:
+            live[client] = (digest, core.term)
+        node.pending.setdefault((number, client, digest), {node.node_id})
+        self.hold(node, number)
+        self.count_holders(node)
+        self.maybe_close(node)
+        self.maybe_crash_after_answer(node)  # kill -9 mid-upload: held by some, acked by none
+
+    def hold(self, node: SimNode, number: int) -> None:
+        updates = dict(node.disk.live.get(number, {}))
+        for other in self.nodes:
+            if other != node.node_id:
+                self.send(node.node_id, other, "hold", {"term": node.core.term,
+                                                        "coordinator": node.node_id,
+                                                        "round": number, "updates": updates})
+
+    def count_holders(self, node: SimNode) -> None:
+        for key, holders in list(node.pending.items()):
+            if len(holders) >= self.quorum():
+                number, client, digest = key
+                del node.pending[key]
+                earlier = self.acked.get((number, client))
+                if earlier not in (None, digest):
+                    self.violate(f"round {number}: {client}'s {earlier} and {digest} both "
+                                 "acknowledged")
+                self.acked[(number, client)] = digest
+                self.acks += 1
+                closed = self.committed.get(number - 1)
+                if closed is not None and (client, digest) not in closed[2]:
+                    self.violate(f"acknowledged update {digest} lost: round {number} was "
+                                 f"committed without it {closed[2]}")
+                self.note(f"{node.node_id} acknowledges {digest} in round {number}")
+                self.send(node.node_id, client, "ack", {"round": number, "digest": digest})
+
+    def maybe_close(self, node: SimNode) -> None:
+        """Enough updates: the round closes into a log entry (aggregated, proposed)."""
+        live = node.live()
+        if not self.may_write(node) or len(live) < ROUND_SIZE:
+            return
+        entry = (node.core.term, node.live_round(),
+                 tuple(sorted((client, digest) for client, (digest, _) in live.items())))
+        node.disk.log = node.disk.log + [entry]
+        node.disk.log_from = (node.core.term, node.node_id)
+        self.note(f"{node.node_id} closes round {entry[1]}: {entry[2]}")
 
     def begin_campaign(self, node: SimNode) -> None:
         core = node.core
@@ -273,20 +435,17 @@ class Simulation:
 
     def heartbeat(self, node: SimNode) -> None:
         core = node.core
-        if core.quorum_fresh(node.clock(self.t), self.quorum()) and len(node.disk.log) < MAX_LOG:
-            # A coordinator with a majority opens a new round (one entry of its term).
-            node.disk.log = node.disk.log + [core.term]
-            node.disk.log_from = (core.term, node.node_id)
         beat = Beat(core.term, node.clock(self.t), {node.node_id})
         self.seq += 1
-        node.beats[self.seq] = beat
+        beat_id = self.seq
+        node.beats[beat_id] = beat
         if len(node.beats) > 16:
             node.beats.pop(next(iter(node.beats)))
         for other in self.nodes:
             if other != node.node_id:
                 self.send(node.node_id, other, "append", {
-                    "term": core.term, "coordinator": node.node_id, "beat": self.seq,
-                    "log": list(node.disk.log)})
+                    "term": core.term, "coordinator": node.node_id, "beat": beat_id,
+                    "log": list(node.disk.log), "commit": node.disk.commit})
         self.heartbeat_counted(node, beat)
 
     def heartbeat_counted(self, node: SimNode, beat: Beat) -> None:
@@ -299,15 +458,34 @@ class Simulation:
         lengths = sorted([len(node.disk.log)] + [node.acked.get(o, 0) for o in self.nodes
                                                   if o != node.node_id], reverse=True)
         held = lengths[self.quorum() - 1]
+        known = node.disk.commit
         for index in range(held):
-            if node.disk.log[index] == core.term and index not in self.committed:
+            if node.disk.log[index][0] == core.term:
+                node.disk.commit = max(node.disk.commit, index + 1)
+            if node.disk.log[index][0] == core.term and index not in self.committed:
                 for earlier in range(index + 1):
-                    if earlier in self.committed and \
-                            self.committed[earlier] != node.disk.log[earlier]:
-                        self.violate(f"committed round {earlier} changed "
-                                     f"{self.committed[earlier]} -> {node.disk.log[earlier]}")
-                    self.committed.setdefault(earlier, node.disk.log[earlier])
-                    self.committed_in.setdefault(earlier, core.term)
+                    entry = node.disk.log[earlier]
+                    if earlier in self.committed and not _same(self.committed[earlier], entry):
+                        self.violate(f"committed round {earlier + 1} changed "
+                                     f"{self.committed[earlier]} -> {entry}")
+                    if earlier not in self.committed:
+                        self.committed[earlier] = entry
+                        self.committed_in[earlier] = core.term
+                        self.check_round(entry)
+        if node.disk.commit > known and node.disk.commit == len(node.disk.log):
+            self.open_round(node)
+
+    def check_round(self, entry: Entry) -> None:
+        """A committed round holds every update acknowledged for it; no update counts twice."""
+        _, number, updates = entry
+        for (round_no, client), digest in self.acked.items():
+            if round_no == number and (client, digest) not in updates:
+                self.violate(f"acknowledged update {digest} lost: committed round {number} "
+                             f"holds {updates}")
+        for _, client_digest in updates:
+            other = self.counted.setdefault(client_digest, number)
+            if other != number:
+                self.violate(f"update {client_digest} counted in rounds {other} and {number}")
 
     def receive(self, src: str, dst: str, kind: str, body: dict[str, Any]) -> None:
         node = self.nodes[dst]
@@ -343,15 +521,71 @@ class Simulation:
                                  and node.disk.log[:len(log)] == log):
                 # (a late, shorter copy from the same coordinator and term changes nothing)
                 for index, round_term in self.committed.items():
+                    if self.committed_in[index] >= body["term"]:
+                        continue  # committed after that coordinator's term began: it may lack it
                     held = index < len(node.disk.log) and node.disk.log[index] == round_term
-                    if held and (index >= len(log) or log[index] != round_term):
+                    if held and (index >= len(log) or not _same(log[index], round_term)):
                         self.violate(f"{dst} told to drop committed round {index} by "
                                      f"{body['coordinator']} (term {body['term']})")
                 node.disk.log, node.disk.log_from = list(log), source
+            if followed:
+                node.disk.commit = max(node.disk.commit, min(body["commit"], len(node.disk.log)))
             self.send(dst, src, "append_reply", {"term": core.term, "ok": followed,
                                                  "beat": body["beat"],
                                                  "length": len(node.disk.log)})
             self.maybe_crash_after_answer(node)
+        elif kind == "submit":
+            self.on_submit(node, src, body)
+        elif kind == "hold":
+            # Cluster.on_hold: follow the sender if Raft allows, then keep its updates (the
+            # later term's wins, as Ledger.mirror_round) and say which we hold.
+            followed, ready = core.follow(body["term"], body["coordinator"],
+                                          body["coordinator"], now, diverged=False)
+            self.apply(node, ready)
+            held: list[tuple[str, str]] = []
+            number = body["round"]
+            closed = node.disk.log[number - 1] if len(node.disk.log) >= number else None
+            if followed and node.disk.commit == number - 1 and closed is not None \
+                    and not replaces_closed(closed[0], body["term"]):
+                held = list(closed[2])  # a late hold: we hold that round closed already
+            elif followed and node.disk.commit == number - 1:  # RoundManager.mirror_now
+                # holding the coordinator's live round supersedes our uncommitted rounds
+                for index in range(node.disk.commit, len(node.disk.log)):
+                    if self.committed.get(index) == node.disk.log[index]:  # that very copy
+                        self.violate(f"{dst} drops committed round {index + 1} for "
+                                     f"{body['coordinator']}'s live round {number}")
+                node.disk.log = node.disk.log[:node.disk.commit]
+                mine = node.disk.live.setdefault(number, {})
+                for client, (digest, term) in sorted(body["updates"].items()):
+                    ours = mine.get(client)
+                    theirs = {"blob_sha": digest, "term": term}
+                    if ours is None or not takes_over(theirs, {"blob_sha": ours[0],
+                                                               "term": ours[1]}):
+                        mine[client] = (digest, term)
+                held = sorted((client, digest) for client, (digest, _) in mine.items())
+            self.send(dst, src, "hold_reply", {"term": core.term, "round": body["round"],
+                                               "held": held})
+            self.maybe_crash_after_answer(node)
+        elif kind == "hold_reply":
+            self.apply(node, core.on_reply_term(body["term"], now, who=src))
+            if core.role != COORDINATOR or body["term"] != core.term:
+                return
+            for (number, client, digest), holders in node.pending.items():
+                if number == body["round"] and (client, digest) in body["held"]:
+                    holders.add(src)
+            self.count_holders(node)
+        elif kind == "collect":
+            # Cluster.on_round_updates: what we hold for that round (no term involved)
+            self.send(dst, src, "collect_reply", {
+                "round": body["round"], "term": body["term"],
+                "updates": dict(node.disk.live.get(body["round"], {}))})
+        elif kind == "collect_reply":
+            if node.recovering != body["round"] or core.term != body["term"] \
+                    or core.role != COORDINATOR:
+                return
+            node.recovered[src] = body["updates"]
+            if len(node.recovered) >= self.quorum():
+                self.finish_recovery(node)
         elif kind == "append_reply":
             self.apply(node, core.on_reply_term(body["term"], now, who=src))
             beat = node.beats.get(body["beat"])
@@ -362,6 +596,44 @@ class Simulation:
             beat.reached.add(src)
             self.heartbeat_counted(node, beat)
             self.commit(node)
+
+    # -- clients -----------------------------------------------------------------------------
+    def client_step(self, client: Client) -> None:
+        self.schedule(self.rng.uniform(0.1, 0.3), "client", client.name)
+        if client.sent_at is not None:
+            if self.t - client.sent_at < CLIENT_TIMEOUT_S:
+                return
+            # no answer: maybe elsewhere, maybe retrained meanwhile
+            client.target = self.rng.choice(sorted(self.nodes))
+            if client.round is not None and self.rng.random() < 0.5:
+                client.new_update(client.round)
+        elif self.t < client.next_at:
+            return
+        self.submit(client)
+
+    def submit(self, client: Client) -> None:
+        if client.target is None:
+            client.target = self.rng.choice(sorted(self.nodes))
+        if client.digest is None:
+            client.new_update(client.round or 1)
+        client.sent_at = self.t
+        self.send(client.name, client.target, "submit", {"client": client.name,
+                                                         "round": client.round,
+                                                         "digest": client.digest})
+
+    def client_receive(self, client: Client, src: str, kind: str, body: dict[str, Any]) -> None:
+        if kind == "ack":
+            if body["digest"] == client.digest:
+                client.acked_round = body["round"]
+                client.new_update(body["round"] + 1)
+                client.sent_at, client.next_at = None, self.t
+            return
+        # refused: go where the hint points, to the round it names
+        client.target = body["hint"] or self.rng.choice(sorted(self.nodes))
+        if body["round"] is not None and body["round"] != client.round \
+                and body["round"] != client.acked_round:  # (ours is in that one: wait)
+            client.new_update(body["round"])
+        client.sent_at, client.next_at = None, self.t + 0.1  # try again shortly
 
     # -- faults -------------------------------------------------------------------------------
     def crash(self, node: SimNode, how: str) -> None:
@@ -416,6 +688,14 @@ class Simulation:
             self.blocked = set()
             self.note("heal")
             return True
+        if kind == "client":
+            self.client_step(self.clients[payload])
+            return True
+        if kind == "deliver" and payload[1] in self.clients:
+            src, dst, message, body = payload
+            self.note(f"{src}->{dst} {message} {_brief(body)}")
+            self.client_receive(self.clients[dst], src, message, body)
+            return True
         if kind == "restart":
             node = self.nodes[payload]
             if node.core is None:
@@ -438,6 +718,11 @@ class Simulation:
             src, dst, message, body = payload
             self.note(f"{src}->{dst} {message} {_brief(body)}")
             self.receive(src, dst, message, body)
+        elif kind == "recover_retry":
+            _, generation, term, number = payload
+            if generation == node.generation and node.core.term == term \
+                    and node.recovering == number and node.core.role == COORDINATOR:
+                self.collect(node)
         elif kind == "campaign_timeout":
             camp = node.campaign
             if camp is not None and camp.id == payload[1]:
@@ -460,6 +745,8 @@ class Simulation:
         for node in self.nodes.values():
             self.boot(node)
         self.schedule(self.rng.uniform(0.05, 0.3), "fault", None)
+        for name in self.clients:
+            self.schedule(self.rng.uniform(0.5, 1.5), "client", name)
         while self.events < self.min_events and self.step():
             pass
         # Faults stop: heal, restart, and the federation must settle (liveness).
@@ -479,8 +766,23 @@ class Simulation:
                       for n in self.nodes.values() if n.core is not None}
             self.violate(f"no single coordinator {self.settle_s:.0f}s after faults stopped: "
                          f"{states}")
+        elif self.clients:
+            # ... and rounds go on: the clients' updates commit (and are checked as they do).
+            committed, settled_at = len(self.committed), self.t
+            while self.t - settled_at < PROGRESS_S and self.step():
+                pass
+            if len(self.committed) <= committed:
+                self.violate(f"no round committed in {PROGRESS_S:.0f}s after the federation "
+                             "settled")
         return Outcome(self.seed, self.events, self.violations, max(self.leaders, default=0),
                        self.digest.hexdigest(), self.trace)
+
+
+def _same(one: Entry, other: Entry) -> bool:
+    """The same round: number and updates. The term stamp is not part of it: a new coordinator
+    proposes a pending round again in its own term (as the ledger's hash chain, which leaves
+    the term out)."""
+    return one[1:] == other[1:]
 
 
 def _mixed(rng: random.Random) -> Faults:
@@ -507,7 +809,8 @@ def _brief(body: dict[str, Any]) -> str:
 
 
 def explore(seeds: range, **kwargs: Any) -> tuple[int, int, list[str]]:
-    """Run one schedule per seed; returns (schedules, events, violations)."""
+    """Run one schedule per seed; returns (schedules, events, violations). (A module-level
+    function, so that a process pool can run ranges of seeds side by side.)"""
     events, violations = 0, []
     for seed in seeds:
         outcome = Simulation(seed, **kwargs).run()

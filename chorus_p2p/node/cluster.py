@@ -1094,7 +1094,8 @@ class Cluster:
 def _vote_body(request: VoteRequest) -> dict[str, Any]:
     """A vote request as it travels (wire.MESSAGES["vote"])."""
     body: dict[str, Any] = {"candidate": request.candidate, "last_term": request.last_term,
-                            "last_round": request.last_round, "term": request.term}
+                            "last_round": request.last_round, "term": request.term,
+                            "last_closed": request.last_closed}
     if request.pre:
         body["pre"] = True
     else:

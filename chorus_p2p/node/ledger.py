@@ -23,9 +23,12 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
+from chorus_p2p.consensus.rounds import replaces_closed, takes_over
 from chorus_p2p.federation.round_states import COMMITTED, InvalidMove, check_move
 
 log = logging.getLogger("chorus_p2p.ledger")
+LIVE_STATES = ("open", "collecting")
+CLOSED_STATES = ("aggregating", "proposed")
 
 SCHEMA_VERSION = 8
 
@@ -273,6 +276,11 @@ class Ledger:
             committed = max(committed, newest if newest is not None else -1)
             if number <= committed:
                 return []
+            ours = self.round(number)
+            if ours is not None and ours["state"] in CLOSED_STATES and \
+                    record.get("state") in LIVE_STATES and \
+                    not replaces_closed(ours.get("term"), record.get("term")):
+                return []  # a late copy of the live round we already hold closed
             for other in self.db.query("select round, trained_from from rounds where round > ? "
                                        "and state != ?", [committed, COMMITTED]):
                 if other["round"] != number or other["trained_from"] != record["trained_from"]:
@@ -286,8 +294,7 @@ class Ledger:
             # round from a majority accepted it), theirs from an earlier one cannot have been:
             # keep ours and hand it to the coordinator instead of dropping it.
             later = {u["node_id"] for u in mine if u["node_id"] in theirs
-                     and theirs[u["node_id"]]["blob_sha"] != u["blob_sha"]
-                     and (u.get("term") or 0) > (theirs[u["node_id"]].get("term") or 0)}
+                     and takes_over(theirs[u["node_id"]], u)}
             self._drop([u for u in mine if u["node_id"] in theirs and u["node_id"] not in later
                         and theirs[u["node_id"]]["blob_sha"] != u["blob_sha"]],
                        "the coordinator holds a different update from this client")

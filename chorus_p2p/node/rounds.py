@@ -33,6 +33,7 @@ import torch
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.residual import RESIDUAL_FILE, iter_residual_file
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
+from chorus_p2p.consensus.rounds import log_position, recovers_first, takes_over
 from chorus_p2p.errors import AdapterError
 from chorus_p2p.federation import wire
 from chorus_p2p.federation.refusals import UpdateRejected
@@ -188,7 +189,7 @@ class RoundManager:
         # opened it and acknowledged updates (held by a majority, not necessarily by us) before
         # we heard of it. So the first round we open is recovered like an in-flight one.
         self._recover_next_open = term if state in (COMMITTED, PROPOSED) else None
-        if state in (OPEN, COLLECTING, AGGREGATING) and self.quorum() > 1:
+        if state in (OPEN, COLLECTING, AGGREGATING) and recovers_first(self.quorum()):
             self._recovering = latest["round"]
             self.ledger.set_round_state(latest["round"], COLLECTING if state == AGGREGATING
                                         else state, term=term, coordinator=self.node_id)
@@ -263,14 +264,14 @@ class RoundManager:
                     or update.get("round") != round_no
                     or update.get("trained_from") != row["trained_from"]):
                 return False
-            if not _takes_over(self.ledger.update(round_no, update["node_id"]), update):
+            if not takes_over(self.ledger.update(round_no, update["node_id"]), update):
                 return False
         if not self.blobs.has(update["blob_sha"]):
             await fetch_blob(update["blob_sha"])
         async with self.lock:
             row = self.ledger.round(round_no)
             existing = self.ledger.update(round_no, update["node_id"])
-            if not _takes_over(existing, update) or row["state"] not in (OPEN, COLLECTING):
+            if not takes_over(existing, update) or row["state"] not in (OPEN, COLLECTING):
                 return False
             if existing is not None:  # ours is from an earlier term: it was never acknowledged
                 self.ledger.drop_updates([existing], "a different update from this client was "
@@ -310,7 +311,7 @@ class RoundManager:
         first recovered from a majority (see :meth:`lead`), and gets its deadline after."""
         term = self.leading_term
         if self._recover_next_open is not None and self._recover_next_open == term \
-                and self.quorum() > 1:
+                and recovers_first(self.quorum()):
             self._recover_next_open = None
             self._recovering = row["round"]
             self._spawn(self._recover(row["round"], term, OPEN))
@@ -771,12 +772,19 @@ class RoundManager:
             latest = self.ledger.latest_committed()
         return {"round": latest["round"], "adapter_sha": latest["adapter_sha"]}
 
-    def log_position(self) -> tuple[int, int]:
-        """(term, round) of the newest result this node holds: Raft's "up to date" check."""
+    def log_position(self) -> tuple[int, int, int]:
+        """(term, round) of the newest thing this node holds, for Raft's "up to date" check:
+        its newest proposed or committed round, or its live round's updates (each counts in
+        the term it was accepted in; see consensus.rounds.log_position)."""
         latest = self.ledger.latest_round()
-        if latest is not None and latest["state"] not in (PROPOSED, COMMITTED):
-            latest = self.ledger.latest_committed()
-        return (int(latest["term"] or 0), int(latest["round"])) if latest else (0, 0)
+        closed = latest
+        if closed is not None and closed["state"] not in (PROPOSED, COMMITTED):
+            closed = self.ledger.latest_committed()
+        live = latest if latest is not None and latest is not closed else None
+        return log_position(
+            (int(closed["term"] or 0), int(closed["round"])) if closed else None,
+            int(live["round"]) if live else None,
+            [u.get("term") for u in self.ledger.updates(live["round"])] if live else [])
 
     # -- replication: follower side --------------------------------------------------------------
     async def apply_from_coordinator(self, payload: dict[str, Any], fetch_blob: BlobFetcher,
@@ -961,16 +969,6 @@ class RoundManager:
             await asyncio.wait(pending, timeout=60)
         for task in list(self._tasks):
             task.cancel()
-
-
-def _takes_over(existing: dict[str, Any] | None, update: dict[str, Any]) -> bool:
-    """Whether a member's ``update`` belongs in our live round: we hold none from that client,
-    or a different one accepted in an earlier term (which cannot have been acknowledged: the
-    later term's coordinator recovered the round from a majority before accepting)."""
-    if existing is None:
-        return True
-    return (existing["blob_sha"] != update.get("blob_sha")
-            and (update.get("term") or 0) > (existing.get("term") or 0))
 
 
 def _commit_id(row: dict[str, Any] | None) -> str | None:
