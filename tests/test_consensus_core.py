@@ -486,3 +486,24 @@ def test_the_simulator_finds_each_bug_brought_back(bug, clients):
           f"{found[0]}")
     # and it was the bug, not the schedule
     assert Simulation(seed - 1, clients=clients).run().violations == []
+
+
+def test_a_schedule_replays_from_the_command_line():
+    """README's commands: replay a seed (with a bug brought back, it prints the violation and
+    exits 1), trace it, and explore for a while."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "simulate_faults.py"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                              text=True, timeout=300)
+    bug = run("--seed", "2898", "--mutant", "ignore_accept_term", "--mutant",
+              "ignore_held_updates")
+    assert bug.returncode == 1 and "acknowledged update" in bug.stdout, bug.stdout[-2000:]
+    clean = run("--seed", "2898", "--trace")
+    assert clean.returncode == 0 and clean.stdout.rstrip().endswith("no violation")
+    assert " acknowledges " in clean.stdout and " elected term " in clean.stdout
+    explored = run("--minutes", "0.01", "--workers", "1")
+    assert explored.returncode == 0 and "violations: 0" in explored.stdout, explored.stdout

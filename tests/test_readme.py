@@ -66,7 +66,9 @@ def _write_script(work: Path, port: int | None = None) -> Path:
     if port is not None:
         script = script.replace("8470", str(port))
     path = work / "walkthrough.sh"
+    # the ERR trap names the command that failed: under load, "exit 3" alone says little
     path.write_text("set -euo pipefail\n"
+                    "trap 'echo \"walkthrough: exit $? from: $BASH_COMMAND\" >&2' ERR\n"
                     "trap 'jobs -p | xargs -r kill 2>/dev/null || true' EXIT\n" + script)
     return path
 
@@ -87,7 +89,8 @@ def _run(command: list[str], work: Path, **env_extra: str) -> subprocess.Complet
 
 def _check_promises(work: Path, done: subprocess.CompletedProcess) -> None:
     """What the walkthrough promised happened."""
-    assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-4000:])
+    failed = re.findall(r"^walkthrough: exit .*$", done.stderr, re.M)
+    assert done.returncode == 0, (failed, done.stdout[-4000:], done.stderr[-4000:])
     assert (work / "round-7" / "residual.safetensors").is_file()
     assert (work / "base-r7" / "config.json").is_file()
     # the walkthrough pulled D and R too (the SDK block's pull replaced that folder since)
