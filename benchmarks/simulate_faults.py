@@ -22,7 +22,7 @@ import sys
 import time
 
 from chorus_p2p.consensus import mutants
-from chorus_p2p.consensus.simulation import Simulation
+from chorus_p2p.consensus.simulation import Simulation, explore
 
 BATCH = 200
 
@@ -31,12 +31,7 @@ def _batch(args: tuple[int, tuple[str, ...]]) -> tuple[int, int, list[str]]:
     first, switched_on = args
     mutants.MUTANTS.clear()
     mutants.MUTANTS.update(switched_on)
-    events, violations = 0, []
-    for seed in range(first, first + BATCH):
-        outcome = Simulation(seed).run()
-        events += outcome.events
-        violations += outcome.violations
-    return BATCH, events, violations
+    return explore(range(first, first + BATCH))
 
 
 def main() -> int:

@@ -421,7 +421,7 @@ class Simulation:
         if camp.votes >= self.quorum():
             self.decide(node, camp)
 
-    def decide(self, node: SimNode, camp: Campaign, timed_out: bool = False) -> None:
+    def decide(self, node: SimNode, camp: Campaign) -> None:
         core = node.core
         if camp.phase == "pre":
             node.campaign = None
@@ -545,10 +545,11 @@ class Simulation:
             held: list[tuple[str, str]] = []
             number = body["round"]
             closed = node.disk.log[number - 1] if len(node.disk.log) >= number else None
-            if followed and node.disk.commit == number - 1 and closed is not None \
-                    and not replaces_closed(closed[0], body["term"]):
+            if not followed or node.disk.commit != number - 1:
+                pass  # RoundManager.mirror_now: not caught up, holds nothing
+            elif closed is not None and not replaces_closed(closed[0], body["term"]):
                 held = list(closed[2])  # a late hold: we hold that round closed already
-            elif followed and node.disk.commit == number - 1:  # RoundManager.mirror_now
+            else:
                 # holding the coordinator's live round supersedes our uncommitted rounds
                 for index in range(node.disk.commit, len(node.disk.log)):
                     if self.committed.get(index) == node.disk.log[index]:  # that very copy
@@ -726,7 +727,7 @@ class Simulation:
         elif kind == "campaign_timeout":
             camp = node.campaign
             if camp is not None and camp.id == payload[1]:
-                self.decide(node, camp, timed_out=True)
+                self.decide(node, camp)
         return True
 
     def settled(self) -> bool:

@@ -10,7 +10,8 @@
 - **Election**: the rules are ``consensus.election`` (pure; this class feeds it the time and
   what peers said, and persists, sends and publishes what it decides): terms, randomised
   timeouts, one vote per term persisted before it is sent, Pre-Vote, CheckQuorum, and Raft's
-  "at least as up to date" rule on (term, round) of the newest result a node holds.
+  "at least as up to date" rule on (term, round, closed) of the newest thing a node holds, an
+  update held for the live round included (``consensus.rounds.log_position``).
 - **Replication**: heartbeats carry the commit point, a pending proposal and the live round; a
   follower fetches what it lacks (ledger rows, then blobs, hash-verified) from the coordinator.
   A proposal commits once a majority hold it.
