@@ -8,18 +8,21 @@ are checked under random faults on a virtual LAN by ``test_jepsen_netns.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
+import time
 
 import pytest
 
-from chorus_p2p.client import AsyncNodeClient, ConflictError, NodeClient
+from chorus_p2p.client import AsyncNodeClient, ConflictError, NodeClient, NodeError
 from chorus_p2p.netlab import free_loopback_ports
 from chorus_p2p.trust import auth
 from chorus_p2p.trust.identity import init_data_dir
 
 from nodeutil import (EventTap, Federation, NodeProcess, chances_to_lead, committed_updates,
-                      history, run_round, start_node, wait_for, wait_for_sync, write_update)
+                      history, node_client, run_round, start_node, wait_for, wait_for_sync,
+                      write_update)
 
 pytestmark = pytest.mark.timeout(300)
 # -- 1. an acknowledged update survives its coordinator's kill -9 right after the answer --------
@@ -49,6 +52,58 @@ def test_kill9_right_after_201_loses_no_acknowledged_update(processes, tmp_path,
     counted = [(n, s) for _, n, s in committed_updates(cluster.dirs[leader])]
     for ack in acknowledged:  # every acknowledged update counted exactly once
         assert counted.count(ack) == 1, ack
+
+
+def test_kill9_right_after_a_pause_leaves_the_federation_paused(processes, tmp_path, spec):
+    """An admin told "paused" keeps a paused federation when the coordinator that answered is
+    killed at once. The pause was one machine's flag, copied by the next heartbeat: here the
+    successor never heard of it and opened the next round (reverting consensus.pause's use
+    fails this test). Now the answer waits until a majority holds it, and the winner of the
+    next election adopts the newest pause among its voters'."""
+    cluster = processes(3)
+    for i in range(3):
+        cluster.start(i)
+    leader = cluster.coordinator()
+    with NodeClient.from_data_dir(cluster.dirs[leader], cluster.url(leader)) as admin:
+        answer = admin.pause()
+    cluster.procs[leader].kill9()  # the moment the answer is in
+    assert answer["paused"] is True
+    survivors = [i for i in range(3) if i != leader]
+    successor = cluster.coordinator(among=survivors)
+    status = cluster.status(successor)
+    assert status["paused"] is True, status
+    # The round in flight still finishes; none opens after it while the pause holds.
+    update = write_update(tmp_path / "u.safetensors", spec, 7)
+    with cluster.client(successor, "ann") as c:
+        number = c.submit(update, examples=3)["round"]
+    def rounds_at(i: int) -> tuple[int | None, int | None]:
+        """(latest committed round, live round) on node i."""
+        status = cluster.status(i) or {}
+        return ((status.get("latest_committed") or {}).get("round"),
+                (status.get("current_round") or {}).get("round"))
+
+    wait_for_sync(lambda: rounds_at(successor)[0] == number, 60, f"round {number} committed")
+    time.sleep(2.0)  # 8 heartbeat intervals: time to open a round, if the pause were lost
+    for i in survivors:
+        assert rounds_at(i) == (number, None) and cluster.status(i)["paused"] is True
+    with NodeClient.from_data_dir(cluster.dirs[successor], cluster.url(successor)) as admin:
+        assert admin.resume()["paused"] is False
+    wait_for_sync(lambda: rounds_at(successor)[1] == number + 1, 30, "the next round opened")
+
+
+async def test_a_pause_no_majority_confirms_is_refused_as_not_durable(federation):
+    """Cut off from its followers, a coordinator cannot promise a pause that outlives it: the
+    admin hears not_durable (503), told to check and retry, instead of "paused"."""
+    fed = federation(3)
+    leader = await fed.start_all()
+    leader.cluster.timing = dataclasses.replace(leader.cluster.timing, confirm_pause_s=1.0)
+    for i in [i for i, n in fed.nodes.items() if n is not leader]:
+        await fed.vanish(i)
+    async with node_client(leader, "admin", admin=True) as admin:
+        with pytest.raises(NodeError) as refused:
+            await admin.pause()
+    assert refused.value.status == 503 and refused.value.code == "not_durable"
+    assert "did not confirm" in str(refused.value)
 
 
 # -- 3. split start: a joiner never makes a history of its own; diverged ones are reported -----

@@ -140,7 +140,7 @@ async def test_training_node_resumes_from_identical_state(tmp_path, tiny_lm):
                   target_modules=TARGETS)
     node = await start_node(data, tiny_lm, **kwargs)
     await wait_for(lambda: (node.ledger.round(2) or {}).get("state") == "committed", timeout=90)
-    node.rounds.set_paused(True)
+    node.rounds.decide_pause(True)
     await wait_for(lambda: node.ledger.latest_round()["state"] == "committed", timeout=60)
     before = [(r["round"], r["adapter_sha"], r["log_hash"])
               for r in node.ledger.list_rounds(limit=100) if r["state"] == "committed"]
@@ -154,7 +154,7 @@ async def test_training_node_resumes_from_identical_state(tmp_path, tiny_lm):
         assert after == before  # nothing recomputed or lost across the restart
         assert sorted(p.name for p in (data / "outbox").glob("*.json")) == outbox
         last = before[0][0]
-        node.rounds.set_paused(False)
+        node.rounds.decide_pause(False)
         await wait_for(lambda: (node.ledger.round(last + 1) or {}).get("state") == "committed",
                        timeout=90)
         row = node.ledger.round(last + 1)

@@ -14,8 +14,13 @@ simulator finds each one (a mutation check). Empty in every real run; nothing ou
   not at the updates a member holds for its live round (a bug the simulator found).
 - ``stale_hold_reopens``: a late hold of the live round from the same term turns a round this
   member holds proposed back into a live one (another bug the simulator found).
+- ``pause_answered_at_once``: an admin's pause or resume is answered before a majority holds
+  it (the node's behaviour before ``consensus.pause``).
+- ``forget_pause_at_election``: a new coordinator runs on its own pause stamp, not the newest
+  of its voters'.
 """
 
 MUTANTS: set[str] = set()
 KNOWN = ("vote_twice", "unpersisted_vote", "vote_for_stale_log", "open_without_recovery",
-         "ignore_accept_term", "ignore_held_updates", "stale_hold_reopens")
+         "ignore_accept_term", "ignore_held_updates", "stale_hold_reopens", "pause_answered_at_once",
+         "forget_pause_at_election")

@@ -18,7 +18,12 @@ Checked after every step:
 - a committed round (held by a majority, of the coordinator's own term) is never changed, is
   held by every coordinator of a later term (leader completeness: the analogue of an
   acknowledged update lost), and no follower is told to drop it;
+- an admin's pause or resume, once confirmed by a majority, is known to every later coordinator
+  (the value it runs on comes from that decision or a newer one: ``consensus.pause``);
 - once faults stop, one coordinator is followed by every node within ``settle_s``.
+
+An admin pauses or resumes now and then on whichever node believes it coordinates; a paused
+coordinator opens no round until it resumes (and the admin resumes once faults stop).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from chorus_p2p.consensus import pause as pause_rules
 from chorus_p2p.consensus.election import (COORDINATOR, FOLLOWER, Election, ElectionTiming,
                                            Ready, VoteRequest)
+from chorus_p2p.consensus.pause import PauseStamp
 from chorus_p2p.consensus.rounds import (log_position, recovers_first, replaces_closed,
                                          takes_over)
 
@@ -41,6 +48,7 @@ CLIENTS = 3  # each submits one update per round through whichever node it think
 ROUND_SIZE = 2  # a round closes with this many updates (a coordinator's min_updates)
 CLIENT_TIMEOUT_S = 1.0  # a client that heard nothing tries again (maybe elsewhere)
 PROGRESS_S = 8.0  # once settled, a round must commit within this (liveness of rounds)
+ADMIN_EVERY_S = (0.5, 4.0)  # an admin pauses or resumes this often while faults run
 
 # A log entry is a closed round: (term, round, ((client, digest), ...)).
 Entry = tuple[int, int, tuple[tuple[str, str], ...]]
@@ -79,6 +87,7 @@ class Disk:
     live: dict[int, dict[str, tuple[str, int]]] = field(default_factory=dict)
     log_from: tuple[int, str] | None = None  # (term, coordinator) the log was last taken from
     commit: int = 0  # how many of the log's rounds this node knows to be committed
+    pause: PauseStamp = PauseStamp()  # the pause decision this node holds
 
 
 @dataclass
@@ -90,6 +99,7 @@ class Campaign:
     votes: int = 1
     answered: set[str] = field(default_factory=set)
     transfer: bool = False
+    pauses: list[PauseStamp] = field(default_factory=list)  # granting voters' stamps
 
 
 @dataclass
@@ -115,6 +125,10 @@ class SimNode:
         self.recover_next = False  # as a new coordinator: recover the first round it opens
         self.recovered: dict[str, dict[str, tuple[str, int]]] = {}  # answers, by member
         self.pending: dict[tuple[int, str, str], set[str]] = {}  # unacked update -> holders
+        self.waiting_resume = False  # as coordinator: paused, its next round not opened
+        self.pause_pending: PauseStamp | None = None  # as coordinator: decided, unconfirmed
+        self.pause_held: dict[str, PauseStamp] = {}  # as coordinator: each follower's stamp
+        self.voters_pause: list[PauseStamp] = []  # the winning campaign's granted stamps
 
     def clock(self, t: float) -> float:
         return self.offset + self.rate * t
@@ -192,6 +206,10 @@ class Simulation:
         self.acked: dict[tuple[int, str], str] = {}  # (round, client) -> digest acknowledged
         self.acks = 0
         self.counted: dict[str, int] = {}  # digest -> the committed round that counts it
+        # pause decisions: (term, seq) -> the decision whose value it carries (a winner's
+        # restamp carries the one it adopted); and the decisions a majority confirmed
+        self.pause_origin: dict[tuple[int, int], tuple[int, int]] = {(0, 0): (0, 0)}
+        self.pause_confirmed: list[PauseStamp] = []
 
     # -- plumbing --------------------------------------------------------------------------
     def schedule(self, delay: float, kind: str, payload: Any) -> None:
@@ -240,6 +258,7 @@ class Simulation:
                 self.on_elected(node)
             elif action == "follow":
                 node.recovering, node.recovered, node.pending = None, {}, {}
+                node.waiting_resume, node.pause_pending = False, None
         for event, data, _ in ready.publish:
             self.note(f"{node.node_id} {event} {sorted(data.items())}")
 
@@ -260,6 +279,7 @@ class Simulation:
                              random.Random(self.rng.random()), TIMING)
         node.campaign, node.beats, node.acked = None, {}, {}
         node.recovering, node.recovered, node.pending = None, {}, {}
+        node.waiting_resume, node.pause_pending, node.pause_held = False, None, {}
         node.generation += 1
         self.apply(node, node.core.start(now, alone=False, bootstrap_s=self.rng.uniform(0, 2),
                                          url=node.node_id))
@@ -272,6 +292,7 @@ class Simulation:
             self.violate(f"two coordinators in term {term}: {other} and {node.node_id}")
         self.leaders[term] = node.node_id
         node.acked = {}
+        self.adopt_pause_at_election(node, term)
         for index, entry in self.committed.items():
             if self.committed_in[index] >= term:
                 continue  # committed by a later term: a late winner of an older term lacks it
@@ -291,6 +312,12 @@ class Simulation:
             self.open_round(node)
 
     def open_round(self, node: SimNode) -> None:
+        if node.disk.pause.paused:  # RoundManager: no new round while paused
+            if not node.waiting_resume:
+                self.note(f"{node.node_id} paused: round {node.live_round()} not opened")
+            node.waiting_resume = True
+            return
+        node.waiting_resume = False
         if node.recover_next:
             node.recover_next = False
             node.recovering = node.live_round()
@@ -324,7 +351,8 @@ class Simulation:
     def may_write(self, node: SimNode) -> bool:
         """A coordinator with a majority, its live round recovered, no proposal pending."""
         return node.core.role == COORDINATOR and node.recovering is None and \
-            not node.recover_next and node.disk.commit == len(node.disk.log) and \
+            not node.recover_next and not node.waiting_resume and \
+            node.disk.commit == len(node.disk.log) and \
             node.core.quorum_fresh(node.clock(self.t), self.quorum())
 
     def on_submit(self, node: SimNode, src: str, body: dict[str, Any]) -> None:
@@ -391,6 +419,49 @@ class Simulation:
         node.disk.log_from = (node.core.term, node.node_id)
         self.note(f"{node.node_id} closes round {entry[1]}: {entry[2]}")
 
+    # -- the pause, as RoundManager and Cluster.confirm_pause ------------------------------------
+    def admin_step(self) -> None:
+        """An admin pauses or resumes on a node that believes it coordinates."""
+        leaders = sorted(n for n, node in self.nodes.items()
+                         if node.core is not None and node.core.role == COORDINATOR)
+        if leaders:
+            self.decide_pause(self.nodes[self.rng.choice(leaders)], self.rng.random() < 0.5)
+
+    def decide_pause(self, node: SimNode, paused: bool) -> None:
+        stamp = pause_rules.decide(node.disk.pause, node.core.term, paused)
+        self.pause_origin[(stamp.term, stamp.seq)] = (stamp.term, stamp.seq)
+        node.disk.pause, node.pause_pending = stamp, stamp
+        self.note(f"{node.node_id} decides {stamp}")
+        if node.waiting_resume and not paused:
+            self.open_round(node)
+        self.heartbeat(node)
+        self.confirm_pause(node)
+
+    def confirm_pause(self, node: SimNode) -> None:
+        stamp = node.pause_pending
+        if stamp is None:
+            return
+        held = {**node.pause_held, node.node_id: node.disk.pause}
+        if pause_rules.confirmed(stamp, held, self.quorum()):
+            node.pause_pending = None
+            self.pause_confirmed.append(stamp)
+            self.note(f"{node.node_id} confirms {stamp} to the admin")
+
+    def adopt_pause_at_election(self, node: SimNode, term: int) -> None:
+        """RoundManager.lead: the newest stamp among the winner's and its voters', restamped;
+        checked against every decision a majority confirmed before this term."""
+        candidates = [node.disk.pause, *node.voters_pause]
+        adopted = pause_rules.at_election(node.disk.pause, node.voters_pause, term)
+        basis = max(c for c in candidates if c.paused == adopted.paused)
+        origin = self.pause_origin.get((basis.term, basis.seq), (basis.term, basis.seq))
+        self.pause_origin[(term, 0)] = origin
+        confirmed = [s for s in self.pause_confirmed if s.term < term]
+        if confirmed and origin < (max(confirmed).term, max(confirmed).seq):
+            self.violate(f"{node.node_id} leads term {term} on pause decision {origin} "
+                         f"(paused={adopted.paused}), older than the confirmed "
+                         f"{max(confirmed)}")
+        node.disk.pause, node.voters_pause = adopted, []
+
     def begin_campaign(self, node: SimNode) -> None:
         core = node.core
         if not core.may_campaign(joined=True, diverged=False):
@@ -430,6 +501,7 @@ class Simulation:
                 self.campaign_vote(node, camp)
             return
         node.campaign = None
+        node.voters_pause = camp.pauses
         self.apply(node, core.election_result(camp.term, camp.votes, self.quorum(),
                                               node.clock(self.t), node.node_id))
 
@@ -445,7 +517,8 @@ class Simulation:
             if other != node.node_id:
                 self.send(node.node_id, other, "append", {
                     "term": core.term, "coordinator": node.node_id, "beat": beat_id,
-                    "log": list(node.disk.log), "commit": node.disk.commit})
+                    "log": list(node.disk.log), "commit": node.disk.commit,
+                    "pause": node.disk.pause})
         self.heartbeat_counted(node, beat)
 
     def heartbeat_counted(self, node: SimNode, beat: Beat) -> None:
@@ -497,7 +570,8 @@ class Simulation:
                                  log_position=node.log_position())
             self.apply(node, ready)
             self.send(dst, src, "vote_reply", {"campaign": body["campaign"],
-                                               "phase": body["phase"], **ready.answer})
+                                               "phase": body["phase"], **ready.answer,
+                                               "pause": node.disk.pause})
             self.maybe_crash_after_answer(node)
         elif kind == "vote_reply":
             stepped = core.on_reply_term(body["term"], now, body["granted"], who=src)
@@ -509,6 +583,7 @@ class Simulation:
             camp.answered.add(src)
             if body["granted"] and stepped.persist_term is None:
                 camp.votes += 1
+                camp.pauses.append(body["pause"])
                 if camp.votes >= self.quorum():
                     self.decide(node, camp)
         elif kind == "append":
@@ -530,9 +605,12 @@ class Simulation:
                 node.disk.log, node.disk.log_from = list(log), source
             if followed:
                 node.disk.commit = max(node.disk.commit, min(body["commit"], len(node.disk.log)))
+                if pause_rules.follows(node.disk.pause, body["pause"]):
+                    node.disk.pause = body["pause"]  # on disk before the ack
             self.send(dst, src, "append_reply", {"term": core.term, "ok": followed,
                                                  "beat": body["beat"],
-                                                 "length": len(node.disk.log)})
+                                                 "length": len(node.disk.log),
+                                                 "pause": node.disk.pause})
             self.maybe_crash_after_answer(node)
         elif kind == "submit":
             self.on_submit(node, src, body)
@@ -594,6 +672,8 @@ class Simulation:
                     or core.term != beat.term:
                 return
             node.acked[src] = max(node.acked.get(src, 0), body["length"])
+            node.pause_held[src] = body["pause"]
+            self.confirm_pause(node)
             beat.reached.add(src)
             self.heartbeat_counted(node, beat)
             self.commit(node)
@@ -692,6 +772,11 @@ class Simulation:
         if kind == "client":
             self.client_step(self.clients[payload])
             return True
+        if kind == "admin":
+            if self.faulty:
+                self.admin_step()
+                self.schedule(self.rng.uniform(*ADMIN_EVERY_S), "admin", None)
+            return True
         if kind == "deliver" and payload[1] in self.clients:
             src, dst, message, body = payload
             self.note(f"{src}->{dst} {message} {_brief(body)}")
@@ -748,6 +833,8 @@ class Simulation:
         self.schedule(self.rng.uniform(0.05, 0.3), "fault", None)
         for name in self.clients:
             self.schedule(self.rng.uniform(0.5, 1.5), "client", name)
+        if self.clients:
+            self.schedule(self.rng.uniform(*ADMIN_EVERY_S), "admin", None)
         while self.events < self.min_events and self.step():
             pass
         # Faults stop: heal, restart, and the federation must settle (liveness).
@@ -768,7 +855,11 @@ class Simulation:
             self.violate(f"no single coordinator {self.settle_s:.0f}s after faults stopped: "
                          f"{states}")
         elif self.clients:
-            # ... and rounds go on: the clients' updates commit (and are checked as they do).
+            # ... and rounds go on: the clients' updates commit (and are checked as they do),
+            # once the admin resumes a paused federation.
+            leader = next(n for n in self.nodes.values() if n.core.role == COORDINATOR)
+            if leader.disk.pause.paused:
+                self.decide_pause(leader, False)
             committed, settled_at = len(self.committed), self.t
             while self.t - settled_at < PROGRESS_S and self.step():
                 pass

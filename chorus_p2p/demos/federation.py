@@ -96,7 +96,7 @@ async def run_federation(workdir: Path, model: Path, strategy: str, rounds: int,
             if number == rounds and not serve:
                 for n in nodes:  # no round after the last: stop training
                     if n.rounds.is_coordinator:
-                        n.rounds.set_paused(True)
+                        n.rounds.decide_pause(True)
             row = nodes[0].ledger.round(number)
             adapter_dir, residual = await materialize_round(nodes[0], number, workdir / f"eval-{strategy}")
             losses = await asyncio.to_thread(eval_global, model, adapter_dir, residual, datasets,

@@ -64,7 +64,8 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "append": {"term": int, "coordinator": str, "url": str, "commit": int,
                "commit_id": (str, None, OPTIONAL),
                "members": (list, OPTIONAL), "proposal": (dict, None), "current": (dict, None),
-               "state": (dict, None, OPTIONAL), "paused": (bool, OPTIONAL)},
+               "state": (dict, None, OPTIONAL), "paused": (bool, OPTIONAL),
+               "pause": (list, OPTIONAL)},
     "leave": {"node_id": str},
     "timeout-now": {"term": int},
     "evaluation": {"node_id": str, "evaluations": list},
@@ -72,9 +73,10 @@ MESSAGES: dict[str, dict[str, Any]] = {
 # -- answers: what the callee returns and the caller reads back -----------------------------------
 ANSWERS: dict[str, dict[str, Any]] = {
     "hello": MESSAGES["hello"],
-    "vote": {"term": int, "granted": bool},
+    "vote": {"term": int, "granted": bool, "pause": (list, OPTIONAL)},
     "append": {"term": int, "ok": bool, "diverged": (bool, OPTIONAL), "node_id": (str, OPTIONAL),
-               "ack": (dict, None, OPTIONAL), "abstaining": (bool, OPTIONAL)},
+               "ack": (dict, None, OPTIONAL), "abstaining": (bool, OPTIONAL),
+               "pause": (list, OPTIONAL)},
     "hold": {"term": int, "held": list},
     "handoff": {"adopted": bool},
     "leave": {"ok": bool},

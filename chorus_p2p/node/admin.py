@@ -51,9 +51,10 @@ async def run_here(node: "Node", action: str, args: dict[str, Any]) -> dict[str,
             raise UpdateRejected("bad_request", "close_round: 'round' must be an integer")
         return {"round": await rounds.close_now(expected), "state": "aggregating"}
     if action in ("pause", "resume"):
-        rounds.require_coordinator()
-        rounds.set_paused(action == "pause")
-        return {"paused": action == "pause"}
+        # answered once a majority holds it, so a successor keeps it (consensus.pause)
+        stamp = rounds.decide_pause(action == "pause")
+        await cluster.confirm_pause(stamp)
+        return {"paused": stamp.paused}
     if action in ("approve", "reject"):
         return cluster.decide(_text(args, "node_id"), action == "approve")
     if action == "exclude":

@@ -31,10 +31,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from chorus_p2p.consensus import membership
+from chorus_p2p.consensus import pause as pause_rules
+from chorus_p2p.consensus.pause import PauseStamp
 from chorus_p2p.consensus.election import (CANDIDATE, COORDINATOR, FOLLOWER, Election,
                                             ElectionTiming, Ready, VoteRequest)
 from chorus_p2p.federation import wire
 from chorus_p2p.federation.dp_policy import policy_json
+from chorus_p2p.federation.refusals import UpdateRejected
 from chorus_p2p.node.peers import PeerClient, PeerError
 
 if TYPE_CHECKING:
@@ -67,6 +70,7 @@ class ClusterTiming:
     lost_after_s: float = 3.0
     hello_retry_s: float = 1.0
     replicate_timeout_s: float = 30.0  # a follower fetching an update before it may be acked
+    confirm_pause_s: float = 10.0  # a majority holding an admin's pause before it is answered
     rediscover_max_s: float = 10.0  # mDNS re-query backoff cap while someone is missing
 
 
@@ -172,10 +176,10 @@ class Cluster:
         for event, data, level in ready.publish:
             self.node.bus.publish(event, None, data, level=level)
 
-    async def _lead(self, ready: Ready) -> None:
+    async def _lead(self, ready: Ready, voters_pause: list[PauseStamp] | None = None) -> None:
         self._apply(ready)
         if "lead" in ready.start:
-            await self.node.rounds.lead(self.term)
+            await self.node.rounds.lead(self.term, voters_pause or [])
             self._wake.set()
 
     # -- members -------------------------------------------------------------------------------
@@ -306,8 +310,6 @@ class Cluster:
         coordinator exists because the dead node was needed for a majority (a 2-node
         federation), ``force`` removes it from this node only, with a warning: if that node is
         in fact alive elsewhere, the two can diverge."""
-        from chorus_p2p.federation.refusals import UpdateRejected
-
         if self.node.node_id.startswith(node_id):
             raise UpdateRejected("bad_request", "a node cannot remove itself; stop it with "
                                  "SIGTERM to leave, or remove it from another member")
@@ -352,8 +354,6 @@ class Cluster:
 
     def decide(self, node_id: str, approve: bool) -> dict[str, Any]:
         """Admin decision on a pending member (on the coordinator; followers learn it by gossip)."""
-        from chorus_p2p.federation.refusals import UpdateRejected
-
         if self.node.node_id.startswith(node_id):
             raise UpdateRejected("not_pending", "that is this node itself; only pending members "
                                  "(nodes started with --approve-joins) can be approved or rejected")
@@ -743,6 +743,9 @@ class Cluster:
                 self.node.bus.publish("member_abstaining", None, {"node_id": peer.node_id},
                                       level="warning")
             self._spawn(self.node.rounds.reconsider())
+        held = PauseStamp.from_wire(reply.get("pause"))
+        if held is not None:
+            peer.extra["pause"] = held  # what confirm_pause counts
         ack = reply.get("ack")
         if isinstance(ack, dict) and isinstance(ack.get("round"), int):
             peer.extra["ack_round"] = ack["round"]
@@ -750,9 +753,11 @@ class Cluster:
         return True
 
     # -- election --------------------------------------------------------------------------------
-    async def _gather_votes(self, body: dict[str, Any], voters: list[Peer]) -> int:
+    async def _gather_votes(self, body: dict[str, Any], voters: list[Peer],
+                            pauses: list[PauseStamp] | None = None) -> int:
         """Votes for ``body`` (a pre-vote or a vote), this node's own included; stops asking
-        once a majority has granted."""
+        once a majority has granted. ``pauses`` gathers the pause stamps granting voters hold
+        (the winner adopts the newest: consensus.pause)."""
         async def ask(peer: Peer) -> bool:
             try:
                 reply = await self.client.call(peer.url, "POST", "/v1/peer/vote", body,
@@ -766,7 +771,11 @@ class Cluster:
                                                   reply.get("granted") is True,
                                                   who=peer.node_id[:12])
             self._apply(stepped)
-            return reply.get("granted") is True and stepped.persist_term is None
+            granted = reply.get("granted") is True and stepped.persist_term is None
+            held = PauseStamp.from_wire(reply.get("pause"))
+            if granted and held is not None and pauses is not None:
+                pauses.append(held)
+            return granted
 
         votes, needed = 1, self.quorum()
         pending = {asyncio.ensure_future(ask(p)) for p in voters}
@@ -802,9 +811,10 @@ class Cluster:
         term, ready = core.campaign(time.monotonic(), len(voters) + 1)
         self._apply(ready)  # our own vote persisted before anyone is asked
         request = core.vote_request(term, position, transfer=transfer)
-        votes = await self._gather_votes({**_vote_body(request), "url": url}, voters)
+        pauses: list[PauseStamp] = []
+        votes = await self._gather_votes({**_vote_body(request), "url": url}, voters, pauses)
         await self._lead(core.election_result(term, votes, needed, time.monotonic(),
-                                              url if self.node.address else None))
+                                              url if self.node.address else None), pauses)
 
     # -- handlers for peer requests --------------------------------------------------------------
     def on_vote(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -816,7 +826,9 @@ class Cluster:
                                       quorum=self.quorum(),
                                       log_position=self.node.rounds.log_position())
         self._apply(ready)  # the vote is on disk before the answer leaves
-        return ready.answer or {"term": self.term, "granted": False}
+        answer = ready.answer or {"term": self.term, "granted": False}
+        # a winner adopts the newest pause its voters hold (consensus.pause)
+        return {**answer, "pause": self.node.rounds.pause.to_wire()}
 
     def _follow_leader(self, term: int, coordinator: str, url: str) -> bool:
         """Accept ``coordinator`` as the leader of ``term`` if Raft's rules allow it. It must be
@@ -876,14 +888,18 @@ class Cluster:
                 if peer.status == "removed" and was != "removed":
                     self.node.bus.publish("member_removed", None, {"node_id": peer.node_id},
                                           level="warning")
-        paused = body.get("paused")
-        if isinstance(paused, bool) and paused != self.node.rounds.paused:
-            self.node.rounds.set_paused(paused)  # the coordinator's word: a successor keeps it
+        rounds, stamp = self.node.rounds, PauseStamp.from_wire(body.get("pause"))
+        if stamp is not None and pause_rules.follows(rounds.pause, stamp):
+            rounds.adopt_pause(stamp)  # on disk before we acknowledge
+        elif stamp is None and isinstance(body.get("paused"), bool) \
+                and body["paused"] != rounds.paused:  # an older coordinator sends only the flag
+            rounds.adopt_pause(PauseStamp(term, 0, body["paused"]))
         self._sync_body = body  # only the newest heartbeat matters; older ones are dropped
         if self._sync_worker is None or self._sync_worker.done():
             self._sync_worker = self._spawn(self._sync_loop())
         return {"term": self.term, "ok": True, "node_id": self.node.node_id,
-                "ack": self.node.rounds.ack_state(), "abstaining": self.node.abstaining}
+                "ack": self.node.rounds.ack_state(), "abstaining": self.node.abstaining,
+                "pause": self.node.rounds.pause.to_wire()}
 
     async def on_hold(self, body: dict[str, Any]) -> dict[str, Any]:
         """The coordinator wants to acknowledge an update: store its live round's updates
@@ -922,6 +938,34 @@ class Cluster:
         if adopted:
             self._wake.set()
         return {"adopted": adopted}
+
+    # -- replication of an admin's pause before it is answered --------------------------------------
+    async def confirm_pause(self, stamp: PauseStamp) -> None:
+        """Return once a majority holds ``stamp`` (or a newer decision): heartbeats carry it at
+        once, and again until they do. Refused (``not_durable``) after ``confirm_pause_s`` or
+        if this node stops leading meanwhile: the decision may or may not survive a change of
+        coordinator then, and the admin is told to check and retry (consensus.pause)."""
+        term, deadline = self.term, time.monotonic() + self.timing.confirm_pause_s
+        beat: asyncio.Task | None = None
+        try:
+            while True:
+                held = {p.node_id: p.extra["pause"] for p in self.voters() if "pause" in p.extra}
+                held[self.node.node_id] = self.node.rounds.pause
+                if pause_rules.confirmed(stamp, held, self.quorum()):
+                    return
+                if self.role != COORDINATOR or self.term != term \
+                        or time.monotonic() >= deadline:
+                    what = "pause" if stamp.paused else "resume"
+                    raise UpdateRejected("not_durable", f"the {what} is recorded on this "
+                                         "coordinator, but a majority of members did not confirm "
+                                         "it, so it may not outlive a change of coordinator; "
+                                         "check `chorus-node status` and run it again")
+                if beat is None or beat.done():
+                    beat = self._spawn(self._heartbeat_all(term))
+                await asyncio.sleep(0.02)
+        finally:
+            if beat is not None and not beat.done():
+                beat.cancel()
 
     # -- replication of updates before they are acknowledged -------------------------------------
     async def replicate(self, round_no: int, sha: str) -> int:
@@ -1043,8 +1087,6 @@ class Cluster:
 
     def on_hello(self, body: dict[str, Any]) -> dict[str, Any]:
         """A peer introduces itself; the signed request already proved it holds the secret."""
-        from chorus_p2p.federation.refusals import UpdateRejected
-
         if body.get("federation") != self.node.identity.federation:
             raise UpdateRejected("spec_mismatch", f"this node belongs to federation "
                                  f"{self.node.identity.federation!r}")

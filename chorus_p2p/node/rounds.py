@@ -26,13 +26,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import torch
 
 from chorus_p2p.lora.aggregate import aggregate_adapters
 from chorus_p2p.lora.residual import RESIDUAL_FILE, iter_residual_file
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
+from chorus_p2p.consensus import pause as pause_rules
+from chorus_p2p.consensus.pause import PauseStamp
 from chorus_p2p.consensus.rounds import log_position, recovers_first, takes_over
 from chorus_p2p.errors import AdapterError
 from chorus_p2p.federation import wire
@@ -54,6 +56,7 @@ RESULT_KEYS = ("adapter_sha", "adapter_config_sha", "residual_sha")
 # A follower this many rounds (or fewer) behind the coordinator's checkpoint replays residuals;
 # further behind, one checkpoint is cheaper than the residuals since (each D is up to ~1/8 of R).
 REPLAY_RATHER_THAN_FETCH = 2
+PAUSE_KEY = "pause"  # ledger meta: the pause stamp this node holds (consensus.pause)
 
 
 @dataclass
@@ -99,7 +102,7 @@ class RoundManager:
         self.node_id = node_id
         self.policy = policy
         self.bus = bus
-        self.paused = ledger.get_meta("paused", "0") == "1"
+        self.pause = _stored_pause(ledger)
         self.leading_term: int | None = None
         # Set by the cluster: how many members make a majority, who to tell, where the leader is.
         self.quorum: Callable[[], int] = lambda: 1
@@ -175,12 +178,15 @@ class RoundManager:
     async def _collect_alone(self, round_no: int):
         return []
 
-    async def lead(self, term: int) -> None:
+    async def lead(self, term: int, voters_pause: Iterable[PauseStamp] = ()) -> None:
         """Take over as coordinator: continue whatever round the ledger says is in flight.
 
         A round still collecting (or aggregating) is first *recovered*: its updates are gathered
         from a majority of members, so every update a previous coordinator acknowledged (which
-        it did only once a majority held it) is in the round before it can close."""
+        it did only once a majority held it) is in the round before it can close. Whether the
+        federation is paused comes from the voters too (``voters_pause``: the stamps of those
+        that granted their vote; see consensus.pause)."""
+        self.adopt_pause(pause_rules.at_election(self.pause, voters_pause, term))
         self.leading_term = term
         latest = self.ledger.latest_round()
         assert latest is not None
@@ -547,13 +553,30 @@ class RoundManager:
             raise UpdateRejected("no_updates", f"round {current['round']} has no updates yet")
         return current["round"]
 
-    def set_paused(self, paused: bool) -> None:
+    @property
+    def paused(self) -> bool:
         """Paused: the current round finishes, but no new round opens until resumed."""
-        self.paused = paused
-        self.ledger.set_meta("paused", "1" if paused else "0")
-        self.bus.publish("paused" if paused else "resumed")
+        return self.pause.paused
+
+    def decide_pause(self, paused: bool) -> PauseStamp:
+        """The coordinator decides an admin's pause or resume, stamped in its term; the admin
+        hears back once a majority holds it (``Cluster.confirm_pause``)."""
+        self.require_coordinator()
+        stamp = pause_rules.decide(self.pause, self.leading_term or 0, paused)
+        self.adopt_pause(stamp)
+        return stamp
+
+    def adopt_pause(self, stamp: PauseStamp) -> None:
+        """Hold ``stamp`` (our own decision, what we adopt on winning an election, or our
+        coordinator's word), on disk before any answer says we hold it."""
+        was = self.pause.paused
+        self.pause = stamp
+        self.ledger.set_meta(PAUSE_KEY, json.dumps(stamp.to_wire()))
+        if stamp.paused == was:
+            return
+        self.bus.publish("paused" if stamp.paused else "resumed")
         latest = self.ledger.latest_round()
-        if (not paused and self.is_coordinator and latest is not None
+        if (not stamp.paused and self.is_coordinator and latest is not None
                 and latest["state"] == COMMITTED):
             self._open_next(latest["round"])
 
@@ -755,7 +778,7 @@ class RoundManager:
         payload: dict[str, Any] = {"commit": committed["round"] if committed else 0,
                                    "commit_id": _commit_id(committed),
                                    "proposal": None, "current": None, "state": self.state_hint(),
-                                   "paused": self.paused}
+                                   "paused": self.paused, "pause": self.pause.to_wire()}
         if latest is not None and latest["state"] != COMMITTED:
             # A proposal travels with its updates: a follower that becomes coordinator before
             # the commit must be able to re-propose it with its full record.
@@ -969,6 +992,12 @@ class RoundManager:
             await asyncio.wait(pending, timeout=60)
         for task in list(self._tasks):
             task.cancel()
+
+
+def _stored_pause(ledger: Ledger) -> PauseStamp:
+    """The stamp on disk; a data dir from before stamps kept only the flag ("paused")."""
+    stamp = PauseStamp.from_wire(json.loads(ledger.get_meta(PAUSE_KEY, "null")))
+    return stamp or PauseStamp(paused=ledger.get_meta("paused", "0") == "1")
 
 
 def _commit_id(row: dict[str, Any] | None) -> str | None:
