@@ -14,6 +14,7 @@ import pytest
 
 from chorus_p2p.consensus import election, mutants
 from chorus_p2p.consensus import pause as pause_rules
+from chorus_p2p.consensus import rounds as rounds_rules
 from chorus_p2p.consensus.pause import PauseStamp
 from chorus_p2p.consensus.election import (CANDIDATE, COORDINATOR, FOLLOWER, Election,
                                            ElectionTiming, VoteRequest)
@@ -361,6 +362,43 @@ def test_only_a_later_terms_live_round_reopens_a_closed_one(closed_term, live_te
     from chorus_p2p.consensus.rounds import replaces_closed
 
     assert replaces_closed(closed_term, live_term) is replaces
+
+
+# -- when a round closes and commits (consensus.rounds) ----------------------------------------
+@pytest.mark.parametrize("case,min_updates,previous,abstaining,result", [
+    ("first round: the floor", 2, set(), set(), (2, 2, None)),
+    ("wait for last round's participants", 2, {"a", "b", "c"}, set(), (2, 3, None)),
+    ("one stopped taking part: wait for the rest", 2, {"a", "b", "c"}, {"c"}, (2, 2, None)),
+    ("too few left: the floor stays and the admin is told", 2, {"a", "b"}, {"b"},
+     (2, 2, 1)),
+    ("an abstainer outside the round changes nothing", 1, {"a"}, {"z"}, (1, 1, None)),
+])
+def test_participation_table(case, min_updates, previous, abstaining, result):
+    assert rounds_rules.participation(min_updates, previous, abstaining) == result
+
+
+@pytest.mark.parametrize("count,needed,expected,deadline,force,closes", [
+    (1, 2, 3, False, False, False),  # too few
+    (2, 2, 3, False, False, False),  # enough, but someone expected is still training
+    (3, 2, 3, False, False, True),   # everyone expected
+    (2, 2, 3, True, False, True),    # enough, and the deadline passed
+    (1, 2, 3, True, False, False),   # the deadline passed with too few: it waits
+    (1, 2, 3, False, True, True),    # an admin's close needs one update
+    (0, 2, 3, True, True, False),    # ... and refuses with none
+])
+def test_close_table(count, needed, expected, deadline, force, closes):
+    assert rounds_rules.closes(count, needed, expected, deadline_passed=deadline,
+                               force=force) is closes
+
+
+@pytest.mark.parametrize("holders,voting,quorum,commits", [
+    ({"a", "b"}, ["a", "b", "c"], 2, True),
+    ({"a"}, ["a", "b", "c"], 2, False),
+    ({"a", "gone"}, ["a", "b", "c"], 2, False),  # a member that left since does not count
+    ({"a"}, ["a"], 1, True),
+])
+def test_commit_table(holders, voting, quorum, commits):
+    assert rounds_rules.commits(holders, voting, quorum) is commits
 
 
 # -- the pause register (consensus.pause) ------------------------------------------------------

@@ -74,3 +74,37 @@ def replaces_closed(closed_term: int | None, live_term: int | None) -> bool:
     if "stale_hold_reopens" in MUTANTS:
         return True
     return (live_term or 0) > (closed_term or 0)
+
+
+# -- when a round closes and when it commits ---------------------------------------------------
+def participation(min_updates: int, previous: set[str], abstaining: set[str]
+                  ) -> tuple[int, int, int | None]:
+    """(updates needed at least, updates to wait for before the deadline, members short).
+
+    Waited for: who took part in the previous round, and who sent an update to it after it
+    closed (``previous``), so a member a little slower than the rest misses one round, not
+    every round. ``min_updates`` is a floor that a member who stopped taking part (its privacy
+    budget spent: ``abstaining``) never lowers. The third value, when not None, is how many
+    active members remain where that is fewer than the floor: the admin must decide."""
+    gone = previous & abstaining
+    if not gone:
+        return min_updates, max(min_updates, len(previous)), None
+    active = len(previous - gone)
+    return min_updates, max(min_updates, active), active if active < min_updates else None
+
+
+def closes(count: int, needed: int, expected: int, *, deadline_passed: bool,
+           force: bool = False) -> bool:
+    """Whether a collecting round closes now, with ``count`` updates that aggregation would
+    keep: enough of them and everyone expected (or the deadline passed); an admin's close
+    (``force``) needs one."""
+    if force:
+        return count >= 1
+    return count >= needed and (count >= expected or deadline_passed)
+
+
+def commits(holders: Iterable[str], voting: Iterable[str], quorum: int) -> bool:
+    """Whether a majority of the current voting members holds a proposal (or an update):
+    holders that left since do not count."""
+    return len(set(holders) & set(voting)) >= quorum
+

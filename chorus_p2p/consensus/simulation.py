@@ -38,8 +38,8 @@ from chorus_p2p.consensus import pause as pause_rules
 from chorus_p2p.consensus.election import (COORDINATOR, FOLLOWER, Election, ElectionTiming,
                                            Ready, VoteRequest)
 from chorus_p2p.consensus.pause import PauseStamp
-from chorus_p2p.consensus.rounds import (log_position, recovers_first, replaces_closed,
-                                         takes_over)
+from chorus_p2p.consensus.rounds import (closes, commits, log_position, recovers_first,
+                                         replaces_closed, takes_over)
 
 TIMING = ElectionTiming(heartbeat_s=0.25, election_min_s=1.0, election_max_s=2.0)
 PEER_TIMEOUT_S = max(0.5, TIMING.election_min_s * 0.8)  # as Cluster's PeerClient
@@ -392,7 +392,7 @@ class Simulation:
 
     def count_holders(self, node: SimNode) -> None:
         for key, holders in list(node.pending.items()):
-            if len(holders) >= self.quorum():
+            if commits(holders, self.nodes, self.quorum()):
                 number, client, digest = key
                 del node.pending[key]
                 earlier = self.acked.get((number, client))
@@ -411,7 +411,8 @@ class Simulation:
     def maybe_close(self, node: SimNode) -> None:
         """Enough updates: the round closes into a log entry (aggregated, proposed)."""
         live = node.live()
-        if not self.may_write(node) or len(live) < ROUND_SIZE:
+        if not self.may_write(node) or not closes(len(live), ROUND_SIZE, ROUND_SIZE,
+                                                  deadline_passed=False):
             return
         entry = (node.core.term, node.live_round(),
                  tuple(sorted((client, digest) for client, (digest, _) in live.items())))

@@ -35,7 +35,8 @@ from chorus_p2p.lora.residual import RESIDUAL_FILE, iter_residual_file
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
 from chorus_p2p.consensus import pause as pause_rules
 from chorus_p2p.consensus.pause import PauseStamp
-from chorus_p2p.consensus.rounds import log_position, recovers_first, takes_over
+from chorus_p2p.consensus.rounds import (closes, commits, log_position, participation,
+                                         recovers_first, takes_over)
 from chorus_p2p.errors import AdapterError
 from chorus_p2p.federation import wire
 from chorus_p2p.federation.refusals import UpdateRejected
@@ -485,17 +486,14 @@ class RoundManager:
         previous = {u["node_id"] for u in self.ledger.updates(round_no - 1)} \
             if round_no > 1 else set()
         previous |= self._late.get(round_no - 1, set())
-        gone = previous & self.abstaining()
-        needed = self.policy.min_updates  # a floor an abstaining member never lowers (privacy)
-        if not gone:
-            return needed, max(needed, len(previous))
-        active = len(previous - gone)
-        if active < needed and self._short_reported != round_no:
+        abstaining = self.abstaining()
+        needed, expected, short = participation(self.policy.min_updates, previous, abstaining)
+        if short is not None and self._short_reported != round_no:
             self._short_reported = round_no  # said once per round; the admin decides
             self.bus.publish("participants_short", round_no, {
-                "active": active, "min_updates": needed, "abstaining": sorted(gone)},
-                level="warning")
-        return needed, max(needed, active)
+                "active": short, "min_updates": needed,
+                "abstaining": sorted(previous & abstaining)}, level="warning")
+        return needed, expected
 
     async def reconsider(self) -> None:
         """Participation changed: the collecting round may be complete now."""
@@ -523,10 +521,8 @@ class RoundManager:
                                                        reference))
             deadline_passed = deadline_passed or time.time() >= (row["deadline_at"] or 0)
             needed, expected = self._participation(round_no)
-            ready = count >= needed and (count >= expected or deadline_passed)
-            if force:
-                ready = count >= 1
-            if not ready:
+            if not closes(count, needed, expected, deadline_passed=deadline_passed,
+                          force=force):
                 if deadline_passed and count < needed:
                     self.bus.publish("deadline_passed", round_no,
                                      {"count": count, "min_updates": needed},
@@ -659,8 +655,8 @@ class RoundManager:
             return
         acks = self._acks.setdefault(round_no, {self.node_id})
         acks.add(node_id)
-        if len(acks & set(self.voting_members())) < self.quorum():
-            return  # acks from members who left since do not count
+        if not commits(acks, self.voting_members(), self.quorum()):
+            return
         committed_at = time.time()
         next_row = None if self.paused else self._next_round_row(round_no)
         event_id = self.ledger.commit_round(
