@@ -533,14 +533,16 @@ def test_schedules_really_are_hostile_and_rounds_really_commit():
         acks += simulation.acks
         for line in outcome.trace:
             word = line.split()[1]
-            if word in ("crash", "kill", "partition", "one-way", "stall", "clock"):
+            if word in ("crash", "kill", "partition", "one-way", "stall", "clock", "disk"):
                 seen.add(word)
-            for what in ("elected", "recovered", "proposes round", "acknowledges"):
+            for what in ("elected", "recovered", "proposes round", "acknowledges", "confirms",
+                         "not opened"):
                 if what in line:
                     seen.add(what)
         seen.add(f"terms>={min(outcome.terms, 3)}")
-    assert {"crash", "kill", "partition", "one-way", "stall", "clock", "elected", "recovered",
-            "proposes round", "acknowledges", "terms>=3"} <= seen
+    assert {"crash", "kill", "partition", "one-way", "stall", "clock", "disk", "elected",
+            "recovered", "proposes round", "acknowledges", "confirms", "not opened",
+            "terms>=3"} <= seen
     assert commits >= 60 * 5 and acks >= 60 * 10
 
 
@@ -566,6 +568,8 @@ BUGS = [
     # the pause as it was (answered at once), and a winner that ignores its voters' pause
     ({"pause_answered_at_once"}, 3),
     ({"forget_pause_at_election"}, 3),
+    # a node that answers before its writes are on disk (a crash loses them)
+    ({"unsynced_writes"}, 3),
 ]
 
 

@@ -18,9 +18,11 @@ simulator finds each one (a mutation check). Empty in every real run; nothing ou
   it (the node's behaviour before ``consensus.pause``).
 - ``forget_pause_at_election``: a new coordinator runs on its own pause stamp, not the newest
   of its voters'.
+- ``unsynced_writes`` (simulator only): a node answers before its writes reach the disk, as
+  SQLite with ``synchronous=OFF`` would; a crash loses what it wrote since its last tick.
 """
 
 MUTANTS: set[str] = set()
 KNOWN = ("vote_twice", "unpersisted_vote", "vote_for_stale_log", "open_without_recovery",
          "ignore_accept_term", "ignore_held_updates", "stale_hold_reopens", "pause_answered_at_once",
-         "forget_pause_at_election")
+         "forget_pause_at_election", "unsynced_writes")
