@@ -182,7 +182,8 @@ def test_coordinator_kill9_late_joiner_and_wrong_secret(tmp_path, tiny_base, spe
 
         # The intruder was seen on mDNS (refused) but never admitted anywhere.
         assert any(intruder.lan_ip in str(e.get("data")) for p in everyone
-                   for e in p.saw("peer_refused")), "intruder never seen on mDNS"
+                   for e in p.saw("peer_refused")), (
+            f"intruder never seen on mDNS; intruder's last lines: {intruder.describe(8)}")
         intruder_id = next(e["data"]["node_id"] for e in intruder.events
                            if e.get("event") == "listening")
         for p in everyone:

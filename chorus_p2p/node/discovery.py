@@ -21,6 +21,12 @@ log = logging.getLogger("chorus_p2p.discovery")
 SERVICE_TYPE = "_chorus._tcp.local."
 API_VERSION = "1"
 
+# The browser reports a service once (Added), so a resolution that gave up would lose that peer
+# until something else found it again. On a loaded machine or a lossy link the answer can miss
+# 3 s; ask again, a bounded number of times, ~30 s in all.
+RESOLVE_TIMEOUT_MS = 3000
+RESOLVE_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+
 
 class Discovery:
     def __init__(self, federation: str, node_id: str, port: int, interfaces: list[str] | None,
@@ -36,6 +42,7 @@ class Discovery:
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._resolving: set[str] = set()
 
     def _addresses(self) -> list[bytes]:
         if self.interfaces:
@@ -72,16 +79,31 @@ class Discovery:
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
                    state_change: ServiceStateChange) -> None:
-        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
-            task = asyncio.ensure_future(self._resolve(service_type, name))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if state_change not in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            return
+        if name in self._resolving:  # an update while we still ask: the retries cover it
+            return
+        self._resolving.add(name)
+        task = asyncio.ensure_future(self._resolve(service_type, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._resolving.discard(name))
 
     async def _resolve(self, service_type: str, name: str) -> None:
         assert self._zc is not None
         info = AsyncServiceInfo(service_type, name)
-        if not await info.async_request(self._zc.zeroconf, 3000):
-            return
+        for attempt, delay in enumerate((*RESOLVE_RETRY_DELAYS_S, None), start=1):
+            if self._zc is None:
+                return
+            if await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS):
+                break
+            if delay is None:
+                log.warning("mDNS: %s did not answer in %d tries; it is found again when it "
+                            "re-announces or this node browses anew", name, attempt)
+                return
+            log.debug("mDNS: no answer from %s (try %d), asking again in %.0f s", name,
+                      attempt, delay)
+            await asyncio.sleep(delay)
         props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
         if props.get("federation") != self.federation or props.get("node_id") == self.node_id:
             return
