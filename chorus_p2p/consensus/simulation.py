@@ -29,6 +29,7 @@ coordinator opens no round until it resumes (and the admin resumes once faults s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import heapq
@@ -911,9 +912,9 @@ def _same(one: Entry, other: Entry) -> bool:
 
 
 def _copy(disk: Disk) -> Disk:
-    return Disk(disk.term, dict(disk.votes), list(disk.log),
-                {number: dict(held) for number, held in disk.live.items()}, disk.log_from,
-                disk.commit, disk.pause)
+    """Every field, however many Disk grows: a field left out here would survive a crash that
+    loses unsynced writes, and the mutant would test less than it claims."""
+    return copy.deepcopy(disk)
 
 
 def _mixed(rng: random.Random, disk_rng: random.Random) -> Faults:
