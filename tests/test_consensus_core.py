@@ -474,8 +474,8 @@ def test_the_core_has_no_clock_network_disk_or_global_random():
     for path in CONSENSUS.glob("*.py"):
         imported = _imports(path)
         assert not imported & IO_MODULES, f"{path.name} imports {imported & IO_MODULES}"
-        assert imported <= {"__future__", "dataclasses", "typing", "heapq", "hashlib", "random",
-                            "chorus_p2p"}, f"{path.name}: {imported}"
+        assert imported <= {"__future__", "copy", "dataclasses", "typing", "heapq", "hashlib",
+                            "random", "chorus_p2p"}, f"{path.name}: {imported}"
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):  # randomness only from a seeded or injected generator
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
@@ -500,18 +500,19 @@ def _explore(first: int, count: int, clients: int = 3) -> tuple[int, int, list[s
     return explore(range(first, first + count), clients=clients)
 
 
-def test_ten_thousand_seeded_fault_schedules_lose_nothing():
+def test_three_thousand_seeded_fault_schedules_lose_nothing():
     """Elections, rounds, holds, recoveries and acknowledgements under seeded faults, both
-    cores busy: no violation of any invariant the simulator checks."""
+    cores busy: no violation of any invariant the simulator checks. CI runs the same 3,000
+    every time; benchmarks/simulate_faults.py --first-seed explores new ones for longer."""
     started = time.monotonic()
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        results = pool.starmap(_explore, [(0, 5_000), (5_000, 5_000)])
+        results = pool.starmap(_explore, [(0, 1_500), (1_500, 1_500)])
     elapsed = time.monotonic() - started
     schedules = sum(r[0] for r in results)
     events = sum(r[1] for r in results)
     violations = [v for r in results for v in r[2]]
     assert violations == []
-    assert schedules == 10_000 and events >= 200 * schedules
+    assert schedules == 3_000 and events >= 200 * schedules
     print(f"{schedules} schedules, {events} events in {elapsed:.1f} s "
           f"({schedules / elapsed:.0f} schedules/s)")
 

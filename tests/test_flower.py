@@ -53,31 +53,32 @@ def test_exact_lora_in_a_real_flower_run(tmp_path, tiny_lm_dir):
     work = tmp_path / "work"
     base, adapter = moved_federation(tmp_path, tiny_lm_dir)
     with LocalFlower(3, workdir=tmp_path / "flower") as flower:
-        flower.run(EXAMPLE, {"num-server-rounds": 3, "steps": 3, "model": str(base),
+        flower.run(EXAMPLE, {"num-server-rounds": 2, "steps": 3, "model": str(base),
                              "initial-adapter": str(adapter), "workdir": str(work),
                              "keep-updates": True, "target-modules": ",".join(TARGETS)},
                    timeout=800)
     server = next(work.glob("server-run-*"))
     result = json.loads((server / "result.json").read_text())
-    assert sorted(result["train"], key=int) == ["1", "2", "3"]
+    assert sorted(result["train"], key=int) == ["1", "2"]
     assert all(m["train-loss"] > 0 for m in result["train"].values())
-    assert sorted(result["server_evaluate"], key=int) == ["1", "2", "3"]
+    assert sorted(result["server_evaluate"], key=int) == ["1", "2"]
 
     spec = FederationSpec.build(str(base), 8, 16.0, TARGETS)
-    # W0 + R after rounds 2 and 3, from the rounds' D's as the server kept them
-    for number in (1, 2, 3):
+    # W0 + R after rounds 1 and 2, from the rounds' D's as the server kept them (2 rounds: the
+    # second trains on a non-zero R, which is what the identity must survive)
+    for number in (1, 2):
         fold_base(base, server / "deltas" / f"round-{number}.safetensors",
                   tmp_path / f"base+R{number}")
         base = tmp_path / f"base+R{number}"
-    base_r2, base_r3 = tmp_path / "base+R2", tmp_path / "base+R3"
-    # The exactness identity through PEFT: base + R3 + global adapter == weighted mean of the
-    # clients' round-3 models (each trained on base + R2 + the round-2 global adapter)
-    round3 = server / "rounds" / "round-3"
-    report = json.loads((round3 / "aggregation.json").read_text())
-    updates = [round3 / "updates" / label.replace(" ", "-") for label in report["clients"]]
+    base_r1, base_r2 = tmp_path / "base+R1", tmp_path / "base+R2"
+    # The exactness identity through PEFT: base + R2 + global adapter == weighted mean of the
+    # clients' round-2 models (each trained on base + R1 + the round-1 global adapter)
+    round2 = server / "rounds" / "round-2"
+    report = json.loads((round2 / "aggregation.json").read_text())
+    updates = [round2 / "updates" / label.replace(" ", "-") for label in report["clients"]]
     assert len(updates) == 3 and all(u.is_dir() for u in updates)
-    got = merged_state(base_r3, round3)
-    mean = weighted_mean_state([merged_state(base_r2, u) for u in updates], report["weights"])
+    got = merged_state(base_r2, round2)
+    mean = weighted_mean_state([merged_state(base_r1, u) for u in updates], report["weights"])
     worst = max(float((got[k].double() - mean[k]).norm() / mean[k].norm())
                 for k in mean if any(t in k for t in TARGETS))
     assert worst <= 1e-5, worst
