@@ -11,6 +11,9 @@ Usage::
     .venv/bin/python benchmarks/simulate_faults.py --minutes 5
     .venv/bin/python benchmarks/simulate_faults.py --seed 1899 --trace   # replay one schedule
     .venv/bin/python benchmarks/simulate_faults.py --mutant unpersisted_vote --minutes 1
+    # how many schedules, searched in order, the simulator needs to find a bug brought back
+    .venv/bin/python benchmarks/simulate_faults.py --mutant unpersisted_vote --clients 0 \
+        --minutes 5 --stop-at-first
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from chorus_p2p.consensus.simulation import Simulation, explore
 BATCH = 200
 
 
-def _batch(args: tuple[int, tuple[str, ...]]) -> tuple[int, int, list[str]]:
-    first, switched_on = args
+def _batch(args: tuple[int, tuple[str, ...], dict]) -> tuple[int, int, list[str]]:
+    first, switched_on, kwargs = args
     mutants.MUTANTS.clear()
     mutants.MUTANTS.update(switched_on)
-    return explore(range(first, first + BATCH))
+    return explore(range(first, first + BATCH), **kwargs)
 
 
 def main() -> int:
@@ -44,10 +47,16 @@ def main() -> int:
     parser.add_argument("--mutant", action="append", default=[],
                         choices=mutants.KNOWN,
                         help="bring back a protocol bug (to see the simulator find it)")
+    parser.add_argument("--clients", type=int, default=None,
+                        help="clients per schedule (0: elections only, more of them per event)")
+    parser.add_argument("--stop-at-first", action="store_true",
+                        help="stop at the first violation, searching seeds in order, and say "
+                             "after how many schedules it came")
     args = parser.parse_args()
+    kwargs = {} if args.clients is None else {"clients": args.clients}
     if args.seed is not None:
         mutants.MUTANTS.update(args.mutant)
-        outcome = Simulation(args.seed, keep_trace=args.trace).run()
+        outcome = Simulation(args.seed, keep_trace=args.trace, **kwargs).run()
         if args.trace:
             print("\n".join(outcome.trace))
         print(f"seed {args.seed}: {outcome.events} events, {outcome.terms} terms, "
@@ -63,12 +72,21 @@ def main() -> int:
         pending = []
         while time.monotonic() < deadline or pending:
             while time.monotonic() < deadline and len(pending) < 2 * args.workers:
-                pending.append(pool.apply_async(_batch, ((next_seed, tuple(args.mutant)),)))
+                pending.append(pool.apply_async(_batch, ((next_seed, tuple(args.mutant),
+                                                          kwargs),)))
                 next_seed += BATCH
             done = pending.pop(0).get()
             schedules += done[0]
             events += done[1]
             violations += done[2]
+            if args.stop_at_first and violations:
+                # batches finish in seed order here, so this is the lowest violating seed
+                first = int(violations[0].split()[1])
+                print(f"first violation after {first - args.first_seed + 1} schedules "
+                      f"(seed {first}), {time.monotonic() - started:.1f} s")
+                pool.terminate()
+                next_seed = args.first_seed + schedules
+                break
     elapsed = time.monotonic() - started
     load = os.getloadavg()[0]
     print(f"{schedules} schedules (seeds {args.first_seed}-{next_seed - 1}), {events} events "

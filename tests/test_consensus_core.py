@@ -500,19 +500,19 @@ def _explore(first: int, count: int, clients: int = 3) -> tuple[int, int, list[s
     return explore(range(first, first + count), clients=clients)
 
 
-def test_three_thousand_seeded_fault_schedules_lose_nothing():
+def test_ten_thousand_seeded_fault_schedules_lose_nothing():
     """Elections, rounds, holds, recoveries and acknowledgements under seeded faults, both
-    cores busy: no violation of any invariant the simulator checks. CI runs the same 3,000
-    every time; benchmarks/simulate_faults.py --first-seed explores new ones for longer."""
+    cores busy: no violation of any invariant the simulator checks (issue 23's target: 10,000
+    in CI). benchmarks/simulate_faults.py --first-seed explores new seeds for longer."""
     started = time.monotonic()
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        results = pool.starmap(_explore, [(0, 1_500), (1_500, 1_500)])
+        results = pool.starmap(_explore, [(0, 5_000), (5_000, 5_000)])
     elapsed = time.monotonic() - started
     schedules = sum(r[0] for r in results)
     events = sum(r[1] for r in results)
     violations = [v for r in results for v in r[2]]
     assert violations == []
-    assert schedules == 3_000 and events >= 200 * schedules
+    assert schedules == 10_000 and events >= 200 * schedules
     print(f"{schedules} schedules, {events} events in {elapsed:.1f} s "
           f"({schedules / elapsed:.0f} schedules/s)")
 
@@ -559,13 +559,10 @@ def test_faults_stopping_leaves_one_coordinator_that_everyone_follows():
 BUGS = [
     ({"vote_twice"}, 3),
     ({"vote_for_stale_log"}, 3),
-    ({"unpersisted_vote"}, 0),  # elections only: more of them per event
     ({"stale_hold_reopens"}, 3),
     # the two historical loss bugs, in the code as it was then (no held-update rule either)
     ({"open_without_recovery", "ignore_held_updates"}, 3),
     ({"ignore_accept_term", "ignore_held_updates"}, 3),
-    # and the same first bug with today's other rules in place
-    ({"open_without_recovery"}, 3),
     # the pause as it was (answered at once), and a winner that ignores its voters' pause
     ({"pause_answered_at_once"}, 3),
     ({"forget_pause_at_election"}, 3),
@@ -606,6 +603,28 @@ def test_the_simulator_finds_each_bug_brought_back(bug, clients):
     assert Simulation(seed, clients=clients).run().violations == []
 
 
+# Bugs whose search from seed 0 takes the simulator longer than CI should spend (7,570 and 1,608
+# schedules, 33 s and 11 s quiet): CI replays the seed the search found, with the bug and without;
+# `benchmarks/simulate_faults.py --mutant ... --stop-at-first` repeats the search (README).
+RARE_BUGS = [
+    ({"unpersisted_vote"}, 0, 7569),  # elections only: more of them per event
+    # the first historical loss bug with today's other rules in place
+    ({"open_without_recovery"}, 3, 1607),
+]
+
+
+@pytest.mark.parametrize("bug,clients,seed", RARE_BUGS,
+                         ids=["+".join(sorted(b)) for b, _, _ in RARE_BUGS])
+def test_the_simulator_finds_rarer_bugs_at_the_seed_their_search_found(bug, clients, seed):
+    mutants.MUTANTS.update(bug)
+    try:
+        found = Simulation(seed, clients=clients).run().violations
+    finally:
+        mutants.MUTANTS.clear()
+    assert found, f"{sorted(bug)}: seed {seed} no longer shows it; search again (README)"
+    assert Simulation(seed, clients=clients).run().violations == []  # the bug, not the schedule
+
+
 def test_a_schedule_replays_from_the_command_line():
     """README's commands: replay a seed (with a bug brought back, it prints the violation and
     exits 1), trace it, and explore for a while."""
@@ -625,3 +644,6 @@ def test_a_schedule_replays_from_the_command_line():
     assert " acknowledges " in clean.stdout and " elected term " in clean.stdout
     explored = run("--minutes", "0.01", "--workers", "1")
     assert explored.returncode == 0 and "violations: 0" in explored.stdout, explored.stdout
+    searched = run("--mutant", "vote_twice", "--stop-at-first", "--minutes", "1", "--workers", "1")
+    assert searched.returncode == 1, searched.stdout[-2000:]
+    assert "first violation after 7 schedules (seed 6)" in searched.stdout, searched.stdout[:2000]

@@ -37,7 +37,7 @@ def test_no_acknowledged_update_is_lost_under_faults(tmp_path, tiny_base, capsys
         init_data_dir(tmp_path / f"d{i}", join_token=first.join_token())
         copy_admin_key(tmp_path / "d0", tmp_path / f"d{i}")
     seed = int(os.environ.get("CHORUS_CHAOS_SEED", "7"))
-    seconds = float(os.environ.get("CHORUS_CHAOS_SECONDS", "60"))
+    seconds = float(os.environ.get("CHORUS_CHAOS_SECONDS", "45"))
     with NetLab(5) as lab:
         chaos = Chaos(lab, [tmp_path / f"d{i}" for i in range(5)], tiny_base, NODE_ARGS,
                       first.secret, lambda path, s: write_update(path, spec, s), seed=seed)

@@ -71,13 +71,10 @@ def test_commands_in_a_terminal_show_their_bar_and_no_third_party_noise(tmp_path
     assert not leaked, (leaked, drawn[-3000:])
 
 
-def test_verbose_lets_third_party_warnings_through(tmp_path):
+def test_verbose_lets_third_party_warnings_through(tmp_path, tiny_lm_dir):
     """The silence is a filter, not a loss: ``-v`` shows what was hidden."""
     pytest.importorskip("bitsandbytes")
-    code, drawn = in_a_terminal("-v", "make-tiny-model", "--out", "tiny", "--pretrain-steps",
-                                "2", cwd=tmp_path)
-    assert code == 0, drawn[-3000:]
-    code, drawn = in_a_terminal("-v", "simulate", "--model", "tiny", "--clients", "2",
+    code, drawn = in_a_terminal("-v", "simulate", "--model", str(tiny_lm_dir), "--clients", "2",
                                 "--rounds", "1", "--steps", "2", cwd=tmp_path)
     assert code == 0, drawn[-3000:]
     assert any(n in drawn for n in NOISE), drawn[-3000:]
