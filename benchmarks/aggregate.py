@@ -66,7 +66,7 @@ from safetensors.torch import save_file
 from chorus_p2p.lora.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraFactors, factor_keys
 from chorus_p2p.lora.aggregate import aggregate_adapters, normalise_weights
 from chorus_p2p.lora.residual import LEFT_SUFFIX, RESIDUAL_FILE, RIGHT_SUFFIX
-from chorus_p2p.lora.strategies import ModuleAggregate, aggregate_module
+from chorus_p2p.lora.strategies import ModuleAggregate, aggregate_module, stacked_factors
 
 # --- target configuration (Llama-3.2-3B attention) -------------------------------------------
 
@@ -354,6 +354,46 @@ def run_file_aggregation(paths: Sequence[Path], out_dir: Path, cfg: Config,
                          floor_rss_bytes=data["floor_maxrss_kb"] * 1024, modules=data["modules"])
 
 
+@dataclass(frozen=True)
+class CliRunReport:
+    process_seconds: float  # the whole `chorus-node aggregate` process
+    work_seconds: float  # what the command reports: read + compute + write
+    qr_seconds: float  # the same run's thin QRs, one module after another, in this process
+
+    @property
+    def startup_seconds(self) -> float:
+        return self.process_seconds - self.work_seconds
+
+
+def thin_qr_seconds(cfg: Config) -> float:
+    """The bound: the two thin QRs of every module's stacked factors, one module after another
+    (``torch.linalg.qr`` as the aggregation calls it, default threads)."""
+    weights = [w / sum(example_counts(cfg.clients)) for w in example_counts(cfg.clients)]
+    total = 0.0
+    for layer in range(cfg.layers):
+        for clients in layer_clients(cfg, layer).values():
+            left, right = stacked_factors(clients, weights)
+            start = time.perf_counter()
+            torch.linalg.qr(left, mode="reduced")
+            torch.linalg.qr(right.T, mode="reduced")
+            total += time.perf_counter() - start
+    return total
+
+
+def run_cli_aggregation(paths: Sequence[Path], out_dir: Path, cfg: Config) -> CliRunReport:
+    """`chorus-node aggregate` as a user runs it: a fresh process, imports included."""
+    weights = ",".join(f"{w:g}" for w in example_counts(cfg.clients))
+    command = [sys.executable, "-c", "import sys; from chorus_p2p.cli.main import main; "
+               "sys.exit(main(sys.argv[1:]))", "aggregate", *map(str, paths), "--weights",
+               weights, "--out", str(out_dir), "--json"]
+    start = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    elapsed = time.perf_counter() - start
+    work = json.loads(done.stdout)["seconds"]
+    return CliRunReport(process_seconds=elapsed, work_seconds=work,
+                        qr_seconds=thin_qr_seconds(cfg))
+
+
 # --- 4: residual bytes -----------------------------------------------------------------------
 
 
@@ -466,6 +506,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         hwm = "n/a" if run.hwm_rss_bytes is None else f"{run.hwm_rss_bytes / MB:.1f} MB"
         print(f"  child peak RSS {run.peak_rss_bytes / MB:.1f} MB (RUSAGE_CHILDREN; its own VmHWM "
               f"{hwm}); after imports, before aggregating: {run.floor_rss_bytes / MB:.1f} MB")
+        cli = run_cli_aggregation(paths, root / "global-cli", cfg)
+        dense_total = dense_layer * cfg.layers
+        print(f"  chorus-node aggregate (a fresh process): {cli.process_seconds:.2f} s = start-up "
+              f"and imports {cli.startup_seconds:.2f} s + work {cli.work_seconds:.2f} s; the same "
+              f"modules' thin QRs one after another {cli.qr_seconds:.2f} s: work/QR "
+              f"{cli.work_seconds / cli.qr_seconds:.2f}x (target <= 1.5x); dense path "
+              f"{dense_total:.0f} s ({cfg.layers} x {dense_layer:.2f} s): "
+              f"{dense_total / cli.work_seconds:.0f}x the CLI's work (target >= 100x)", flush=True)
         node_run = run_file_aggregation(paths, root / "global-node", cfg, canonical=True)
         print(f"  as a node aggregates untrusted uploads (gauge check of every update): read+compute "
               f"{node_run.report_seconds:.2f} s vs {run.report_seconds:.2f} s, "

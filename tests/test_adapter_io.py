@@ -75,3 +75,61 @@ def test_unsupported_adapters_are_refused(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(AdapterError, match="only LORA"):
         AdapterSource(folder)
+
+
+def test_all_finite_settles_with_one_sum_and_checks_an_overflowed_one():
+    from chorus_p2p.lora.adapter_io import all_finite
+
+    big = torch.full((4, 4), 3e38)  # finite, but its float32 sum overflows to Inf
+    assert all_finite(torch.randn(8, 8)) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(8, 8)
+        t[3, 5] = bad
+        assert not all_finite(t), bad
+    pair = torch.zeros(2)
+    pair[0], pair[1] = float("inf"), -float("inf")  # sum NaN
+    assert not all_finite(pair)
+
+
+@pytest.mark.parametrize("strategy", ["fedex-svd", "fedex", "fedavg"])
+def test_modules_on_a_pool_give_what_one_thread_gives(tmp_path, client_adapters, monkeypatch,
+                                                       strategy):
+    """The thin QRs of the next modules run on a pool of one-thread workers while this thread
+    finishes one (issue 25): the products and the residuals are those of the one-thread run,
+    in the same module order, and a bad factor read ahead is still refused by name."""
+    from safetensors.torch import load_file
+
+    from chorus_p2p.lora.aggregate import aggregate_adapters, qr_workers
+
+    weights = [3.0, 1.0, 2.0]
+    outputs = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("CHORUS_AGGREGATION_THREADS", threads)
+        assert qr_workers() == int(threads)
+        before = torch.get_num_threads()
+        report = aggregate_adapters(client_adapters, tmp_path / threads, strategy=strategy,
+                                    weights=weights)
+        assert torch.get_num_threads() == before  # this thread's setting is given back
+        outputs[threads] = report
+    one, pooled = outputs["1"], outputs["3"]
+    assert [m.module for m in one.modules] == [m.module for m in pooled.modules]
+    assert [m.residual_rank for m in one.modules] == [m.residual_rank for m in pooled.modules]
+    if strategy != "fedavg":
+        a, b = (load_file(str(tmp_path / t / "residual.safetensors")) for t in ("1", "3"))
+        for key in (k for k in a if k.endswith("left")):
+            right = key[: -len("left")] + "right"
+            da = a[key].double() @ a[right].double()
+            db = b[key].double() @ b[right].double()
+            assert float((da - db).norm()) <= 1e-5 * max(float(da.norm()), 1e-12), key
+    # a NaN in the last module, read ahead while earlier ones are on the pool: refused by name
+    broken = tmp_path / "broken"
+    shutil.copytree(client_adapters[1], broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    last = sorted(k for k in tensors if "lora_A" in k)[-1]
+    tensors[last][0, 0] = float("nan")
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="NaN or Inf"):
+        aggregate_adapters([client_adapters[0], broken, client_adapters[2]], tmp_path / "bad",
+                           strategy=strategy, weights=weights)
+    assert not (tmp_path / "bad").exists()
+    assert torch.get_num_threads() == before

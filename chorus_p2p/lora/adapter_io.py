@@ -192,7 +192,7 @@ class AdapterSource:
                 raise AdapterError(f"cannot read lora_{which} ({exc})", source=self.label,
                                    module=module) from exc
             tensor = tensor.to(dtype)
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise AdapterError(f"lora_{which} contains NaN or Inf", source=self.label,
                                    module=module)
             tensors[which] = tensor
@@ -211,6 +211,16 @@ class AdapterSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf, at the cost of one sum: any non-finite element makes the sum NaN or Inf,
+    so a finite sum settles it (a sum that overflowed is checked element by element).
+    ``isfinite().all()`` writes a mask the size of the tensor; over a 3B model's 2,240 factors
+    that was 0.36 s of a 4 s aggregation."""
+    if math.isfinite(float(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 @contextmanager

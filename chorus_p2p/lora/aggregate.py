@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,7 +34,8 @@ from chorus_p2p.lora.canonical import canonical_factors
 from chorus_p2p.lora.config import LoraSettings, lora_scale, module_name_from_prefix
 from chorus_p2p.lora.residual import LEFT_SUFFIX, RESIDUAL_FILE, RESIDUAL_METADATA, RIGHT_SUFFIX
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
-from chorus_p2p.lora.strategies import DEFAULT_STRATEGY, STRATEGIES, aggregate_module
+from chorus_p2p.lora.strategies import (DEFAULT_STRATEGY, STRATEGIES, PreparedModule,
+                                        finish_module, prepare_module)
 
 REPORT_FILE = "aggregation.json"
 
@@ -227,6 +230,23 @@ def _gauge(factors: LoraFactors) -> tuple[float, float]:
     return rows, math.sqrt(size / product) if product > 0 else math.inf
 
 
+def qr_workers() -> int:
+    """Threads that run the modules' thin QRs side by side. One QR of a tall, narrow matrix
+    keeps one core busy however many threads MKL or OpenBLAS are given (8.2 ms on one thread,
+    7.9 ms on two, for 3072 x 160), so modules in parallel, one thread each, is what uses the
+    cores; ``CHORUS_AGGREGATION_THREADS`` overrides (1: no pool)."""
+    configured = os.environ.get("CHORUS_AGGREGATION_THREADS")
+    if configured:
+        return max(1, int(configured))
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, 8))
+
+
+def _single_thread_torch() -> None:
+    # Each pool thread runs its QRs on one core: several threads each asking for every core
+    # would oversubscribe them (with OpenMP's spin-waits, 30x slower here).
+    torch.set_num_threads(1)
+
+
 def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                        strategy: str = DEFAULT_STRATEGY, weights: Sequence[float] | None = None,
                        rank: int | None = None, force: bool = False,
@@ -260,25 +280,54 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
             adapter: dict[str, torch.Tensor] = {}
             reports: list[ModuleReport] = []
             kinds = {p: sources[0].shapes[p].kind for p in modules}
-            for done, prefix in enumerate(modules):
-                if progress is not None:
-                    progress(done, len(modules))
+
+            def read(prefix: str) -> list[LoraFactors]:
+                # on this thread only: one owner for the files' handles
                 if canonical:
-                    clients = _untrusted_factors(sources, prefix, dtype)
-                else:
-                    clients = [s.factors(prefix, dtype) for s in sources]
-                result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],
-                                          plan.scale(prefix))
-                key_a, key_b = factor_keys(prefix, kinds[prefix])
-                adapter[key_a] = result.A.to(torch.float32)
-                adapter[key_b] = result.B.to(torch.float32)
-                if result.residual_left is not None:
-                    residual.add(prefix + LEFT_SUFFIX, result.residual_left.to(torch.float32))
-                    residual.add(prefix + RIGHT_SUFFIX, result.residual_right.to(torch.float32))
-                reports.append(ModuleReport(module_name_from_prefix(prefix), plan.ranks[prefix],
-                                            result.residual_rank, result.target_norm,
-                                            result.residual_norm))
-                del clients, result
+                    return _untrusted_factors(sources, prefix, dtype)
+                return [s.factors(prefix, dtype) for s in sources]
+
+            workers = qr_workers()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="chorus-qr",
+                                      initializer=_single_thread_torch) if workers > 1 else None
+            threads_here = torch.get_num_threads()
+            if pool is not None:  # this thread's SVDs too: a spare core for a spinning team
+                torch.set_num_threads(1)  # is one taken from the pool's QRs
+            ahead: deque[tuple[str, Future | PreparedModule]] = deque()
+            upcoming = iter(modules)
+
+            def read_ahead() -> None:
+                prefix = next(upcoming, None)
+                if prefix is None:
+                    return
+                job = (prepare_module, read(prefix), norm_weights, strategy, plan.ranks[prefix],
+                       plan.scale(prefix))
+                ahead.append((prefix, job[0](*job[1:]) if pool is None else pool.submit(*job)))
+            try:
+                for _ in range(workers + 1):  # the pool busy while this thread finishes one
+                    read_ahead()
+                for done in range(len(modules)):
+                    if progress is not None:
+                        progress(done, len(modules))
+                    prefix, job = ahead.popleft()
+                    prepared = job.result() if isinstance(job, Future) else job
+                    read_ahead()
+                    result = finish_module(prepared)
+                    key_a, key_b = factor_keys(prefix, kinds[prefix])
+                    adapter[key_a] = result.A.to(torch.float32)
+                    adapter[key_b] = result.B.to(torch.float32)
+                    if result.residual_left is not None:
+                        residual.add(prefix + LEFT_SUFFIX, result.residual_left.to(torch.float32))
+                        residual.add(prefix + RIGHT_SUFFIX,
+                                     result.residual_right.to(torch.float32))
+                    reports.append(ModuleReport(module_name_from_prefix(prefix),
+                                                plan.ranks[prefix], result.residual_rank,
+                                                result.target_norm, result.residual_norm))
+                    del prepared, result
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    torch.set_num_threads(threads_here)
             if progress is not None:
                 progress(len(modules), len(modules))
             # Full tensors (modules_to_save: heads, lm_head, embed_tokens): the weighted mean of
