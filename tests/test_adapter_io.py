@@ -108,10 +108,18 @@ def test_modules_on_a_pool_give_what_one_thread_gives(tmp_path, client_adapters,
         assert qr_workers() == int(threads)
         before = torch.get_num_threads()
         report = aggregate_adapters(client_adapters, tmp_path / threads, strategy=strategy,
-                                    weights=weights)
+                                    weights=weights, hash_residual=True)
         assert torch.get_num_threads() == before  # this thread's setting is given back
         outputs[threads] = report
     one, pooled = outputs["1"], outputs["3"]
+    if strategy != "fedavg":  # the hash taken while writing is the file's (a node adopts by it)
+        import hashlib
+
+        for threads, report in outputs.items():
+            written = (tmp_path / threads / "residual.safetensors").read_bytes()
+            assert report.residual_sha256 == hashlib.sha256(written).hexdigest()
+    else:
+        assert one.residual_sha256 is None
     assert [m.module for m in one.modules] == [m.module for m in pooled.modules]
     assert [m.residual_rank for m in one.modules] == [m.residual_rank for m in pooled.modules]
     if strategy != "fedavg":

@@ -7,6 +7,7 @@ output folder atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,8 +35,8 @@ from chorus_p2p.lora.canonical import canonical_factors
 from chorus_p2p.lora.config import LoraSettings, lora_scale, module_name_from_prefix
 from chorus_p2p.lora.residual import LEFT_SUFFIX, RESIDUAL_FILE, RESIDUAL_METADATA, RIGHT_SUFFIX
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
-from chorus_p2p.lora.strategies import (DEFAULT_STRATEGY, STRATEGIES, PreparedModule,
-                                        finish_module, prepare_module)
+from chorus_p2p.lora.strategies import (DEFAULT_STRATEGY, STRATEGIES, ModuleAggregate,
+                                        aggregate_module)
 
 REPORT_FILE = "aggregation.json"
 
@@ -58,6 +59,7 @@ class AggregationReport:
     weights: list[float]
     seconds: float
     modules: list[ModuleReport] = field(default_factory=list)
+    residual_sha256: str | None = None  # residual.safetensors' (asked for by hash_residual)
 
     @property
     def residual_energy(self) -> float:
@@ -193,8 +195,7 @@ GAUGE_SPREAD = 100.0
 GAUGE_CANCELLATION = 1e3
 
 
-def _untrusted_factors(sources: Sequence[AdapterSource], prefix: str, dtype: torch.dtype
-                       ) -> list[LoraFactors]:
+def in_common_gauge(raw: Sequence[LoraFactors], dtype: torch.dtype) -> list[LoraFactors]:
     """Each client's factors for one module as a node aggregates them (see canonical.py).
 
     Honest clients' factors share a gauge (they trained from the same global adapter): those
@@ -204,7 +205,6 @@ def _untrusted_factors(sources: Sequence[AdapterSource], prefix: str, dtype: tor
     client; rounding can only make factors look more cancelling than they are, so an error in
     it canonicalizes an honest update (harmless: its product is kept), never passes a hostile
     one."""
-    raw = [s.factors(prefix, dtype) for s in sources]
     grams = [_gauge(f) for f in raw]
     scale = statistics.median(g[0] for g in grams)
     out = []
@@ -231,10 +231,11 @@ def _gauge(factors: LoraFactors) -> tuple[float, float]:
 
 
 def qr_workers() -> int:
-    """Threads that run the modules' thin QRs side by side. One QR of a tall, narrow matrix
-    keeps one core busy however many threads MKL or OpenBLAS are given (8.2 ms on one thread,
-    7.9 ms on two, for 3072 x 160), so modules in parallel, one thread each, is what uses the
-    cores; ``CHORUS_AGGREGATION_THREADS`` overrides (1: no pool)."""
+    """Threads that aggregate modules side by side. A module's cost is its two thin QRs, and
+    one QR of a tall, narrow matrix keeps one core busy however many threads MKL or OpenBLAS are
+    given (8.2 ms on one thread, 7.9 ms on two, for 3072 x 160), so modules in parallel, one
+    thread each, is what uses the cores; ``CHORUS_AGGREGATION_THREADS`` overrides (1: no
+    pool)."""
     configured = os.environ.get("CHORUS_AGGREGATION_THREADS")
     if configured:
         return max(1, int(configured))
@@ -242,7 +243,7 @@ def qr_workers() -> int:
 
 
 def _single_thread_torch() -> None:
-    # Each pool thread runs its QRs on one core: several threads each asking for every core
+    # Each pool thread works on one core: several threads each asking for every core
     # would oversubscribe them (with OpenMP's spin-waits, 30x slower here).
     torch.set_num_threads(1)
 
@@ -253,7 +254,9 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                        dtype: torch.dtype = torch.float32, settings: LoraSettings | None = None,
                        labels: Sequence[str] | None = None,
                        progress: Callable[[int, int], None] | None = None,
-                       canonical: bool = False) -> AggregationReport:
+                       canonical: bool = False,
+                       on_residual: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+                       hash_residual: bool = False) -> AggregationReport:
     """Aggregate ``paths`` (PEFT folders or bare safetensors) into ``out_dir``.
 
     ``settings`` replaces every client's own adapter config (a node's stored uploads are bare
@@ -264,6 +267,11 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
     ``canonical``: aggregate each client's factors in the form its product decides
     (:mod:`chorus_p2p.lora.canonical`), as a node does with untrusted uploads. Products, and so
     every exact result, are the same; only factor averages (fedavg, fedex's adapter) see it.
+
+    ``on_residual(prefix, left, right)`` sees each module's residual factors as they are
+    written, on a pool thread (one call per module; a node updates its state's fingerprint
+    from them without reading the file back);
+    ``hash_residual`` puts the residual file's sha256 in the report, taken as it is written.
     """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -281,49 +289,56 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
             reports: list[ModuleReport] = []
             kinds = {p: sources[0].shapes[p].kind for p in modules}
 
-            def read(prefix: str) -> list[LoraFactors]:
-                # on this thread only: one owner for the files' handles
-                if canonical:
-                    return _untrusted_factors(sources, prefix, dtype)
-                return [s.factors(prefix, dtype) for s in sources]
+            def module_job(prefix: str, raw: list[LoraFactors]) -> ModuleAggregate:
+                # a pool thread's part: everything but the files
+                clients = in_common_gauge(raw, dtype) if canonical else raw
+                result = aggregate_module(clients, norm_weights, strategy, plan.ranks[prefix],
+                                          plan.scale(prefix))
+                if result.residual_left is None:
+                    return result
+                result = dataclasses.replace(
+                    result, residual_left=result.residual_left.to(torch.float32),
+                    residual_right=result.residual_right.to(torch.float32))
+                if on_residual is not None:
+                    on_residual(prefix, result.residual_left, result.residual_right)
+                return result
 
             workers = qr_workers()
             pool = ThreadPoolExecutor(workers, thread_name_prefix="chorus-qr",
                                       initializer=_single_thread_torch) if workers > 1 else None
             threads_here = torch.get_num_threads()
-            if pool is not None:  # this thread's SVDs too: a spare core for a spinning team
-                torch.set_num_threads(1)  # is one taken from the pool's QRs
-            ahead: deque[tuple[str, Future | PreparedModule]] = deque()
+            if pool is not None:  # this thread's reads and gauges too: a core kept for a
+                torch.set_num_threads(1)  # spinning team is one taken from the pool
+            ahead: deque[tuple[str, Future | ModuleAggregate]] = deque()
             upcoming = iter(modules)
 
             def read_ahead() -> None:
                 prefix = next(upcoming, None)
                 if prefix is None:
                     return
-                job = (prepare_module, read(prefix), norm_weights, strategy, plan.ranks[prefix],
-                       plan.scale(prefix))
-                ahead.append((prefix, job[0](*job[1:]) if pool is None else pool.submit(*job)))
+                # read here only: one owner for the files' handles
+                raw = [source.factors(prefix, dtype) for source in sources]
+                ahead.append((prefix, module_job(prefix, raw) if pool is None
+                              else pool.submit(module_job, prefix, raw)))
             try:
-                for _ in range(workers + 1):  # the pool busy while this thread finishes one
+                for _ in range(workers + 1):  # the pool busy while this thread writes one
                     read_ahead()
                 for done in range(len(modules)):
                     if progress is not None:
                         progress(done, len(modules))
                     prefix, job = ahead.popleft()
-                    prepared = job.result() if isinstance(job, Future) else job
+                    result = job.result() if isinstance(job, Future) else job
                     read_ahead()
-                    result = finish_module(prepared)
                     key_a, key_b = factor_keys(prefix, kinds[prefix])
                     adapter[key_a] = result.A.to(torch.float32)
                     adapter[key_b] = result.B.to(torch.float32)
                     if result.residual_left is not None:
-                        residual.add(prefix + LEFT_SUFFIX, result.residual_left.to(torch.float32))
-                        residual.add(prefix + RIGHT_SUFFIX,
-                                     result.residual_right.to(torch.float32))
+                        residual.add(prefix + LEFT_SUFFIX, result.residual_left)
+                        residual.add(prefix + RIGHT_SUFFIX, result.residual_right)
                     reports.append(ModuleReport(module_name_from_prefix(prefix),
                                                 plan.ranks[prefix], result.residual_rank,
                                                 result.target_norm, result.residual_norm))
-                    del prepared, result
+                    del result
             finally:
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
@@ -346,7 +361,8 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
             write_adapter(scratch, plan.config, adapter)
             if strategy != "fedavg":
                 residual.finish(scratch / RESIDUAL_FILE, {**RESIDUAL_METADATA, "strategy": strategy,
-                                                          **orientation})
+                                                          **orientation}, hash_it=hash_residual)
+                report.residual_sha256 = residual.sha256
             report.seconds = time.perf_counter() - started
             (scratch / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     finally:

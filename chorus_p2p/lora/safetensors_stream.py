@@ -9,9 +9,9 @@ safetensors' documented layout; files are read back with ``safe_open`` in the te
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -28,6 +28,7 @@ class StreamingSafetensorsWriter:
         self._data = tempfile.TemporaryFile(dir=scratch_dir)
         self._header: dict[str, dict] = {}
         self._offset = 0
+        self.sha256: str | None = None  # set by finish()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._header:
@@ -41,17 +42,27 @@ class StreamingSafetensorsWriter:
                               "data_offsets": [self._offset, self._offset + len(raw)]}
         self._offset += len(raw)
 
-    def finish(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    def finish(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, *,
+               hash_it: bool = False) -> None:
+        """Write the file; with ``hash_it``, also its sha256 (``self.sha256``) from the bytes as
+        they go out, so a blob store can take the file without reading it again."""
         header = dict(sorted(self._header.items()))
         if metadata:
             header = {"__metadata__": dict(metadata), **header}
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data section starts 8-byte aligned
+        digest = hashlib.sha256() if hash_it else None
         with open(Path(path), "wb") as out:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
+            for part in (struct.pack("<Q", len(encoded)), encoded):
+                out.write(part)
+                if digest is not None:
+                    digest.update(part)
             self._data.seek(0)
-            shutil.copyfileobj(self._data, out, length=1 << 20)
+            for chunk in iter(lambda: self._data.read(1 << 20), b""):
+                out.write(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+        self.sha256 = None if digest is None else digest.hexdigest()
         self.close()
 
     def close(self) -> None:

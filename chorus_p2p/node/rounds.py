@@ -31,21 +31,20 @@ from typing import Any, Awaitable, Callable, Iterable
 import torch
 
 from chorus_p2p.lora.aggregate import aggregate_adapters
-from chorus_p2p.lora.residual import RESIDUAL_FILE, iter_residual_file
 from chorus_p2p.lora.safetensors_stream import StreamingSafetensorsWriter
 from chorus_p2p.consensus import pause as pause_rules
 from chorus_p2p.consensus.pause import PauseStamp
 from chorus_p2p.consensus.rounds import (closes, commits, log_position, participation,
                                          recovers_first, takes_over)
-from chorus_p2p.errors import AdapterError
 from chorus_p2p.federation import wire
 from chorus_p2p.federation.refusals import UpdateRejected
 from chorus_p2p.federation.round_states import AGGREGATING, COLLECTING, COMMITTED, OPEN, PROPOSED
 from chorus_p2p.federation.spec import FederationSpec
 from chorus_p2p.federation.wire import round_record
-from chorus_p2p.node.blobs import BlobError, BlobStore
+from chorus_p2p.node.blobs import BlobStore
 from chorus_p2p.node.events import EventBus
 from chorus_p2p.node.ledger import Ledger, chain_hash
+from chorus_p2p.node.round_aggregation import aggregate_round, canonical_json
 from chorus_p2p.node.robust import FilterPolicy, Scale, bound_exclusions, filter_updates
 from chorus_p2p.state import sketch as sketches
 
@@ -84,10 +83,6 @@ Replicator = Callable[[int, str], Awaitable[int]]
 # round -> [(peer label, blob fetcher from that peer, the peer's update rows of that round)]
 UpdateCollector = Callable[[int], Awaitable[list[tuple[str, Callable[[str], Awaitable[None]],
                                                        list[dict[str, Any]]]]]]
-
-
-def _canonical_json(data: Any) -> bytes:
-    return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode()
 
 
 BlobFetcher = Callable[[str], Awaitable[None]]
@@ -154,7 +149,7 @@ class RoundManager:
             out.close()
             writer.finish(temp, {"format": "pt"})
             adapter_sha = self.blobs.put_file(temp, move=True)
-            return adapter_sha, self.blobs.put_bytes(_canonical_json(self.spec.adapter_config()))
+            return adapter_sha, self.blobs.put_bytes(canonical_json(self.spec.adapter_config()))
 
         adapter_sha, config_sha = await asyncio.to_thread(build)
         row = {"round": 0, "term": 0, "coordinator": None, "state": COMMITTED,
@@ -713,57 +708,8 @@ class RoundManager:
         delay = float(os.environ.get(FAULT_DELAY_ENV, "0") or 0)
         if delay:
             time.sleep(delay)
-        started = time.perf_counter()
-        scratch = Path(tempfile.mkdtemp(dir=self.blobs.tmp))
-        try:
-            paths = []
-            for update in updates:
-                try:
-                    paths.append(str(self.blobs.verified_path(update["blob_sha"])))
-                except BlobError as exc:  # this update's bytes are gone or damaged
-                    raise AdapterError(str(exc), source=update["node_id"]) from exc
-            report = aggregate_adapters(
-                paths, scratch / "out", strategy=self.policy.strategy,
-                weights=[u["examples"] for u in updates], rank=self.spec.rank,
-                settings=self.spec.settings, labels=[u["node_id"] for u in updates],
-                canonical=True)
-            # Results are moved into the blob store, not copied (scratch is on the same disk).
-            adapter_sha = self.blobs.put_file(scratch / "out" / "adapter_model.safetensors",
-                                              move=True)
-            config_sha = self.blobs.put_bytes(_canonical_json(self.spec.adapter_config()))
-            # The state's fingerprint moves by the residual's alone (it is linear in R): the
-            # coordinator never needs R itself to aggregate.
-            sketch = previous.get("state_sketch")  # fedavg leaves R unchanged
-            residual_sha = None
-            residual_file = scratch / "out" / RESIDUAL_FILE
-            if residual_file.exists():
-                if sketch is not None:
-                    sketch = sketches.encode(sketches.add(
-                        sketches.decode(sketch, self.spec.modules),
-                        {p: self.probes.of_factors(p, left, right)
-                         for p, left, right in iter_residual_file(residual_file)}))
-                residual_sha = self.blobs.put_file(residual_file, move=True)
-            reported = [u["eval_loss"] for u in updates if u.get("eval_loss") is not None]
-            # What the round cost the network, per client: its upload, and what every member
-            # fetches afterwards (the global adapter and, for the exact strategies, D; never R).
-            down = sum(self.blobs.path(sha).stat().st_size
-                       for sha in (adapter_sha, residual_sha) if sha is not None)
-            traffic = {"up_per_client": round(sum(int(u["size"] or 0) for u in updates)
-                                              / len(updates)),
-                       "down_per_client": down}
-            metrics = {"updates": len(updates), "examples": sum(u["examples"] for u in updates),
-                       "mean_eval_loss": sum(reported) / len(reported) if reported else None,
-                       "strategy": self.policy.strategy,
-                       "aggregation_ms": round(report.seconds * 1000, 3),
-                       "total_ms": round((time.perf_counter() - started) * 1000, 3),
-                       "residual_energy": (None if self.policy.strategy == "fedavg"
-                                           else report.residual_energy),
-                       "nodes": [u["node_id"] for u in updates], "bytes": traffic}
-            return {"adapter_sha": adapter_sha, "adapter_config_sha": config_sha,
-                    "residual_sha": residual_sha, "state_sketch": sketch,
-                    "metrics": metrics}
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        return aggregate_round(self.blobs, self.spec, self.policy.strategy, self.probes, updates,
+                               previous)
 
     # -- replication: coordinator side ----------------------------------------------------------
     def replication_payload(self) -> dict[str, Any]:
