@@ -194,7 +194,6 @@ async def test_a_token_holder_is_not_an_admin_anywhere(federation):
     federation-wide action needs the federation admin key (the founder's), on the follower
     that forwards and on a coordinator acting for its own admin."""
     from chorus_p2p.client import NodeError
-    from chorus_p2p.node import admin as admin_actions
 
     fed = federation(2)
     leader = await fed.start_all()
@@ -211,9 +210,8 @@ async def test_a_token_holder_is_not_an_admin_anywhere(federation):
     if leader is founder:
         for proof in (None, {"ts": 0, "sig": "00" * 64}):
             with pytest.raises(UpdateRejected) as refused:
-                await admin_actions.on_peer_admin(leader, holder.node_id,
-                                                  {"action": "pause", "args": {},
-                                                   "proof": proof})
+                await leader.admin.on_peer_admin(holder.node_id,
+                                                 {"action": "pause", "args": {}, "proof": proof})
             assert refused.value.code == "forbidden"
     assert not leader.rounds.paused and leader.ledger.latest_round()["state"] == "open"
     async with admin_client(founder) as admin:  # the founder's admin can, wherever it leads

@@ -27,7 +27,6 @@ from chorus_p2p.federation import wire
 from chorus_p2p.federation.dp_policy import check_update as check_dp
 from chorus_p2p.federation.refusals import UpdateRejected
 from chorus_p2p.federation.wire import round_record
-from chorus_p2p.node import admin
 from chorus_p2p.node.blobs import BlobError, is_sha256
 from chorus_p2p.node.events import CLOSING, recorded_level
 from chorus_p2p.node.guard import guard_middleware
@@ -717,7 +716,7 @@ async def admin_close_round(request: web.Request) -> web.Response:
     """Aggregate the collecting round now; ``{"round": N}`` closes it only if N is that round."""
     body = await read_json_body(request)
     args = {"round": body["round"]} if isinstance(body, dict) and "round" in body else {}
-    result = await admin.run_on_coordinator(_node(request), "close_round", args)
+    result = await _node(request).admin.run_on_coordinator("close_round", args)
     return web.json_response(result, status=202)
 
 
@@ -726,13 +725,13 @@ async def admin_decide_member(request: web.Request) -> web.Response:
     decision = request.match_info["decision"]
     node = _node(request)
     if decision == "remove":
-        admin.require_admin_key(node)
+        node.admin.require_admin_key()
         force = isinstance(body, dict) and body.get("force") is True
         return web.json_response(await node.cluster.remove(request.match_info["node_id"], force))
     if decision not in ("approve", "reject"):
         raise ApiError("not_found", f"no such action {decision!r}: approve, reject or remove")
-    return web.json_response(await admin.run_on_coordinator(
-        node, decision, {"node_id": request.match_info["node_id"]}))
+    return web.json_response(await node.admin.run_on_coordinator(
+        decision, {"node_id": request.match_info["node_id"]}))
 
 
 async def admin_exclude(request: web.Request) -> web.Response:
@@ -741,13 +740,13 @@ async def admin_exclude(request: web.Request) -> web.Response:
     reason = body.get("reason") if isinstance(body, dict) else None
     args = {"round": _round_number(request), "node_id": request.match_info["node_id"],
             "reason": str(reason)[:500] if reason else "excluded by an admin"}
-    return web.json_response(await admin.run_on_coordinator(_node(request), "exclude", args))
+    return web.json_response(await _node(request).admin.run_on_coordinator("exclude", args))
 
 
 async def peer_admin(request: web.Request) -> web.Response:
     """An admin action forwarded by a member's node for its admin (see admin.py)."""
     body = await read_json_body(request)
-    return web.json_response(await admin.on_peer_admin(_node(request), request[CALLER], body))
+    return web.json_response(await _node(request).admin.on_peer_admin(request[CALLER], body))
 
 
 async def admin_resolve(request: web.Request) -> web.Response:
@@ -779,12 +778,12 @@ async def admin_join_token(request: web.Request) -> web.Response:
 
 async def admin_pause(request: web.Request) -> web.Response:
     await read_json_body(request)
-    return web.json_response(await admin.run_on_coordinator(_node(request), "pause", {}))
+    return web.json_response(await _node(request).admin.run_on_coordinator("pause", {}))
 
 
 async def admin_resume(request: web.Request) -> web.Response:
     await read_json_body(request)
-    return web.json_response(await admin.run_on_coordinator(_node(request), "resume", {}))
+    return web.json_response(await _node(request).admin.run_on_coordinator("resume", {}))
 
 
 def build_app(node: "Node") -> web.Application:

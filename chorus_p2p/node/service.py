@@ -27,6 +27,7 @@ from chorus_p2p.node.api import build_app
 from chorus_p2p.trust.auth import NonceCache, request_key
 from chorus_p2p.node.blobs import BlobStore
 from chorus_p2p.node.cluster import Cluster, ClusterTiming
+from chorus_p2p.node.admin import AdminService
 from chorus_p2p.node.discovery import Discovery
 from chorus_p2p.node.doctor import ledger_problem
 from chorus_p2p.node.events import EventBus
@@ -213,7 +214,9 @@ class Node:
                                       transposed=self.spec.transposed)
         self.retention = Retention(self.ledger, self.blobs, settings.keep_rounds, self.bus,
                                    self.rounds.lock)
-        self.state = StateKeeper(self, self.state_store)
+        # the cluster is made below; the keeper asks it for the coordinator's files when it runs
+        self.state = StateKeeper(self.state_store, self.ledger, self.blobs, self.bus,
+                                 self.retention, lambda: self.cluster.coordinator_fetchers())
         self.cumulative = CumulativeFiles(self.data_dir / "cache" / "cumulative")
         self.rounds.on_committed = self.state.wake
         self.rounds.on_history_replaced = self.state.history_replaced
@@ -222,6 +225,8 @@ class Node:
         self.cluster = Cluster(self, _timing(settings.election_timeout),
                                static_peers=list(settings.peers), discovery_enabled=settings.mdns,
                                approve_joins=settings.approve_joins)
+        self.admin = AdminService(self.rounds, self.cluster, self.identity, self.bus,
+                                  remote_admin=settings.remote_admin)
         self.discovery: Discovery | None = None
         self.participant = None
         if settings.train:

@@ -29,8 +29,9 @@ from chorus_p2p.state.store import PinnedCheckpoint, Plan, StateError, StateStor
 
 if TYPE_CHECKING:
     from chorus_p2p.node.blobs import BlobStore
+    from chorus_p2p.node.events import EventBus
     from chorus_p2p.node.ledger import Ledger
-    from chorus_p2p.node.service import Node
+    from chorus_p2p.node.retention import Retention
 
 log = logging.getLogger("chorus_p2p.state")
 
@@ -89,10 +90,24 @@ class StateReader:
         return self.store.write_copy(self.round, out, self.plan, self.pinned)
 
 
+# (checkpoint fetcher, blob fetcher) of the coordinator this node follows, or None when it
+# follows none: where a follower restores from when its own files do not reach.
+CoordinatorFetchers = Callable[[], "tuple[Any, Any] | None"]
+
+
 class StateKeeper:
-    def __init__(self, node: "Node", store: StateStore):
-        self.node = node
+    """Applies committed rounds to the node's state. Its parts come in by constructor (the
+    ledger and blobs it reads, where events and garbage collection go, how to reach the
+    coordinator's files), never the node object."""
+
+    def __init__(self, store: StateStore, ledger: "Ledger", blobs: "BlobStore", bus: EventBus,
+                 retention: "Retention", coordinator_fetchers: CoordinatorFetchers):
         self.store = store
+        self.ledger = ledger
+        self.blobs = blobs
+        self.bus = bus
+        self.retention = retention
+        self.coordinator_fetchers = coordinator_fetchers
         self.last_apply_ms: float | None = None
         self.last_checkpoint_ms: float | None = None
         self.verified_round: int | None = None
@@ -139,7 +154,7 @@ class StateKeeper:
                     log.warning("state update waits: %s; retrying", exc)
                 else:
                     log.exception("state update failed")
-                self.node.bus.publish("state_stalled", self.store.round,
+                self.bus.publish("state_stalled", self.store.round,
                                       {"error": f"{exc.__class__.__name__}: {exc}"},
                                       level="warning")
                 await asyncio.sleep(1.0)
@@ -147,7 +162,7 @@ class StateKeeper:
 
     # -- advancing -----------------------------------------------------------------------------
     def _target(self) -> int:
-        return self.node.ledger.committed_round()
+        return self.ledger.committed_round()
 
     async def advance(self) -> None:
         """Bring the state to the latest committed round, one round at a time, checking each
@@ -170,7 +185,7 @@ class StateKeeper:
         await self._ensure_checkpoint()
         while not self._stopping and not self.diverged and self.store.round < self._target():
             number = self.store.round + 1
-            row = self.node.ledger.round(number)
+            row = self.ledger.round(number)
             if row is None or row["state"] != COMMITTED:
                 return
             try:
@@ -182,14 +197,14 @@ class StateKeeper:
             self.last_apply_ms = round(report.seconds * 1000, 3)
             if not await self._verify(row, report.sketch):
                 continue
-            self.node.bus.publish("state_applied", number, {"ms": self.last_apply_ms})
+            self.bus.publish("state_applied", number, {"ms": self.last_apply_ms})
             if self.store.checkpoint_due():
                 # A checkpoint is what every later restore starts from: check all of it first.
                 if not await self._check_all(number):
                     continue
                 await self._write_checkpoint()
             self._ready(number)
-            await self.node.retention.collect(self.store.recovery_round)
+            await self.retention.collect(self.store.recovery_round)
 
     def _ready(self, number: int) -> None:
         self.ready_round = number
@@ -199,7 +214,7 @@ class StateKeeper:
 
     async def _check_all(self, number: int) -> bool:
         """Every module of the working state against round ``number``'s fingerprint."""
-        row = self.node.ledger.round(number)
+        row = self.ledger.round(number)
         if row is None or not row.get("state_sketch"):
             self._ready(number)  # rounds converted from 0.1 before the first fingerprint
             return True
@@ -219,23 +234,23 @@ class StateKeeper:
         started = time.perf_counter()
         checkpoint = await asyncio.to_thread(self.store.checkpoint)
         self.last_checkpoint_ms = round((time.perf_counter() - started) * 1000, 3)
-        self.node.bus.publish("checkpoint_written", checkpoint.round, {
+        self.bus.publish("checkpoint_written", checkpoint.round, {
             **checkpoint.to_json(), "ms": self.last_checkpoint_ms})
 
     async def _residual_path(self, row: dict[str, Any]) -> Path | None:
         sha = row.get("residual_sha")
         if not sha:
             return None
-        remote = self.node.cluster.coordinator_fetchers()
-        if not self.node.blobs.has(sha) and remote is not None:
+        remote = self.coordinator_fetchers()
+        if not self.blobs.has(sha) and remote is not None:
             try:
                 await remote[1](sha)
             except Exception as exc:
                 raise ResidualMissing(f"round {row['round']}'s residual could not be fetched "
                                       f"({exc})") from exc
-        if not self.node.blobs.has(sha):
+        if not self.blobs.has(sha):
             raise ResidualMissing(f"round {row['round']}'s residual is not on this node")
-        return self.node.blobs.path(sha)
+        return self.blobs.path(sha)
 
     async def _verify(self, row: dict[str, Any], actual: sketches.Sketch | None) -> bool:
         """Compare the state with the round's recorded fingerprint; restore on a mismatch. A
@@ -255,11 +270,11 @@ class StateKeeper:
             self.diverged = reason + ", again after a restore"
             log.error("%s; this node stops training from its state (chorus-node doctor)",
                       self.diverged)
-            self.node.bus.publish("state_diverged", row["round"], {"reason": self.diverged},
+            self.bus.publish("state_diverged", row["round"], {"reason": self.diverged},
                                   level="error")
             return False
         self._restored_for = row["round"]
-        self.node.bus.publish("state_mismatch", row["round"], {"reason": reason}, level="warning")
+        self.bus.publish("state_mismatch", row["round"], {"reason": reason}, level="warning")
         await self._restore(reason, suspect=True)
         return False
 
@@ -268,7 +283,7 @@ class StateKeeper:
         when we follow one and our own residuals do not reach (or our state is suspect), else
         our own (zeros when there is none yet)."""
         log.warning("state: %s; restoring", reason)
-        remote = self.node.cluster.coordinator_fetchers()
+        remote = self.coordinator_fetchers()
         if remote is not None and (suspect or not self._replayable()):
             if await self._install_remote_checkpoint(remote[0]):
                 return
@@ -277,11 +292,11 @@ class StateKeeper:
                              "and no coordinator offered a checkpoint")
         self.ready_round = -1
         await asyncio.to_thread(self.store.reset_to_checkpoint)
-        self.node.bus.publish("state_restored", self.store.round, {"reason": reason},
+        self.bus.publish("state_restored", self.store.round, {"reason": reason},
                               level="warning")
 
     def _plan_from(self, start: int, upto: int) -> Plan | None:
-        return residual_plan(self.node.ledger, self.node.blobs, start, upto)
+        return residual_plan(self.ledger, self.blobs, start, upto)
 
     def _replayable(self) -> bool:
         """Whether this node's own checkpoint and residuals reach the latest committed round."""
@@ -292,7 +307,7 @@ class StateKeeper:
         dest = self.store.root / ".incoming.safetensors"
         try:
             number, sha = await fetch(dest)
-            row = self.node.ledger.round(number)
+            row = self.ledger.round(number)
             if row is None or row["state"] != COMMITTED:
                 raise StateError(f"the coordinator's checkpoint is of round {number}, which this "
                                  "node has not committed yet")
@@ -310,7 +325,7 @@ class StateKeeper:
             return False
         self.verified_round = number
         self._ready(number)
-        self.node.bus.publish("checkpoint_installed", number, {"sha256": sha})
+        self.bus.publish("checkpoint_installed", number, {"sha256": sha})
         return True
 
     # -- readers -------------------------------------------------------------------------------------
@@ -329,7 +344,7 @@ class StateKeeper:
                 await asyncio.wait_for(self._advanced.wait(), timeout=0.5)
             except asyncio.TimeoutError:
                 pass
-        reader = StateReader.of(self.store, self.node.ledger, self.node.blobs, round_no)
+        reader = StateReader.of(self.store, self.ledger, self.blobs, round_no)
         return reader if reader is not None else StateReader(self.store, round_no, [])
 
     def info(self) -> dict[str, Any]:
