@@ -304,7 +304,7 @@ def aggregate_adapters(paths: Sequence[str], out_dir: str | Path, *,
                 return result
 
             workers = qr_workers()
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="chorus-qr",
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="chorus-aggregate",
                                       initializer=_single_thread_torch) if workers > 1 else None
             threads_here = torch.get_num_threads()
             if pool is not None:  # this thread's reads and gauges too: a core kept for a

@@ -51,37 +51,15 @@ class ThinSVD:
         return left, right
 
 
-@dataclass(frozen=True)
-class ThinQR:
-    """``left = q_left @ r_left`` and ``right.T = q_right @ r_right``: the costly half of
-    :func:`thin_svd_of_product` (two QRs of tall matrices), kept apart so that a pool of threads
-    can run it for the next modules while this one finishes."""
-
-    q_left: torch.Tensor  # d_out x a
-    r_left: torch.Tensor  # a x K
-    q_right: torch.Tensor  # d_in x b
-    r_right: torch.Tensor  # b x K
-
-
-def thin_qr_of_product(left: torch.Tensor, right: torch.Tensor) -> ThinQR:
-    """The two thin QRs of ``left @ right`` (``d_out x K`` times ``K x d_in``)."""
+def thin_svd_of_product(left: torch.Tensor, right: torch.Tensor) -> ThinSVD:
+    """SVD of ``left @ right`` (``d_out x K`` times ``K x d_in``) through two thin QRs."""
     if left.shape[1] != right.shape[0]:
         raise ValueError(f"inner dimensions differ: {tuple(left.shape)} @ {tuple(right.shape)}")
     q_left, r_left = torch.linalg.qr(left, mode="reduced")  # d_out x a, a x K
     q_right, r_right = torch.linalg.qr(right.T, mode="reduced")  # d_in x b, b x K
-    return ThinQR(q_left, r_left, q_right, r_right)
-
-
-def svd_from_qr(qr: ThinQR) -> ThinSVD:
-    """The SVD of the product from its two QRs: that of the tiny ``a x b`` core, rotated back."""
-    core = qr.r_left @ qr.r_right.T  # a x b, tiny
+    core = r_left @ r_right.T  # a x b, tiny
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    return ThinSVD(U=qr.q_left @ u, S=s, Vh=vh @ qr.q_right.T)
-
-
-def thin_svd_of_product(left: torch.Tensor, right: torch.Tensor) -> ThinSVD:
-    """SVD of ``left @ right`` (``d_out x K`` times ``K x d_in``) through two thin QRs."""
-    return svd_from_qr(thin_qr_of_product(left, right))
+    return ThinSVD(U=q_left @ u, S=s, Vh=vh @ q_right.T)
 
 
 def frobenius_norm_of_product(left: torch.Tensor, right: torch.Tensor) -> float:

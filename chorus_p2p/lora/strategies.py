@@ -18,8 +18,7 @@ import torch
 
 from chorus_p2p.lora.adapter_io import LoraFactors
 from chorus_p2p.lora.names import DEFAULT_STRATEGY, STRATEGIES
-from chorus_p2p.lora.lowrank import (ThinQR, ThinSVD, frobenius_norm_of_product, svd_from_qr,
-                                     thin_qr_of_product)
+from chorus_p2p.lora.lowrank import ThinSVD, frobenius_norm_of_product, thin_svd_of_product
 
 
 
@@ -98,72 +97,36 @@ def _residual_from_svd(svd: ThinSVD, start: int, reference: float
     return svd.balanced_factors(start, stop)
 
 
-@dataclass(frozen=True)
-class PreparedModule:
-    """One module's aggregation up to and including its two thin QRs (the costly part)."""
-
-    strategy: str
-    rank: int
-    scale: float
-    clients: Sequence[LoraFactors]
-    weights: Sequence[float]
-    qr: ThinQR | None  # of M (fedex-svd) or of D = M - s B' A' (fedex); None for fedavg
-    d_out: int
-    d_in: int
-    dtype: torch.dtype
-    averaged: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, B): fedavg and fedex
-    target_norm: float = float("nan")  # known before the SVD for fedavg and fedex
-
-
-def prepare_module(clients: Sequence[LoraFactors], weights: Sequence[float], strategy: str,
-                   rank: int, scale: float) -> PreparedModule:
-    """Stack the clients' factors and run the two thin QRs. Pure and thread-safe: the
-    aggregation runs it for the next modules on a pool while the current one finishes, since
-    one QR of a tall, narrow matrix keeps one core busy however many threads it is given."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    left, right = stacked_factors(clients, weights)
-    common = dict(strategy=strategy, rank=rank, scale=scale, clients=clients, weights=weights,
-                  d_out=left.shape[0], d_in=right.shape[1], dtype=left.dtype)
-    if strategy == "fedex-svd":
-        return PreparedModule(qr=thin_qr_of_product(left, right), **common)
-    A, B = averaged_factors(clients, weights, rank, scale)
-    target_norm = frobenius_norm_of_product(left, right)
-    if strategy == "fedavg":
-        return PreparedModule(qr=None, averaged=(A, B), target_norm=target_norm, **common)
-    # fedex: D = M - s B' A' = [Bc | -s B'] @ [Ac ; A'], recompressed to its true rank.
-    qr = thin_qr_of_product(torch.cat([left, -scale * B], dim=1), torch.cat([right, A], dim=0))
-    return PreparedModule(qr=qr, averaged=(A, B), target_norm=target_norm, **common)
-
-
-def finish_module(prepared: PreparedModule) -> ModuleAggregate:
-    """The rest: the SVD of the small core, the new adapter and the factored residual."""
-    p = prepared
-    if p.strategy == "fedavg":
-        A, B = p.averaged
-        return ModuleAggregate(A, B, p.scale, None, None, p.target_norm, float("nan"))
-    svd = svd_from_qr(p.qr)
-    if p.strategy == "fedex-svd":
-        target_norm = float(torch.linalg.vector_norm(svd.S))
-        # Directions below round-off are not part of M: leave those adapter columns zero.
-        kept = min(p.rank, svd.numerical_rank(target_norm))
-        B_top, A_top = _split_like_clients(svd, kept, p.scale, p.clients, p.weights)
-        A = torch.zeros(p.rank, p.d_in, dtype=p.dtype)
-        B = torch.zeros(p.d_out, p.rank, dtype=p.dtype)
-        A[:kept], B[:, :kept] = A_top, B_top
-        res_left, res_right = _residual_from_svd(svd, kept, target_norm)
-        residual_norm = float(torch.linalg.vector_norm(svd.S[kept:svd.numerical_rank(target_norm)]))
-        return ModuleAggregate(A, B, p.scale, res_left, res_right, target_norm, residual_norm)
-    A, B = p.averaged
-    res_left, res_right = _residual_from_svd(svd, 0, p.target_norm)
-    residual_norm = float(torch.linalg.vector_norm(svd.S[:svd.numerical_rank(p.target_norm)]))
-    return ModuleAggregate(A, B, p.scale, res_left, res_right, p.target_norm, residual_norm)
-
-
 def aggregate_module(clients: Sequence[LoraFactors], weights: Sequence[float], strategy: str,
                      rank: int, scale: float) -> ModuleAggregate:
     """Aggregate one module's client factors into a rank-``rank`` adapter of scale ``scale``.
 
     ``weights`` must already be normalised to sum to one.
     """
-    return finish_module(prepare_module(clients, weights, strategy, rank, scale))
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    left, right = stacked_factors(clients, weights)
+
+    if strategy == "fedex-svd":
+        svd = thin_svd_of_product(left, right)
+        target_norm = float(torch.linalg.vector_norm(svd.S))
+        # Directions below round-off are not part of M: leave those adapter columns zero.
+        kept = min(rank, svd.numerical_rank(target_norm))
+        B_top, A_top = _split_like_clients(svd, kept, scale, clients, weights)
+        A = torch.zeros(rank, right.shape[1], dtype=right.dtype)
+        B = torch.zeros(left.shape[0], rank, dtype=left.dtype)
+        A[:kept], B[:, :kept] = A_top, B_top
+        res_left, res_right = _residual_from_svd(svd, kept, target_norm)
+        residual_norm = float(torch.linalg.vector_norm(svd.S[kept:svd.numerical_rank(target_norm)]))
+        return ModuleAggregate(A, B, scale, res_left, res_right, target_norm, residual_norm)
+
+    A, B = averaged_factors(clients, weights, rank, scale)
+    target_norm = frobenius_norm_of_product(left, right)
+    if strategy == "fedavg":
+        return ModuleAggregate(A, B, scale, None, None, target_norm, float("nan"))
+
+    # fedex: D = M - s B' A' = [Bc | -s B'] @ [Ac ; A'], recompressed to its true rank.
+    svd = thin_svd_of_product(torch.cat([left, -scale * B], dim=1), torch.cat([right, A], dim=0))
+    res_left, res_right = _residual_from_svd(svd, 0, target_norm)
+    residual_norm = float(torch.linalg.vector_norm(svd.S[:svd.numerical_rank(target_norm)]))
+    return ModuleAggregate(A, B, scale, res_left, res_right, target_norm, residual_norm)
